@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when it is missing.
+# torch is installed first, pinned (TORCH=torch==2.13.0 is the local CPU build), and then held fixed by a
+# constraints file so that no later requirement lets pip swap in a multi-GB CUDA build.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := runs/demo
+
+.PHONY: install test lint demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip freeze | grep -i '^torch[=@ ]' > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+demo: install
+	bash scripts/demo.sh $(DEMO)
+
+bench: install
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

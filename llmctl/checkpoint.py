@@ -1,0 +1,115 @@
+"""Checkpoint directories: a Hugging Face Llama directory plus llmctl's recipe and trainer state.
+
+Every write goes to a temporary sibling directory that is renamed into place, so a crash never leaves a
+checkpoint that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from llmctl.errors import UserError
+from llmctl.model import ModelConfig, Transformer
+from llmctl.model.hf_format import CONFIG_FILE, load_model, write_model_files
+
+RECIPE_FILE = "recipe.toml"
+TOKENIZER_FILE = "tokenizer.model"
+TRAINER_STATE_FILE = "trainer_state.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only if the block finishes without error."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        retired = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+def save_checkpoint(
+    directory: Path,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    recipe_toml: str | None = None,
+    tokenizer: Path | None = None,
+    trainer_state: dict | None = None,
+) -> Path:
+    """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes."""
+    with atomic_directory(directory) as staging:
+        write_model_files(staging, config, state_dict)
+        if recipe_toml is not None:
+            (staging / RECIPE_FILE).write_text(recipe_toml)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
+        if trainer_state is not None:
+            torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+    return Path(directory)
+
+
+def step_directory(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary directories are never listed)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / CONFIG_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for _, path in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def newest_checkpoint_under(root: Path = Path("runs")) -> Path:
+    """The most recently written checkpoint under `root` (what chat/serve/eval use when given none)."""
+    candidates = [p.parent for p in Path(root).glob("**/config.json") if not p.parent.name.startswith(".")]
+    if not candidates:
+        raise UserError(f"no checkpoint found under {root}/; train one (llmctl train recipes/tiny.toml) or pass a path")
+    return max(candidates, key=lambda path: (path / CONFIG_FILE).stat().st_mtime)
+
+
+def open_model(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load a checkpoint's model, turning a missing or malformed directory into one clear error."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"not a checkpoint: {path} has no {CONFIG_FILE}")
+    try:
+        return load_model(path, dtype=dtype, device=device)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise UserError(f"cannot load checkpoint {path}: {error}") from None
+

@@ -1,0 +1,1 @@
+"""Thin Typer front-ends: parse, validate, call an engine, print. Heavy imports stay inside functions."""

@@ -1,0 +1,124 @@
+"""The decoder-only Llama-style transformer: embeddings, N pre-norm blocks, final norm, LM head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmctl.model.config import ModelConfig
+from llmctl.model.kv_cache import KVCache
+from llmctl.model.layers import Block, RMSNorm, rotary_tables
+
+
+class Decoder(nn.Module):
+    """HF's `LlamaModel` (the `model.` prefix of every weight name)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+class Transformer(nn.Module):
+    """`forward(input_ids) -> logits`, with optional KV cache, position ids and padding mask for decoding."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+        self.init_weights()
+
+    def init_rope(self) -> None:
+        """(Re)build the rotary tables, e.g. after materialising a model that was built on the meta device."""
+        device = self.model.embed_tokens.weight.device
+        cos, sin = rotary_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(0.0, residual_std)
+            else:
+                param.normal_(0.0, std)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        return KVCache(
+            self.config.n_layer,
+            batch_size,
+            self.config.kv_heads,
+            self.config.head_dim,
+            max_len or self.config.max_seq_len,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab).
+
+        attention_mask: (batch, cached + seq) with 1 for real tokens and 0 for padding, when padding exists.
+        position_ids: (batch, seq); defaults to consecutive positions after what the cache holds.
+        """
+        seq = input_ids.shape[1]
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + seq > self.config.max_seq_len:
+            raise ValueError(
+                f"{start + seq} tokens exceed the model's context of {self.config.max_seq_len} tokens"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = self._attention_mask(start, seq, attention_mask, input_ids.device)
+
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        return self.lm_head(self.model.norm(x))
+
+    @staticmethod
+    def _attention_mask(
+        start: int, seq: int, padding: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """None means plain causal attention over the current tokens (SDPA's fused `is_causal` path)."""
+        if padding is None and start == 0:
+            return None
+        if padding is None and seq == 1:
+            return None  # one new token attends to everything cached
+        query = torch.arange(start, start + seq, device=device)[:, None]
+        key = torch.arange(start + seq, device=device)[None, :]
+        mask = (key <= query)[None, None]
+        if padding is not None:
+            mask = mask & padding[:, None, None, : start + seq].bool()
+            # A padding query with nothing to attend to would produce NaN that leaks through 0 * NaN;
+            # letting every query see itself keeps padded rows finite (their outputs are never used).
+            mask = mask | (key == query)[None, None]
+        return mask

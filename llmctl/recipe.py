@@ -1,0 +1,231 @@
+"""TOML recipes -> validated, typed run configuration. A recipe is the single source of truth for a run."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from llmctl.errors import UserError
+from llmctl.model import ModelConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    vocab_size: int = Field(32000, gt=0)
+    d_model: int = Field(512, gt=0)
+    n_layer: int = Field(8, gt=0)
+    n_head: int = Field(8, gt=0)
+    n_kv_head: int | None = Field(None, gt=0, description="grouped-query attention; default n_head")
+    d_ff: int | None = Field(None, gt=0, description="SwiGLU width; default 8/3 d_model rounded to 256")
+    max_seq_len: int = Field(2048, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+
+    def to_config(self, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = 3) -> ModelConfig:
+        try:
+            return ModelConfig(
+                **self.model_dump(), bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+            )
+        except ValueError as error:
+            raise UserError(f"recipe [model]: {error}") from None
+
+
+class FiltersSection(Section):
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(1_000_000, gt=0)
+    min_alpha_fraction: float = Field(0.5, ge=0, le=1)
+    max_repeated_line_fraction: float = Field(0.3, ge=0, le=1)
+    max_repeated_ngram_fraction: float = Field(0.3, ge=0, le=1)
+    language: str | None = None
+
+
+class DataSection(Section):
+    corpus: str | None = Field(None, description="a `llmctl corpus build` output directory")
+    tokens: str | None = Field(None, description="a `llmctl tokenize encode` output directory")
+    tokenizer: str | None = Field(None, description="a sentencepiece .model file")
+    filters: FiltersSection = FiltersSection()
+
+
+class TrainSection(Section):
+    steps: int = Field(1000, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="sequences per device per forward pass")
+    global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, over all devices")
+    seq_len: int | None = Field(None, gt=1, description="default: model.max_seq_len")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1337
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(200, ge=0, description="0: only at the end")
+    eval_batches: int = Field(20, gt=0)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    z_loss: float = Field(0.0, ge=0)
+    sample_prompts: list[str] = []
+    sample_tokens: int = Field(64, ge=0)
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    decay_embeddings: bool = False
+
+
+class ScheduleSection(Section):
+    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the final fraction of steps that decays")
+
+
+class CheckpointSection(Section):
+    dir: str | None = Field(None, description="run directory; default runs/<recipe name>")
+    every: int = Field(500, ge=0, description="0: only at the end")
+    keep_last: int = Field(3, gt=0)
+
+
+class DistributedSection(Section):
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class Recipe(Section):
+    name: str = "run"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    distributed: DistributedSection = DistributedSection()
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpoint.dir or f"runs/{self.name}")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe (following `extends`), apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    raw = _read_with_extends(path, seen=())
+    raw.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(raw, override)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{source}: {describe_errors(error)}") from None
+
+
+def describe_errors(error: ValidationError) -> str:
+    """All problems on one line, each with its full key path and, for unknown keys, a did-you-mean."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            hint = _suggest(item["loc"])
+            problems.append(f"{key}: unknown key" + (f" (did you mean {hint}?)" if hint else ""))
+        else:
+            problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(problems)
+
+
+def _known_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, str]:
+    """Every valid dotted key (and accepted alias), mapped to its canonical dotted name."""
+    keys: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        canonical = prefix + name
+        names = [name]
+        if isinstance(field.validation_alias, AliasChoices):
+            names += [alias for alias in field.validation_alias.choices if isinstance(alias, str)]
+        for alias in names:
+            keys[prefix + alias] = canonical
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.update(_known_keys(annotation, canonical + "."))
+    return keys
+
+
+def _suggest(loc: tuple) -> str | None:
+    """The closest valid key: first among the section's own keys, then the same name in another section."""
+    known = _known_keys()
+    section, leaf = ".".join(str(part) for part in loc[:-1]), str(loc[-1])
+    for candidates, cutoff in (
+        ([key for key in known if key.rpartition(".")[0] == section], 0.6),
+        (list(known), 0.75),  # the right key in the wrong section, e.g. train.lr -> optim.lr
+    ):
+        by_leaf = {key.rpartition(".")[2]: key for key in candidates}
+        match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=cutoff)
+        if match:
+            return known[by_leaf[match[0]]]
+    return None
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise UserError(f"{path}: `extends` forms a cycle ({' -> '.join(str(p) for p in (*seen, resolved))})")
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path} (see recipes/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: invalid TOML: {error}") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_with_extends(path.parent / parent, seen=(*seen, resolved))
+    base.pop("name", None)  # a child recipe is its own run, named after its own file unless it says otherwise
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {override!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: --set data.tokens=runs/demo/tokens
+    *sections, leaf = key.strip().split(".")
+    node = raw
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {override!r}: {section} is a value, not a section")
+        node = child
+    node[leaf] = value
