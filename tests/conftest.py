@@ -33,3 +33,18 @@ def run_llmctl(
 @pytest.fixture
 def llmctl():
     return run_llmctl
+
+
+@pytest.fixture(scope="session")
+def sample_pipeline(tmp_path_factory) -> dict[str, Path]:
+    """The bundled sample corpus built, tokenized (vocab 1024) and encoded once for the whole session."""
+    from llmctl.data.corpus import CorpusOptions, build_corpus
+    from llmctl.data.shards import encode_corpus
+    from llmctl.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("sample")
+    corpus, tokenizer, tokens = root / "corpus", root / "tokenizer", root / "tokens"
+    build_corpus([str(SAMPLE / "train.jsonl"), str(SAMPLE / "val.jsonl")], corpus, CorpusOptions(val_fraction=0.1))
+    train_tokenizer(corpus, tokenizer, vocab_size=1024)
+    encode_corpus(corpus, tokenizer / "tokenizer.model", tokens)
+    return {"root": root, "corpus": corpus, "tokenizer": tokenizer / "tokenizer.model", "tokens": tokens}

@@ -1,0 +1,73 @@
+"""`llmctl corpus build|stats`: turn a folder of documents into a clean, deduplicated train/val corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Build and inspect training corpora.", no_args_is_help=True)
+
+
+@app.command()
+def build(
+    sources: list[str] = typer.Argument(..., help="Files, folders or quoted globs of .txt/.md/.jsonl/.html."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory (written atomically)."),
+    recipe: Path | None = typer.Option(None, help="Take filter thresholds from this recipe's [data.filters]."),
+    text_field: str = typer.Option("text", help="JSONL field that holds the document text."),
+    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phones, IPs, card numbers."),
+    exact_dedup: bool = typer.Option(True, "--exact-dedup/--no-exact-dedup"),
+    near_dedup: bool = typer.Option(True, "--near-dedup/--no-near-dedup", help="MinHash LSH near-duplicates."),
+    near_dup_threshold: float = typer.Option(0.8, min=0.05, max=1.0, help="Jaccard similarity that counts."),
+    val_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of documents held out."),
+    seed: int = typer.Option(0, help="Seed of the train/val split."),
+    min_chars: int | None = typer.Option(None, help="Filter: minimum characters."),
+    max_chars: int | None = typer.Option(None, help="Filter: maximum characters."),
+    min_alpha_fraction: float | None = typer.Option(None, help="Filter: minimum share of letters."),
+    max_repeated_line_fraction: float | None = typer.Option(None, help="Filter: maximum share of repeated lines."),
+    max_repeated_ngram_fraction: float | None = typer.Option(None, help="Filter: maximum repeated 5-grams."),
+    language: str | None = typer.Option(None, help="Filter: keep only this language (ISO code; needs py3langid)."),
+    strict: bool = typer.Option(False, help="Stop at the first unreadable file or malformed line."),
+    workers: int = typer.Option(0, min=0, help="Worker processes (0: one per core)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Clean, filter, scrub, deduplicate and split documents into JSONL shards with a manifest."""
+    from llmctl.commands.corpus_report import print_build_summary
+    from llmctl.commands.progress import byte_progress
+    from llmctl.data.corpus import CorpusOptions, build_corpus
+    from llmctl.data.sources import expand_sources
+    from llmctl.recipe import FiltersSection, load_recipe
+
+    filters = load_recipe(recipe).data.filters if recipe else FiltersSection()
+    thresholds = {
+        "min_chars": min_chars,
+        "max_chars": max_chars,
+        "min_alpha_fraction": min_alpha_fraction,
+        "max_repeated_line_fraction": max_repeated_line_fraction,
+        "max_repeated_ngram_fraction": max_repeated_ngram_fraction,
+        "language": language,
+    }
+    filters = FiltersSection.model_validate({**filters.model_dump(), **{k: v for k, v in thresholds.items() if v}})
+    options = CorpusOptions(
+        filters=filters,
+        text_field=text_field,
+        scrub_pii=scrub_pii,
+        exact_dedup=exact_dedup,
+        near_dup_threshold=near_dup_threshold if near_dedup else None,
+        val_fraction=val_fraction,
+        seed=seed,
+        strict=strict,
+        workers=workers,
+    )
+    total = sum(path.stat().st_size for path in expand_sources(sources))
+    with byte_progress("corpus build", total) as advance:
+        manifest = build_corpus(sources, out, options, on_progress=advance, overwrite=overwrite)
+    print_build_summary(out, manifest)
+
+
+@app.command()
+def stats(corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`.")) -> None:
+    """Documents, characters, words, length histogram, top sources and what each filter removed."""
+    from llmctl.commands.corpus_report import print_stats
+
+    print_stats(corpus)

@@ -1,0 +1,80 @@
+"""`llmctl tokenize train|encode|show`: a sentencepiece tokenizer and memory-mapped token files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import typer
+
+app = typer.Typer(help="Train a tokenizer and encode a corpus into token files.", no_args_is_help=True)
+
+
+@app.command()
+def train(
+    corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`."),
+    vocab: int = typer.Option(32000, "--vocab", min=64, help="Vocabulary size."),
+    model_type: Literal["bpe", "unigram"] = typer.Option("bpe", "--type", help="sentencepiece model type."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory; default CORPUS/../tokenizer."),
+    domain_terms: Path | None = typer.Option(None, help="File of terms to keep whole, one per line."),
+    seed: int = typer.Option(0, help="Seed for sampling training sentences."),
+) -> None:
+    """Train a sentencepiece model (byte fallback, special and chat tokens) and report its fertility."""
+    from rich.console import Console
+
+    from llmctl.data.tokenizer import MODEL_FILE, train_tokenizer
+
+    out = out or corpus.parent / "tokenizer"
+    report = train_tokenizer(corpus, out, vocab, model_type, domain_terms, seed)
+    line = f"tokenizer {out / MODEL_FILE}: {report['vocab_size']} pieces, {report['fertility']:.3f} tokens/word on val"
+    if "fertility_without_domain_terms" in report:
+        line += (
+            f" ({report['fertility_without_domain_terms']:.3f} without the {report['domain_terms']} domain terms; "
+            f"{report['domain_terms_kept_whole']} kept whole)"
+        )
+    Console().print(line, highlight=False)
+
+
+@app.command()
+def encode(
+    corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A sentencepiece .model file."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory; default CORPUS/../tokens."),
+    threads: int = typer.Option(0, min=0, help="Encoding threads (0: all cores)."),
+) -> None:
+    """Encode every split into a flat uint16/uint32 token file plus meta.json (a no-op when up to date)."""
+    from rich.console import Console
+
+    from llmctl.commands.progress import byte_progress
+    from llmctl.data.corpus import read_manifest
+    from llmctl.data.shards import encode_corpus
+
+    out = out or corpus.parent / "tokens"
+    manifest = read_manifest(corpus)
+    total = sum(split["bytes"] for split in manifest["splits"].values())
+    with byte_progress("tokenize encode", total) as advance:
+        meta = encode_corpus(corpus, tokenizer, out, threads, on_progress=advance)
+    state = "up to date" if meta["up_to_date"] else f"{meta['mb_per_second']:.2f} MB/s"
+    counts = ", ".join(f"{split} {count:,}" for split, count in meta["tokens"].items())
+    Console().print(f"tokens {out}: {counts} tokens ({meta['dtype']}), {state}", highlight=False)
+
+
+@app.command()
+def show(
+    model: Path = typer.Argument(..., help="A sentencepiece .model file."),
+    text: str = typer.Argument(..., help="Text to tokenize."),
+) -> None:
+    """Print the pieces and ids of a text, to check how domain terms are split."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmctl.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(model)
+    ids = tok.encode(text)
+    table = Table(title=f"{len(ids)} tokens")
+    table.add_column("piece")
+    table.add_column("id", justify="right")
+    for piece, token_id in zip(tok.pieces(text), ids, strict=True):
+        table.add_row(repr(piece), str(token_id))
+    Console().print(table)

@@ -1,0 +1,1 @@
+"""The data engine: documents -> clean corpus -> sentencepiece tokenizer -> token shards -> training windows."""

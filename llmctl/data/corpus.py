@@ -1,0 +1,284 @@
+"""`corpus build`: sources -> cleaned, filtered, PII-scrubbed, deduplicated train/val JSONL shards + manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmctl import __version__
+from llmctl.atomic import atomic_directory
+from llmctl.data.clean import clean_text
+from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_signature
+from llmctl.data.filters import failed_filter
+from llmctl.data.pii import scrub_pii
+from llmctl.data.sources import Document, SourceProblem, expand_sources, read_documents
+from llmctl.errors import UserError
+from llmctl.recipe import FiltersSection
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+MAX_REPORTED_PROBLEMS = 100
+BATCH_BYTES = 1 << 20
+
+
+@dataclass
+class CorpusOptions:
+    filters: FiltersSection = field(default_factory=FiltersSection)
+    text_field: str = "text"
+    scrub_pii: bool = False
+    exact_dedup: bool = True
+    near_dup_threshold: float | None = 0.8  # Jaccard; None turns near-duplicate removal off
+    val_fraction: float = 0.05
+    seed: int = 0
+    strict: bool = False
+    workers: int = 0  # 0: one per core
+    shard_bytes: int = 256 << 20
+
+
+@dataclass
+class ProcessedDocument:
+    id: str
+    source: str
+    text: str
+    rejected_by: str | None
+    pii: Counter
+    exact: str
+    signature: np.ndarray | None
+    input_bytes: int
+
+
+class ShardWriter:
+    """JSONL shards `{split}-00000.jsonl`, rolled over at a size limit."""
+
+    def __init__(self, directory: Path, split: str, shard_bytes: int) -> None:
+        self.directory, self.split, self.shard_bytes = directory, split, shard_bytes
+        self.index, self.size, self.handle = 0, 0, None
+        self.documents, self.characters, self.bytes = 0, 0, 0
+
+    def write(self, document: ProcessedDocument) -> None:
+        line = json.dumps({"id": document.id, "source": document.source, "text": document.text}, ensure_ascii=False)
+        data = (line + "\n").encode()
+        if self.handle is None or self.size + len(data) > self.shard_bytes and self.size:
+            self._roll()
+        self.handle.write(data)
+        self.size += len(data)
+        self.documents += 1
+        self.characters += len(document.text)
+        self.bytes += len(document.text.encode())
+
+    def _roll(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.index += 1
+        self.handle = (self.directory / f"{self.split}-{self.index:05d}.jsonl").open("wb")
+        self.size = 0
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        elif self.documents == 0:
+            (self.directory / f"{self.split}-00000.jsonl").touch()
+
+
+_worker_options: CorpusOptions | None = None
+
+
+def _init_worker(options: CorpusOptions) -> None:
+    global _worker_options
+    _worker_options = options
+
+
+def _process(document: Document) -> ProcessedDocument:
+    options = _worker_options
+    assert options is not None
+    text = clean_text(document.text)
+    pii: Counter = Counter()
+    rejected_by = failed_filter(text, options.filters)
+    signature = None
+    if rejected_by is None:
+        if options.scrub_pii:
+            text, pii = scrub_pii(text)
+        if options.near_dup_threshold is not None:
+            signature = minhash_signature(text, NUM_PERM)
+    return ProcessedDocument(
+        id=document.id,
+        source=document.source,
+        text=text,
+        rejected_by=rejected_by,
+        pii=pii,
+        exact=exact_key(text),
+        signature=signature,
+        input_bytes=len(document.text.encode()),
+    )
+
+
+def _process_batch(batch: list[Document]) -> list[ProcessedDocument]:
+    return [_process(document) for document in batch]
+
+
+def assign_split(key: str, seed: int, val_fraction: float) -> str:
+    """By document content, not position: the same document lands in the same split whatever the input order."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def build_corpus(
+    sources: list[str],
+    out: Path,
+    options: CorpusOptions,
+    on_progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Build the corpus at `out` atomically and return its manifest."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    paths = expand_sources(sources)
+    started = time.perf_counter()
+    stats: Counter = Counter()
+    filtered: Counter = Counter()
+    pii: Counter = Counter()
+    per_source: Counter = Counter()
+    problems: list[dict] = []
+    exact_seen: set[str] = set()
+    near = NearDuplicateIndex(options.near_dup_threshold) if options.near_dup_threshold is not None else None
+
+    def documents() -> Iterator[Document]:
+        for item in read_documents(paths, options.text_field):
+            if isinstance(item, SourceProblem):
+                if options.strict:
+                    raise UserError(f"{item.location}: {item.reason} (without --strict such inputs are skipped)")
+                stats["skipped_inputs"] += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append({"location": item.location, "reason": item.reason})
+                continue
+            yield item
+
+    with atomic_directory(out) as staging:
+        writers = {split: ShardWriter(staging, split, options.shard_bytes) for split in SPLITS}
+        with _worker_pool(options) as run:
+            for document in run(_batches(documents())):
+                stats["documents_read"] += 1
+                stats["input_bytes"] += document.input_bytes
+                if on_progress is not None:
+                    on_progress(document.input_bytes)
+                if document.rejected_by is not None:
+                    filtered[document.rejected_by] += 1
+                    continue
+                if options.exact_dedup and document.exact in exact_seen:
+                    stats["exact_duplicates"] += 1
+                    continue
+                exact_seen.add(document.exact)
+                if near is not None and near.is_duplicate_then_add(document.exact, document.signature):
+                    stats["near_duplicates"] += 1
+                    continue
+                pii.update(document.pii)
+                per_source[document.source] += 1
+                writers[assign_split(document.exact, options.seed, options.val_fraction)].write(document)
+        for writer in writers.values():
+            writer.close()
+        seconds = time.perf_counter() - started
+        manifest = {
+            "llmctl_version": __version__,
+            "sources": [str(path) for path in paths],
+            "documents_read": stats["documents_read"],
+            "input_bytes": stats["input_bytes"],
+            "skipped_inputs": stats["skipped_inputs"],
+            "problems": problems,
+            "filtered": dict(filtered),
+            "exact_duplicates": stats["exact_duplicates"],
+            "near_duplicates": stats["near_duplicates"],
+            "pii_replaced": dict(pii),
+            "top_sources": dict(per_source.most_common(20)),
+            "splits": {
+                split: {
+                    "documents": writer.documents,
+                    "characters": writer.characters,
+                    "bytes": writer.bytes,
+                    "shards": writer.index + 1,
+                }
+                for split, writer in writers.items()
+            },
+            "options": {
+                "filters": options.filters.model_dump(),
+                "text_field": options.text_field,
+                "scrub_pii": options.scrub_pii,
+                "exact_dedup": options.exact_dedup,
+                "near_dup_threshold": options.near_dup_threshold,
+                "minhash_num_perm": NUM_PERM,
+                "val_fraction": options.val_fraction,
+                "seed": options.seed,
+            },
+            "seconds": round(seconds, 3),
+            "mb_per_second": round(stats["input_bytes"] / 1e6 / max(seconds, 1e-9), 3),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
+    batch, size = [], 0
+    for document in documents:
+        batch.append(document)
+        size += len(document.text)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _worker_pool:
+    """Ordered parallel map over document batches; one process per core, or in-process for one worker."""
+
+    def __init__(self, options: CorpusOptions) -> None:
+        self.options = options
+        self.workers = options.workers or os.cpu_count() or 1
+        self.pool = None
+
+    def __enter__(self) -> Callable[[Iterable[list[Document]]], Iterator[ProcessedDocument]]:
+        if self.workers > 1:
+            self.pool = multiprocessing.get_context("fork").Pool(
+                self.workers, initializer=_init_worker, initargs=(self.options,)
+            )
+        else:
+            _init_worker(self.options)
+        return self.run
+
+    def run(self, batches: Iterable[list[Document]]) -> Iterator[ProcessedDocument]:
+        results = self.pool.imap(_process_batch, batches) if self.pool else map(_process_batch, batches)
+        for batch in results:
+            yield from batch
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def read_manifest(corpus: Path) -> dict:
+    path = Path(corpus) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"not a corpus directory: {corpus} has no {MANIFEST} (build one with llmctl corpus build)")
+    return json.loads(path.read_text())
+
+
+def split_files(corpus: Path, split: str) -> list[Path]:
+    read_manifest(corpus)
+    return sorted(Path(corpus).glob(f"{split}-*.jsonl"))
+
+
+def iter_texts(corpus: Path, split: str) -> Iterator[str]:
+    for path in split_files(corpus, split):
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)["text"]

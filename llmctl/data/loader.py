@@ -1,0 +1,86 @@
+"""Training windows from memory-mapped token files, fixed by (seed, step, rank) alone.
+
+Global sample i of the run is window `perm_e[i mod W]` of epoch e = i // W, where each epoch shuffles the
+W non-overlapping windows and shifts their boundaries by a seeded offset. Step s owns samples
+[s*G, (s+1)*G) of a global batch of G; rank r in micro-step a takes the slice (a*world + r)*micro. So a
+resumed run, or any number of ranks, sees exactly the samples one uninterrupted process would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmctl.data.shards import read_meta
+from llmctl.errors import UserError
+
+
+class TokenFile:
+    """One split's tokens, memory-mapped: nothing is read until a window is sliced."""
+
+    def __init__(self, tokens_dir: Path, split: str) -> None:
+        self.meta = read_meta(tokens_dir)
+        path = Path(tokens_dir) / f"{split}.bin"
+        if not path.is_file():
+            raise UserError(f"{path} is missing; re-run llmctl tokenize encode")
+        self.tokens = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def window(self, start: int, seq_len: int) -> np.ndarray:
+        return np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64)
+
+
+class WindowSampler:
+    def __init__(self, tokens: TokenFile, seq_len: int, global_batch_size: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.global_batch_size, self.seed = tokens, seq_len, global_batch_size, seed
+        self.windows_per_epoch = (len(tokens) - seq_len) // seq_len
+        if self.windows_per_epoch < 1:
+            raise UserError(
+                f"the training split has {len(tokens)} tokens, too few for one window of {seq_len} + 1"
+            )
+        self._epoch_cache: tuple[int, np.ndarray, int] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.windows_per_epoch)
+            offset = int(rng.integers(0, self.seq_len)) if epoch else 0
+            self._epoch_cache = (epoch, order, offset)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def sample_starts(self, sample_indices: np.ndarray) -> np.ndarray:
+        starts = np.empty(len(sample_indices), dtype=np.int64)
+        for position, index in enumerate(sample_indices):
+            epoch, within = divmod(int(index), self.windows_per_epoch)
+            order, offset = self._epoch(epoch)
+            starts[position] = int(order[within]) * self.seq_len + offset
+        return starts
+
+    def micro_batch(
+        self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (micro_batch_size, seq_len) int64."""
+        first = step * self.global_batch_size + (micro_step * world_size + rank) * micro_batch_size
+        starts = self.sample_starts(np.arange(first, first + micro_batch_size))
+        windows = torch.from_numpy(np.stack([self.tokens.window(int(s), self.seq_len) for s in starts]))
+        return windows[:, :-1], windows[:, 1:]
+
+
+def validation_batches(
+    tokens: TokenFile, seq_len: int, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same leading non-overlapping windows every time, split round-robin over ranks."""
+    total = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    if total < 1:
+        raise UserError(f"the validation split has {len(tokens)} tokens, too few for one window of {seq_len} + 1")
+    mine = list(range(rank, total, world_size))
+    batches = []
+    for first in range(0, len(mine), batch_size):
+        chunk = mine[first : first + batch_size]
+        windows = torch.from_numpy(np.stack([tokens.window(i * seq_len, seq_len) for i in chunk]))
+        batches.append((windows[:, :-1], windows[:, 1:]))
+    return batches

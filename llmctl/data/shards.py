@@ -1,0 +1,116 @@
+"""`tokenize encode`: corpus JSONL -> one flat, memory-mappable token file per split, plus meta.json."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from llmctl.atomic import atomic_directory
+from llmctl.data.corpus import MANIFEST, SPLITS, read_manifest, split_files
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.errors import UserError
+
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+BATCH_BYTES = 8 << 20
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def input_fingerprint(corpus: Path, tokenizer: Tokenizer) -> str:
+    """Identifies (corpus content, tokenizer, format): equal fingerprints mean the shards are up to date."""
+    digest = hashlib.sha256()
+    digest.update((Path(corpus) / MANIFEST).read_bytes())
+    digest.update(tokenizer.sha256().encode())
+    digest.update(f"format={FORMAT_VERSION}".encode())
+    return digest.hexdigest()
+
+
+def read_meta(tokens_dir: Path) -> dict:
+    path = Path(tokens_dir) / META_FILE
+    if not path.is_file():
+        raise UserError(f"not a token directory: {tokens_dir} has no {META_FILE} (run llmctl tokenize encode)")
+    return json.loads(path.read_text())
+
+
+def encode_corpus(
+    corpus: Path,
+    tokenizer_path: Path,
+    out: Path,
+    threads: int = 0,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Encode every split; a no-op returning the existing meta when inputs are unchanged."""
+    corpus, out = Path(corpus), Path(out)
+    read_manifest(corpus)
+    tokenizer = Tokenizer(tokenizer_path)
+    fingerprint = input_fingerprint(corpus, tokenizer)
+    if (out / META_FILE).is_file():
+        existing = json.loads((out / META_FILE).read_text())
+        if existing.get("fingerprint") == fingerprint:
+            return {**existing, "up_to_date": True}
+    dtype = token_dtype(tokenizer.vocab_size)
+    started = time.perf_counter()
+    tokens: dict[str, int] = {}
+    documents: dict[str, int] = {}
+    text_bytes = 0
+    with atomic_directory(out) as staging:
+        for split in SPLITS:
+            tokens[split] = documents[split] = 0
+            with (staging / f"{split}.bin").open("wb") as sink:
+                for texts in _text_batches(split_files(corpus, split)):
+                    encoded = tokenizer.encode_batch(texts, threads)
+                    for ids in encoded:
+                        ids.append(tokenizer.eos_id)  # documents are separated by eos
+                    count = sum(len(ids) for ids in encoded)
+                    array = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=count)
+                    sink.write(array.tobytes())
+                    tokens[split] += count
+                    documents[split] += len(texts)
+                    size = sum(len(text.encode()) for text in texts)
+                    text_bytes += size
+                    if on_progress is not None:
+                        on_progress(size)
+        seconds = time.perf_counter() - started
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id,
+            "tokens": tokens,
+            "documents": documents,
+            "text_bytes": text_bytes,
+            "tokenizer": str(tokenizer.path),
+            "tokenizer_sha256": tokenizer.sha256(),
+            "corpus": str(corpus),
+            "fingerprint": fingerprint,
+            "seconds": round(seconds, 3),
+            "mb_per_second": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return {**meta, "up_to_date": False}
+
+
+def _text_batches(paths: list[Path]):
+    batch, size = [], 0
+    for path in paths:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                text = json.loads(line)["text"]
+                batch.append(text)
+                size += len(text)
+                if size >= BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
+    if batch:
+        yield batch

@@ -1,0 +1,186 @@
+"""The sentencepiece tokenizer: training with domain terms kept whole, and the thin wrapper every engine uses."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from llmctl.atomic import atomic_directory
+from llmctl.data.corpus import iter_texts, read_manifest
+from llmctl.errors import UserError
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MODEL_FILE = "tokenizer.model"
+REPORT_FILE = "tokenizer.json"
+MAX_TRAINING_SENTENCES = 2_000_000
+MAX_SENTENCE_BYTES = 16384
+
+
+class Tokenizer:
+    """sentencepiece with llmctl's special-token layout (unk 0, bos 1, eos 2, pad 3)."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer not found: {path} (train one with llmctl tokenize train)")
+        self.path = path
+        self.processor = spm.SentencePieceProcessor(model_file=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.processor.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.processor.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.processor.pad_id()
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]:
+        return self.processor.encode(texts, num_threads=threads or -1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+    def pieces(self, text: str) -> list[str]:
+        return self.processor.encode(text, out_type=str)
+
+    def special_ids(self, piece: str) -> int:
+        token_id = self.processor.piece_to_id(piece)
+        if token_id == UNK_ID and piece != UNK:
+            raise UserError(f"tokenizer {self.path} has no special token {piece!r}")
+        return token_id
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_domain_terms(path: Path) -> list[str]:
+    if not Path(path).is_file():
+        raise UserError(f"domain terms file not found: {path} (one term per line)")
+    terms = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return list(dict.fromkeys(term for term in terms if term and not term.startswith("#")))
+
+
+def _training_sentences(corpus: Path) -> Iterator[str]:
+    """Paragraph lines of the train split; sentencepiece learns pieces within lines, newlines are a symbol."""
+    for text in iter_texts(corpus, "train"):
+        for line in text.split("\n"):
+            if line.strip():
+                yield line[:MAX_SENTENCE_BYTES]
+
+
+def train_sentencepiece(
+    corpus: Path, vocab_size: int, model_type: str, user_symbols: list[str], seed: int, threads: int
+) -> bytes:
+    sentences = list(_training_sentences(corpus))
+    if not sentences:
+        raise UserError(f"{corpus} has no training text (its train split is empty)")
+    if len(sentences) > MAX_TRAINING_SENTENCES:
+        sentences = random.Random(seed).sample(sentences, MAX_TRAINING_SENTENCES)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=0.9999,
+            byte_fallback=True,
+            # identity keeps newlines, tabs and repeated spaces (code and chat need them) and the text as typed.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            user_defined_symbols=["\n", *CHAT_MARKERS, *user_symbols],
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        raise UserError(f"sentencepiece training failed: {error}") from None
+    return model.getvalue()
+
+
+def fertility(processor: spm.SentencePieceProcessor, texts: list[str]) -> float:
+    """Tokens per whitespace-separated word: lower means the vocabulary fits the domain better."""
+    words = sum(len(text.split()) for text in texts)
+    tokens = sum(len(ids) for ids in processor.encode(texts, num_threads=-1))
+    return tokens / words if words else float("nan")
+
+
+def train_tokenizer(
+    corpus: Path,
+    out: Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    domain_terms: Path | None = None,
+    seed: int = 0,
+    threads: int = 0,
+) -> dict:
+    """Train, measure fertility on the validation split, and write `tokenizer.model` + a JSON report."""
+    corpus, out = Path(corpus), Path(out)
+    read_manifest(corpus)
+    terms = read_domain_terms(domain_terms) if domain_terms else []
+    threads = threads or 2
+    model = train_sentencepiece(corpus, vocab_size, model_type, terms, seed, threads)
+    processor = spm.SentencePieceProcessor(model_proto=model)
+    validation = list(iter_texts(corpus, "val")) or list(iter_texts(corpus, "train"))[:100]
+    report = {
+        "vocab_size": processor.get_piece_size(),
+        "model_type": model_type,
+        "domain_terms": len(terms),
+        "fertility": fertility(processor, validation),
+        "special_tokens": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
+        "chat_markers": list(CHAT_MARKERS),
+        "corpus": str(corpus),
+        "seed": seed,
+    }
+    if terms:
+        baseline = spm.SentencePieceProcessor(
+            model_proto=train_sentencepiece(corpus, vocab_size, model_type, [], seed, threads)
+        )
+        report["fertility_without_domain_terms"] = fertility(baseline, validation)
+        whole = [term for term in terms if term in processor.encode(term, out_type=str)]
+        report["domain_terms_kept_whole"] = len(whole)
+    with atomic_directory(out) as staging:
+        (staging / MODEL_FILE).write_bytes(model)
+        vocab = "\n".join(
+            f"{processor.id_to_piece(i)}\t{processor.get_score(i)}" for i in range(processor.get_piece_size())
+        )
+        (staging / "tokenizer.vocab").write_text(vocab + "\n", encoding="utf-8")
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

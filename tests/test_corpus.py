@@ -1,0 +1,168 @@
+"""`corpus build`: cleaning, filters, PII, deduplication, bad input and atomic output."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from llmctl.data.corpus import CorpusOptions, assign_split, build_corpus, iter_texts
+from llmctl.data.pii import scrub_pii
+from llmctl.data.sources import html_to_text
+from llmctl.errors import UserError
+from llmctl.recipe import FiltersSection
+
+WORDS = (
+    "parser module function returns value object list dictionary string buffer socket thread process "
+    "queue event handler config option default error exception file path stream encode decode format"
+).split()
+
+
+def prose(seed: int, n_words: int = 400) -> str:
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n_words // 10):
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(10)).capitalize() + ".")
+    return "\n\n".join(" ".join(sentences[i : i + 4]) for i in range(0, len(sentences), 4))
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def lenient(**overrides) -> CorpusOptions:
+    filters = FiltersSection(min_chars=10, max_repeated_ngram_fraction=1.0, max_repeated_line_fraction=1.0)
+    return CorpusOptions(**{"filters": filters, "workers": 1, **overrides})
+
+
+def test_exact_and_near_duplicates_are_removed(tmp_path):
+    original = prose(1)
+    words = original.split(" ")
+    for index in (5, 60, 200):  # a few words changed
+        words[index] = "CHANGED"
+    near = " ".join(words)
+    exact = "  " + original.upper().replace(" ", "   ") + "\n"  # same text modulo case and whitespace
+    source = write_jsonl(tmp_path / "docs.jsonl", [original, exact, near, prose(2), prose(3)])
+    manifest = build_corpus([str(source)], tmp_path / "out", lenient())
+    assert manifest["exact_duplicates"] == 1
+    assert manifest["near_duplicates"] == 1
+    kept = [*iter_texts(tmp_path / "out", "train"), *iter_texts(tmp_path / "out", "val")]
+    assert len(kept) == 3 and original in kept and near not in kept
+
+
+def test_distinct_documents_are_not_deduplicated(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", [prose(seed) for seed in range(20)])
+    manifest = build_corpus([str(source)], tmp_path / "out", lenient())
+    assert manifest["near_duplicates"] == 0 and manifest["exact_duplicates"] == 0
+    assert sum(split["documents"] for split in manifest["splits"].values()) == 20
+
+
+def test_pii_is_scrubbed_and_counted(tmp_path):
+    text = (
+        "Contact jane.doe@example.com or call +1 415-555-0132 about card 4111 1111 1111 1111. "
+        "The server at 192.168.10.42 logged it. Version 3.11.2 and order 1234 are not PII.\n" + prose(4)
+    )
+    scrubbed, counts = scrub_pii(text)
+    assert "<EMAIL>" in scrubbed and "jane.doe" not in scrubbed
+    assert "<PHONE>" in scrubbed and "555-0132" not in scrubbed
+    assert "<CREDIT_CARD>" in scrubbed and "4111" not in scrubbed
+    assert "<IP_ADDRESS>" in scrubbed and "192.168" not in scrubbed
+    assert "3.11.2" in scrubbed and "order 1234" in scrubbed
+    assert counts == {"EMAIL": 1, "PHONE": 1, "CREDIT_CARD": 1, "IP_ADDRESS": 1}
+    source = write_jsonl(tmp_path / "docs.jsonl", [text])
+    manifest = build_corpus([str(source)], tmp_path / "out", lenient(scrub_pii=True))
+    assert manifest["pii_replaced"] == counts
+
+
+def test_card_numbers_failing_luhn_are_kept():
+    assert scrub_pii("ticket 1234 5678 9012 3456 closed")[1]["CREDIT_CARD"] == 0
+
+
+def test_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path):
+    source = tmp_path / "docs.jsonl"
+    source.write_text(
+        json.dumps({"text": prose(5)}) + "\n{not json\n" + json.dumps({"body": "x"}) + "\n" + json.dumps({"text": prose(6)}) + "\n"
+    )
+    manifest = build_corpus([str(source)], tmp_path / "out", lenient())
+    assert manifest["skipped_inputs"] == 2
+    locations = [problem["location"] for problem in manifest["problems"]]
+    assert locations == [f"{source}:2", f"{source}:3"]
+    assert "malformed JSON" in manifest["problems"][0]["reason"]
+    with pytest.raises(UserError, match=rf"{source}:2: malformed JSON"):
+        build_corpus([str(source)], tmp_path / "strict", lenient(strict=True))
+    assert not (tmp_path / "strict").exists()
+
+
+def test_malformed_line_with_strict_is_one_line_exit_2_from_the_cli(tmp_path, llmctl):
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"text": prose(5)}) + "\n{broken\n")
+    result = llmctl("corpus", "build", str(source), "--out", str(tmp_path / "out"), "--strict")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and f"{source}:2" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_binary_and_invalid_utf8_files_are_skipped(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.txt").write_text(prose(7))
+    (tmp_path / "in" / "blob.txt").write_bytes(b"abc\x00\x01\x02" * 100)
+    (tmp_path / "in" / "latin1.md").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    manifest = build_corpus([str(tmp_path / "in")], tmp_path / "out", lenient())
+    reasons = sorted(problem["reason"].split(" ")[0] for problem in manifest["problems"])
+    assert reasons == ["binary", "invalid"]
+    assert manifest["documents_read"] == 1
+
+
+def test_interrupted_build_leaves_no_output_directory(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", [prose(seed) for seed in range(30)])
+    seen = []
+
+    def interrupt_midway(_bytes: int) -> None:
+        seen.append(1)
+        if len(seen) == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus([str(source)], tmp_path / "out", lenient(workers=2), on_progress=interrupt_midway)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", [prose(8)])
+    build_corpus([str(source)], tmp_path / "out", lenient())
+    with pytest.raises(UserError, match="--overwrite"):
+        build_corpus([str(source)], tmp_path / "out", lenient())
+    build_corpus([str(source)], tmp_path / "out", lenient(), overwrite=True)
+
+
+def test_cleaning_repairs_mojibake_and_control_characters(tmp_path):
+    broken = "The cafÃ© said \x07hello\x0b  \r\nagain.   \n\n\n\n" + prose(9)
+    source = write_jsonl(tmp_path / "docs.jsonl", [broken])
+    build_corpus([str(source)], tmp_path / "out", lenient(val_fraction=0.0))
+    (text,) = iter_texts(tmp_path / "out", "train")
+    assert text.startswith("The café said hello\nagain.\n\n")
+    assert "\x07" not in text and "\n\n\n" not in text
+
+
+def test_quality_filters_each_count_what_they_removed(tmp_path):
+    docs = ["short", "1234 5678 " * 100, "same line\n" * 100, prose(10)]
+    source = write_jsonl(tmp_path / "docs.jsonl", docs)
+    manifest = build_corpus([str(source)], tmp_path / "out", CorpusOptions(workers=1))
+    assert manifest["filtered"] == {"too_short": 1, "low_alpha_fraction": 1, "repeated_lines": 1}
+
+
+def test_split_is_by_document_content_and_seeded():
+    keys = [f"doc-{i}" for i in range(2000)]
+    val = [key for key in keys if assign_split(key, seed=0, val_fraction=0.1) == "val"]
+    assert 150 < len(val) < 250
+    assert val == [key for key in keys if assign_split(key, seed=0, val_fraction=0.1) == "val"]
+    assert val != [key for key in keys if assign_split(key, seed=1, val_fraction=0.1) == "val"]
+
+
+def test_html_is_converted_to_visible_text():
+    html = "<html><head><style>p{}</style><script>var x;</script></head><body><nav>menu</nav><h1>Title</h1><p>Body &amp; text.</p></body></html>"
+    text = html_to_text(html)
+    assert "Title" in text and "Body & text." in text
+    assert "var x" not in text and "menu" not in text

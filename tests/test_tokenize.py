@@ -1,0 +1,77 @@
+"""`tokenize train|encode|show`: special tokens, domain terms, shards and their no-op re-run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmctl.data.corpus import iter_texts
+from llmctl.data.shards import encode_corpus, read_meta
+from llmctl.data.tokenizer import BOS_ID, CHAT_MARKERS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from llmctl.errors import UserError
+
+
+def test_tokenizer_layout_round_trip_and_byte_fallback(sample_pipeline):
+    tok = Tokenizer(sample_pipeline["tokenizer"])
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (BOS_ID, EOS_ID, PAD_ID, 1024)
+    text = "def f(x):\n\treturn x  # naïve ✓ 日本\n"
+    assert tok.decode(tok.encode(text)) == text
+    for marker in CHAT_MARKERS:
+        assert tok.pieces(f"{marker}hi").count(marker) == 1
+
+
+def test_domain_terms_are_kept_whole_and_fertility_compared(sample_pipeline, tmp_path):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("# domain terms\nasyncio.TaskGroup\n__init_subclass__\n")
+    report = train_tokenizer(sample_pipeline["corpus"], tmp_path / "tok", 1024, domain_terms=terms)
+    assert report["domain_terms"] == 2 and report["domain_terms_kept_whole"] == 2
+    assert report["fertility"] > 1.0 and report["fertility_without_domain_terms"] > 1.0
+    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    assert "asyncio.TaskGroup" in tok.pieces("use asyncio.TaskGroup here")
+
+
+def test_encoded_shards_hold_every_document_separated_by_eos(sample_pipeline):
+    meta = read_meta(sample_pipeline["tokens"])
+    tok = Tokenizer(sample_pipeline["tokenizer"])
+    assert meta["dtype"] == "uint16" and meta["tokenizer_sha256"] == tok.sha256()
+    tokens = np.fromfile(sample_pipeline["tokens"] / "val.bin", dtype=np.uint16)
+    texts = list(iter_texts(sample_pipeline["corpus"], "val"))
+    expected = [token for text in texts for token in [*tok.encode(text), EOS_ID]]
+    assert tokens.tolist() == expected
+    assert meta["tokens"]["val"] == len(expected) and meta["documents"]["val"] == len(texts)
+
+
+def test_reencoding_unchanged_inputs_is_a_no_op(sample_pipeline):
+    before = (sample_pipeline["tokens"] / "train.bin").stat().st_mtime_ns
+    meta = encode_corpus(sample_pipeline["corpus"], sample_pipeline["tokenizer"], sample_pipeline["tokens"])
+    assert meta["up_to_date"] is True
+    assert (sample_pipeline["tokens"] / "train.bin").stat().st_mtime_ns == before
+
+
+def test_missing_tokenizer_is_a_clear_error(sample_pipeline, tmp_path):
+    with pytest.raises(UserError, match="tokenizer not found"):
+        encode_corpus(sample_pipeline["corpus"], tmp_path / "nope.model", tmp_path / "tokens")
+
+
+def test_tokenize_show_prints_pieces_and_ids(sample_pipeline, llmctl):
+    out = llmctl("tokenize", "show", str(sample_pipeline["tokenizer"]), "import os", check=True).stdout
+    tok = Tokenizer(sample_pipeline["tokenizer"])
+    for piece, token_id in zip(tok.pieces("import os"), tok.encode("import os"), strict=True):
+        assert repr(piece) in out and str(token_id) in out
+
+
+def test_cli_pipeline_end_to_end(tmp_path, llmctl):
+    from conftest import SAMPLE
+
+    llmctl("corpus", "build", str(SAMPLE / "val.jsonl"), "--out", str(tmp_path / "corpus"), "--val-fraction", "0.3", check=True)
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert manifest["documents_read"] == 10
+    stats = llmctl("corpus", "stats", str(tmp_path / "corpus"), check=True).stdout
+    assert "document length" in stats and "near duplicates" in stats
+    llmctl("tokenize", "train", str(tmp_path / "corpus"), "--vocab", "512", check=True)
+    first = llmctl("tokenize", "encode", str(tmp_path / "corpus"), "-t", str(tmp_path / "tokenizer" / "tokenizer.model"), check=True)
+    assert "MB/s" in first.stdout
+    again = llmctl("tokenize", "encode", str(tmp_path / "corpus"), "-t", str(tmp_path / "tokenizer" / "tokenizer.model"), check=True)
+    assert "up to date" in again.stdout
