@@ -75,11 +75,15 @@ def newest_checkpoint_under(root: Path = Path("runs")) -> Path:
     """The most recently written checkpoint under `root` (what chat/serve/eval use when given none)."""
     candidates = [p.parent for p in Path(root).glob("**/config.json") if not p.parent.name.startswith(".")]
     if not candidates:
-        raise UserError(f"no checkpoint found under {root}/; train one (llmctl train recipes/tiny.toml) or pass a path")
+        raise UserError(
+            f"no checkpoint found under {root}/; train one (llmctl train recipes/tiny.toml) or pass a path"
+        )
     return max(candidates, key=lambda path: (path / CONFIG_FILE).stat().st_mtime)
 
 
-def open_model(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def open_model(
+    path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
     """Load a checkpoint's model, turning a missing or malformed directory into one clear error."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
@@ -88,4 +92,3 @@ def open_model(path: Path, dtype: torch.dtype | None = None, device: str | torch
         return load_model(path, dtype=dtype, device=device)
     except (ValueError, FileNotFoundError, KeyError) as error:
         raise UserError(f"cannot load checkpoint {path}: {error}") from None
-

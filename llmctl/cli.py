@@ -45,8 +45,10 @@ class PluginGroup(typer.core.TyperGroup):
         try:
             command = as_click_command(load(source))
         except Exception:
-            warn(f"plugin {source.package} {source.version}: command `{source.name}` failed to load "
-                 f"({source.status.removeprefix('error: ')}); skipped")
+            warn(
+                f"plugin {source.package} {source.version}: command `{source.name}` failed to load "
+                f"({source.status.removeprefix('error: ')}); skipped"
+            )
             return None
         command.name = source.name
         return command

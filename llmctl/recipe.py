@@ -31,10 +31,15 @@ class ModelSection(Section):
     tie_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
 
-    def to_config(self, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = 3) -> ModelConfig:
+    def to_config(
+        self, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = 3
+    ) -> ModelConfig:
         try:
             return ModelConfig(
-                **self.model_dump(), bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+                **self.model_dump(),
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
             )
         except ValueError as error:
             raise UserError(f"recipe [model]: {error}") from None

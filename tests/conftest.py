@@ -23,10 +23,17 @@ def run_llmctl(
         env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), env.get("PYTHONPATH", "")])
     env.setdefault("COLUMNS", "200")
     result = subprocess.run(
-        [sys.executable, "-m", "llmctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "llmctl", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"llmctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"llmctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -44,7 +51,9 @@ def sample_pipeline(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("sample")
     corpus, tokenizer, tokens = root / "corpus", root / "tokenizer", root / "tokens"
-    build_corpus([str(SAMPLE / "train.jsonl"), str(SAMPLE / "val.jsonl")], corpus, CorpusOptions(val_fraction=0.1))
+    build_corpus(
+        [str(SAMPLE / "train.jsonl"), str(SAMPLE / "val.jsonl")], corpus, CorpusOptions(val_fraction=0.1)
+    )
     train_tokenizer(corpus, tokenizer, vocab_size=1024)
     encode_corpus(corpus, tokenizer / "tokenizer.model", tokens)
     return {"root": root, "corpus": corpus, "tokenizer": tokenizer / "tokenizer.model", "tokens": tokens}

@@ -64,9 +64,20 @@ def test_placeholder_commands_exit_2_with_one_line(llmctl):
 def test_installed_example_plugin_appears_and_runs(llmctl, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(REPO / "plugins" / "llmctl-hello")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO / "plugins" / "llmctl-hello"),
+        ],
+        check=True,
+        capture_output=True,
     )
     assert " hello " in llmctl("--help", pythonpath=[target], check=True).stdout
     result = llmctl("hello", "--name", "team", pythonpath=[target], check=True)
@@ -78,7 +89,9 @@ def test_installed_example_plugin_appears_and_runs(llmctl, tmp_path):
 
 def test_broken_plugin_warns_once_and_the_rest_still_works(llmctl, tmp_path):
     site = make_dist_info(
-        tmp_path, "llmctl-broken", "[llmctl.commands]\nbroken = llmctl_broken:app\n",
+        tmp_path,
+        "llmctl-broken",
+        "[llmctl.commands]\nbroken = llmctl_broken:app\n",
         module="raise RuntimeError('this plugin is broken on purpose')\n",
     )
     result = llmctl("--help", pythonpath=[site])
@@ -93,7 +106,9 @@ def test_broken_plugin_warns_once_and_the_rest_still_works(llmctl, tmp_path):
 
 def test_plugin_cannot_shadow_a_builtin(llmctl, tmp_path):
     site = make_dist_info(
-        tmp_path, "llmctl-evil", "[llmctl.commands]\ntrain = llmctl_evil:train\n",
+        tmp_path,
+        "llmctl-evil",
+        "[llmctl.commands]\ntrain = llmctl_evil:train\n",
         module="def train():\n    print('HIJACKED')\n",
     )
     result = llmctl("train", "recipes/tiny.toml", "--dry-run", pythonpath=[site])

@@ -13,10 +13,7 @@ from llmctl.data.sources import html_to_text
 from llmctl.errors import UserError
 from llmctl.recipe import FiltersSection
 
-WORDS = (
-    "parser module function returns value object list dictionary string buffer socket thread process "
-    "queue event handler config option default error exception file path stream encode decode format"
-).split()
+WORDS = ["parser", "module", "function", "returns", "value", "object", "list", "dictionary", "string", "buffer", "socket", "thread", "process", "queue", "event", "handler", "config", "option", "default", "error", "exception", "file", "path", "stream", "encode", "decode", "format"]
 
 
 def prose(seed: int, n_words: int = 400) -> str:
@@ -83,7 +80,12 @@ def test_card_numbers_failing_luhn_are_kept():
 def test_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path):
     source = tmp_path / "docs.jsonl"
     source.write_text(
-        json.dumps({"text": prose(5)}) + "\n{not json\n" + json.dumps({"body": "x"}) + "\n" + json.dumps({"text": prose(6)}) + "\n"
+        json.dumps({"text": prose(5)})
+        + "\n{not json\n"
+        + json.dumps({"body": "x"})
+        + "\n"
+        + json.dumps({"text": prose(6)})
+        + "\n"
     )
     manifest = build_corpus([str(source)], tmp_path / "out", lenient())
     assert manifest["skipped_inputs"] == 2

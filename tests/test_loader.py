@@ -11,9 +11,7 @@ from llmctl.data.loader import TokenFile, WindowSampler, validation_batches
 def global_batch(sampler: WindowSampler, step: int, world: int, micro: int) -> list[torch.Tensor]:
     accum = sampler.global_batch_size // (world * micro)
     return [
-        sampler.micro_batch(step, a, rank, world, micro)[0]
-        for rank in range(world)
-        for a in range(accum)
+        sampler.micro_batch(step, a, rank, world, micro)[0] for rank in range(world) for a in range(accum)
     ]
 
 

@@ -65,13 +65,36 @@ def test_tokenize_show_prints_pieces_and_ids(sample_pipeline, llmctl):
 def test_cli_pipeline_end_to_end(tmp_path, llmctl):
     from conftest import SAMPLE
 
-    llmctl("corpus", "build", str(SAMPLE / "val.jsonl"), "--out", str(tmp_path / "corpus"), "--val-fraction", "0.3", check=True)
+    llmctl(
+        "corpus",
+        "build",
+        str(SAMPLE / "val.jsonl"),
+        "--out",
+        str(tmp_path / "corpus"),
+        "--val-fraction",
+        "0.3",
+        check=True,
+    )
     manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
     assert manifest["documents_read"] == 10
     stats = llmctl("corpus", "stats", str(tmp_path / "corpus"), check=True).stdout
     assert "document length" in stats and "near duplicates" in stats
     llmctl("tokenize", "train", str(tmp_path / "corpus"), "--vocab", "512", check=True)
-    first = llmctl("tokenize", "encode", str(tmp_path / "corpus"), "-t", str(tmp_path / "tokenizer" / "tokenizer.model"), check=True)
+    first = llmctl(
+        "tokenize",
+        "encode",
+        str(tmp_path / "corpus"),
+        "-t",
+        str(tmp_path / "tokenizer" / "tokenizer.model"),
+        check=True,
+    )
     assert "MB/s" in first.stdout
-    again = llmctl("tokenize", "encode", str(tmp_path / "corpus"), "-t", str(tmp_path / "tokenizer" / "tokenizer.model"), check=True)
+    again = llmctl(
+        "tokenize",
+        "encode",
+        str(tmp_path / "corpus"),
+        "-t",
+        str(tmp_path / "tokenizer" / "tokenizer.model"),
+        check=True,
+    )
     assert "up to date" in again.stdout

@@ -13,20 +13,28 @@ app = typer.Typer(help="Build and inspect training corpora.", no_args_is_help=Tr
 def build(
     sources: list[str] = typer.Argument(..., help="Files, folders or quoted globs of .txt/.md/.jsonl/.html."),
     out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory (written atomically)."),
-    recipe: Path | None = typer.Option(None, help="Take filter thresholds from this recipe's [data.filters]."),
+    recipe: Path | None = typer.Option(
+        None, help="Take filter thresholds from this recipe's [data.filters]."
+    ),
     text_field: str = typer.Option("text", help="JSONL field that holds the document text."),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phones, IPs, card numbers."),
     exact_dedup: bool = typer.Option(True, "--exact-dedup/--no-exact-dedup"),
-    near_dedup: bool = typer.Option(True, "--near-dedup/--no-near-dedup", help="MinHash LSH near-duplicates."),
+    near_dedup: bool = typer.Option(
+        True, "--near-dedup/--no-near-dedup", help="MinHash LSH near-duplicates."
+    ),
     near_dup_threshold: float = typer.Option(0.8, min=0.05, max=1.0, help="Jaccard similarity that counts."),
     val_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of documents held out."),
     seed: int = typer.Option(0, help="Seed of the train/val split."),
     min_chars: int | None = typer.Option(None, help="Filter: minimum characters."),
     max_chars: int | None = typer.Option(None, help="Filter: maximum characters."),
     min_alpha_fraction: float | None = typer.Option(None, help="Filter: minimum share of letters."),
-    max_repeated_line_fraction: float | None = typer.Option(None, help="Filter: maximum share of repeated lines."),
+    max_repeated_line_fraction: float | None = typer.Option(
+        None, help="Filter: maximum share of repeated lines."
+    ),
     max_repeated_ngram_fraction: float | None = typer.Option(None, help="Filter: maximum repeated 5-grams."),
-    language: str | None = typer.Option(None, help="Filter: keep only this language (ISO code; needs py3langid)."),
+    language: str | None = typer.Option(
+        None, help="Filter: keep only this language (ISO code; needs py3langid)."
+    ),
     strict: bool = typer.Option(False, help="Stop at the first unreadable file or malformed line."),
     workers: int = typer.Option(0, min=0, help="Worker processes (0: one per core)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
@@ -47,7 +55,9 @@ def build(
         "max_repeated_ngram_fraction": max_repeated_ngram_fraction,
         "language": language,
     }
-    filters = FiltersSection.model_validate({**filters.model_dump(), **{k: v for k, v in thresholds.items() if v}})
+    filters = FiltersSection.model_validate(
+        {**filters.model_dump(), **{k: v for k, v in thresholds.items() if v}}
+    )
     options = CorpusOptions(
         filters=filters,
         text_field=text_field,
@@ -66,7 +76,9 @@ def build(
 
 
 @app.command()
-def stats(corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`.")) -> None:
+def stats(
+    corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`."),
+) -> None:
     """Documents, characters, words, length histogram, top sources and what each filter removed."""
     from llmctl.commands.corpus_report import print_stats
 

@@ -44,7 +44,9 @@ def print_stats(corpus: Path) -> None:
             words += len(text.split())
             bucket = sum(len(text) >= edge for edge in LENGTH_BINS) - 1
             histogram[split][bucket] += 1
-        table.add_row(split, f"{documents:,}", f"{characters:,}", f"{words:,}", f"{characters / max(documents, 1):,.0f}")
+        table.add_row(
+            split, f"{documents:,}", f"{characters:,}", f"{words:,}", f"{characters / max(documents, 1):,.0f}"
+        )
     console.print(table)
 
     lengths = Table(title="document length (characters)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from rich.console import Console
 from rich.table import Table
 
@@ -11,10 +13,8 @@ from llmctl.plugins import discover, load
 def show_plugins() -> None:
     usable, skipped = discover()
     for source in usable.values():
-        try:
+        with suppress(Exception):  # a failure is recorded in source.status and shown in the table
             load(source)
-        except Exception:
-            pass  # the failure is recorded in source.status and shown in the table
     table = Table(title="llmctl commands")
     for column in ("command", "package", "version", "kind", "status"):
         table.add_column(column)

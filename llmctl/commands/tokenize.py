@@ -15,7 +15,9 @@ def train(
     corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`."),
     vocab: int = typer.Option(32000, "--vocab", min=64, help="Vocabulary size."),
     model_type: Literal["bpe", "unigram"] = typer.Option("bpe", "--type", help="sentencepiece model type."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory; default CORPUS/../tokenizer."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output directory; default CORPUS/../tokenizer."
+    ),
     domain_terms: Path | None = typer.Option(None, help="File of terms to keep whole, one per line."),
     seed: int = typer.Option(0, help="Seed for sampling training sentences."),
 ) -> None:

@@ -13,7 +13,9 @@ app = typer.Typer()
 def train(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="A TOML recipe, e.g. recipes/tiny.toml."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set optim.lr=3e-4."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; train nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved recipe and the plan; train nothing."
+    ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes per node; >1 launches torchrun."),
 ) -> None:
     """Train a model from a recipe: validation, checkpoints and metrics land in the run directory."""

@@ -131,7 +131,9 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(directory: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load_model(
+    directory: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
     config = read_config(directory)
     state = read_state_dict(directory)
     with torch.device("meta"):

@@ -28,7 +28,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions of one layer; return that layer's keys and values so far."""
         start, end = self.length, self.length + keys.shape[2]
         if end > self.max_len:

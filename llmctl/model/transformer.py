@@ -42,7 +42,9 @@ class Transformer(nn.Module):
     def init_rope(self) -> None:
         """(Re)build the rotary tables, e.g. after materialising a model that was built on the meta device."""
         device = self.model.embed_tokens.weight.device
-        cos, sin = rotary_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
+        cos, sin = rotary_tables(
+            self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device
+        )
         self.rope_cos, self.rope_sin = cos, sin
 
     @torch.no_grad()
