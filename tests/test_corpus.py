@@ -13,7 +13,35 @@ from llmctl.data.sources import html_to_text
 from llmctl.errors import UserError
 from llmctl.recipe import FiltersSection
 
-WORDS = ["parser", "module", "function", "returns", "value", "object", "list", "dictionary", "string", "buffer", "socket", "thread", "process", "queue", "event", "handler", "config", "option", "default", "error", "exception", "file", "path", "stream", "encode", "decode", "format"]
+WORDS = [
+    "parser",
+    "module",
+    "function",
+    "returns",
+    "value",
+    "object",
+    "list",
+    "dictionary",
+    "string",
+    "buffer",
+    "socket",
+    "thread",
+    "process",
+    "queue",
+    "event",
+    "handler",
+    "config",
+    "option",
+    "default",
+    "error",
+    "exception",
+    "file",
+    "path",
+    "stream",
+    "encode",
+    "decode",
+    "format",
+]
 
 
 def prose(seed: int, n_words: int = 400) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -16,7 +17,13 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved recipe and the plan; train nothing."
     ),
+    resume: str | None = typer.Option(
+        None, help="'auto' (newest checkpoint of the run) or a checkpoint path."
+    ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes per node; >1 launches torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes (with --nproc; passed to torchrun)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (multi-node)."),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous."),
 ) -> None:
     """Train a model from a recipe: validation, checkpoints and metrics land in the run directory."""
     from llmctl.recipe import load_recipe
@@ -26,8 +33,28 @@ def train(
         from llmctl.commands.train_report import print_plan
         from llmctl.train.plan import make_plan
 
-        print_plan(recipe, make_plan(recipe, world_size=nproc))
+        print_plan(recipe, make_plan(recipe, world_size=nproc * nnodes))
         return
-    from llmctl.errors import UserError
+    if nproc > 1 or nnodes > 1:
+        from llmctl.train.distributed import launch_torchrun
 
-    raise UserError("`llmctl train` without --dry-run is not implemented yet in this llmctl version")
+        forwarded = ["train", str(recipe_path), *(arg for o in overrides for arg in ("--set", o))]
+        if resume:
+            forwarded += ["--resume", resume]
+        raise typer.Exit(launch_torchrun(nproc, nnodes, node_rank, rdzv_endpoint, forwarded))
+
+    from llmctl.commands.train_report import TrainingConsole
+    from llmctl.train.distributed import init_distributed, shutdown_distributed
+    from llmctl.train.trainer import Trainer
+
+    context = init_distributed(recipe.train.device, recipe.distributed.backend)
+    try:
+        console = TrainingConsole(recipe, enabled=context.is_main)
+        trainer = Trainer(recipe, context, on_event=console.on_event)
+        console.start(trainer)
+        result = trainer.fit(resume=resume)
+        console.finish(result)
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        sys.exit(130)

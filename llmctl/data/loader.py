@@ -75,6 +75,7 @@ def validation_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same leading non-overlapping windows every time, split round-robin over ranks."""
     total = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    total -= total % world_size  # every rank runs the same number of forwards (FSDP needs all ranks in each)
     if total < 1:
         raise UserError(f"the validation split has {len(tokens)} tokens, too few for one window of {seq_len} + 1")
     mine = list(range(rank, total, world_size))

@@ -1,0 +1,84 @@
+"""Turning next-token logits into token ids: greedy, temperature, top-k, top-p, min-p and penalties."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def apply_penalties(
+    logits: torch.Tensor, generated: torch.Tensor | None, params: SamplingParams
+) -> torch.Tensor:
+    """Repetition (CTRL-style, multiplicative) and presence/frequency (OpenAI-style, additive) penalties.
+
+    `generated` holds the ids seen so far, (batch, length); negative ids are padding and ignored.
+    """
+    if generated is None or generated.numel() == 0:
+        return logits
+    needs = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    if not needs:
+        return logits
+    valid = generated >= 0
+    counts = torch.zeros_like(logits)
+    counts.scatter_add_(1, generated.clamp(min=0), valid.to(logits.dtype))
+    seen = counts > 0
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(
+            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+        )
+        logits = torch.where(seen, penalised, logits)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (masked entries become -inf)."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        threshold = params.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generated: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next ids (batch,) from last-position logits (batch, vocab)."""
+    logits = apply_penalties(logits.float(), generated, params)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, params).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

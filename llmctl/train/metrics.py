@@ -1,0 +1,95 @@
+"""Training metrics: `metrics.jsonl` (the single source for the TUI and plots), TensorBoard when installed,
+and the device peak that MFU is measured against."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
+GPU_BF16_PEAKS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "4090": 165e12,
+}
+
+
+def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 8) -> float:
+    """fp32 GEMM FLOP/s this CPU reaches with the current thread count (what MFU on CPU is measured against)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type == "cpu":
+        return measure_cpu_matmul_peak()
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_BF16_PEAKS.items():
+        if key in name:
+            return (
+                peak if precision in ("bf16", "fp16") else peak / 2
+            )  # TF32 tensor cores: half the bf16 rate
+    return None
+
+
+def memory_in_use(device: torch.device) -> float:
+    """Peak bytes allocated on a GPU; resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as handle:
+            return float(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        return float("nan")
+
+
+class MetricsWriter:
+    """Appends one JSON object per record; on resume, records after the resumed step are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+        self.handle = self.path.open("a")
+        self.tensorboard = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass  # TensorBoard is optional; metrics.jsonl always has everything
+            else:
+                self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

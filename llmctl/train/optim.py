@@ -1,0 +1,65 @@
+"""AdamW with decay/no-decay parameter groups, and the learning-rate schedules as pure functions of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmctl.recipe import OptimSection, ScheduleSection
+
+
+def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
+    """Weight decay on matrices only: norms and biases never, embeddings only when the recipe asks."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))  # a tied LM head is the embedding; count it once
+        is_embedding = "embed_tokens" in name or (name.startswith("lm_head") and _is_tied(model))
+        if param.ndim < 2 or name.endswith(".bias") or (is_embedding and not optim.decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _is_tied(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "tie_embeddings", False))
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device) -> torch.optim.AdamW:
+    """Fused AdamW (one kernel for all parameters) where the device and parameters allow it."""
+    groups = parameter_groups(model, optim)
+    params = [p for group in groups for p in group["params"]]
+    is_dtensor = any(type(p).__name__ == "DTensor" for p in params)
+    fused = device.type in ("cuda", "cpu") and not is_dtensor
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused, foreach=None if fused else True
+    )
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, schedule: ScheduleSection) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the recipe's decay."""
+    warmup = schedule.warmup_steps
+    if warmup and step < warmup:
+        return peak_lr * (step + 1) / warmup
+    floor = peak_lr * schedule.min_lr_ratio
+    if schedule.kind == "constant":
+        return peak_lr
+    if schedule.kind == "wsd":  # warmup-stable-decay: flat until the last decay_fraction, then linear
+        decay_start = int(total_steps * (1 - schedule.decay_fraction))
+        if step < max(decay_start, warmup):
+            return peak_lr
+        progress = (step - max(decay_start, warmup)) / max(1, total_steps - max(decay_start, warmup))
+        return peak_lr - (peak_lr - floor) * min(progress, 1.0)
+    progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
+    if schedule.kind == "linear":
+        return peak_lr - (peak_lr - floor) * progress
+    return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

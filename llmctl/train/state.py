@@ -1,0 +1,74 @@
+"""Saving and restoring a training run: full (unsharded) model and optimizer state under HF parameter names,
+so a checkpoint written by DDP, FSDP2, a compiled model or one process opens anywhere."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from llmctl.checkpoint import TRAINER_STATE_FILE
+from llmctl.model.hf_format import read_state_dict
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered on rank 0 (collective under FSDP: every rank must call it); a tied head is left out."""
+    state = get_model_state_dict(model, options=FULL)
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model_weights(model: nn.Module, checkpoint: Path, is_main: bool) -> None:
+    """Load HF-named weights into a (possibly sharded) model; rank 0 reads, the others receive."""
+    state = read_state_dict(checkpoint) if is_main else {}
+    if is_main and getattr(model.config, "tie_embeddings", False):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    distributed = torch.distributed.is_initialized()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=True)
+    set_model_state_dict(model, state, options=options)
+
+
+def load_trainer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path, is_main: bool
+) -> dict:
+    """Restore optimizer moments and RNG; returns the rest (step, scaler, counters)."""
+    state = torch.load(checkpoint / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    distributed = torch.distributed.is_initialized()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_optimizer_state_dict(
+        model, optimizer, state["optimizer"] if is_main or not distributed else {}, options=options
+    )
+    restore_rng_state(state["rng"])
+    return state

@@ -1,0 +1,345 @@
+"""The training loop: one loop for every model size, device count and strategy.
+
+Everything a run needs comes from its recipe; progress is reported through `on_event` callbacks and
+`metrics.jsonl`, never printed here, so the CLI, the TUI and tests all drive the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmctl.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint, step_directory
+from llmctl.data.loader import TokenFile, WindowSampler, validation_batches
+from llmctl.data.shards import read_meta
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.errors import UserError
+from llmctl.infer.generate import generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.model import Transformer
+from llmctl.recipe import Recipe
+from llmctl.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_rank,
+    wrap_model,
+)
+from llmctl.train.loss import language_model_loss
+from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
+from llmctl.train.optim import build_optimizer, lr_at
+from llmctl.train.plan import grad_accum_steps, resolve_strategy
+from llmctl.train.state import (
+    full_model_state,
+    full_optimizer_state,
+    load_model_weights,
+    load_trainer_state,
+    rng_state,
+)
+
+Event = Callable[[str, dict], None]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    checkpoint: Path | None
+    val_loss: float | None
+    interrupted: bool = False
+    skipped_steps: int = 0
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, context: DistributedContext, on_event: Event | None = None) -> None:
+        self.recipe, self.context = recipe, context
+        self.on_event = on_event or (lambda kind, data: None)
+        self.run_dir = recipe.run_dir
+        self.strategy = resolve_strategy(recipe, context.world_size)
+        self.accum = grad_accum_steps(recipe, context.world_size)
+        self.seq_len = recipe.seq_len
+        self.tokenizer = self._check_data()
+        self.stop_requested = False
+        self.skipped_steps = 0
+
+        torch.manual_seed(recipe.train.seed)
+        if context.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        config = recipe.model.to_config(
+            bos_token_id=self.meta["bos_id"],
+            eos_token_id=self.meta["eos_id"],
+            pad_token_id=self.meta["pad_id"],
+        )
+        with torch.device(context.device):
+            self.model = Transformer(config)
+        self.model.activation_checkpointing = recipe.train.activation_checkpointing
+        self.wrapped = wrap_model(self.model, self.strategy, recipe.train.precision, context)
+        self.forward = torch.compile(self.wrapped) if recipe.train.compile else self.wrapped
+        self.optimizer = build_optimizer(self.model, recipe.optim, context.device)
+        self.scaler = torch.amp.GradScaler(context.device.type, enabled=recipe.train.precision == "fp16")
+        self.sampler = WindowSampler(
+            TokenFile(recipe.data.tokens, "train"),
+            self.seq_len,
+            recipe.train.global_batch_size,
+            recipe.train.seed,
+        )
+        self.val_batches = validation_batches(
+            TokenFile(recipe.data.tokens, "val"),
+            self.seq_len,
+            recipe.train.micro_batch_size,
+            recipe.train.eval_batches,
+            context.rank,
+            context.world_size,
+        )
+        self.peak_flops = device_peak_flops(context.device, recipe.train.precision)
+        self.flops_per_token = config.flops_per_token(self.seq_len)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _check_data(self) -> Tokenizer | None:
+        data = self.recipe.data
+        if not data.tokens:
+            raise UserError("recipe data.tokens is not set: point it at a `llmctl tokenize encode` output")
+        self.meta = read_meta(Path(data.tokens))
+        if self.meta["vocab_size"] > self.recipe.model.vocab_size:
+            raise UserError(
+                f"the token files use a {self.meta['vocab_size']}-piece vocabulary but model.vocab_size is "
+                f"{self.recipe.model.vocab_size}; set --set model.vocab_size={self.meta['vocab_size']}"
+            )
+        if not data.tokenizer:
+            return None
+        tokenizer = Tokenizer(data.tokenizer)
+        if tokenizer.sha256() != self.meta["tokenizer_sha256"]:
+            raise UserError(
+                f"tokenizer mismatch: {data.tokenizer} is not the tokenizer that encoded {data.tokens} "
+                f"({self.meta['tokenizer']}); re-run llmctl tokenize encode or fix data.tokenizer"
+            )
+        return tokenizer
+
+    def _resume_from(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.run_dir)
+        path = Path(resume)
+        if not (path / "trainer_state.pt").is_file():
+            raise UserError(f"--resume {resume}: not a training checkpoint (no trainer_state.pt)")
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def fit(self, resume: str | None = None) -> TrainResult:
+        start_step = 0
+        checkpoint = self._resume_from(resume)
+        if checkpoint is not None:
+            load_model_weights(self.model, checkpoint, self.context.is_main)
+            state = load_trainer_state(self.model, self.optimizer, checkpoint, self.context.is_main)
+            self.scaler.load_state_dict(state["scaler"])
+            start_step, self.skipped_steps = state["step"], state["skipped_steps"]
+            self.on_event("resumed", {"checkpoint": str(checkpoint), "step": start_step})
+        metrics = None
+        if self.context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+            metrics = MetricsWriter(self.run_dir, resume_step=start_step if checkpoint else None)
+        total = self.recipe.train.steps
+        last_saved, val_loss = None, None
+        with self._stop_on_signals():
+            step = start_step
+            window_started, window_tokens = time.perf_counter(), 0
+            while step < total:
+                record = self._train_step(step)
+                step += 1
+                window_tokens += self.recipe.train.global_batch_size * self.seq_len
+                if step % self.recipe.train.log_every == 0 or step == total:
+                    elapsed = time.perf_counter() - window_started
+                    record.update(self._throughput(window_tokens, elapsed))
+                    window_started, window_tokens = time.perf_counter(), 0
+                    self._emit(metrics, "step", record)
+                eval_every = self.recipe.train.eval_every
+                if (eval_every and step % eval_every == 0) or step == total:
+                    val_loss = self.evaluate()
+                    self._emit(
+                        metrics, "eval", {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+                    )
+                every = self.recipe.checkpoint.every
+                stopping = any_rank(self.stop_requested, self.context)
+                if (every and step % every == 0) or step == total or stopping:
+                    last_saved = self.save(step)
+                if stopping:
+                    self.on_event("interrupted", {"step": step, "checkpoint": str(last_saved)})
+                    break
+        if metrics is not None:
+            metrics.close()
+        interrupted = step < total
+        samples = [] if interrupted else self.samples()
+        return TrainResult(self.run_dir, step, last_saved, val_loss, interrupted, self.skipped_steps, samples)
+
+    def _train_step(self, step: int) -> dict:
+        lr = lr_at(step, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.context.device)
+        for micro_step in range(self.accum):
+            inputs, targets = self.sampler.micro_batch(
+                step,
+                micro_step,
+                self.context.rank,
+                self.context.world_size,
+                self.recipe.train.micro_batch_size,
+            )
+            inputs = inputs.to(self.context.device, non_blocking=True)
+            targets = targets.to(self.context.device, non_blocking=True)
+            with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
+                logits = self.forward(inputs)
+                loss, cross_entropy = language_model_loss(
+                    logits, targets, self.recipe.train.label_smoothing, self.recipe.train.z_loss
+                )
+                self.scaler.scale(loss / self.accum).backward()
+            loss_sum += cross_entropy
+        self.scaler.unscale_(self.optimizer)
+        clip = self.recipe.optim.clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.scaler.step(self.optimizer)
+        else:
+            self.skipped_steps += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(all_reduce_mean(loss_sum / self.accum, self.context))
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if not finite:
+            record["skipped"] = "non-finite gradients"
+            self.on_event("skipped", record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, device=self.context.device, dtype=torch.float64)
+        for inputs, targets in self.val_batches:
+            inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
+            with self._autocast():
+                _, cross_entropy = language_model_loss(self.forward(inputs), targets)
+            total += torch.tensor(
+                [float(cross_entropy) * targets.numel(), targets.numel()], device=total.device
+            )
+        total = all_reduce_sum(total, self.context)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    def save(self, step: int) -> Path | None:
+        """Collective under FSDP (every rank gathers); only rank 0 writes."""
+        model_state = full_model_state(self.model)
+        optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        if not self.context.is_main:
+            return None
+        trainer_state = {
+            "step": step,
+            "optimizer": optimizer_state,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.context.world_size,
+        }
+        path = save_checkpoint(
+            step_directory(self.run_dir, step),
+            self.model.config,
+            model_state,
+            recipe_toml=self.recipe.to_toml(),
+            tokenizer=Path(self.recipe.data.tokenizer) if self.tokenizer else None,
+            trainer_state=trainer_state,
+        )
+        prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last)
+        self.on_event("checkpoint", {"step": step, "path": str(path)})
+        return path
+
+    def samples(self) -> list[tuple[str, str]]:
+        """A few generations at the end, so the user sees text (rank 0; from the unsharded weights)."""
+        if not self.context.is_main or self.tokenizer is None or not self.recipe.train.sample_prompts:
+            return []
+        model = self.model
+        if self.strategy == "fsdp":
+            from llmctl.checkpoint import open_model
+
+            model = open_model(latest_checkpoint(self.run_dir), device=self.context.device)
+        model.eval()
+        params = SamplingParams(
+            max_new_tokens=self.recipe.train.sample_tokens,
+            temperature=0.8,
+            top_k=40,
+            seed=self.recipe.train.seed,
+            stop_token_ids=(self.tokenizer.eos_id,),
+        )
+        results = []
+        for prompt in self.recipe.train.sample_prompts:
+            prompt_ids = self.tokenizer.encode(prompt)
+            new_ids = [
+                token for token in generate_ids(model, prompt_ids, params) if token != self.tokenizer.eos_id
+            ]
+            # decode with the prompt so the first new piece keeps its leading space
+            results.append((prompt, self.tokenizer.decode(prompt_ids + new_ids)))
+        return results
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST_DTYPES.get(self.recipe.train.precision)
+        if dtype is None or self.strategy == "fsdp":  # FSDP2's policy already computes in the low precision
+            return contextlib.nullcontext()
+        return torch.autocast(self.context.device.type, dtype=dtype)
+
+    def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        if last_micro_step or not self.context.is_distributed:
+            return contextlib.nullcontext()
+        if self.strategy == "ddp":
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def _throughput(self, tokens: int, seconds: float) -> dict:
+        tokens_per_second = tokens / max(seconds, 1e-9)
+        record = {"tokens_per_second": tokens_per_second, "memory_bytes": memory_in_use(self.context.device)}
+        if self.peak_flops:
+            record["mfu"] = (
+                self.flops_per_token * tokens_per_second / (self.peak_flops * self.context.world_size)
+            )
+        return record
+
+    def _emit(self, metrics: MetricsWriter | None, kind: str, record: dict) -> None:
+        if metrics is not None:
+            metrics.write({"event": kind, **record})
+        if self.context.is_main:
+            self.on_event(kind, record)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM ask the loop to checkpoint at the next step boundary and return."""
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[signum] = signal.signal(signum, request_stop)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

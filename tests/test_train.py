@@ -1,0 +1,203 @@
+"""The training engine: loss falls, exact resume, non-finite steps skipped, precisions, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmctl.checkpoint import list_checkpoints
+from llmctl.errors import UserError
+from llmctl.model.hf_format import read_state_dict
+from llmctl.recipe import ScheduleSection, recipe_from_dict
+from llmctl.train.distributed import DistributedContext
+from llmctl.train.optim import lr_at, parameter_groups
+from llmctl.train.trainer import Trainer
+
+CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def tiny_recipe(pipeline, run_dir, **train):
+    return recipe_from_dict(
+        {
+            "name": "test",
+            "model": {
+                "vocab_size": 1024,
+                "d_model": 64,
+                "n_layer": 2,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "d_ff": 128,
+                "max_seq_len": 64,
+            },
+            "data": {"tokens": str(pipeline["tokens"]), "tokenizer": str(pipeline["tokenizer"])},
+            "train": {
+                "steps": 8,
+                "micro_batch_size": 4,
+                "global_batch_size": 8,
+                "log_every": 1,
+                "eval_every": 0,
+                "eval_batches": 2,
+                **train,
+            },
+            "optim": {"lr": 3e-3},
+            "schedule": {"warmup_steps": 2},
+            "checkpoint": {"dir": str(run_dir), "every": 4, "keep_last": 5},
+        }
+    )
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["event"] == "step"}
+
+
+def test_loss_falls_below_the_unigram_entropy(sample_pipeline, tmp_path):
+    tokens = np.fromfile(sample_pipeline["tokens"] / "train.bin", dtype=np.uint16)
+    counts = np.bincount(tokens).astype(np.float64)
+    probs = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(probs * np.log(probs)).sum())
+    recipe = tiny_recipe(
+        sample_pipeline,
+        tmp_path,
+        steps=200,
+        log_every=10,
+        micro_batch_size=16,
+        global_batch_size=16,
+        sample_prompts=["The"],
+    )
+    recipe.optim.lr = 5e-3
+    result = Trainer(recipe, CPU).fit()
+    assert result.val_loss < unigram_entropy - 0.5, (result.val_loss, unigram_entropy)
+    ((prompt, text),) = result.samples
+    assert text.startswith("The") and len(text) > len("The") + 10
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if r["event"] == "step")
+    for key in ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "memory_bytes"):
+        assert key in step and math.isfinite(step[key]), key
+    assert any(r["event"] == "eval" and "val_loss" in r for r in records)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_path):
+    Trainer(tiny_recipe(sample_pipeline, tmp_path / "straight"), CPU).fit()
+    straight = step_losses(tmp_path / "straight")
+
+    interrupted_dir = tmp_path / "interrupted"
+    first = Trainer(tiny_recipe(sample_pipeline, interrupted_dir), CPU)
+
+    def stop_at_half(kind, data):
+        if kind == "step" and data["step"] == 4:
+            first.stop_requested = True  # what SIGINT/SIGTERM do
+
+    first.on_event = stop_at_half
+    result = first.fit()
+    assert result.interrupted and result.final_step == 4
+    assert [step for step, _ in list_checkpoints(interrupted_dir)] == [4]
+    Trainer(tiny_recipe(sample_pipeline, interrupted_dir), CPU).fit(resume="auto")
+    resumed = step_losses(interrupted_dir)
+    assert sorted(resumed) == list(range(1, 9))
+    assert resumed == straight  # exact float equality, step for step
+    final = read_state_dict(list_checkpoints(interrupted_dir)[-1][1])
+    reference = read_state_dict(list_checkpoints(tmp_path / "straight")[-1][1])
+    assert all(torch.equal(final[name], reference[name]) for name in reference)
+
+
+def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeline, tmp_path):
+    trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=6), CPU)
+    events = []
+    trainer.on_event = lambda kind, data: events.append((kind, data))
+    calls = {"n": 0}
+
+    def poison_third_step(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in (5, 6) else grad  # both micro-batches of step 3
+
+    trainer.model.model.layers[0].mlp.down_proj.weight.register_hook(poison_third_step)
+    result = trainer.fit()
+    skipped = [data for kind, data in events if kind == "skipped"]
+    assert [data["step"] for data in skipped] == [3]
+    assert result.skipped_steps == 1 and result.final_step == 6
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    losses = step_losses(tmp_path)
+    assert all(math.isfinite(losses[step]) for step in (4, 5, 6))
+    record = next(
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"skipped"' in line
+    )
+    assert record["step"] == 3
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_cpu(sample_pipeline, tmp_path, precision):
+    trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=3, precision=precision), CPU)
+    seen = []
+    trainer.model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    result = trainer.fit()
+    assert seen[0] == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert all(math.isfinite(loss) for loss in step_losses(tmp_path).values())
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert result.checkpoint is not None
+    assert read_state_dict(result.checkpoint)["lm_head.weight"].dtype == torch.float32  # fp32 master weights
+
+
+def test_activation_checkpointing_gives_the_same_losses(sample_pipeline, tmp_path):
+    Trainer(tiny_recipe(sample_pipeline, tmp_path / "a", steps=3), CPU).fit()
+    Trainer(tiny_recipe(sample_pipeline, tmp_path / "b", steps=3, activation_checkpointing=True), CPU).fit()
+    a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
+
+
+def test_tokenizer_mismatch_is_an_error_at_train_start(sample_pipeline, tmp_path):
+    other = tmp_path / "other.model"
+    other.write_bytes(sample_pipeline["tokenizer"].read_bytes())
+    from llmctl.data.tokenizer import train_tokenizer
+
+    train_tokenizer(sample_pipeline["corpus"], tmp_path / "tok", 512)
+    recipe = tiny_recipe(sample_pipeline, tmp_path / "run")
+    recipe.data.tokenizer = str(tmp_path / "tok" / "tokenizer.model")
+    with pytest.raises(UserError, match="tokenizer mismatch"):
+        Trainer(recipe, CPU)
+
+
+def test_checkpoints_are_pruned_to_keep_last(sample_pipeline, tmp_path):
+    recipe = tiny_recipe(sample_pipeline, tmp_path, steps=6)
+    recipe.checkpoint.every, recipe.checkpoint.keep_last = 2, 2
+    Trainer(recipe, CPU).fit()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 6]
+    assert not list(tmp_path.glob("checkpoints/.*"))
+
+
+def test_schedules():
+    cosine = ScheduleSection(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 100, 1.0, cosine) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, cosine) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, cosine) == pytest.approx(0.1)
+    assert lr_at(55, 100, 1.0, cosine) == pytest.approx(0.55)
+    linear = ScheduleSection(kind="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(50, 100, 1.0, linear) == pytest.approx(0.5)
+    wsd = ScheduleSection(kind="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_at(79, 100, 1.0, wsd) == 1.0
+    assert lr_at(90, 100, 1.0, wsd) == pytest.approx(0.5)
+    assert lr_at(0, 100, 1.0, ScheduleSection(kind="constant", warmup_steps=0)) == 1.0
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.recipe import OptimSection
+
+    model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, tie_embeddings=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = parameter_groups(model, OptimSection(weight_decay=0.1))
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.weight",
+    }
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decay, _ = parameter_groups(model, OptimSection(decay_embeddings=True))
+    assert "model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
