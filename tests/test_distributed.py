@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import tomli_w
+import torch
 
 from llmctl.checkpoint import list_checkpoints
 from llmctl.model.hf_format import read_state_dict
