@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from llmctl.model.config import ModelConfig
 from llmctl.model.kv_cache import KVCache
 from llmctl.model.layers import Block, RMSNorm, rotary_tables
+from llmctl.model.loss import linear_cross_entropy
 
 
 class Decoder(nn.Module):
@@ -79,11 +80,16 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Logits (batch, seq, vocab).
+        targets: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (batch, seq, vocab); with `targets`, (loss, cross-entropy) from the fused LM-head loss.
 
         attention_mask: (batch, cached + seq) with 1 for real tokens and 0 for padding, when padding exists.
         position_ids: (batch, seq); defaults to consecutive positions after what the cache holds.
+        targets: (batch, seq) next-token ids, -100 where no loss is wanted. The loss is computed inside
+        forward so that FSDP's hooks gather the LM head for it.
         """
         seq = input_ids.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
@@ -104,7 +110,12 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(
+                x, self.lm_head.weight, targets, label_smoothing=label_smoothing, z_loss=z_loss
+            )
+        return self.lm_head(x)
 
     @staticmethod
     def _attention_mask(

@@ -25,6 +25,7 @@ from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model import Transformer
 from llmctl.recipe import Recipe
+from llmctl.runtime import keep_freed_memory
 from llmctl.train.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -32,7 +33,6 @@ from llmctl.train.distributed import (
     any_rank,
     wrap_model,
 )
-from llmctl.train.loss import language_model_loss
 from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
 from llmctl.train.plan import grad_accum_steps, resolve_strategy
@@ -72,6 +72,8 @@ class Trainer:
         self.skipped_steps = 0
 
         torch.manual_seed(recipe.train.seed)
+        if context.device.type == "cpu":
+            keep_freed_memory()
         if context.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -202,9 +204,11 @@ class Trainer:
             inputs = inputs.to(self.context.device, non_blocking=True)
             targets = targets.to(self.context.device, non_blocking=True)
             with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
-                logits = self.forward(inputs)
-                loss, cross_entropy = language_model_loss(
-                    logits, targets, self.recipe.train.label_smoothing, self.recipe.train.z_loss
+                loss, cross_entropy = self.forward(
+                    inputs,
+                    targets=targets,
+                    label_smoothing=self.recipe.train.label_smoothing,
+                    z_loss=self.recipe.train.z_loss,
                 )
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += cross_entropy
@@ -235,7 +239,7 @@ class Trainer:
         for inputs, targets in self.val_batches:
             inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
             with self._autocast():
-                _, cross_entropy = language_model_loss(self.forward(inputs), targets)
+                _, cross_entropy = self.forward(inputs, targets=targets)
             total += torch.tensor(
                 [float(cross_entropy) * targets.numel(), targets.numel()], device=total.device
             )
