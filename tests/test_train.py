@@ -135,7 +135,9 @@ def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeli
 def test_mixed_precision_paths_run_on_cpu(sample_pipeline, tmp_path, precision):
     trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=3, precision=precision), CPU)
     seen = []
-    trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
     result = trainer.fit()
     assert seen[0] == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert all(math.isfinite(loss) for loss in step_losses(tmp_path).values())

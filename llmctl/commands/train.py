@@ -43,18 +43,26 @@ def train(
             forwarded += ["--resume", resume]
         raise typer.Exit(launch_torchrun(nproc, nnodes, node_rank, rdzv_endpoint, forwarded))
 
-    from llmctl.commands.train_report import TrainingConsole
     from llmctl.train.distributed import init_distributed, shutdown_distributed
-    from llmctl.train.trainer import Trainer
 
     context = init_distributed(recipe.train.device, recipe.distributed.backend)
     try:
-        console = TrainingConsole(recipe, enabled=context.is_main)
-        trainer = Trainer(recipe, context, on_event=console.on_event)
-        console.start(trainer)
-        result = trainer.fit(resume=resume)
-        console.finish(result)
+        result = _run(recipe, context, resume)
     finally:
         shutdown_distributed()
     if result.interrupted:
         sys.exit(130)
+
+
+def _run(recipe, context, resume: str | None):
+    """Own the trainer in this frame only: its DDP reducer must be freed before the process group is
+    destroyed (freeing it afterwards joins gloo's worker thread while holding the GIL: a deadlock)."""
+    from llmctl.commands.train_report import TrainingConsole
+    from llmctl.train.trainer import Trainer
+
+    console = TrainingConsole(recipe, enabled=context.is_main)
+    trainer = Trainer(recipe, context, on_event=console.on_event)
+    console.start(trainer)
+    result = trainer.fit(resume=resume)
+    console.finish(result)
+    return result

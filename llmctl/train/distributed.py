@@ -55,6 +55,7 @@ def init_distributed(device_request: str, backend: str) -> DistributedContext:
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still has collectives in flight
         dist.destroy_process_group()
 
 

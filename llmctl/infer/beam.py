@@ -1,0 +1,123 @@
+"""Beam search: length penalty, early stopping, n-best output, and diverse (grouped) beam search.
+
+Hypotheses are scored as sum of log-probabilities / generated_length ** length_penalty, the convention of
+Hugging Face `generate(num_beams=...)`, whose output this reproduces token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmctl.infer.generate import fit_prompt
+from llmctl.model import Transformer
+
+NEG_INF = -1.0e9
+
+
+@dataclass
+class Hypothesis:
+    ids: list[int]  # generated ids, a final stop id included
+    score: float  # length-penalised
+
+
+@dataclass
+class BeamParams:
+    num_beams: int = 4
+    max_new_tokens: int = 32
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    num_return_sequences: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_beams % self.num_beam_groups:
+            raise ValueError("num_beams must be a multiple of num_beam_groups")
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError("num_return_sequences cannot exceed num_beams")
+
+
+class _Group:
+    """The running beams and finished hypotheses of one beam group."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.scores = torch.full((size,), NEG_INF)
+        self.scores[0] = 0.0  # all beams start identical: expand only the first at step one
+        self.sequences: list[list[int]] = [[] for _ in range(size)]
+        self.finished: list[Hypothesis] = []
+        self.improvable = True
+
+    def full(self) -> bool:
+        return len(self.finished) >= self.size
+
+    def worst_finished(self) -> float:
+        return min(h.score for h in self.finished) if self.full() else NEG_INF
+
+    def step(
+        self, log_probs: torch.Tensor, generated: int, last: bool, params: BeamParams
+    ) -> tuple[list[int], list[int]]:
+        """Choose the next beams from (size, vocab) log-probs; returns (parent beam, token) per new beam."""
+        vocab = log_probs.shape[-1]
+        totals = (log_probs + self.scores[:, None]).reshape(-1)
+        keep = (len(params.stop_token_ids) + 1) * self.size
+        top_scores, top_index = torch.topk(totals, keep)
+        parents, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()
+        hits = [last or token in params.stop_token_ids for token in tokens]
+        accept_finished = self.improvable and not (params.early_stopping and self.full())
+        if accept_finished:
+            for rank in range(self.size):  # only candidates among the top `size` may finish
+                if hits[rank]:
+                    score = float(top_scores[rank]) / generated**params.length_penalty
+                    self.finished.append(Hypothesis(self.sequences[parents[rank]] + [tokens[rank]], score))
+            self.finished = sorted(self.finished, key=lambda h: -h.score)[: self.size]
+        running = [rank for rank in range(keep) if not hits[rank]][: self.size]
+        while len(running) < self.size:  # every candidate finished (last step): keep shapes, nothing runs on
+            running.append(running[-1] if running else 0)
+        self.scores = torch.tensor([float(top_scores[r]) if not hits[r] else NEG_INF for r in running])
+        self.sequences = [self.sequences[parents[r]] + [tokens[r]] for r in running]
+        return [parents[r] for r in running], [tokens[r] for r in running]
+
+    def update_improvable(self, generated: int, params: BeamParams) -> None:
+        best_running = float(self.scores.max()) / generated**params.length_penalty
+        self.improvable = self.improvable and best_running > self.worst_finished()
+
+    def done(self, params: BeamParams) -> bool:
+        return not self.improvable or (params.early_stopping and self.full())
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, prompt_ids: list[int], params: BeamParams) -> list[Hypothesis]:
+    """The `num_return_sequences` best hypotheses, best first."""
+    context = model.config.max_seq_len
+    prompt_ids = fit_prompt(prompt_ids, context)
+    budget = min(params.max_new_tokens, context - len(prompt_ids))
+    device = model.lm_head.weight.device
+    group_size = params.num_beams // params.num_beam_groups
+    groups = [_Group(group_size) for _ in range(params.num_beam_groups)]
+    cache = model.new_kv_cache(batch_size=1, max_len=len(prompt_ids) + budget)
+    logits = model(torch.tensor([prompt_ids], device=device), kv_cache=cache)[:, -1]
+    cache.reorder(torch.zeros(params.num_beams, dtype=torch.long, device=device))
+    logits = logits.expand(params.num_beams, -1)
+    for generated in range(1, budget + 1):
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        chosen_this_step = torch.zeros(log_probs.shape[-1])
+        parents, tokens = [], []
+        for index, group in enumerate(groups):
+            rows = slice(index * group_size, (index + 1) * group_size)
+            # Hamming diversity: tokens earlier groups picked at this step cost diversity_penalty each
+            group_log_probs = log_probs[rows] - params.diversity_penalty * chosen_this_step
+            group_parents, group_tokens = group.step(group_log_probs, generated, generated == budget, params)
+            parents += [index * group_size + parent for parent in group_parents]
+            tokens += group_tokens
+            chosen_this_step.index_add_(0, torch.tensor(group_tokens), torch.ones(len(group_tokens)))
+            group.update_improvable(generated, params)
+        if all(group.done(params) for group in groups) or generated == budget:
+            break
+        cache.reorder(torch.tensor(parents, device=device))
+        logits = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache)[:, -1]
+    finished = sorted((h for group in groups for h in group.finished), key=lambda h: -h.score)
+    return finished[: params.num_return_sequences]
