@@ -57,3 +57,21 @@ def sample_pipeline(tmp_path_factory) -> dict[str, Path]:
     train_tokenizer(corpus, tokenizer, vocab_size=1024)
     encode_corpus(corpus, tokenizer / "tokenizer.model", tokens)
     return {"root": root, "corpus": corpus, "tokenizer": tokenizer / "tokenizer.model", "tokens": tokens}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(sample_pipeline, tmp_path_factory) -> Path:
+    """A small random model with the sample tokenizer, saved as a servable checkpoint."""
+    import torch
+
+    from llmctl.checkpoint import save_checkpoint
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.model.hf_format import export_state_dict
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=1024, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128, max_seq_len=128
+    )
+    model = Transformer(config)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_checkpoint(path, config, export_state_dict(model), tokenizer=sample_pipeline["tokenizer"])

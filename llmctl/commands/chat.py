@@ -1,5 +1,68 @@
-"""`llmctl chat`: Interactive chat with a checkpoint."""
+"""`llmctl chat [CKPT]`: talk to a checkpoint in a Textual app, or line by line with --plain or a pipe."""
 
-from llmctl.commands.placeholder import placeholder_app
+from __future__ import annotations
 
-app = placeholder_app("chat", "Interactive chat with a checkpoint")
+import sys
+
+import typer
+
+app = typer.Typer()
+
+
+@app.command(name="chat")
+def chat(
+    checkpoint: str | None = typer.Argument(
+        None, help="Checkpoint directory (default: the newest under runs/)."
+    ),
+    plain: bool = typer.Option(
+        False, "--plain", help="Line-based REPL (automatic when stdin is not a terminal)."
+    ),
+    system: str | None = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, min=0.0, max=2.0),
+    max_tokens: int = typer.Option(256, min=1),
+) -> None:
+    """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
+    from llmctl.checkpoint import TOKENIZER_FILE, open_model
+    from llmctl.commands.model_args import resolve_checkpoint
+    from llmctl.data.tokenizer import Tokenizer
+    from llmctl.infer.chat_session import ChatSession, ChatSettings
+
+    path = resolve_checkpoint(checkpoint)
+    session = ChatSession(
+        open_model(path),
+        Tokenizer(path / TOKENIZER_FILE),
+        system=system,
+        settings=ChatSettings(temperature=temperature, max_tokens=max_tokens),
+    )
+    if plain or not sys.stdin.isatty():
+        run_plain(session)
+        return
+    try:
+        from llmctl.tui.chat import ChatApp
+    except ImportError as error:
+        from llmctl.errors import UserError
+
+        raise UserError(
+            f"the chat UI needs the tui extra ({error.name} is missing): pip install 'llmctl[tui]', or use --plain"
+        ) from None
+    ChatApp(session, str(path)).run()
+
+
+def run_plain(session) -> None:
+    """One reply per input line; slash commands are answered on a line of their own."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            print(session.command(text), flush=True)
+            continue
+        for delta in session.reply(text):
+            print(delta, end="", flush=True)
+        print(flush=True)

@@ -1,5 +1,47 @@
-"""`llmctl serve`: OpenAI-compatible HTTP API."""
+"""`llmctl serve [CKPT | NAME=CKPT ...]`: an OpenAI-compatible HTTP API with continuous batching."""
 
-from llmctl.commands.placeholder import placeholder_app
+from __future__ import annotations
 
-app = placeholder_app("serve", "OpenAI-compatible HTTP API")
+from pathlib import Path
+
+import typer
+
+app = typer.Typer()
+
+
+@app.command(name="serve")
+def serve(
+    models: list[str] = typer.Argument(
+        None, help="Checkpoints, optionally named: A=runs/a/... (default: newest under runs/)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    api_key: str | None = typer.Option(
+        None, envvar="LLMCTL_API_KEY", help="Require 'Authorization: Bearer KEY'."
+    ),
+    max_concurrency: int = typer.Option(64, min=1, help="Requests in flight before answering 429."),
+    max_batch: int = typer.Option(16, min=1, help="Requests decoded together per step, per model."),
+    route: list[str] = typer.Option([], help="Weighted alias for A/B tests: stable=A:0.9,B:0.1."),
+) -> None:
+    """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
+    from llmctl.commands.model_args import parse_models, parse_routes
+    from llmctl.errors import UserError
+    from llmctl.infer.served import load_served_model
+
+    try:
+        import uvicorn
+
+        from llmctl.infer.server import create_app
+    except ImportError as error:
+        raise UserError(
+            f"llmctl serve needs the serve extra ({error.name} is missing): pip install 'llmctl[serve]'"
+        ) from None
+    named = parse_models(models)
+    routes = parse_routes(route, set(named))
+    served = {}
+    for name, path in named.items():
+        served[name] = load_served_model(name, Path(path), max_batch=max_batch)
+        typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
+    application = create_app(served, routes=routes, api_key=api_key, max_concurrency=max_concurrency)
+    typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

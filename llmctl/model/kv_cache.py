@@ -51,3 +51,70 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    @classmethod
+    def view_of(cls, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> KVCache:
+        """A cache over existing buffers (e.g. one row of a SlotKVCache), starting empty."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.max_len, cache.length = keys, values, max_len, 0
+        return cache
+
+
+class SlotKVCache:
+    """Per-row positions for continuous batching: each slot holds one request at its own length.
+
+    Active requests occupy slots [0, active); a finished request's slot is refilled by moving the last
+    active one into it, so a decode step always runs on a contiguous prefix of rows without copying.
+    Prefill goes through `row(slot)`, a one-row KVCache over the same storage.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        slots: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (slots, n_kv_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.active = 0
+
+    def row(self, slot: int) -> KVCache:
+        rows = slice(slot, slot + 1)
+        return KVCache.view_of([k[rows] for k in self.keys], [v[rows] for v in self.values], self.max_len)
+
+    def positions_and_mask(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (batch, 1) and the keys each row may see, (batch, 1, 1, longest + 1)."""
+        lengths = self.lengths[:batch]
+        span = int(lengths.max()) + 1
+        if span > self.max_len:
+            raise ValueError(f"a request reached the cache's {self.max_len} positions")
+        keys = torch.arange(span, device=lengths.device)[None, :]
+        return lengths[:, None], (keys <= lengths[:, None])[:, None, None, :]
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = keys.shape[0]
+        rows = torch.arange(batch, device=keys.device)
+        positions = self.lengths[:batch]
+        self.keys[layer][rows, :, positions] = keys[:, :, 0]
+        self.values[layer][rows, :, positions] = values[:, :, 0]
+        span = int(positions.max()) + 1
+        return self.keys[layer][:batch, :, :span], self.values[layer][:batch, :, :span]
+
+    def advance(self, n_tokens: int) -> None:
+        self.lengths[: self.active] += n_tokens
+
+    def move(self, source: int, target: int) -> None:
+        length = int(self.lengths[source])
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target, :, :length] = layer[source, :, :length]
+        self.lengths[target] = length

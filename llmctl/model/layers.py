@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.model.config import ModelConfig
-from llmctl.model.kv_cache import KVCache
+from llmctl.model.kv_cache import KVCache, SlotKVCache
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        kv_cache: KVCache | None,
+        kv_cache: KVCache | SlotKVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
@@ -105,7 +105,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        kv_cache: KVCache | None,
+        kv_cache: KVCache | SlotKVCache | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.model.config import ModelConfig
-from llmctl.model.kv_cache import KVCache
+from llmctl.model.kv_cache import KVCache, SlotKVCache
 from llmctl.model.layers import Block, RMSNorm, rotary_tables
 from llmctl.model.loss import linear_cross_entropy
 
@@ -61,9 +61,13 @@ class Transformer(nn.Module):
             else:
                 param.normal_(0.0, std)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, slots: bool = False
+    ) -> KVCache | SlotKVCache:
+        """A static cache; `slots=True` gives per-row positions for continuous batching."""
         weight = self.model.embed_tokens.weight
-        return KVCache(
+        kind = SlotKVCache if slots else KVCache
+        return kind(
             self.config.n_layer,
             batch_size,
             self.config.kv_heads,
@@ -79,7 +83,7 @@ class Transformer(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SlotKVCache | None = None,
         targets: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
@@ -92,15 +96,18 @@ class Transformer(nn.Module):
         forward so that FSDP's hooks gather the LM head for it.
         """
         seq = input_ids.shape[1]
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + seq > self.config.max_seq_len:
-            raise ValueError(
-                f"{start + seq} tokens exceed the model's context of {self.config.max_seq_len} tokens"
-            )
-        if position_ids is None:
-            position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0)
+        if isinstance(kv_cache, SlotKVCache):  # one decode step of a continuous batch
+            position_ids, mask = kv_cache.positions_and_mask(input_ids.shape[0])
+        else:
+            start = kv_cache.length if kv_cache is not None else 0
+            if start + seq > self.config.max_seq_len:
+                raise ValueError(
+                    f"{start + seq} tokens exceed the model's context of {self.config.max_seq_len} tokens"
+                )
+            if position_ids is None:
+                position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0)
+            mask = self._attention_mask(start, seq, attention_mask, input_ids.device)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        mask = self._attention_mask(start, seq, attention_mask, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
         for block in self.model.layers:

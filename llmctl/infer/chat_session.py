@@ -1,0 +1,111 @@
+"""A chat conversation with a checkpoint: history, the chat template, slash commands and streamed replies.
+
+Shared by the Textual app and the plain line-based REPL, so both behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llmctl.data.chat import END, Message, render_chat
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.infer.generate import generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.text import stream_text
+from llmctl.model import Transformer
+
+SETTABLE = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "max_tokens": int,
+    "repetition_penalty": float,
+}
+HELP = "commands: /reset, /system TEXT, /set NAME VALUE (" + ", ".join(SETTABLE) + "), /save FILE, /help"
+
+
+@dataclass
+class ChatSettings:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50
+    min_p: float = 0.0
+    max_tokens: int = 256
+    repetition_penalty: float = 1.1
+
+
+@dataclass
+class ChatSession:
+    model: Transformer
+    tokenizer: Tokenizer
+    system: str | None = None
+    settings: ChatSettings = field(default_factory=ChatSettings)
+    history: list[Message] = field(default_factory=list)
+    last_tokens_per_second: float = 0.0
+
+    def messages(self) -> list[Message]:
+        return ([Message("system", self.system)] if self.system else []) + self.history
+
+    def command(self, line: str) -> str:
+        """Run a slash command; returns what to show the user."""
+        name, _, argument = line[1:].partition(" ")
+        argument = argument.strip()
+        if name == "reset":
+            self.history.clear()
+            return "conversation cleared"
+        if name == "system":
+            self.system = argument or None
+            return f"system prompt set to {argument!r}" if argument else "system prompt cleared"
+        if name == "set":
+            key, _, value = argument.partition(" ")
+            if key not in SETTABLE:
+                return f"cannot set {key!r}; settable: {', '.join(SETTABLE)}"
+            try:
+                setattr(self.settings, key, SETTABLE[key](value))
+            except ValueError:
+                return f"{key} needs a {SETTABLE[key].__name__}, got {value!r}"
+            return f"{key} = {getattr(self.settings, key)}"
+        if name == "save":
+            if not argument:
+                return "usage: /save FILE"
+            record = {
+                "system": self.system,
+                "settings": asdict(self.settings),
+                "messages": [asdict(m) for m in self.history],
+            }
+            Path(argument).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            return f"saved {len(self.history)} messages to {argument}"
+        return HELP
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's reply to a user message; the finished reply joins the history."""
+        self.history.append(Message("user", text))
+        prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
+        context = self.model.config.max_seq_len
+        while len(prompt_ids) >= context - 1 and len(self.history) > 1:  # forget the oldest turns first
+            self.history.pop(0)
+            prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
+        stop_ids = (self.tokenizer.eos_id, self.tokenizer.special_ids(END))
+        params = SamplingParams(
+            max_new_tokens=self.settings.max_tokens,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            top_k=self.settings.top_k,
+            min_p=self.settings.min_p,
+            repetition_penalty=self.settings.repetition_penalty,
+            stop_token_ids=stop_ids,
+        )
+        started, produced, parts = time.perf_counter(), 0, []
+        ids = generate_ids(self.model, prompt_ids, params)
+        for chunk in stream_text(self.tokenizer, prompt_ids, ids, stop_token_ids=stop_ids):
+            produced += chunk.token_id is not None
+            if chunk.text:
+                parts.append(chunk.text)
+                yield chunk.text
+        self.last_tokens_per_second = produced / max(time.perf_counter() - started, 1e-9)
+        self.history.append(Message("assistant", "".join(parts)))

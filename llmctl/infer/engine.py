@@ -1,0 +1,177 @@
+"""A continuous-batching generation engine: requests join and leave the running batch at token boundaries,
+and one model forward per decode step serves every active request.
+
+The engine runs in its own thread; callers submit prompts with a callback that receives each new token id
+and, last, a finish reason. A server bridges the callback into asyncio; tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llmctl.infer.generate import fit_prompt
+from llmctl.infer.sampling import SamplingParams, sample_next
+from llmctl.model import Transformer
+
+# on_token(token_id, finish_reason): token_id is None only on the final call; finish_reason is None
+# until the request ends with "stop" (a stop id), "length" (max tokens or context) or "cancelled".
+TokenCallback = Callable[[int | None, str | None], None]
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts."""
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: TokenCallback
+    submitted: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    history: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Safe from any thread: the engine frees the slot at the next token boundary."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 256) -> None:
+        self.model = model.eval()
+        self.device = model.lm_head.weight.device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = model.new_kv_cache(max_batch, slots=True)
+        self.slots: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self.ids = itertools.count()
+        self.wakeup = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.decode_steps = 0
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_seq_len
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def active(self) -> int:
+        return len(self.slots)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_token: TokenCallback) -> Request:
+        prompt_ids = fit_prompt(prompt_ids, self.context)  # raises PromptTooLong before anything is queued
+        request = Request(next(self.ids), prompt_ids, params, on_token)
+        with self.wakeup:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self.wakeup.notify()
+        return request
+
+    def start(self) -> Engine:
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="llmctl-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.running = False
+            self.wakeup.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    # -- the loop (engine thread only) ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while self.running and not self.waiting and not self.slots:
+                    self.wakeup.wait()
+                if not self.running:
+                    break
+            self._admit()
+            if self.slots:
+                self._decode_step()
+        for request in [*self.slots, *self.waiting]:
+            request.on_token(None, "cancelled")
+
+    @torch.inference_mode()
+    def _admit(self) -> None:
+        while len(self.slots) < self.max_batch:
+            with self.wakeup:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.on_token(None, "cancelled")
+                continue
+            slot = len(self.slots)
+            ids = torch.tensor([request.prompt_ids], device=self.device)
+            logits = self.model(ids, kv_cache=self.cache.row(slot))[:, -1]
+            self.cache.lengths[slot] = len(request.prompt_ids)
+            request.history = ids
+            if request.params.seed is not None:
+                request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+            self.slots.append(request)
+            self.cache.active = len(self.slots)
+            self._emit(slot, logits)
+            self._retire_finished()
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        last = torch.tensor([[request.generated[-1]] for request in self.slots], device=self.device)
+        logits = self.model(last, kv_cache=self.cache)[:, -1]
+        self.decode_steps += 1
+        for slot in range(len(self.slots)):
+            self._emit(slot, logits[slot : slot + 1])
+        self._retire_finished()
+
+    def _emit(self, slot: int, logits: torch.Tensor) -> None:
+        request = self.slots[slot]
+        if request.cancelled:
+            return
+        token = sample_next(logits, request.params, request.history, request.generator)
+        request.history = torch.cat([request.history, token[:, None]], dim=1)
+        token_id = int(token)
+        request.generated.append(token_id)
+        request.on_token(token_id, None)
+
+    def _finish_reason(self, slot: int) -> str | None:
+        request = self.slots[slot]
+        if request.cancelled:
+            return "cancelled"
+        if request.generated and request.generated[-1] in request.params.stop_token_ids:
+            return "stop"
+        if len(request.generated) >= request.params.max_new_tokens:
+            return "length"
+        if int(self.cache.lengths[slot]) + 1 >= self.context:
+            return "length"
+        return None
+
+    def _retire_finished(self) -> None:
+        slot = 0
+        while slot < len(self.slots):
+            reason = self._finish_reason(slot)
+            if reason is None:
+                slot += 1
+                continue
+            self.slots[slot].on_token(None, reason)
+            last = len(self.slots) - 1
+            if slot != last:  # keep active requests in a contiguous prefix of rows
+                self.cache.move(last, slot)
+                self.slots[slot] = self.slots[last]
+            self.slots.pop()
+            self.cache.active = len(self.slots)

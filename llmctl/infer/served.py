@@ -1,0 +1,101 @@
+"""A model ready to serve: weights, tokenizer and a running continuous-batching engine, loaded up front."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmctl.checkpoint import TOKENIZER_FILE, open_model
+from llmctl.data.chat import END
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.errors import UserError
+from llmctl.infer.engine import Engine
+from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.text import IncrementalDecoder, StopStrings, TextChunk
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    engine: Engine
+    tokenizer: Tokenizer
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
+
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        return (self.tokenizer.eos_id, self.tokenizer.special_ids(END))
+
+
+def load_served_model(name: str, path: Path, max_batch: int = 16, max_queue: int = 256) -> ServedModel:
+    """Load and start; a checkpoint that cannot be served is a UserError now, not at the first request."""
+    path = Path(path)
+    model = open_model(path)
+    if not (path / TOKENIZER_FILE).is_file():
+        raise UserError(f"cannot serve {path}: it has no {TOKENIZER_FILE} (train with data.tokenizer set)")
+    tokenizer = Tokenizer(path / TOKENIZER_FILE)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"cannot serve {path}: tokenizer has {tokenizer.vocab_size} pieces, model {model.config.vocab_size}"
+        )
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue).start()
+    return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
+
+
+@dataclass
+class Completion:
+    """Filled in as the stream runs: what the caller reports as usage and finish reason."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+
+async def stream_completion(
+    served: ServedModel,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    stop_strings: list[str],
+    record: Completion,
+) -> AsyncIterator[TextChunk]:
+    """Text deltas of one request. Leaving the iterator early (a client disconnect) frees the engine slot."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def deliver(token: int | None, finish: str | None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    request = served.engine.submit(prompt_ids, params, deliver)
+    decoder = IncrementalDecoder(served.tokenizer, prompt_ids)
+    stops = StopStrings(stop_strings)
+    try:
+        while True:
+            token, finish = await queue.get()
+            if token is not None:
+                record.completion_tokens += 1
+                if record.first_token_at is None:
+                    record.first_token_at = time.perf_counter()
+                if token not in params.stop_token_ids:
+                    text, hit = stops.feed(decoder.push(token))
+                    if hit:
+                        record.finish_reason = "stop"
+                        yield TextChunk(text, token, "stop")
+                        return
+                    if text:
+                        yield TextChunk(text, token)
+            if finish is not None:
+                record.finish_reason = "stop" if finish == "stop" else "length"
+                yield TextChunk(stops.flush(), None, record.finish_reason)
+                return
+    finally:
+        request.cancel()

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the API server, labelled by served model."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    def __init__(self, models: dict) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llmctl_requests",
+            "Completed API requests",
+            ["model", "endpoint", "finish_reason"],
+            registry=self.registry,
+        )
+        self.rejected_requests = Counter(
+            "llmctl_rejected_requests", "Requests refused with 429", ["model"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "llmctl_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry
+        )
+        self.generated_tokens = Counter(
+            "llmctl_generated_tokens", "Tokens generated", ["model"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "llmctl_request_latency_seconds",
+            "Request latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "llmctl_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        queue = Gauge(
+            "llmctl_queue_depth", "Requests waiting for a batch slot", ["model"], registry=self.registry
+        )
+        active = Gauge(
+            "llmctl_active_requests", "Requests in the running batch", ["model"], registry=self.registry
+        )
+        for name, served in models.items():
+            queue.labels(name).set_function(served.engine.queue_depth)
+            active.labels(name).set_function(served.engine.active)
+
+    def rejected(self, model: str) -> None:
+        self.rejected_requests.labels(model).inc()
+
+    def finished(self, model: str, endpoint: str, records: list, seconds: float, started: float) -> None:
+        for record in records:
+            self.requests.labels(model, endpoint, record.finish_reason or "cancelled").inc()
+            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+            self.generated_tokens.labels(model).inc(record.completion_tokens)
+            if record.first_token_at is not None:
+                self.ttft.labels(model).observe(record.first_token_at - started)
+        self.latency.labels(model).observe(seconds)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()

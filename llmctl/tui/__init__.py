@@ -1,0 +1,1 @@
+"""Textual apps: the chat UI (and, later, the training monitor)."""

@@ -1,0 +1,84 @@
+"""`llmctl chat`: the Textual app under its pilot, and the plain REPL from a pipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmctl.checkpoint import TOKENIZER_FILE, open_model
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.infer.chat_session import ChatSession, ChatSettings
+
+
+def session_for(checkpoint) -> ChatSession:
+    return ChatSession(
+        open_model(checkpoint),
+        Tokenizer(checkpoint / TOKENIZER_FILE),
+        settings=ChatSettings(temperature=0.0, max_tokens=12),
+    )
+
+
+def test_plain_mode_from_a_pipe_prints_one_reply(tiny_checkpoint):
+    expected = "".join(session_for(tiny_checkpoint).reply("hello"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmctl",
+            "chat",
+            str(tiny_checkpoint),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_plain_mode_commands(tiny_checkpoint, tmp_path):
+    saved = tmp_path / "chat.json"
+    script = f"/set temperature 0\n/set top_k many\n/system Be brief.\nhi\n/save {saved}\n/reset\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "llmctl", "chat", str(tiny_checkpoint), "--plain", "--max-tokens", "5"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "temperature = 0.0" and lines[1] == "top_k needs a int, got 'many'"
+    assert lines[2] == "system prompt set to 'Be brief.'" and lines[-1] == "conversation cleared"
+    record = json.loads(saved.read_text())
+    assert record["system"] == "Be brief." and [m["role"] for m in record["messages"]] == [
+        "user",
+        "assistant",
+    ]
+
+
+async def test_textual_app_sends_a_message_and_shows_the_streamed_reply(tiny_checkpoint):
+    pytest.importorskip("textual")
+    from llmctl.tui.chat import Bubble, ChatApp
+
+    session = session_for(tiny_checkpoint)
+    app = ChatApp(session, "tiny")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.click("#prompt")
+        await pilot.press(*"hello", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        bubbles = app.query(Bubble)
+        assert [b.classes for b in bubbles][:1] == [frozenset({"user"})]
+        reply = session.history[-1].content
+        assert session.history[-1].role == "assistant"
+        shown = str(bubbles[-1].render())
+        assert shown == (reply or "(empty reply)")
+        assert "tokens/s" in str(app.query_one("#status").render())
