@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -70,10 +71,8 @@ async def stream_completion(
     queue: asyncio.Queue = asyncio.Queue()
 
     def deliver(token: int | None, finish: str | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
             loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            pass
 
     request = served.engine.submit(prompt_ids, params, deliver)
     decoder = IncrementalDecoder(served.tokenizer, prompt_ids)

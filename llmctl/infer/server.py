@@ -115,9 +115,9 @@ def create_app(
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return OpenAIError(401, "invalid or missing API key", code="invalid_api_key").response()
+        authorized = request.headers.get("authorization", "") == f"Bearer {api_key}"
+        if api_key and request.url.path.startswith("/v1/") and not authorized:
+            return OpenAIError(401, "invalid or missing API key", code="invalid_api_key").response()
         return await call_next(request)
 
     def resolve(name: str) -> ServedModel:
