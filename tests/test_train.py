@@ -135,7 +135,7 @@ def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeli
 def test_mixed_precision_paths_run_on_cpu(sample_pipeline, tmp_path, precision):
     trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=3, precision=precision), CPU)
     seen = []
-    trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(
+    trainer.model.model.layers[0].self_attn.register_forward_hook(
         lambda module, args, out: seen.append(out.dtype)
     )
     result = trainer.fit()

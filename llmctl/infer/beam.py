@@ -12,6 +12,7 @@ import torch
 
 from llmctl.infer.generate import fit_prompt
 from llmctl.model import Transformer
+from llmctl.runtime import decode_threads
 
 NEG_INF = -1.0e9
 
@@ -118,6 +119,7 @@ def beam_search(model: Transformer, prompt_ids: list[int], params: BeamParams) -
         if all(group.done(params) for group in groups) or generated == budget:
             break
         cache.reorder(torch.tensor(parents, device=device))
-        logits = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache)[:, -1]
+        with decode_threads(device):
+            logits = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache)[:, -1]
     finished = sorted((h for group in groups for h in group.finished), key=lambda h: -h.score)
     return finished[: params.num_return_sequences]

@@ -19,6 +19,7 @@ import torch
 from llmctl.infer.generate import fit_prompt
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
+from llmctl.runtime import decode_threads
 
 # on_token(token_id, finish_reason): token_id is None only on the final call; finish_reason is None
 # until the request ends with "stop" (a stop id), "length" (max tokens or context) or "cancelled".
@@ -133,7 +134,8 @@ class Engine:
     @torch.inference_mode()
     def _decode_step(self) -> None:
         last = torch.tensor([[request.generated[-1]] for request in self.slots], device=self.device)
-        logits = self.model(last, kv_cache=self.cache)[:, -1]
+        with decode_threads(self.device):
+            logits = self.model(last, kv_cache=self.cache)[:, -1]
         self.decode_steps += 1
         for slot in range(len(self.slots)):
             self._emit(slot, logits[slot : slot + 1])

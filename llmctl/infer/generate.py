@@ -13,6 +13,7 @@ import torch
 
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
+from llmctl.runtime import decode_threads
 
 
 class PromptTooLong(ValueError):
@@ -57,7 +58,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingPara
         if token in params.stop_token_ids or produced == budget - 1:
             return
         history = torch.cat([history, next_id[:, None]], dim=1)
-        logits = model(next_id[:, None], kv_cache=cache)[:, -1]
+        with decode_threads(device):
+            logits = model(next_id[:, None], kv_cache=cache)[:, -1]
 
 
 @torch.inference_mode()

@@ -12,6 +12,24 @@ from torch import nn
 from llmctl.model.config import ModelConfig
 from llmctl.model.kv_cache import KVCache, SlotKVCache
 
+SKINNY_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, taking numpy's BLAS for the skinny products of CPU decoding.
+
+    At a handful of rows a projection is memory-bound: torch's CPU sgemv/sgemm streams weights at about
+    a third of this machine's bandwidth where numpy's OpenBLAS reaches nearly all of it (see
+    benchmarks/RESULTS.md). Only when torch runs single-threaded (the decode loops set that): otherwise
+    torch's spinning OpenMP threads and OpenBLAS's fight over the cores. Training and prefill stay on torch.
+    """
+    rows = x.numel() // x.shape[-1]
+    decoding = rows <= SKINNY_ROWS and torch.get_num_threads() == 1 and not torch.is_grad_enabled()
+    if decoding and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        flat = x.reshape(rows, x.shape[-1]).numpy()
+        return torch.from_numpy(flat @ weight.detach().numpy().T).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -66,9 +84,9 @@ class Attention(nn.Module):
         kv_cache: KVCache | SlotKVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = linear(x, self.q_proj.weight).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        k = linear(x, self.k_proj.weight).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = linear(x, self.v_proj.weight).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
@@ -77,7 +95,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim))
+        return linear(
+            out.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim), self.o_proj.weight
+        )
 
 
 class MLP(nn.Module):
@@ -88,7 +108,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_size, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight)
+        return linear(hidden, self.down_proj.weight)
 
 
 class Block(nn.Module):

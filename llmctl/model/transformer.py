@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmctl.model.config import ModelConfig
 from llmctl.model.kv_cache import KVCache, SlotKVCache
-from llmctl.model.layers import Block, RMSNorm, rotary_tables
+from llmctl.model.layers import Block, RMSNorm, linear, rotary_tables
 from llmctl.model.loss import linear_cross_entropy
 
 
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
             return linear_cross_entropy(
                 x, self.lm_head.weight, targets, label_smoothing=label_smoothing, z_loss=z_loss
             )
-        return self.lm_head(x)
+        return linear(x, self.lm_head.weight)
 
     @staticmethod
     def _attention_mask(
