@@ -1,0 +1,118 @@
+"""Serving throughput: 16 concurrent streaming clients vs 1 against `llmctl serve`'s app on localhost.
+Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
+
+    .venv/bin/python benchmarks/serve.py [--clients 16] [--requests 32] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
+
+from llmctl.checkpoint import save_checkpoint  # noqa: E402
+from llmctl.data.corpus import CorpusOptions, build_corpus  # noqa: E402
+from llmctl.data.tokenizer import train_tokenizer  # noqa: E402
+from llmctl.infer.served import load_served_model  # noqa: E402
+from llmctl.infer.server import create_app  # noqa: E402
+from llmctl.model import ModelConfig, Transformer  # noqa: E402
+from llmctl.model.hf_format import export_state_dict  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["The Python tutorial", "A list comprehension", "To open a file", "Exceptions are", "The standard library"]
+
+
+def checkpoint(work: Path) -> Path:
+    sample = REPO / "data" / "sample"
+    build_corpus([str(sample / "train.jsonl")], work / "corpus", CorpusOptions())
+    train_tokenizer(work / "corpus", work / "tokenizer", 8000)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=8000, d_model=384, n_layer=6, n_head=6, max_seq_len=512)
+    model = Transformer(config)
+    return save_checkpoint(work / "ckpt", config, export_state_dict(model), tokenizer=work / "tokenizer" / "tokenizer.model")
+
+
+async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) -> tuple[float, int] | None:
+    body = {"model": "bench", "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+            "seed": index, "stream": True, "stream_options": {"include_usage": True}}
+    started, first, tokens = time.perf_counter(), None, 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return None
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - started
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        return None
+    return (first if first is not None else time.perf_counter() - started), tokens
+
+
+async def load(base: str, clients: int, requests: int, max_tokens: int) -> dict:
+    semaphore = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+
+        async def bounded(index: int):
+            async with semaphore:
+                return await one_request(client, index, max_tokens)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i) for i in range(requests)))
+        seconds = time.perf_counter() - started
+    ok = [r for r in results if r is not None]
+    ttfts = sorted(r[0] for r in ok)
+    return {
+        "tokens_per_second": sum(r[1] for r in ok) / seconds,
+        "p50_ttft": statistics.median(ttfts),
+        "p99_ttft": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "failed": len(results) - len(ok),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    served = load_served_model("bench", checkpoint(Path(tempfile.mkdtemp())), max_batch=args.clients)
+    app = create_app({"bench": served}, max_concurrency=4 * args.clients)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens))
+    many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens))
+    server.should_exit = True
+    print(f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}")
+    print(f"{'clients':>8}{'tokens/s':>12}{'p50 TTFT ms':>14}{'p99 TTFT ms':>14}{'failed':>8}")
+    for clients, result in ((1, single), (args.clients, many)):
+        print(f"{clients:>8}{result['tokens_per_second']:>12.1f}{1000 * result['p50_ttft']:>14.1f}{1000 * result['p99_ttft']:>14.1f}{result['failed']:>8}")
+    print(f"throughput ratio {args.clients} clients / 1 client: {many['tokens_per_second'] / single['tokens_per_second']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
