@@ -33,7 +33,13 @@ from llmctl.model import ModelConfig, Transformer  # noqa: E402
 from llmctl.model.hf_format import export_state_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = ["The Python tutorial", "A list comprehension", "To open a file", "Exceptions are", "The standard library"]
+PROMPTS = [
+    "The Python tutorial",
+    "A list comprehension",
+    "To open a file",
+    "Exceptions are",
+    "The standard library",
+]
 
 
 def checkpoint(work: Path) -> Path:
@@ -43,12 +49,21 @@ def checkpoint(work: Path) -> Path:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=8000, d_model=384, n_layer=6, n_head=6, max_seq_len=512)
     model = Transformer(config)
-    return save_checkpoint(work / "ckpt", config, export_state_dict(model), tokenizer=work / "tokenizer" / "tokenizer.model")
+    return save_checkpoint(
+        work / "ckpt", config, export_state_dict(model), tokenizer=work / "tokenizer" / "tokenizer.model"
+    )
 
 
 async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) -> tuple[float, int] | None:
-    body = {"model": "bench", "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
-            "seed": index, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": PROMPTS[index % len(PROMPTS)],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": index,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started, first, tokens = time.perf_counter(), None, 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -107,11 +122,17 @@ def main() -> None:
     single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens))
     many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens))
     server.should_exit = True
-    print(f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}")
+    print(
+        f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}"
+    )
     print(f"{'clients':>8}{'tokens/s':>12}{'p50 TTFT ms':>14}{'p99 TTFT ms':>14}{'failed':>8}")
     for clients, result in ((1, single), (args.clients, many)):
-        print(f"{clients:>8}{result['tokens_per_second']:>12.1f}{1000 * result['p50_ttft']:>14.1f}{1000 * result['p99_ttft']:>14.1f}{result['failed']:>8}")
-    print(f"throughput ratio {args.clients} clients / 1 client: {many['tokens_per_second'] / single['tokens_per_second']:.2f}x")
+        print(
+            f"{clients:>8}{result['tokens_per_second']:>12.1f}{1000 * result['p50_ttft']:>14.1f}{1000 * result['p99_ttft']:>14.1f}{result['failed']:>8}"
+        )
+    print(
+        f"throughput ratio {args.clients} clients / 1 client: {many['tokens_per_second'] / single['tokens_per_second']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

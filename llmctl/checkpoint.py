@@ -6,6 +6,7 @@ checkpoint that looks complete but is not.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from llmctl.model.hf_format import CONFIG_FILE, load_model, write_model_files
 RECIPE_FILE = "recipe.toml"
 TOKENIZER_FILE = "tokenizer.model"
 TRAINER_STATE_FILE = "trainer_state.pt"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -39,9 +41,27 @@ def save_checkpoint(
             (staging / RECIPE_FILE).write_text(recipe_toml)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
+            (staging / TOKENIZER_CONFIG_FILE).write_text(
+                json.dumps(hf_tokenizer_config(config), indent=2) + "\n"
+            )
         if trainer_state is not None:
             torch.save(trainer_state, staging / TRAINER_STATE_FILE)
     return Path(directory)
+
+
+def hf_tokenizer_config(config: ModelConfig) -> dict:
+    """Lets transformers' AutoTokenizer open the sentencepiece model as a Llama tokenizer."""
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": config.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
 
 
 def step_directory(run_dir: Path, step: int) -> Path:

@@ -1,5 +1,128 @@
-"""`llmctl eval`: Perplexity, BLEU/ROUGE, lm-eval tasks and the domain suite."""
+"""`llmctl eval`: perplexity, generation metrics, lm-eval tasks and suites; `eval compare`; `eval suite build`."""
 
-from llmctl.commands.placeholder import placeholder_app
+from __future__ import annotations
 
-app = placeholder_app("eval", "Perplexity, BLEU/ROUGE, lm-eval tasks and the domain suite")
+from pathlib import Path
+
+import typer
+import typer.core
+
+
+class DefaultToRun(typer.core.TyperGroup):
+    """`llmctl eval CKPT ...` runs an evaluation; `compare` and `suite` are subcommands."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        elif not args:
+            args = ["run"]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultToRun, help="Evaluate checkpoints: perplexity, generation metrics, lm-eval tasks, suites."
+)
+suite_app = typer.Typer(help="Build evaluation suites from your own data.", no_args_is_help=True)
+app.add_typer(suite_app, name="suite")
+
+
+@app.command()
+def run(
+    checkpoint: str | None = typer.Argument(
+        None, help="Checkpoint directory (default: the newest under runs/)."
+    ),
+    data: Path | None = typer.Option(
+        None,
+        help="Perplexity data (corpus dir, .jsonl, .txt); with --suite domain, the suite folder or corpus.",
+    ),
+    suite: str | None = typer.Option(None, help="'domain' or a suite .toml file."),
+    tasks: str | None = typer.Option(None, help="Comma-separated lm-eval task names."),
+    include_path: Path | None = typer.Option(None, help="Folder of local lm-eval task YAML files."),
+    limit: int | None = typer.Option(None, min=1, help="lm-eval: at most this many examples per task."),
+    window: int | None = typer.Option(None, min=2, help="Perplexity window (default: the context)."),
+    stride: int | None = typer.Option(None, min=1, help="Perplexity stride (default: half the window)."),
+    out: Path | None = typer.Option(None, help="Write every number and its configuration to this JSON file."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Evaluate a checkpoint and print a table; `--out` keeps the numbers for `llmctl eval compare`."""
+    from llmctl.commands.eval_report import print_results, write_results
+    from llmctl.commands.model_args import resolve_checkpoint
+    from llmctl.errors import UserError
+    from llmctl.evaluate.runner import Evaluator
+
+    if not (data or suite or tasks):
+        raise UserError("nothing to evaluate: pass --data FILE_OR_DIR, --suite domain|FILE or --tasks NAMES")
+    path = resolve_checkpoint(checkpoint)
+    evaluator = Evaluator(path, seed=seed)
+    results: dict = {}
+    if suite:
+        from llmctl.evaluate.suite import load_suite
+
+        suite_file = domain_suite_file(path, data) if suite == "domain" else Path(suite)
+        results.update(evaluator.run_suite(load_suite(suite_file)))
+    elif data:
+        results["perplexity"] = evaluator.perplexity(data, window, stride)
+    if tasks:
+        results.update(
+            evaluator.lm_eval([t.strip() for t in tasks.split(",") if t.strip()], include_path, limit)
+        )
+    record = evaluator.record(
+        results,
+        suite,
+        {
+            "data": str(data) if data else None,
+            "tasks": tasks,
+            "window": window,
+            "stride": stride,
+            "limit": limit,
+        },
+    )
+    print_results(record)
+    if out:
+        write_results(out, record)
+
+
+def domain_suite_file(checkpoint: Path, data: Path | None) -> Path:
+    """--data may be a built suite folder or a corpus; with neither, the corpus named in the checkpoint's recipe."""
+    from llmctl.checkpoint import RECIPE_FILE
+    from llmctl.errors import UserError
+    from llmctl.evaluate.suite import SUITE_FILE, build_domain_suite
+    from llmctl.recipe import load_recipe
+
+    if data and (data / SUITE_FILE).is_file():
+        return data / SUITE_FILE
+    corpus = data
+    if corpus is None:
+        if not (checkpoint / RECIPE_FILE).is_file():
+            raise UserError(f"{checkpoint} records no recipe, so its corpus is unknown; pass --data CORPUS")
+        named = load_recipe(checkpoint / RECIPE_FILE).data.corpus
+        if not named:
+            raise UserError(f"the recipe of {checkpoint} names no data.corpus; pass --data CORPUS")
+        corpus = Path(named)
+    suite_dir = corpus.parent / f"{corpus.name}-domain-suite"
+    if not (suite_dir / SUITE_FILE).is_file():
+        build_domain_suite(corpus, suite_dir)
+    return suite_dir / SUITE_FILE
+
+
+@app.command()
+def compare(
+    first: Path = typer.Argument(..., help="A results JSON from `llmctl eval --out`."),
+    second: Path = typer.Argument(..., help="Another results JSON."),
+) -> None:
+    """Two result files side by side, with the differences."""
+    from llmctl.commands.eval_report import print_comparison, read_results
+
+    print_comparison(first, read_results(first), second, read_results(second))
+
+
+@suite_app.command("build")
+def build_suite(
+    corpus: Path = typer.Argument(..., help="A corpus directory; its held-out split is used."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the suite (suite.toml and its data)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Create the domain suite's data (cloze and heading tasks) from your own held-out corpus."""
+    from llmctl.evaluate.suite import build_domain_suite
+
+    typer.echo(f"wrote {build_domain_suite(corpus, out, seed)}")

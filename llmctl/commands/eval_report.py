@@ -1,0 +1,68 @@
+"""Rich tables and JSON files for `llmctl eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from llmctl.errors import UserError
+from llmctl.evaluate.runner import flatten
+
+console = Console()
+
+
+def print_results(record: dict) -> None:
+    table = Table(
+        title=f"evaluation of {record['checkpoint']}"
+        + (f" (suite {record['suite']})" if record["suite"] else "")
+    )
+    for column, justify in (("task", "left"), ("metric", "left"), ("value", "right")):
+        table.add_column(column, justify=justify)
+    for (task, metric), value in flatten(record["results"]).items():
+        table.add_row(task, metric, f"{value:,.4f}")
+    console.print(table)
+
+
+def write_results(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    temporary.replace(path)
+    console.print(f"results written to {path}")
+
+
+def read_results(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        record["results"]
+    except FileNotFoundError:
+        raise UserError(f"results file not found: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is not an `llmctl eval --out` results file") from None
+    return record
+
+
+def print_comparison(first_path: Path, first: dict, second_path: Path, second: dict) -> None:
+    a, b = flatten(first["results"]), flatten(second["results"])
+    table = Table(title="evaluation comparison")
+    for column, justify in (
+        ("task", "left"),
+        ("metric", "left"),
+        (str(first_path), "right"),
+        (str(second_path), "right"),
+        ("difference", "right"),
+    ):
+        table.add_column(column, justify=justify)
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        difference = f"{right - left:+,.4f}" if left is not None and right is not None else "-"
+        table.add_row(
+            *key,
+            "-" if left is None else f"{left:,.4f}",
+            "-" if right is None else f"{right:,.4f}",
+            difference,
+        )
+    console.print(table)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, generation metrics, lm-evaluation-harness tasks and suites."""

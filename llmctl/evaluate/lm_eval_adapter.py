@@ -1,0 +1,124 @@
+"""llmctl checkpoints as an lm-evaluation-harness model type (`--model llmctl`), so any lm-eval task,
+including local YAML tasks, runs on them offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401  (lm-eval fills its registry lazily, and only while it is empty)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from llmctl.checkpoint import TOKENIZER_FILE, open_model
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.evaluate.scoring import continuation_logprobs
+from llmctl.infer.generate import generate_batch
+from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.text import StopStrings
+
+
+@register_model("llmctl")
+class LlmctlLM(TemplateLM):
+    """Tokenizes as Hugging Face's Llama tokenizer does for this checkpoint (a bos before every encoding),
+    so scores match lm-eval's own `hf` model type on the same directory."""
+
+    def __init__(self, pretrained: str, batch_size: int | str = 8, max_gen_toks: int = 64, **kwargs) -> None:
+        super().__init__()
+        path = Path(pretrained)
+        self.model = open_model(path)
+        self.tokenizer = Tokenizer(path / TOKENIZER_FILE)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        ids = self.tokenizer.encode(string)
+        return ids if add_special_tokens is False else [self.tokenizer.bos_id, *ids]
+
+    def tok_decode(self, tokens: list[int], **kwargs) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
+        results = []
+        for _, context_enc, continuation_enc in requests:
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
+            score_from = len(whole) - len(continuation_enc)
+            log_probs, greedy = continuation_logprobs(self.model, whole, score_from)
+            results.append((float(log_probs.double().sum()), bool(greedy.all())))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        scores = []
+        for request in requests:
+            (text,) = request.args
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(text, add_special_tokens=False),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            pairs = [(None, *make_disjoint_window(window)) for window in windows]
+            scores.append(sum(score for score, _ in self._loglikelihood_tokens(pairs)))
+        return scores
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        outputs = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            prompts, settings = zip(*(request.args for request in batch), strict=True)
+            kwargs = settings[0]
+            until = kwargs.get("until", [])
+            until = [until] if isinstance(until, str) else list(until)
+            budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            params = SamplingParams(
+                max_new_tokens=budget,
+                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                stop_token_ids=(self.tokenizer.eos_id,),
+            )
+            room = self.max_length - budget
+            encoded = [self.tok_encode(prompt)[-room:] for prompt in prompts]
+            for ids in generate_batch(self.model, encoded, params, pad_id=self.tokenizer.pad_id):
+                ids = [token for token in ids if token != self.tokenizer.eos_id]
+                text, _ = StopStrings(until).feed(self.tokenizer.decode(ids))
+                outputs.append(text)
+        return outputs
+
+
+def simple_evaluate(
+    checkpoint: Path, tasks: list[str], include_path: Path | None, limit: int | None, seed: int
+) -> dict:
+    """Run lm-eval tasks on a checkpoint; only locally defined tasks are indexed when include_path is given."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = (
+        TaskManager(include_path=str(include_path), include_defaults=False) if include_path else TaskManager()
+    )
+    with torch.inference_mode():
+        return lm_eval.simple_evaluate(
+            model="llmctl",
+            model_args=f"pretrained={checkpoint}",
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            log_samples=False,
+        )

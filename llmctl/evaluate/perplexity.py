@@ -1,0 +1,79 @@
+"""Perplexity over whole documents with a sliding window, per token, per word and per byte, with a bootstrap
+confidence interval over documents."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.evaluate.scoring import continuation_logprobs, sliding_windows
+from llmctl.model import Transformer
+
+
+@dataclass
+class PerplexityResult:
+    documents: int
+    tokens: int
+    words: int
+    bytes: int
+    nll: float  # total, nats
+    token_perplexity: float
+    word_perplexity: float
+    bits_per_byte: float
+    ci95: tuple[float, float]  # token perplexity, bootstrap over documents
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def document_nll(model: Transformer, ids: list[int], window: int, stride: int) -> float:
+    total = 0.0
+    for begin, end, first_scored in sliding_windows(len(ids), window, stride):
+        log_probs, _ = continuation_logprobs(model, ids[begin:end], first_scored - begin)
+        total -= float(log_probs.double().sum())
+    return total
+
+
+def perplexity(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    texts: Iterable[str],
+    window: int | None = None,
+    stride: int | None = None,
+    seed: int = 0,
+    bootstrap: int = 1000,
+) -> PerplexityResult:
+    """Each document is [bos] + its tokens, so its first real token is scored too."""
+    window = window or model.config.max_seq_len
+    stride = stride or window // 2
+    nlls, token_counts, words, byte_count = [], [], 0, 0
+    for text in texts:
+        ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+        if len(ids) < 2:
+            continue
+        nlls.append(document_nll(model, ids, window, stride))
+        token_counts.append(len(ids) - 1)
+        words += len(text.split())
+        byte_count += len(text.encode())
+    if not nlls:
+        raise ValueError("no text to evaluate")
+    nll, tokens = float(sum(nlls)), int(sum(token_counts))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(nlls), size=(bootstrap, len(nlls)))
+    resampled = np.exp(np.asarray(nlls)[picks].sum(1) / np.asarray(token_counts)[picks].sum(1))
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return PerplexityResult(
+        documents=len(nlls),
+        tokens=tokens,
+        words=words,
+        bytes=byte_count,
+        nll=nll,
+        token_perplexity=math.exp(nll / tokens),
+        word_perplexity=math.exp(nll / max(words, 1)),
+        bits_per_byte=nll / math.log(2) / max(byte_count, 1),
+        ci95=(float(low), float(high)),
+    )

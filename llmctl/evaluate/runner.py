@@ -1,0 +1,136 @@
+"""Running an evaluation (a suite, lm-eval tasks or a perplexity set) and recording every number with its
+configuration, so two result files can be compared later."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from llmctl import __version__
+from llmctl.checkpoint import TOKENIZER_FILE, open_model
+from llmctl.data.corpus import MANIFEST, iter_texts
+from llmctl.data.tokenizer import Tokenizer, file_sha256
+from llmctl.errors import UserError
+from llmctl.evaluate.perplexity import perplexity
+from llmctl.evaluate.suite import Suite, Task
+from llmctl.evaluate.text_metrics import generation_metrics
+from llmctl.infer.generate import generate_batch
+from llmctl.infer.sampling import SamplingParams
+from llmctl.model.hf_format import WEIGHTS_FILE
+
+
+def read_texts(data: Path) -> list[str]:
+    """A corpus directory (its val split, else train), a JSONL file with a `text` field, or a text file."""
+    data = Path(data)
+    if (data / MANIFEST).is_file():
+        return list(iter_texts(data, "val")) or list(iter_texts(data, "train"))
+    if data.is_dir():
+        raise UserError(f"{data} is a folder but not a corpus (no {MANIFEST}); give a corpus, .jsonl or .txt")
+    if not data.is_file():
+        raise UserError(f"evaluation data not found: {data}")
+    if data.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(data.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{data}:{number}: expected a JSON object with a 'text' field") from None
+        return texts
+    return [data.read_text(encoding="utf-8")]
+
+
+class Evaluator:
+    def __init__(self, checkpoint: Path, seed: int = 0) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.model = open_model(self.checkpoint)
+        if not (self.checkpoint / TOKENIZER_FILE).is_file():
+            raise UserError(f"{checkpoint} has no {TOKENIZER_FILE}: cannot evaluate text")
+        self.tokenizer = Tokenizer(self.checkpoint / TOKENIZER_FILE)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise UserError(
+                f"tokenizer mismatch: {self.tokenizer.vocab_size} pieces but the model has {self.model.config.vocab_size}"
+            )
+        self.seed = seed
+
+    def perplexity(self, data: Path, window: int | None = None, stride: int | None = None) -> dict:
+        return perplexity(
+            self.model, self.tokenizer, read_texts(data), window, stride, seed=self.seed
+        ).to_dict()
+
+    def generation(self, data: Path, max_tokens: int) -> dict:
+        rows = [json.loads(line) for line in Path(data).read_text().splitlines() if line.strip()]
+        if not rows:
+            raise UserError(f"{data} has no generation examples")
+        prompts = [self.tokenizer.encode(row["prompt"]) for row in rows]
+        params = SamplingParams(
+            max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=(self.tokenizer.eos_id,)
+        )
+        outputs = generate_batch(self.model, prompts, params, pad_id=self.tokenizer.pad_id)
+        predictions = []
+        for prompt, ids in zip(prompts, outputs, strict=True):
+            ids = [token for token in ids if token != self.tokenizer.eos_id]
+            text = self.tokenizer.decode(prompt + ids)[len(self.tokenizer.decode(prompt)) :]
+            predictions.append(text.strip().split("\n")[0])
+        return {"examples": len(rows), **generation_metrics(predictions, [row["reference"] for row in rows])}
+
+    def lm_eval(self, tasks: list[str], include_path: Path | None, limit: int | None) -> dict:
+        try:
+            from llmctl.evaluate.lm_eval_adapter import simple_evaluate
+        except ImportError as error:
+            raise UserError(
+                f"lm-eval tasks need the eval extra ({error.name} is missing): pip install 'llmctl[eval]'"
+            ) from None
+        try:
+            output = simple_evaluate(self.checkpoint, tasks, include_path, limit, self.seed)
+        except KeyError as error:
+            raise UserError(
+                f"unknown lm-eval task {error}; check the name or pass --include-path DIR"
+            ) from None
+        results = {}
+        for task, metrics in output["results"].items():
+            results[task] = {
+                key.split(",")[0]: value
+                for key, value in metrics.items()
+                if isinstance(value, int | float) and "stderr" not in key
+            }
+        return results
+
+    def run_task(self, task: Task) -> dict:
+        if task.type == "perplexity":
+            return self.perplexity(Path(task.data))
+        if task.type == "generation":
+            return self.generation(Path(task.data), task.max_tokens)
+        return self.lm_eval(task.tasks, Path(task.include_path) if task.include_path else None, task.limit)
+
+    def run_suite(self, suite: Suite) -> dict:
+        return {task.name: self.run_task(task) for task in suite.tasks}
+
+    def record(self, results: dict, suite: str | None, config: dict) -> dict:
+        return {
+            "llmctl_version": __version__,
+            "checkpoint": str(self.checkpoint),
+            "checkpoint_sha256": file_sha256(self.checkpoint / WEIGHTS_FILE)
+            if (self.checkpoint / WEIGHTS_FILE).is_file()
+            else None,
+            "suite": suite,
+            "seed": self.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": config,
+            "results": results,
+        }
+
+
+def flatten(results: dict) -> dict[tuple[str, str], float]:
+    """{(task, metric): value} for numbers, lm-eval's nested task dictionaries included."""
+    flat = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                for inner, number in value.items():
+                    if isinstance(number, int | float):
+                        flat[(f"{task}/{key}", inner)] = float(number)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                flat[(task, key)] = float(value)
+    return flat

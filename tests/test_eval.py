@@ -1,0 +1,167 @@
+"""`llmctl eval`: perplexity equals transformers', the lm-eval adapter equals lm-eval's own hf model,
+generation metrics equal the libraries', and suites, results and comparisons work from the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llmctl.data.corpus import iter_texts
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.evaluate.perplexity import perplexity
+from llmctl.evaluate.scoring import sliding_windows
+from llmctl.evaluate.suite import build_domain_suite
+from llmctl.evaluate.text_metrics import generation_metrics
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_sliding_windows_score_every_position_once():
+    for length, window, stride in [(10, 4, 2), (100, 32, 16), (5, 8, 4), (33, 16, 16)]:
+        scored = [p for _, end, first in sliding_windows(length, window, stride) for p in range(first, end)]
+        assert scored == list(range(1, length))
+        assert all(end - begin <= window for begin, end, _ in sliding_windows(length, window, stride))
+
+
+def test_perplexity_equals_transformers_on_the_same_windows(tiny_checkpoint, sample_pipeline):
+    from llmctl.checkpoint import open_model
+
+    model, tokenizer = open_model(tiny_checkpoint), Tokenizer(tiny_checkpoint / "tokenizer.model")
+    texts = list(iter_texts(sample_pipeline["corpus"], "val"))[:3]
+    ours = perplexity(model, tokenizer, texts, window=64, stride=32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    nll, tokens = 0.0, 0
+    for text in texts:
+        ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+        for begin, end, first in sliding_windows(len(ids), 64, 32):
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids[begin:end]])).logits[0].double()
+            log_probs = torch.log_softmax(logits, -1)
+            for position in range(first, end):
+                nll -= float(log_probs[position - begin - 1, ids[position]])
+                tokens += 1
+    assert ours.tokens == tokens
+    assert abs(ours.token_perplexity - math.exp(nll / tokens)) <= 1e-3 * math.exp(nll / tokens)
+    assert ours.ci95[0] <= ours.token_perplexity <= ours.ci95[1]
+    assert ours.bits_per_byte == pytest.approx(nll / math.log(2) / ours.bytes, rel=1e-3)
+
+
+def test_generation_metrics_equal_the_libraries():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    predictions = ["The cat sat on the mat.", "Lists are mutable sequences", "open the file"]
+    references = ["The cat is on the mat.", "Lists are mutable sequences", "Open a file for reading"]
+    ours = generation_metrics(predictions, references)
+    assert ours["bleu"] == sacrebleu.corpus_bleu(predictions, [references]).score
+    assert ours["chrf"] == sacrebleu.corpus_chrf(predictions, [references]).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = 100 * sum(scorer.score(r, p)[key].fmeasure for p, r in zip(predictions, references)) / 3
+        assert ours[key] == pytest.approx(expected)
+    assert ours["exact_match"] == pytest.approx(100 / 3)
+
+
+@pytest.fixture(scope="module")
+def domain_suite(sample_pipeline, tmp_path_factory):
+    return build_domain_suite(sample_pipeline["corpus"], tmp_path_factory.mktemp("suite") / "domain")
+
+
+def test_lm_eval_adapter_matches_lm_evals_hf_model(tiny_checkpoint, domain_suite):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import llmctl.evaluate.lm_eval_adapter  # noqa: F401  (registers the model type)
+
+    manager = TaskManager(include_path=str(domain_suite.parent), include_defaults=False)
+    outputs = {
+        name: lm_eval.simple_evaluate(
+            model=name,
+            model_args=f"pretrained={tiny_checkpoint}" + (",dtype=float32" if name == "hf" else ""),
+            tasks=["domain_cloze"],
+            task_manager=manager,
+            limit=12,
+            log_samples=True,
+            device="cpu",
+        )
+        for name in ("llmctl", "hf")
+    }
+    ours = [[float(r[0]) for r in s["filtered_resps"]] for s in outputs["llmctl"]["samples"]["domain_cloze"]]
+    theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in outputs["hf"]["samples"]["domain_cloze"]]
+    assert len(ours) == 12 and all(len(row) == 4 for row in ours)
+    for mine, reference in zip(ours, theirs, strict=True):
+        for a, b in zip(mine, reference, strict=True):
+            assert abs(a - b) <= 1e-4, (a, b)
+
+
+def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, llmctl):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    result = llmctl(
+        "eval",
+        str(tiny_checkpoint),
+        "--suite",
+        "domain",
+        "--data",
+        str(domain_suite.parent),
+        "--out",
+        str(first),
+        check=True,
+    )
+    assert "heldout" in result.stdout and "cloze" in result.stdout and "rougeL" in result.stdout
+    record = json.loads(first.read_text())
+    assert record["suite"] == "domain" and len(record["checkpoint_sha256"]) == 64 and record["llmctl_version"]
+    assert set(record["results"]) == {"heldout", "cloze", "headings"}
+    assert 0.0 <= record["results"]["cloze"]["domain_cloze"]["acc"] <= 1.0
+    llmctl(
+        "eval",
+        str(tiny_checkpoint),
+        "--data",
+        str(domain_suite.parent / "headings.jsonl"),
+        "--out",
+        str(second),
+    )
+    text_file = tmp_path / "doc.txt"
+    text_file.write_text("The Python tutorial explains lists and dictionaries.")
+    llmctl("eval", str(tiny_checkpoint), "--data", str(text_file), "--out", str(second), check=True)
+    table = llmctl("eval", "compare", str(first), str(second), check=True).stdout
+    assert "difference" in table and "token_perplexity" in table
+
+
+def test_include_path_task_runs_offline_from_the_cli(tiny_checkpoint, domain_suite, llmctl):
+    result = llmctl(
+        "eval",
+        str(tiny_checkpoint),
+        "--tasks",
+        "domain_cloze",
+        "--include-path",
+        str(domain_suite.parent),
+        "--limit",
+        "5",
+        check=True,
+    )
+    assert "domain_cloze" in result.stdout and "acc" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "/nonexistent/ckpt", "--data", "x.txt"], "not a checkpoint"),
+        (["eval", "CKPT", "--suite", "BAD_SUITE"], "tasks.0.type"),
+        (["eval", "CKPT"], "nothing to evaluate"),
+        (["eval", "CKPT", "--tasks", "no_such_task", "--include-path", "SUITE_DIR"], "no_such_task"),
+    ],
+)
+def test_user_errors_are_one_line(tiny_checkpoint, domain_suite, tmp_path, llmctl, args, message):
+    bad_suite = tmp_path / "bad.toml"
+    bad_suite.write_text('name = "x"\n[[tasks]]\nname = "t"\ntype = "quiz"\n')
+    args = [
+        a.replace("CKPT", str(tiny_checkpoint))
+        .replace("BAD_SUITE", str(bad_suite))
+        .replace("SUITE_DIR", str(domain_suite.parent))
+        for a in args
+    ]
+    result = llmctl(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
