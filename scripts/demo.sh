@@ -5,25 +5,32 @@ DEMO=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/5 corpus build: clean, filter, dedup and split the bundled sample"
+step "1/7 corpus build: clean, filter, dedup and split the bundled sample"
 $BIN/llmctl corpus build data/sample/train.jsonl data/sample/val.jsonl --out "$DEMO/corpus" --val-fraction 0.1 --overwrite
 $BIN/llmctl corpus stats "$DEMO/corpus"
 
-step "2/5 tokenize: a 4096-piece sentencepiece model, then memory-mapped token files"
+step "2/7 tokenize: a 4096-piece sentencepiece model, then memory-mapped token files"
 $BIN/llmctl tokenize train "$DEMO/corpus" --vocab 4096 --out "$DEMO/tokenizer"
 $BIN/llmctl tokenize encode "$DEMO/corpus" --tokenizer "$DEMO/tokenizer/tokenizer.model" --out "$DEMO/tokens"
 
-step "3/5 train recipes/tiny.toml (about a minute on 2 CPU cores)"
+step "3/7 train recipes/tiny.toml (about a minute on 2 CPU cores)"
 $BIN/llmctl train recipes/tiny.toml --set checkpoint.dir="$DEMO/tiny" \
   --set data.corpus="$DEMO/corpus" --set data.tokens="$DEMO/tokens" --set data.tokenizer="$DEMO/tokenizer/tokenizer.model"
 
 CKPT=$(ls -d "$DEMO"/tiny/checkpoints/step-* | sort | tail -n 1)
-step "4/5 the checkpoint is a Hugging Face Llama directory: open it with transformers"
+step "4/7 the checkpoint is a Hugging Face Llama directory: open it with transformers"
 $BIN/python scripts/open_with_transformers.py "$CKPT" | tee "$DEMO/transformers_check.txt"
 
-step "5/5 done"
+step "5/7 generate: one chat turn through the plain REPL (the tiny model is not chat-tuned: expect domain babble)"
+echo "How do I open a file?" | $BIN/llmctl chat "$CKPT" --plain --max-tokens 40 | tee "$DEMO/chat.txt"
+
+step "6/7 eval --suite domain: held-out perplexity, cloze multiple choice, heading -> first sentence (BLEU/ROUGE)"
+$BIN/llmctl eval "$CKPT" --suite domain --out "$DEMO/eval.json"
+
+step "7/7 done"
 echo "corpus:     $DEMO/corpus"
 echo "tokenizer:  $DEMO/tokenizer/tokenizer.model"
 echo "tokens:     $DEMO/tokens"
 echo "run:        $DEMO/tiny (metrics.jsonl, train.log, checkpoints/)"
 echo "checkpoint: $CKPT"
+echo "eval:       $DEMO/eval.json (compare runs with: llmctl eval compare A.json B.json)"

@@ -60,7 +60,11 @@ def test_generation_metrics_equal_the_libraries():
     assert ours["chrf"] == sacrebleu.corpus_chrf(predictions, [references]).score
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     for key in ("rouge1", "rouge2", "rougeL"):
-        expected = 100 * sum(scorer.score(r, p)[key].fmeasure for p, r in zip(predictions, references)) / 3
+        expected = (
+            100
+            * sum(scorer.score(r, p)[key].fmeasure for p, r in zip(predictions, references, strict=True))
+            / 3
+        )
         assert ours[key] == pytest.approx(expected)
     assert ours["exact_match"] == pytest.approx(100 / 3)
 

@@ -131,6 +131,8 @@ def flatten(results: dict) -> dict[tuple[str, str], float]:
                 for inner, number in value.items():
                     if isinstance(number, int | float):
                         flat[(f"{task}/{key}", inner)] = float(number)
+            elif isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
+                flat.update({(task, f"{key}[{i}]"): float(v) for i, v in enumerate(value)})
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 flat[(task, key)] = float(value)
     return flat
