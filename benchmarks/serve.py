@@ -1,5 +1,5 @@
-"""Serving throughput: 16 concurrent streaming clients vs 1 against `llmctl serve`'s app on localhost.
-Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
+"""Serving throughput: 16 concurrent streaming clients vs 1 against `llmctl serve` (its own process) on
+localhost. Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
 
     .venv/bin/python benchmarks/serve.py [--clients 16] [--requests 32] [--max-tokens 64]
 """
@@ -11,15 +11,14 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
@@ -27,8 +26,6 @@ from common import machine  # noqa: E402
 from llmctl.checkpoint import save_checkpoint  # noqa: E402
 from llmctl.data.corpus import CorpusOptions, build_corpus  # noqa: E402
 from llmctl.data.tokenizer import train_tokenizer  # noqa: E402
-from llmctl.infer.served import load_served_model  # noqa: E402
-from llmctl.infer.server import create_app  # noqa: E402
 from llmctl.model import ModelConfig, Transformer  # noqa: E402
 from llmctl.model.hf_format import export_state_dict  # noqa: E402
 
@@ -109,19 +106,39 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    served = load_served_model("bench", checkpoint(Path(tempfile.mkdtemp())), max_batch=args.clients)
-    app = create_app({"bench": served}, max_concurrency=4 * args.clients)
+    path = checkpoint(Path(tempfile.mkdtemp()))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    command = [
+        sys.executable,
+        "-m",
+        "llmctl",
+        "serve",
+        f"bench={path}",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.clients),
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens))
-    many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens))
-    server.should_exit = True
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                sys.exit("llmctl serve did not come up")
+            time.sleep(0.2)
+        single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens))
+        many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     print(
         f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}"
     )

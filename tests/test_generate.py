@@ -165,3 +165,12 @@ def test_prompt_longer_than_context_is_an_error_naming_both_lengths():
     with pytest.raises(PromptTooLong, match="100 tokens.*context is 64"):
         fit_prompt(list(range(100)), 64)
     assert fit_prompt(list(range(100)), 64, truncate_left=True) == list(range(37, 100))
+
+
+def test_sampling_follows_the_distribution_and_never_picks_masked_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0]]).clamp(min=1e-30)).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    picks = sample_next(logits, SamplingParams(temperature=1.0, top_k=3), generator=generator)
+    frequencies = torch.bincount(picks, minlength=5).float() / len(picks)
+    assert torch.allclose(frequencies[:3], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+    assert frequencies[3:].sum() == 0
