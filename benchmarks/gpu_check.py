@@ -1,0 +1,165 @@
+"""CUDA checks behind benchmarks/gpu_check.sh: each row runs a real llmctl code path on the GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmctl.infer.generate import generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.model import ModelConfig, Transformer
+from llmctl.recipe import load_recipe, recipe_from_dict
+from llmctl.train.distributed import DistributedContext
+from llmctl.train.metrics import device_peak_flops
+from llmctl.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_tokens(directory: Path, vocab: int) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20_000_000), ("val", 200_000)):
+        rng.integers(4, vocab, count, dtype=np.uint16).tofile(directory / f"{split}.bin")
+    meta = {
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 3,
+        "tokenizer": "",
+        "tokenizer_sha256": "",
+    }
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def train_row(name: str, work: Path, layers: int, compile_: bool, steps: int = 8) -> tuple[str, str]:
+    base = load_recipe(REPO / "recipes" / "1.3b.toml").model_dump()
+    base["model"]["n_layer"] = layers
+    base["data"] = {"tokens": str(work)}
+    base["train"].update(
+        steps=steps,
+        micro_batch_size=4,
+        global_batch_size=4,
+        log_every=steps,
+        eval_every=0,
+        eval_batches=1,
+        compile=compile_,
+    )
+    base["checkpoint"] = {"dir": str(work / name), "every": 0}
+    base["distributed"]["strategy"] = "none"
+    recipe = recipe_from_dict(base)
+    trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cuda")))
+    for step in range(2):  # warm-up (and compilation)
+        trainer._train_step(step)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for step in range(2, steps):
+        record = trainer._train_step(step)
+    torch.cuda.synchronize()
+    tokens_per_second = (steps - 2) * 4 * recipe.seq_len / (time.perf_counter() - started)
+    peak = device_peak_flops(torch.device("cuda"), "bf16")
+    mfu = trainer.flops_per_token * tokens_per_second / peak if peak else float("nan")
+    memory = torch.cuda.max_memory_allocated() / 2**30
+    return (
+        name,
+        f"{tokens_per_second:,.0f} tok/s, MFU {100 * mfu:.1f}%, loss {record['loss']:.3f}, {memory:.1f} GiB",
+    )
+
+
+def fsdp_row(work: Path) -> tuple[str, str]:
+    recipe = work / "fsdp.toml"
+    base = load_recipe(REPO / "recipes" / "1.3b.toml").model_dump(mode="json", exclude_none=True)
+    base["model"]["n_layer"] = 4
+    base["data"] = {"tokens": str(work)}
+    base["train"].update(
+        steps=6,
+        micro_batch_size=2,
+        global_batch_size=2,
+        log_every=1,
+        eval_every=3,
+        eval_batches=2,
+        compile=False,
+    )
+    base["checkpoint"] = {"dir": str(work / "fsdp-run"), "every": 0}
+    import tomli_w
+
+    recipe.write_text(tomli_w.dumps(base))
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            "-m",
+            "llmctl",
+            "train",
+            str(recipe),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        return "FSDP2 x1 (torchrun)", "FAILED: " + (result.stderr.strip().splitlines() or ["?"])[-1]
+    saved = list((work / "fsdp-run" / "checkpoints").glob("step-*/model.safetensors"))
+    return (
+        "FSDP2 x1 (torchrun)",
+        f"ok in {seconds:.0f} s, consolidated checkpoint: {'yes' if saved else 'NO'}",
+    )
+
+
+def decode_row(compiled: bool) -> tuple[str, str]:
+    torch.manual_seed(0)
+    model = (
+        Transformer(ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_seq_len=1024))
+        .cuda()
+        .to(torch.bfloat16)
+        .eval()
+    )
+    if compiled:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    params = SamplingParams(max_new_tokens=128, temperature=0.0)
+    prompt = list(range(10, 42))
+    list(generate_ids(model, prompt, params))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    list(generate_ids(model, prompt, params))
+    torch.cuda.synchronize()
+    label = "decode 134M bf16" + (" (torch.compile)" if compiled else " (eager)")
+    return label, f"{128 / (time.perf_counter() - started):,.0f} tok/s at batch 1"
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device visible; nothing to check")
+    work = Path(tempfile.mkdtemp())
+    fake_tokens(work, 50000)
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, flash SDPA {torch.backends.cuda.flash_sdp_enabled()}"
+    )
+    rows = []
+    for check in (
+        lambda: train_row("train 1.3B-shape, 8 layers, bf16, eager", work, 8, False),
+        lambda: train_row("train 1.3B-shape, 8 layers, bf16, compiled", work, 8, True),
+        lambda: fsdp_row(work),
+        lambda: decode_row(False),
+        lambda: decode_row(True),
+    ):
+        try:
+            rows.append(check())
+        except Exception as error:  # report and continue: one broken path must not hide the others
+            rows.append(("(check failed)", f"{type(error).__name__}: {str(error)[:160]}"))
+        print(f"{rows[-1][0]:44} {rows[-1][1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
