@@ -23,6 +23,7 @@ install: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -32,6 +33,9 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
