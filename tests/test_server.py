@@ -176,3 +176,8 @@ def test_client_disconnect_frees_the_slot(server):
 def test_over_the_concurrency_limit_is_429(client):
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, n=9)
+
+
+def test_a_checkpoint_that_cannot_load_is_reported_at_start(llmctl, tmp_path):
+    result = llmctl("serve", f"broken={tmp_path}", "--port", str(free_port()))
+    assert result.returncode == 2 and "not a checkpoint" in result.stderr and "Traceback" not in result.stderr

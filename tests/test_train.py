@@ -203,3 +203,35 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     decay, _ = parameter_groups(model, OptimSection(decay_embeddings=True))
     assert "model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(sample_pipeline, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import tomli_w
+
+    recipe = tiny_recipe(sample_pipeline, tmp_path / "run", steps=100_000)
+    recipe.checkpoint.every = 0
+    path = tmp_path / "long.toml"
+    path.write_text(tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmctl", "train", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert time.time() < deadline and process.poll() is None, "training did not start"
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGINT)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted at step" in stdout
+    ((step, checkpoint),) = list_checkpoints(tmp_path / "run")
+    assert step >= 3 and (checkpoint / "trainer_state.pt").is_file()
