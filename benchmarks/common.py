@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -36,3 +39,20 @@ def memory_bandwidth(bytes_: int = 1 << 30, repeats: int = 5) -> float:
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def fake_tokens(directory: Path, vocab: int, n_tokens: int) -> None:
+    """Random uint16 token files with a meta.json, as `llmctl tokenize encode` writes them."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n_tokens), ("val", max(4096, n_tokens // 100))):
+        rng.integers(4, vocab, count, dtype=np.uint16).tofile(Path(directory) / f"{split}.bin")
+    meta = {
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 3,
+        "tokenizer": "",
+        "tokenizer_sha256": "",
+    }
+    (Path(directory) / "meta.json").write_text(json.dumps(meta))

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import fake_tokens  # noqa: E402
 
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
@@ -21,22 +22,6 @@ from llmctl.train.metrics import device_peak_flops
 from llmctl.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fake_tokens(directory: Path, vocab: int) -> None:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 20_000_000), ("val", 200_000)):
-        rng.integers(4, vocab, count, dtype=np.uint16).tofile(directory / f"{split}.bin")
-    meta = {
-        "dtype": "uint16",
-        "vocab_size": vocab,
-        "bos_id": 1,
-        "eos_id": 2,
-        "pad_id": 3,
-        "tokenizer": "",
-        "tokenizer_sha256": "",
-    }
-    (directory / "meta.json").write_text(json.dumps(meta))
 
 
 def train_row(name: str, work: Path, layers: int, compile_: bool, steps: int = 8) -> tuple[str, str]:
@@ -142,7 +127,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible; nothing to check")
     work = Path(tempfile.mkdtemp())
-    fake_tokens(work, 50000)
+    fake_tokens(work, 50000, 20_000_000)
     print(
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, flash SDPA {torch.backends.cuda.flash_sdp_enabled()}"
     )

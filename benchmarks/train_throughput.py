@@ -17,30 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, matmul_peak_flops  # noqa: E402
+from common import fake_tokens, machine, matmul_peak_flops  # noqa: E402
 
 from llmctl.model import ModelConfig, Transformer  # noqa: E402
 from llmctl.model.hf_format import export_state_dict, write_model_files  # noqa: E402
-
-
-def fake_tokens(directory: Path, vocab: int, n_tokens: int) -> None:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n_tokens), ("val", 4096)):
-        rng.integers(4, vocab, count, dtype=np.uint16).tofile(directory / f"{split}.bin")
-    meta = {
-        "dtype": "uint16",
-        "vocab_size": vocab,
-        "bos_id": 1,
-        "eos_id": 2,
-        "pad_id": 3,
-        "tokenizer": "",
-        "tokenizer_sha256": "",
-    }
-    (directory / "meta.json").write_text(json.dumps(meta))
 
 
 def batches(args, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+def _buffers(n_layer: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> list[torch.Tensor]:
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions of a batch.
 
@@ -23,8 +27,10 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.keys, self.values = (
+            _buffers(n_layer, shape, dtype, device),
+            _buffers(n_layer, shape, dtype, device),
+        )
         self.max_len = max_len
         self.length = 0
 
@@ -79,8 +85,10 @@ class SlotKVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (slots, n_kv_head, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.keys, self.values = (
+            _buffers(n_layer, shape, dtype, device),
+            _buffers(n_layer, shape, dtype, device),
+        )
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.max_len = max_len
         self.active = 0
