@@ -46,29 +46,42 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 keep[start : start + rows],
             )
             logits = (h @ weight.t()).float()
-            log_z = torch.logsumexp(logits, dim=-1)
-            cross_entropy = (log_z - logits.gather(1, t[:, None]).squeeze(1)) * k
+            target_logits = logits.gather(1, t[:, None]).squeeze(1)
+            mean_logits = logits.mean(dim=-1) if label_smoothing else None
+            # softmax in place in the logits buffer: no (rows x vocab) temporaries at all
+            row_max = logits.amax(dim=-1)
+            probs = logits.sub_(row_max[:, None]).exp_()
+            row_sum = probs.sum(dim=-1)
+            log_z = row_max + row_sum.log()
+            cross_entropy = (log_z - target_logits) * k
             cross_entropy_sum += cross_entropy.sum()
             row_loss = cross_entropy
             if label_smoothing:
-                smooth = log_z - logits.mean(dim=-1)
-                row_loss = (1 - label_smoothing) * cross_entropy + label_smoothing * smooth * k
+                row_loss = (1 - label_smoothing) * cross_entropy + label_smoothing * (log_z - mean_logits) * k
             if z_loss:
                 row_loss = row_loss + z_loss * log_z.pow(2) * k
             loss_sum += row_loss.sum()
             if grad_hidden is None and not want_weight_grad:
                 continue
             # d(row_loss)/d(logits) = (1 + 2 z logZ) softmax - (1 - eps) onehot - eps / vocab, for kept rows
-            grad = logits.sub_(log_z[:, None]).exp_()
-            grad.mul_(((1 + 2 * z_loss * log_z) * k)[:, None])
+            grad = probs.mul_(((1 + 2 * z_loss * log_z) * k / row_sum)[:, None])
             grad.scatter_add_(1, t[:, None], (-(1 - label_smoothing) * k)[:, None].float())
             if label_smoothing:
                 grad.sub_((label_smoothing / vocab) * k[:, None])
             grad = grad.to(h.dtype)
+            same_dtype = (
+                h.dtype == weight.dtype == torch.float32
+            )  # write GEMM results in place, no temporaries
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = grad @ weight
+                if same_dtype:
+                    torch.mm(grad, weight, out=grad_hidden[start : start + rows])
+                else:
+                    grad_hidden[start : start + rows] = grad @ weight
             if want_weight_grad:
-                grad_weight += (grad.t() @ h).float()
+                if same_dtype:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0), grad_weight, count)
         ctx.weight_dtype = weight.dtype
         ctx.has_grads = (grad_hidden is not None, want_weight_grad)
