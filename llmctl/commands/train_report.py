@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -41,12 +42,26 @@ class TrainingConsole:
         self.recipe, self.enabled = recipe, enabled
         self.console = Console(highlight=False, soft_wrap=True)
         self.log_file = None
+        self.progress: Progress | None = None
+        self.task = None
 
     def start(self, trainer) -> None:
         if not self.enabled:
             return
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = (trainer.run_dir / "train.log").open("a")
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.progress.add_task(self.recipe.name, total=self.recipe.train.steps, status="")
+            self.progress.start()
         self._print(
             f"training {self.recipe.name}: {trainer.model.config.num_parameters():,} parameters on "
             f"{trainer.context.world_size} x {trainer.context.device.type} ({trainer.strategy}, "
@@ -65,6 +80,9 @@ class TrainingConsole:
             )
             if "mfu" in data:
                 line += f"  MFU {100 * data['mfu']:.1f}%"
+            if self.progress is not None:
+                status = f"loss {data['loss']:.3f} · {data.get('tokens_per_second', 0):,.0f} tok/s"
+                self.progress.update(self.task, completed=data["step"], status=status)
             self._print(line)
         elif kind == "eval":
             self._print(
@@ -84,6 +102,8 @@ class TrainingConsole:
     def finish(self, result) -> None:
         if not self.enabled:
             return
+        if self.progress is not None:
+            self.progress.stop()
         for prompt, text in result.samples:
             self._print(f"[bold]sample[/] {prompt!r} -> {text!r}")
         if result.val_loss is not None:
@@ -94,7 +114,7 @@ class TrainingConsole:
             self.log_file.close()
 
     def _print(self, line: str) -> None:
-        self.console.print(line)
+        (self.progress.console if self.progress is not None else self.console).print(line)
         if self.log_file is not None:
             from rich.text import Text
 
