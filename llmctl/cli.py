@@ -59,7 +59,7 @@ def as_click_command(obj):
     if not isinstance(obj, typer.Typer):
         if not callable(obj):
             raise TypeError(f"{obj!r} is neither a Typer app nor a function")
-        wrapper = typer.Typer()
+        wrapper = typer.Typer(add_completion=False)
         wrapper.command()(obj)
         obj = wrapper
     return typer.main.get_command(obj)

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 
 @app.command(name="chat")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Build and inspect training corpora.", no_args_is_help=True)
+app = typer.Typer(add_completion=False, help="Build and inspect training corpora.", no_args_is_help=True)
 
 
 @app.command()

@@ -11,18 +11,20 @@ import typer.core
 class DefaultToRun(typer.core.TyperGroup):
     """`llmctl eval CKPT ...` runs an evaluation; `compare` and `suite` are subcommands."""
 
-    def resolve_command(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
             args = ["run", *args]
-        elif not args:
-            args = ["run"]
-        return super().resolve_command(ctx, args)
+        return super().parse_args(ctx, args)
 
 
 app = typer.Typer(
-    cls=DefaultToRun, help="Evaluate checkpoints: perplexity, generation metrics, lm-eval tasks, suites."
+    add_completion=False,
+    cls=DefaultToRun,
+    help="Evaluate checkpoints: perplexity, generation metrics, lm-eval tasks, suites.",
 )
-suite_app = typer.Typer(help="Build evaluation suites from your own data.", no_args_is_help=True)
+suite_app = typer.Typer(
+    add_completion=False, help="Build evaluation suites from your own data.", no_args_is_help=True
+)
 app.add_typer(suite_app, name="suite")
 
 

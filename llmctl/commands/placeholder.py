@@ -9,7 +9,7 @@ from llmctl.errors import UserError
 
 def placeholder_app(name: str, summary: str) -> typer.Typer:
     """A one-command app that accepts any arguments and exits 2 saying the command is not built yet."""
-    app = typer.Typer()
+    app = typer.Typer(add_completion=False)
 
     @app.command(
         name=name,

@@ -7,7 +7,9 @@ from typing import Literal
 
 import typer
 
-app = typer.Typer(help="Train a tokenizer and encode a corpus into token files.", no_args_is_help=True)
+app = typer.Typer(
+    add_completion=False, help="Train a tokenizer and encode a corpus into token files.", no_args_is_help=True
+)
 
 
 @app.command()
