@@ -235,3 +235,13 @@ def test_sigint_saves_a_checkpoint_and_exits_130(sample_pipeline, tmp_path):
     assert "interrupted at step" in stdout
     ((step, checkpoint),) = list_checkpoints(tmp_path / "run")
     assert step >= 3 and (checkpoint / "trainer_state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_names(sample_pipeline, tmp_path):
+    Trainer(tiny_recipe(sample_pipeline, tmp_path / "eager", steps=3), CPU).fit()
+    result = Trainer(tiny_recipe(sample_pipeline, tmp_path / "compiled", steps=3, compile=True), CPU).fit()
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert all(abs(eager[s] - compiled[s]) <= 1e-4 * abs(eager[s]) for s in eager)
+    names = list(read_state_dict(result.checkpoint))
+    assert names and not any(name.startswith(("_orig_mod.", "module.")) for name in names)

@@ -211,7 +211,7 @@ class Trainer:
                     z_loss=self.recipe.train.z_loss,
                 )
                 self.scaler.scale(loss / self.accum).backward()
-            loss_sum += cross_entropy
+            loss_sum += cross_entropy.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.recipe.optim.clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
