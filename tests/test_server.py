@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -181,3 +182,31 @@ def test_over_the_concurrency_limit_is_429(client):
 def test_a_checkpoint_that_cannot_load_is_reported_at_start(llmctl, tmp_path):
     result = llmctl("serve", f"broken={tmp_path}", "--port", str(free_port()))
     assert result.returncode == 2 and "not a checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shutdown_drains_in_flight_streams(tiny_checkpoint):
+    app = create_app({"tiny": load_served_model("tiny", tiny_checkpoint, max_batch=2)})
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    body = {
+        "model": "tiny",
+        "prompt": "x",
+        "max_tokens": 100,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = []
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 2:
+                    instance.should_exit = True  # what SIGTERM does
+    thread.join(timeout=60)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["usage"]["completion_tokens"] >= 1
+    assert not thread.is_alive()
