@@ -37,6 +37,35 @@ def run_llmctl(
     return result
 
 
+def tiny_recipe_dict(pipeline: dict[str, Path], run_dir: Path, **train) -> dict:
+    """A recipe for a 2-layer model on the sample tokens: seconds per run on CPU."""
+    return {
+        "name": "test",
+        "model": {
+            "vocab_size": 1024,
+            "d_model": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "d_ff": 128,
+            "max_seq_len": 64,
+        },
+        "data": {"tokens": str(pipeline["tokens"]), "tokenizer": str(pipeline["tokenizer"])},
+        "train": {
+            "steps": 8,
+            "micro_batch_size": 4,
+            "global_batch_size": 8,
+            "log_every": 1,
+            "eval_every": 0,
+            "eval_batches": 2,
+            **train,
+        },
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 2},
+        "checkpoint": {"dir": str(run_dir), "every": 4, "keep_last": 5},
+    }
+
+
 @pytest.fixture
 def llmctl():
     return run_llmctl

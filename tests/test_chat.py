@@ -10,14 +10,14 @@ import pytest
 
 from llmctl.checkpoint import TOKENIZER_FILE, open_model
 from llmctl.data.tokenizer import Tokenizer
-from llmctl.infer.chat_session import ChatSession, ChatSettings
+from llmctl.infer.chat_session import ChatSession, chat_sampling
 
 
 def session_for(checkpoint) -> ChatSession:
     return ChatSession(
         open_model(checkpoint),
         Tokenizer(checkpoint / TOKENIZER_FILE),
-        settings=ChatSettings(temperature=0.0, max_tokens=12),
+        settings=chat_sampling(temperature=0.0, max_tokens=12),
     )
 
 

@@ -196,3 +196,22 @@ def test_html_is_converted_to_visible_text():
     text = html_to_text(html)
     assert "Title" in text and "Body & text." in text
     assert "var x" not in text and "menu" not in text
+
+
+def test_zero_thresholds_from_the_cli_switch_filters_off(tmp_path, llmctl):
+    source = write_jsonl(tmp_path / "docs.jsonl", ["tiny", " ".join(str(n) for n in range(300))])
+    out = tmp_path / "out"
+    llmctl(
+        "corpus",
+        "build",
+        str(source),
+        "--out",
+        str(out),
+        "--min-chars",
+        "0",
+        "--min-alpha-fraction",
+        "0",
+        check=True,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["filtered"] == {} and manifest["options"]["filters"]["min_chars"] == 0

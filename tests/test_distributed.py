@@ -7,6 +7,7 @@ import json
 import pytest
 import tomli_w
 import torch
+from conftest import tiny_recipe_dict
 
 from llmctl.checkpoint import list_checkpoints
 from llmctl.model.hf_format import read_state_dict
@@ -15,32 +16,11 @@ pytestmark = pytest.mark.slow
 
 
 def write_recipe(path, pipeline, run_dir, strategy):
-    recipe = {
-        "name": "dist",
-        "model": {
-            "vocab_size": 1024,
-            "d_model": 64,
-            "n_layer": 2,
-            "n_head": 4,
-            "n_kv_head": 2,
-            "d_ff": 128,
-            "max_seq_len": 64,
-            "tie_embeddings": True,
-        },
-        "data": {"tokens": str(pipeline["tokens"]), "tokenizer": str(pipeline["tokenizer"])},
-        "train": {
-            "steps": 6,
-            "micro_batch_size": 2,
-            "global_batch_size": 8,
-            "log_every": 1,
-            "eval_every": 3,
-            "eval_batches": 2,
-        },
-        "optim": {"lr": 3e-3},
-        "schedule": {"warmup_steps": 2},
-        "checkpoint": {"dir": str(run_dir), "every": 0},
-        "distributed": {"strategy": strategy, "backend": "gloo"},
-    }
+    recipe = tiny_recipe_dict(pipeline, run_dir, steps=6, micro_batch_size=2, eval_every=3)
+    recipe["name"] = "dist"
+    recipe["model"]["tie_embeddings"] = True
+    recipe["checkpoint"] = {"dir": str(run_dir), "every": 0}
+    recipe["distributed"] = {"strategy": strategy, "backend": "gloo"}
     path.write_text(tomli_w.dumps(recipe))
     return path
 

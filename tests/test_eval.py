@@ -119,7 +119,7 @@ def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, 
     assert record["suite"] == "domain" and len(record["checkpoint_sha256"]) == 64 and record["llmctl_version"]
     assert set(record["results"]) == {"heldout", "cloze", "headings"}
     assert 0.0 <= record["results"]["cloze"]["domain_cloze"]["acc"] <= 1.0
-    llmctl(
+    not_text = llmctl(
         "eval",
         str(tiny_checkpoint),
         "--data",
@@ -127,6 +127,11 @@ def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, 
         "--out",
         str(second),
     )
+    assert (
+        not_text.returncode == 2
+        and "headings.jsonl:1: expected a JSON object with a 'text' field" in not_text.stderr
+    )
+    assert not second.exists()  # nothing half-written on error
     text_file = tmp_path / "doc.txt"
     text_file.write_text("The Python tutorial explains lists and dictionaries.")
     llmctl("eval", str(tiny_checkpoint), "--data", str(text_file), "--out", str(second), check=True)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe_dict
 
 from llmctl.checkpoint import list_checkpoints
 from llmctl.errors import UserError
@@ -21,33 +22,7 @@ CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device
 
 
 def tiny_recipe(pipeline, run_dir, **train):
-    return recipe_from_dict(
-        {
-            "name": "test",
-            "model": {
-                "vocab_size": 1024,
-                "d_model": 64,
-                "n_layer": 2,
-                "n_head": 4,
-                "n_kv_head": 2,
-                "d_ff": 128,
-                "max_seq_len": 64,
-            },
-            "data": {"tokens": str(pipeline["tokens"]), "tokenizer": str(pipeline["tokenizer"])},
-            "train": {
-                "steps": 8,
-                "micro_batch_size": 4,
-                "global_batch_size": 8,
-                "log_every": 1,
-                "eval_every": 0,
-                "eval_batches": 2,
-                **train,
-            },
-            "optim": {"lr": 3e-3},
-            "schedule": {"warmup_steps": 2},
-            "checkpoint": {"dir": str(run_dir), "every": 4, "keep_last": 5},
-        }
-    )
+    return recipe_from_dict(tiny_recipe_dict(pipeline, run_dir, **train))
 
 
 def step_losses(run_dir) -> dict[int, float]:

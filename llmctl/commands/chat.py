@@ -25,14 +25,14 @@ def chat(
     from llmctl.checkpoint import TOKENIZER_FILE, open_model
     from llmctl.commands.model_args import resolve_checkpoint
     from llmctl.data.tokenizer import Tokenizer
-    from llmctl.infer.chat_session import ChatSession, ChatSettings
+    from llmctl.infer.chat_session import ChatSession, chat_sampling
 
     path = resolve_checkpoint(checkpoint)
     session = ChatSession(
         open_model(path),
         Tokenizer(path / TOKENIZER_FILE),
         system=system,
-        settings=ChatSettings(temperature=temperature, max_tokens=max_tokens),
+        settings=chat_sampling(temperature, max_tokens),
     )
     if plain or not sys.stdin.isatty():
         run_plain(session)

@@ -56,7 +56,7 @@ def build(
         "language": language,
     }
     filters = FiltersSection.model_validate(
-        {**filters.model_dump(), **{k: v for k, v in thresholds.items() if v}}
+        {**filters.model_dump(), **{k: v for k, v in thresholds.items() if v is not None}}
     )
     options = CorpusOptions(
         filters=filters,

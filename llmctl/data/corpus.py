@@ -165,7 +165,7 @@ def build_corpus(
 
     with atomic_directory(out) as staging:
         writers = {split: ShardWriter(staging, split, options.shard_bytes) for split in SPLITS}
-        with _worker_pool(options) as run:
+        with WorkerPool(options) as run:
             for document in run(_batches(documents())):
                 stats["documents_read"] += 1
                 stats["input_bytes"] += document.input_bytes
@@ -237,7 +237,7 @@ def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
-class _worker_pool:
+class WorkerPool:
     """Ordered parallel map over document batches; one process per core, or in-process for one worker."""
 
     def __init__(self, options: CorpusOptions) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from llmctl.data.chat import END, Message, render_chat
@@ -18,25 +18,23 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.text import stream_text
 from llmctl.model import Transformer
 
+# /set NAME -> the SamplingParams field it changes, and the type of its value
 SETTABLE = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "max_tokens": int,
-    "repetition_penalty": float,
+    "temperature": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "min_p": ("min_p", float),
+    "max_tokens": ("max_new_tokens", int),
+    "repetition_penalty": ("repetition_penalty", float),
 }
 HELP = "commands: /reset, /system TEXT, /set NAME VALUE (" + ", ".join(SETTABLE) + "), /save FILE, /help"
 
 
-@dataclass
-class ChatSettings:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50
-    min_p: float = 0.0
-    max_tokens: int = 256
-    repetition_penalty: float = 1.1
+def chat_sampling(temperature: float = 0.7, max_tokens: int = 256) -> SamplingParams:
+    """Defaults for conversation: a little randomness, nucleus sampling and a mild repetition penalty."""
+    return SamplingParams(
+        max_new_tokens=max_tokens, temperature=temperature, top_p=0.95, top_k=50, repetition_penalty=1.1
+    )
 
 
 @dataclass
@@ -44,7 +42,7 @@ class ChatSession:
     model: Transformer
     tokenizer: Tokenizer
     system: str | None = None
-    settings: ChatSettings = field(default_factory=ChatSettings)
+    settings: SamplingParams = field(default_factory=chat_sampling)
     history: list[Message] = field(default_factory=list)
     last_tokens_per_second: float = 0.0
 
@@ -65,11 +63,12 @@ class ChatSession:
             key, _, value = argument.partition(" ")
             if key not in SETTABLE:
                 return f"cannot set {key!r}; settable: {', '.join(SETTABLE)}"
+            name, kind = SETTABLE[key]
             try:
-                setattr(self.settings, key, SETTABLE[key](value))
+                setattr(self.settings, name, kind(value))
             except ValueError:
-                return f"{key} needs a {SETTABLE[key].__name__}, got {value!r}"
-            return f"{key} = {getattr(self.settings, key)}"
+                return f"{key} needs a {kind.__name__}, got {value!r}"
+            return f"{key} = {getattr(self.settings, name)}"
         if name == "save":
             if not argument:
                 return "usage: /save FILE"
@@ -91,15 +90,7 @@ class ChatSession:
             self.history.pop(0)
             prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
         stop_ids = (self.tokenizer.eos_id, self.tokenizer.special_ids(END))
-        params = SamplingParams(
-            max_new_tokens=self.settings.max_tokens,
-            temperature=self.settings.temperature,
-            top_p=self.settings.top_p,
-            top_k=self.settings.top_k,
-            min_p=self.settings.min_p,
-            repetition_penalty=self.settings.repetition_penalty,
-            stop_token_ids=stop_ids,
-        )
+        params = replace(self.settings, stop_token_ids=stop_ids)
         started, produced, parts = time.perf_counter(), 0, []
         ids = generate_ids(self.model, prompt_ids, params)
         for chunk in stream_text(self.tokenizer, prompt_ids, ids, stop_token_ids=stop_ids):

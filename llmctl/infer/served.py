@@ -15,7 +15,7 @@ from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
-from llmctl.infer.text import IncrementalDecoder, StopStrings, TextChunk
+from llmctl.infer.text import TextChunk, TextStream
 
 
 @dataclass
@@ -75,8 +75,7 @@ async def stream_completion(
             loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
 
     request = served.engine.submit(prompt_ids, params, deliver)
-    decoder = IncrementalDecoder(served.tokenizer, prompt_ids)
-    stops = StopStrings(stop_strings)
+    text = TextStream(served.tokenizer, prompt_ids, params.stop_token_ids, stop_strings)
     try:
         while True:
             token, finish = await queue.get()
@@ -84,17 +83,16 @@ async def stream_completion(
                 record.completion_tokens += 1
                 if record.first_token_at is None:
                     record.first_token_at = time.perf_counter()
-                if token not in params.stop_token_ids:
-                    text, hit = stops.feed(decoder.push(token))
-                    if hit:
-                        record.finish_reason = "stop"
-                        yield TextChunk(text, token, "stop")
-                        return
-                    if text:
-                        yield TextChunk(text, token)
+                chunk = text.push(token)
+                if chunk.finish_reason:
+                    record.finish_reason = chunk.finish_reason
+                    yield chunk
+                    return
+                if chunk.text:
+                    yield chunk
             if finish is not None:
                 record.finish_reason = "stop" if finish == "stop" else "length"
-                yield TextChunk(stops.flush(), None, record.finish_reason)
+                yield text.end(record.finish_reason)
                 return
     finally:
         request.cancel()

@@ -183,7 +183,7 @@ def create_app(
 
     async def respond(served, body, prompt_ids, max_tokens, stop_ids, kind, prompt_param):
         for name in UNSUPPORTED:
-            if getattr(body, "model_extra", {}).get(name) not in (None, False, 0):
+            if (body.model_extra or {}).get(name) not in (None, False, 0):
                 raise OpenAIError(400, f"{name} is not supported by this server", param=name)
         try:
             fit_prompt(prompt_ids, served.context)

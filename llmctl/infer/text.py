@@ -77,6 +77,32 @@ class TextChunk:
     finish_reason: str | None = None  # "stop" (stop id or string) or "length"
 
 
+class TextStream:
+    """Generated ids -> visible text chunks: detokenization, stop ids (never shown) and stop strings."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        stop_token_ids: Iterable[int] = (),
+        stop_strings: Iterable[str] = (),
+    ) -> None:
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
+        self.stops = StopStrings(stop_strings)
+        self.stop_ids = set(stop_token_ids)
+
+    def push(self, token_id: int) -> TextChunk:
+        """The text this id makes visible; finish_reason is "stop" when a stop id or string ends the text."""
+        if token_id in self.stop_ids:
+            return TextChunk(self.stops.flush(), token_id, "stop")
+        visible, stopped = self.stops.feed(self.decoder.push(token_id))
+        return TextChunk(visible, token_id, "stop" if stopped else None)
+
+    def end(self, reason: str) -> TextChunk:
+        """The text held back for a possible stop string, released when generation ends for `reason`."""
+        return TextChunk(self.stops.flush(), None, reason)
+
+
 def stream_text(
     tokenizer: Tokenizer,
     prompt_ids: list[int],
@@ -84,17 +110,11 @@ def stream_text(
     stop_token_ids: Iterable[int] = (),
     stop_strings: Iterable[str] = (),
 ) -> Iterator[TextChunk]:
-    """Text deltas of an id stream; the last chunk carries the finish reason. Stop ids are not shown."""
-    decoder = IncrementalDecoder(tokenizer, prompt_ids)
-    stops = StopStrings(stop_strings)
-    stop_ids = set(stop_token_ids)
+    """Text deltas of an id stream; the last chunk carries the finish reason."""
+    stream = TextStream(tokenizer, prompt_ids, stop_token_ids, stop_strings)
     for token_id in ids:
-        if token_id in stop_ids:
-            yield TextChunk(stops.flush(), token_id, "stop")
+        chunk = stream.push(token_id)
+        yield chunk
+        if chunk.finish_reason:
             return
-        visible, stopped = stops.feed(decoder.push(token_id))
-        if stopped:
-            yield TextChunk(visible, token_id, "stop")
-            return
-        yield TextChunk(visible, token_id)
-    yield TextChunk(stops.flush(), None, "length")  # max_new_tokens or the end of the context
+    yield stream.end("length")  # max_new_tokens or the end of the context

@@ -67,6 +67,9 @@ class Trainer:
         self.strategy = resolve_strategy(recipe, context.world_size)
         self.accum = grad_accum_steps(recipe, context.world_size)
         self.seq_len = recipe.seq_len
+        if not recipe.data.tokens:
+            raise UserError("recipe data.tokens is not set: point it at a `llmctl tokenize encode` output")
+        self.meta = read_meta(Path(recipe.data.tokens))
         self.tokenizer = self._check_data()
         self.stop_requested = False
         self.skipped_steps = 0
@@ -109,10 +112,8 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------------
 
     def _check_data(self) -> Tokenizer | None:
+        """The token files fit the model, and the recipe's tokenizer is the one that encoded them."""
         data = self.recipe.data
-        if not data.tokens:
-            raise UserError("recipe data.tokens is not set: point it at a `llmctl tokenize encode` output")
-        self.meta = read_meta(Path(data.tokens))
         if self.meta["vocab_size"] > self.recipe.model.vocab_size:
             raise UserError(
                 f"the token files use a {self.meta['vocab_size']}-piece vocabulary but model.vocab_size is "
