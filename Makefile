@@ -32,10 +32,10 @@ demo: install
 	bash scripts/demo.sh $(DEMO)
 
 bench: install
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/data_throughput.py
-	$(BIN)/python benchmarks/decode.py
-	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.data_throughput
+	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.serve
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,4 +1,7 @@
-"""Shared benchmark helpers: this machine's matmul peak and memory bandwidth, measured in the same run."""
+"""Shared benchmark helpers: this machine's memory bandwidth, measured in the same run, and fake token files.
+
+The matmul peak that MFU is quoted against is `llmctl.train.metrics.measure_cpu_matmul_peak`, the trainer's own.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def matmul_peak_flops(sizes: tuple[int, ...] = (2048, 3072), repeats: int = 4) -> float:
-    """Best fp32 GEMM FLOP/s over a few large square shapes (the ceiling MFU is quoted against)."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        started = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
-    return best
 
 
 def memory_bandwidth(bytes_: int = 1 << 30, repeats: int = 5) -> float:

@@ -2,7 +2,7 @@
 end-to-end `tokenize encode`, and raw sentencepiece encoding side by side with Hugging Face `tokenizers`
 (a BPE of the same vocabulary size trained on the same text), in one run.
 
-    .venv/bin/python benchmarks/data_throughput.py [--corpus ../shared/data/techdocs] [--vocab 32000]
+    .venv/bin/python -m benchmarks.data_throughput [--corpus ../shared/data/techdocs] [--vocab 32000]
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
-
-from llmctl.data.corpus import CorpusOptions, build_corpus, iter_texts  # noqa: E402
-from llmctl.data.shards import encode_corpus  # noqa: E402
-from llmctl.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from benchmarks.common import machine
+from llmctl.data.corpus import CorpusOptions, build_corpus, iter_texts
+from llmctl.data.token_files import encode_corpus
+from llmctl.data.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,27 +2,25 @@
 run, against this machine's memory-bandwidth bound (every weight is read once per decoded token).
 llama.cpp runs beside them when `llama-cpp-python` and `gguf` are installed.
 
-    .venv/bin/python benchmarks/decode.py [--shapes tiny,134m] [--new-tokens 128]
+    .venv/bin/python -m benchmarks.decode [--shapes tiny,134m] [--new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, memory_bandwidth  # noqa: E402
-
-from llmctl.infer.generate import generate_batch, generate_ids  # noqa: E402
-from llmctl.infer.sampling import SamplingParams  # noqa: E402
-from llmctl.model import ModelConfig, Transformer  # noqa: E402
-from llmctl.model.hf_format import export_state_dict, write_model_files  # noqa: E402
-from llmctl.runtime import keep_freed_memory  # noqa: E402
+from benchmarks.common import machine, memory_bandwidth
+from llmctl.infer.cpu_decode import use_numpy_blas
+from llmctl.infer.generate import generate_batch, generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.model import ModelConfig, Transformer
+from llmctl.model.hf_format import export_state_dict, write_model_files
+from llmctl.runtime import keep_freed_memory
 
 SHAPES = {
     "tiny": ModelConfig(vocab_size=8000, d_model=384, n_layer=6, n_head=6, max_seq_len=1024),  # 16.8M
@@ -62,6 +60,7 @@ def measure(name: str, config: ModelConfig, args: argparse.Namespace, bandwidth:
     ours = Transformer(config).eval()
     work = Path(tempfile.mkdtemp())
     write_model_files(work, config, export_state_dict(ours))
+    use_numpy_blas(ours)  # what `llmctl chat` and `serve` do when they load a checkpoint
     theirs = transformers.AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
     hf_kwargs = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0

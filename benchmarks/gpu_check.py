@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import fake_tokens  # noqa: E402
-
+from benchmarks.common import fake_tokens
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model import ModelConfig, Transformer
@@ -42,11 +40,11 @@ def train_row(name: str, work: Path, layers: int, compile_: bool, steps: int = 8
     recipe = recipe_from_dict(base)
     trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cuda")))
     for step in range(2):  # warm-up (and compilation)
-        trainer._train_step(step)
+        trainer.train_step(step)
     torch.cuda.synchronize()
     started = time.perf_counter()
     for step in range(2, steps):
-        record = trainer._train_step(step)
+        record = trainer.train_step(step)
     torch.cuda.synchronize()
     tokens_per_second = (steps - 2) * 4 * recipe.seq_len / (time.perf_counter() - started)
     peak = device_peak_flops(torch.device("cuda"), "bf16")
@@ -54,7 +52,7 @@ def train_row(name: str, work: Path, layers: int, compile_: bool, steps: int = 8
     memory = torch.cuda.max_memory_allocated() / 2**30
     return (
         name,
-        f"{tokens_per_second:,.0f} tok/s, MFU {100 * mfu:.1f}%, loss {record['loss']:.3f}, {memory:.1f} GiB",
+        f"{tokens_per_second:,.0f} tok/s, MFU {100 * mfu:.1f}%, loss {record.loss:.3f}, {memory:.1f} GiB",
     )
 
 

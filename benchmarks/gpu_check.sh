@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 $PY -m pip install -q --no-deps -e . 2>/dev/null || true
-$PY benchmarks/gpu_check.py
+$PY -m benchmarks.gpu_check

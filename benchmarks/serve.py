@@ -1,7 +1,7 @@
 """Serving throughput: 16 concurrent streaming clients vs 1 against `llmctl serve` (its own process) on
 localhost. Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
 
-    .venv/bin/python benchmarks/serve.py [--clients 16] [--requests 32] [--max-tokens 64]
+    .venv/bin/python -m benchmarks.serve [--clients 16] [--requests 32] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from pathlib import Path
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
-
-from llmctl.checkpoint import save_checkpoint  # noqa: E402
-from llmctl.data.corpus import CorpusOptions, build_corpus  # noqa: E402
-from llmctl.data.tokenizer import train_tokenizer  # noqa: E402
-from llmctl.model import ModelConfig, Transformer  # noqa: E402
-from llmctl.model.hf_format import export_state_dict  # noqa: E402
+from benchmarks.common import machine
+from llmctl.checkpoint import save_checkpoint
+from llmctl.data.corpus import CorpusOptions, build_corpus
+from llmctl.data.tokenizer import train_tokenizer
+from llmctl.model import ModelConfig, Transformer
+from llmctl.model.hf_format import export_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [

@@ -4,7 +4,7 @@ same weights, same batches, one run. Prints tokens/s of each, the ratio and MFU 
 The HF peer runs twice: in this process (after llmctl has tuned the allocator, so kernels are compared
 like for like) and in a fresh process with default settings (what a plain transformers user gets).
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 12] [--d-model 384 --layers 6 --vocab 8000]
+    .venv/bin/python -m benchmarks.train_throughput [--steps 12] [--d-model 384 --layers 6 --vocab 8000]
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import fake_tokens, machine, matmul_peak_flops  # noqa: E402
-
-from llmctl.model import ModelConfig, Transformer  # noqa: E402
-from llmctl.model.hf_format import export_state_dict, write_model_files  # noqa: E402
+from benchmarks.common import fake_tokens, machine
+from llmctl.model import ModelConfig, Transformer
+from llmctl.model.hf_format import export_state_dict, write_model_files
+from llmctl.train.metrics import measure_cpu_matmul_peak
 
 
 def batches(args, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -92,7 +91,7 @@ def llmctl_stepper(work: Path, args):
         }
     )
     trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cpu")))
-    return trainer._train_step
+    return trainer.train_step
 
 
 def main() -> None:
@@ -132,7 +131,7 @@ def main() -> None:
     )
     write_model_files(work, config, export_state_dict(Transformer(config)))
     fresh = subprocess.run(
-        [sys.executable, __file__, *sys.argv[1:], "--hf-only-from", str(work)],
+        [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--hf-only-from", str(work)],
         capture_output=True,
         text=True,
         check=True,
@@ -141,7 +140,7 @@ def main() -> None:
 
     ours_step = llmctl_stepper(work, args)
     hf_step = hf_stepper(work, args)
-    peak = matmul_peak_flops()
+    peak = measure_cpu_matmul_peak()
     ours, theirs = [], []
     for _ in range(args.rounds):  # interleaved, so a noisy neighbour hurts both alike; best round of each
         ours.append(timed(ours_step, args))

@@ -33,3 +33,16 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file completely or not at all: a reader sees the old contents or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(path)
+    try:
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from llmctl.atomic import atomic_directory
+from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import CONFIG_FILE, load_model, write_model_files
@@ -112,3 +113,22 @@ def open_model(
         return load_model(path, dtype=dtype, device=device)
     except (ValueError, FileNotFoundError, KeyError) as error:
         raise UserError(f"cannot load checkpoint {path}: {error}") from None
+
+
+def open_checkpoint(
+    path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint's model and the tokenizer it was trained with, checked to fit each other."""
+    path = Path(path)
+    model = open_model(path, dtype=dtype, device=device)
+    if not (path / TOKENIZER_FILE).is_file():
+        raise UserError(
+            f"{path} has no {TOKENIZER_FILE}: train with data.tokenizer set, or copy the tokenizer in"
+        )
+    tokenizer = Tokenizer(path / TOKENIZER_FILE)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"tokenizer mismatch in {path}: {tokenizer.vocab_size} pieces but the model has "
+            f"{model.config.vocab_size} embeddings"
+        )
+    return model, tokenizer

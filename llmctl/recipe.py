@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import tomli_w
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from llmctl.data.filters import FilterRules
 from llmctl.errors import UserError
-from llmctl.model import ModelConfig
+from llmctl.model.config import ModelConfig
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSection(Section):
-    vocab_size: int = Field(32000, gt=0)
-    d_model: int = Field(512, gt=0)
-    n_layer: int = Field(8, gt=0)
-    n_head: int = Field(8, gt=0)
-    n_kv_head: int | None = Field(None, gt=0, description="grouped-query attention; default n_head")
-    d_ff: int | None = Field(None, gt=0, description="SwiGLU width; default 8/3 d_model rounded to 256")
-    max_seq_len: int = Field(2048, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
-    tie_embeddings: bool = False
-    init_std: float = Field(0.02, gt=0)
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class ModelShape(Section):
+    """Behaviour of the [model] section; its fields are ModelConfig's own (see ModelSection)."""
 
     def to_config(
         self, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = 3
@@ -45,20 +40,24 @@ class ModelSection(Section):
             raise UserError(f"recipe [model]: {error}") from None
 
 
-class FiltersSection(Section):
-    min_chars: int = Field(200, ge=0)
-    max_chars: int = Field(1_000_000, gt=0)
-    min_alpha_fraction: float = Field(0.5, ge=0, le=1)
-    max_repeated_line_fraction: float = Field(0.3, ge=0, le=1)
-    max_repeated_ngram_fraction: float = Field(0.3, ge=0, le=1)
-    language: str | None = None
+def _model_fields() -> dict[str, Any]:
+    """ModelConfig's fields, types, constraints and defaults: the shape is declared once, in llmctl.model."""
+    hints = get_type_hints(ModelConfig, include_extras=True)
+    return {
+        field.name: (hints[field.name], field.default)
+        for field in dataclasses.fields(ModelConfig)
+        if field.name not in TOKEN_ID_FIELDS
+    }
+
+
+ModelSection = create_model("ModelSection", __base__=ModelShape, **_model_fields())
 
 
 class DataSection(Section):
     corpus: str | None = Field(None, description="a `llmctl corpus build` output directory")
     tokens: str | None = Field(None, description="a `llmctl tokenize encode` output directory")
     tokenizer: str | None = Field(None, description="a sentencepiece .model file")
-    filters: FiltersSection = FiltersSection()
+    filters: FilterRules = FilterRules()
 
 
 class TrainSection(Section):

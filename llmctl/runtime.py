@@ -5,10 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import torch
 
 # glibc mallopt parameters
 M_TRIM_THRESHOLD = -1
@@ -39,22 +35,3 @@ def keep_freed_memory() -> bool:
         return False
     _tuned = applied
     return applied
-
-
-@contextmanager
-def decode_threads(device: torch.device) -> Iterator[None]:
-    """Run torch single-threaded for CPU decode steps.
-
-    A decode step is a chain of tiny ops and memory-bound projections: torch's intra-op threads only add
-    synchronisation, and their spinning starves the BLAS threads that stream the weights
-    (llmctl.model.layers.linear). Switching costs well under a microsecond.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

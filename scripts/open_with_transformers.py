@@ -8,16 +8,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from llmctl.checkpoint import TOKENIZER_FILE, open_model
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.checkpoint import open_checkpoint
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 
 
 def main(checkpoint: Path) -> None:
-    ours = open_model(checkpoint)
+    ours, tokenizer = open_checkpoint(checkpoint)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokenizer = Tokenizer(checkpoint / TOKENIZER_FILE)
     prompt = tokenizer.encode("The Python tutorial")
     ids = torch.tensor([prompt])
     with torch.no_grad():

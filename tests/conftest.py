@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,6 +72,47 @@ def tiny_recipe_dict(pipeline: dict[str, Path], run_dir: Path, **train) -> dict:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    server: object  # uvicorn.Server: set `should_exit` to stop it as SIGTERM would
+    thread: threading.Thread
+
+
+@contextmanager
+def running_server(app, timeout: float = 30) -> Iterator[RunningServer]:
+    """Serve an ASGI app with uvicorn on a free localhost port; start and stop both bounded by `timeout`."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def wait_until(condition, timeout: float = 30, message: str = "condition not reached") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def llmctl():
     return run_llmctl
@@ -75,7 +122,7 @@ def llmctl():
 def sample_pipeline(tmp_path_factory) -> dict[str, Path]:
     """The bundled sample corpus built, tokenized (vocab 1024) and encoded once for the whole session."""
     from llmctl.data.corpus import CorpusOptions, build_corpus
-    from llmctl.data.shards import encode_corpus
+    from llmctl.data.token_files import encode_corpus
     from llmctl.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("sample")

@@ -8,17 +8,13 @@ import sys
 
 import pytest
 
-from llmctl.checkpoint import TOKENIZER_FILE, open_model
-from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.chat_session import ChatSession, chat_sampling
+from llmctl.infer.decode import load_for_inference
 
 
 def session_for(checkpoint) -> ChatSession:
-    return ChatSession(
-        open_model(checkpoint),
-        Tokenizer(checkpoint / TOKENIZER_FILE),
-        settings=chat_sampling(temperature=0.0, max_tokens=12),
-    )
+    model, tokenizer = load_for_inference(checkpoint)
+    return ChatSession(model, tokenizer, settings=chat_sampling(temperature=0.0, max_tokens=12))
 
 
 def test_plain_mode_from_a_pipe_prints_one_reply(tiny_checkpoint):

@@ -8,10 +8,10 @@ import random
 import pytest
 
 from llmctl.data.corpus import CorpusOptions, assign_split, build_corpus, iter_texts
+from llmctl.data.filters import FilterRules
 from llmctl.data.pii import scrub_pii
 from llmctl.data.sources import html_to_text
 from llmctl.errors import UserError
-from llmctl.recipe import FiltersSection
 
 WORDS = [
     "parser",
@@ -58,7 +58,7 @@ def write_jsonl(path, texts):
 
 
 def lenient(**overrides) -> CorpusOptions:
-    filters = FiltersSection(min_chars=10, max_repeated_ngram_fraction=1.0, max_repeated_line_fraction=1.0)
+    filters = FilterRules(min_chars=10, max_repeated_ngram_fraction=1.0, max_repeated_line_fraction=1.0)
     return CorpusOptions(**{"filters": filters, "workers": 1, **overrides})
 
 

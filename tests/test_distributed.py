@@ -62,7 +62,9 @@ def test_two_processes_match_one(sample_pipeline, single_run, tmp_path, llmctl, 
     assert a.keys() == b.keys()
     for name in b:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        # Adam divides by sqrt(v): an element whose gradient is ~0 turns reduction-order noise into a visible
+        # step. 1e-4 is 3% of one step at lr 3e-3; a wrong gradient moves weights by ~lr per step.
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4)
     assert json.loads((ours_ckpt / "config.json").read_text()) == json.loads(
         (reference_ckpt / "config.json").read_text()
     )

@@ -7,8 +7,9 @@ import threading
 import pytest
 import torch
 
-from llmctl.infer.engine import Engine, QueueFull
-from llmctl.infer.generate import PromptTooLong, generate_ids
+from llmctl.infer.decode import PromptTooLong
+from llmctl.infer.engine import Engine
+from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model import ModelConfig, Transformer
 
@@ -81,10 +82,8 @@ def test_stop_id_and_cancellation_free_the_slot(model):
         engine.stop()
 
 
-def test_queue_limit_and_prompt_length_are_checked_at_submit(model):
-    engine = Engine(model, max_batch=1, max_queue=1)  # not started: nothing drains the queue
-    engine.submit([1], SamplingParams(), Collector())
-    with pytest.raises(QueueFull):
-        engine.submit([1], SamplingParams(), Collector())
+def test_prompt_length_is_checked_at_submit(model):
+    engine = Engine(model, max_batch=1)  # not started: nothing is queued by a refused request
     with pytest.raises(PromptTooLong):
         engine.submit(list(range(60)), SamplingParams(), Collector())
+    assert engine.queue_depth() == 0

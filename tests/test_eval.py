@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from llmctl.data.corpus import iter_texts
-from llmctl.data.tokenizer import Tokenizer
 from llmctl.evaluate.perplexity import perplexity
 from llmctl.evaluate.scoring import sliding_windows
 from llmctl.evaluate.suite import build_domain_suite
@@ -27,9 +26,9 @@ def test_sliding_windows_score_every_position_once():
 
 
 def test_perplexity_equals_transformers_on_the_same_windows(tiny_checkpoint, sample_pipeline):
-    from llmctl.checkpoint import open_model
+    from llmctl.checkpoint import open_checkpoint
 
-    model, tokenizer = open_model(tiny_checkpoint), Tokenizer(tiny_checkpoint / "tokenizer.model")
+    model, tokenizer = open_checkpoint(tiny_checkpoint)
     texts = list(iter_texts(sample_pipeline["corpus"], "val"))[:3]
     ours = perplexity(model, tokenizer, texts, window=64, stride=32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
@@ -129,7 +128,7 @@ def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, 
     )
     assert (
         not_text.returncode == 2
-        and "headings.jsonl:1: expected a JSON object with a 'text' field" in not_text.stderr
+        and "headings.jsonl:1: expected a JSON object with a string field 'text'" in not_text.stderr
     )
     assert not second.exists()  # nothing half-written on error
     text_file = tmp_path / "doc.txt"

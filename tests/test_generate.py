@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llmctl.infer.beam import BeamParams, beam_search
-from llmctl.infer.generate import PromptTooLong, fit_prompt, generate_batch, generate_ids
+from llmctl.infer.decode import PromptTooLong, fit_prompt
+from llmctl.infer.generate import generate_batch, generate_ids
 from llmctl.infer.sampling import SamplingParams, filter_logits, sample_next
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict, write_model_files

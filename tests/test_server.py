@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from conftest import free_port, running_server, wait_until
 
-from llmctl.infer.served import load_served_model
+from llmctl.infer.decode import load_for_inference
+from llmctl.infer.engine import Engine
+from llmctl.infer.served import ServedModel, load_served_model
 from llmctl.infer.server import create_app
 
 API_KEY = "sk-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +27,8 @@ def server(tiny_checkpoint):
     app = create_app(
         models, routes={"ab": [("tiny", 0.5), ("other", 0.5)]}, api_key=API_KEY, max_concurrency=8
     )
-    port = free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=30)
+    with running_server(app) as running:
+        yield running.url
 
 
 @pytest.fixture
@@ -168,15 +153,72 @@ def test_client_disconnect_frees_the_slot(server):
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break  # read one event, then hang up
-    deadline = time.time() + 10
-    while httpx.get(f"{server}/health").json()["models"]["other"]["active"] != 0:
-        assert time.time() < deadline, "the disconnected request kept its slot"
-        time.sleep(0.05)
+    wait_until(
+        lambda: httpx.get(f"{server}/health").json()["models"]["other"]["active"] == 0,
+        timeout=10,
+        message="the disconnected request kept its slot",
+    )
 
 
-def test_over_the_concurrency_limit_is_429(client):
+def test_more_choices_than_the_limit_in_one_request_is_429(client):
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, n=9)
+
+
+def paused_model(checkpoint) -> ServedModel:
+    """A served model whose engine is not running yet: admitted requests stay in flight until it starts."""
+    model, tokenizer = load_for_inference(checkpoint)
+    return ServedModel("tiny", checkpoint, Engine(model, max_batch=2), tokenizer)
+
+
+def test_concurrent_requests_over_the_limit_get_429_and_the_rest_finish(tiny_checkpoint):
+    served = paused_model(tiny_checkpoint)
+    app = create_app({"tiny": served}, max_concurrency=3)
+    outcomes: list[tuple[int, list[str]]] = []
+    lock = threading.Lock()
+
+    def stream(url: str) -> None:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            if response.status_code == 200:
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            else:
+                events = [response.read().decode()]
+            with lock:
+                outcomes.append((response.status_code, events))
+
+    with running_server(app) as running:
+        clients = [threading.Thread(target=stream, args=(running.url,)) for _ in range(6)]
+        for client in clients:
+            client.start()
+        wait_until(lambda: len(outcomes) == 3, message="three requests should have been refused at once")
+        assert [status for status, _ in outcomes] == [429, 429, 429]
+        assert all(json.loads(events[0])["error"]["type"] == "rate_limit_error" for _, events in outcomes)
+        assert app.state.llmctl.admission.in_flight == 3
+        served.engine.start()
+        for client in clients:
+            client.join(60)
+        admitted = [events for status, events in outcomes if status == 200]
+        assert len(admitted) == 3 and all(events[-1] == "[DONE]" for events in admitted)
+        wait_until(lambda: app.state.llmctl.admission.in_flight == 0, message="admission was not given back")
+
+
+def test_a_client_that_hangs_up_before_its_first_token_gives_its_admission_back(tiny_checkpoint):
+    served = paused_model(tiny_checkpoint)
+    app = create_app({"tiny": served}, max_concurrency=1)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "stream": True}
+    try:
+        with running_server(app) as running:
+            with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=30) as response:
+                assert response.status_code == 200  # admitted, waiting for the paused engine
+            wait_until(
+                lambda: app.state.llmctl.admission.in_flight == 0, message="the hang-up kept its admission"
+            )
+            served.engine.start()
+            again = httpx.post(f"{running.url}/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        served.engine.stop()
 
 
 def test_a_checkpoint_that_cannot_load_is_reported_at_start(llmctl, tmp_path):
@@ -186,12 +228,6 @@ def test_a_checkpoint_that_cannot_load_is_reported_at_start(llmctl, tmp_path):
 
 def test_shutdown_drains_in_flight_streams(tiny_checkpoint):
     app = create_app({"tiny": load_served_model("tiny", tiny_checkpoint, max_batch=2)})
-    port = free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.05)
     body = {
         "model": "tiny",
         "prompt": "x",
@@ -200,13 +236,14 @@ def test_shutdown_drains_in_flight_streams(tiny_checkpoint):
         "stream_options": {"include_usage": True},
     }
     events = []
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                if len(events) == 2:
-                    instance.should_exit = True  # what SIGTERM does
-    thread.join(timeout=60)
+    with running_server(app, timeout=60) as running:
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 2:
+                        running.server.should_exit = True  # what SIGTERM does
+        running.thread.join(60)
+        assert not running.thread.is_alive()
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["usage"]["completion_tokens"] >= 1
-    assert not thread.is_alive()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmctl.data.corpus import iter_texts
-from llmctl.data.shards import encode_corpus, read_meta
+from llmctl.data.token_files import encode_corpus, read_meta
 from llmctl.data.tokenizer import BOS_ID, CHAT_MARKERS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 from llmctl.errors import UserError
 

@@ -15,6 +15,7 @@ from llmctl.errors import UserError
 from llmctl.model.hf_format import read_state_dict
 from llmctl.recipe import ScheduleSection, recipe_from_dict
 from llmctl.train.distributed import DistributedContext
+from llmctl.train.events import StepLogged, StepSkipped
 from llmctl.train.optim import lr_at, parameter_groups
 from llmctl.train.trainer import Trainer
 
@@ -63,8 +64,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_pa
     interrupted_dir = tmp_path / "interrupted"
     first = Trainer(tiny_recipe(sample_pipeline, interrupted_dir), CPU)
 
-    def stop_at_half(kind, data):
-        if kind == "step" and data["step"] == 4:
+    def stop_at_half(event):
+        if isinstance(event, StepLogged) and event.step == 4:
             first.stop_requested = True  # what SIGINT/SIGTERM do
 
     first.on_event = stop_at_half
@@ -83,7 +84,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_pa
 def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeline, tmp_path):
     trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=6), CPU)
     events = []
-    trainer.on_event = lambda kind, data: events.append((kind, data))
+    trainer.on_event = events.append
     calls = {"n": 0}
 
     def poison_third_step(grad):
@@ -92,8 +93,7 @@ def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeli
 
     trainer.model.model.layers[0].mlp.down_proj.weight.register_hook(poison_third_step)
     result = trainer.fit()
-    skipped = [data for kind, data in events if kind == "skipped"]
-    assert [data["step"] for data in skipped] == [3]
+    assert [event.step for event in events if isinstance(event, StepSkipped)] == [3]
     assert result.skipped_steps == 1 and result.final_step == 6
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     losses = step_losses(tmp_path)

@@ -22,18 +22,13 @@ def chat(
     max_tokens: int = typer.Option(256, min=1),
 ) -> None:
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
-    from llmctl.checkpoint import TOKENIZER_FILE, open_model
-    from llmctl.commands.model_args import resolve_checkpoint
-    from llmctl.data.tokenizer import Tokenizer
+    from llmctl.commands.checkpoint_args import resolve_checkpoint
     from llmctl.infer.chat_session import ChatSession, chat_sampling
+    from llmctl.infer.decode import load_for_inference
 
     path = resolve_checkpoint(checkpoint)
-    session = ChatSession(
-        open_model(path),
-        Tokenizer(path / TOKENIZER_FILE),
-        system=system,
-        settings=chat_sampling(temperature, max_tokens),
-    )
+    model, tokenizer = load_for_inference(path)
+    session = ChatSession(model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens))
     if plain or not sys.stdin.isatty():
         run_plain(session)
         return

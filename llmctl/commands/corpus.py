@@ -43,10 +43,14 @@ def build(
     from llmctl.commands.corpus_report import print_build_summary
     from llmctl.commands.progress import byte_progress
     from llmctl.data.corpus import CorpusOptions, build_corpus
+    from llmctl.data.filters import FilterRules
     from llmctl.data.sources import expand_sources
-    from llmctl.recipe import FiltersSection, load_recipe
 
-    filters = load_recipe(recipe).data.filters if recipe else FiltersSection()
+    filters = FilterRules()
+    if recipe:
+        from llmctl.recipe import load_recipe
+
+        filters = load_recipe(recipe).data.filters
     thresholds = {
         "min_chars": min_chars,
         "max_chars": max_chars,
@@ -55,7 +59,7 @@ def build(
         "max_repeated_ngram_fraction": max_repeated_ngram_fraction,
         "language": language,
     }
-    filters = FiltersSection.model_validate(
+    filters = FilterRules.model_validate(
         {**filters.model_dump(), **{k: v for k, v in thresholds.items() if v is not None}}
     )
     options = CorpusOptions(

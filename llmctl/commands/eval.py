@@ -47,8 +47,8 @@ def run(
     seed: int = typer.Option(0),
 ) -> None:
     """Evaluate a checkpoint and print a table; `--out` keeps the numbers for `llmctl eval compare`."""
+    from llmctl.commands.checkpoint_args import resolve_checkpoint
     from llmctl.commands.eval_report import print_results, write_results
-    from llmctl.commands.model_args import resolve_checkpoint
     from llmctl.errors import UserError
     from llmctl.evaluate.runner import Evaluator
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from llmctl.atomic import atomic_write_text
 from llmctl.errors import UserError
 from llmctl.evaluate.runner import flatten
 
@@ -27,10 +28,7 @@ def print_results(record: dict) -> None:
 
 
 def write_results(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     console.print(f"results written to {path}")
 
 

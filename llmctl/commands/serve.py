@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -24,7 +25,7 @@ def serve(
     route: list[str] = typer.Option([], help="Weighted alias for A/B tests: stable=A:0.9,B:0.1."),
 ) -> None:
     """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
-    from llmctl.commands.model_args import parse_models, parse_routes
+    from llmctl.commands.checkpoint_args import parse_models
     from llmctl.errors import UserError
     from llmctl.infer.served import load_served_model
 
@@ -45,3 +46,32 @@ def serve(
     application = create_app(served, routes=routes, api_key=api_key, max_concurrency=max_concurrency)
     typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+def parse_routes(arguments: list[str], models: set[str]) -> dict[str, list[tuple[str, float]]]:
+    """'stable=A:0.9,B:0.1' -> {'stable': [('A', 0.9), ('B', 0.1)]}; weights are positive and finite."""
+    from llmctl.errors import UserError
+
+    routes: dict[str, list[tuple[str, float]]] = {}
+    for argument in arguments:
+        alias, sep, spec = argument.partition("=")
+        if not sep or not spec:
+            raise UserError(f"--route {argument!r}: expected ALIAS=MODEL:WEIGHT,MODEL:WEIGHT")
+        if alias in models:
+            raise UserError(f"--route alias {alias!r} is also a model name; pick another alias")
+        targets = []
+        for part in spec.split(","):
+            name, _, weight_text = part.partition(":")
+            if name not in models:
+                raise UserError(
+                    f"--route {argument!r}: {name!r} is not a served model ({', '.join(sorted(models))})"
+                )
+            try:
+                weight = float(weight_text or 1)
+            except ValueError:
+                raise UserError(f"--route {argument!r}: weight {weight_text!r} is not a number") from None
+            if not (math.isfinite(weight) and weight > 0):
+                raise UserError(f"--route {argument!r}: weight {weight_text!r} must be a positive number")
+            targets.append((name, weight))
+        routes[alias] = targets
+    return routes

@@ -51,7 +51,7 @@ def encode(
 
     from llmctl.commands.progress import byte_progress
     from llmctl.data.corpus import read_manifest
-    from llmctl.data.shards import encode_corpus
+    from llmctl.data.token_files import encode_corpus
 
     out = out or corpus.parent / "tokens"
     manifest = read_manifest(corpus)

@@ -60,9 +60,8 @@ def _run(recipe, context, resume: str | None):
     from llmctl.commands.train_report import TrainingConsole
     from llmctl.train.trainer import Trainer
 
-    console = TrainingConsole(recipe, enabled=context.is_main)
+    console = TrainingConsole(enabled=context.is_main)
     trainer = Trainer(recipe, context, on_event=console.on_event)
-    console.start(trainer)
     result = trainer.fit(resume=resume)
     console.finish(result)
     return result

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
 
 from llmctl.recipe import Recipe
+from llmctl.train.events import (
+    CheckpointSaved,
+    Evaluated,
+    Event,
+    Interrupted,
+    Resumed,
+    Started,
+    StepLogged,
+    StepSkipped,
+)
 from llmctl.train.plan import GIB, TrainingPlan
 
 
@@ -38,18 +50,49 @@ def print_plan(recipe: Recipe, plan: TrainingPlan) -> None:
 class TrainingConsole:
     """Prints the trainer's events: plain lines when piped, the same lines above a live status on a TTY."""
 
-    def __init__(self, recipe: Recipe, enabled: bool = True) -> None:
-        self.recipe, self.enabled = recipe, enabled
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.console = Console(highlight=False, soft_wrap=True)
         self.log_file = None
         self.progress: Progress | None = None
         self.task = None
+        self.total_steps = 0
 
-    def start(self, trainer) -> None:
+    def on_event(self, event: Event) -> None:
         if not self.enabled:
             return
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file = (trainer.run_dir / "train.log").open("a")
+        match event:
+            case Started():
+                self._start(event)
+            case StepLogged():
+                line = (
+                    f"step {event.step:>6}/{self.total_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+                    f"grad {event.grad_norm:.3f}  {event.tokens_per_second:,.0f} tok/s"
+                )
+                if event.mfu is not None:
+                    line += f"  MFU {100 * event.mfu:.1f}%"
+                if self.progress is not None:
+                    status = f"loss {event.loss:.3f} · {event.tokens_per_second:,.0f} tok/s"
+                    self.progress.update(self.task, completed=event.step, status=status)
+                self._print(line)
+            case Evaluated():
+                self._print(
+                    f"step {event.step:>6}  val loss {event.val_loss:.4f}  val ppl {event.val_ppl:.2f}"
+                )
+            case StepSkipped():
+                self._print(
+                    f"step {event.step:>6}  [yellow]skipped: non-finite gradients (norm {event.grad_norm})[/]"
+                )
+            case CheckpointSaved():
+                self._print(f"saved {event.path}")
+            case Resumed():
+                self._print(f"resumed from {event.checkpoint} at step {event.step}")
+            case Interrupted():
+                self._print(f"[yellow]interrupted at step {event.step}; saved {event.checkpoint}[/]")
+
+    def _start(self, event: Started) -> None:
+        self.total_steps = event.steps
+        self.log_file = (Path(event.run_dir) / "train.log").open("a")
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -60,44 +103,13 @@ class TrainingConsole:
                 console=self.console,
                 transient=True,
             )
-            self.task = self.progress.add_task(self.recipe.name, total=self.recipe.train.steps, status="")
+            self.task = self.progress.add_task(event.name, total=event.steps, completed=event.step, status="")
             self.progress.start()
         self._print(
-            f"training {self.recipe.name}: {trainer.model.config.num_parameters():,} parameters on "
-            f"{trainer.context.world_size} x {trainer.context.device.type} ({trainer.strategy}, "
-            f"{self.recipe.train.precision}), {self.recipe.train.steps} steps of "
-            f"{self.recipe.train.global_batch_size} x {trainer.seq_len} tokens -> {trainer.run_dir}"
+            f"training {event.name}: {event.parameters:,} parameters on {event.world_size} x {event.device} "
+            f"({event.strategy}, {event.precision}), {event.steps} steps of {event.global_batch_size} x "
+            f"{event.seq_len} tokens -> {event.run_dir}"
         )
-
-    def on_event(self, kind: str, data: dict) -> None:
-        if not self.enabled:
-            return
-        if kind == "step":
-            line = (
-                f"step {data['step']:>6}/{self.recipe.train.steps}  loss {data['loss']:.4f}  "
-                f"lr {data['lr']:.2e}  grad {data['grad_norm']:.3f}  "
-                f"{data.get('tokens_per_second', 0):,.0f} tok/s"
-            )
-            if "mfu" in data:
-                line += f"  MFU {100 * data['mfu']:.1f}%"
-            if self.progress is not None:
-                status = f"loss {data['loss']:.3f} · {data.get('tokens_per_second', 0):,.0f} tok/s"
-                self.progress.update(self.task, completed=data["step"], status=status)
-            self._print(line)
-        elif kind == "eval":
-            self._print(
-                f"step {data['step']:>6}  val loss {data['val_loss']:.4f}  val ppl {data['val_ppl']:.2f}"
-            )
-        elif kind == "skipped":
-            self._print(
-                f"step {data['step']:>6}  [yellow]skipped: non-finite gradients (norm {data['grad_norm']})[/]"
-            )
-        elif kind == "checkpoint":
-            self._print(f"saved {data['path']}")
-        elif kind == "resumed":
-            self._print(f"resumed from {data['checkpoint']} at step {data['step']}")
-        elif kind == "interrupted":
-            self._print(f"[yellow]interrupted at step {data['step']}; saved {data['checkpoint']}[/]")
 
     def finish(self, result) -> None:
         if not self.enabled:

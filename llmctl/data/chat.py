@@ -1,4 +1,5 @@
-"""The chat template, shared by finetuning and inference so a model is prompted as it was trained.
+"""The chat template: `llmctl chat` and the server's /v1/chat/completions render conversations with it, and
+so must anything that trains a model to chat, so the model is prompted as it was trained.
 
     <|system|>\n{text}<|end|>\n<|user|>\n{text}<|end|>\n<|assistant|>\n{reply}<|end|>\n
 

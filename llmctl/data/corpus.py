@@ -18,11 +18,11 @@ from llmctl import __version__
 from llmctl.atomic import atomic_directory
 from llmctl.data.clean import clean_text
 from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_signature
-from llmctl.data.filters import failed_filter
+from llmctl.data.filters import FilterRules, failed_filter
+from llmctl.data.jsonl import read_jsonl, string_field
 from llmctl.data.pii import scrub_pii
 from llmctl.data.sources import Document, SourceProblem, expand_sources, read_documents
 from llmctl.errors import UserError
-from llmctl.recipe import FiltersSection
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -32,7 +32,7 @@ BATCH_BYTES = 1 << 20
 
 @dataclass
 class CorpusOptions:
-    filters: FiltersSection = field(default_factory=FiltersSection)
+    filters: FilterRules = field(default_factory=FilterRules)
     text_field: str = "text"
     scrub_pii: bool = False
     exact_dedup: bool = True
@@ -279,6 +279,5 @@ def split_files(corpus: Path, split: str) -> list[Path]:
 
 def iter_texts(corpus: Path, split: str) -> Iterator[str]:
     for path in split_files(corpus, split):
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)["text"]
+        for location, record in read_jsonl(path):
+            yield string_field(location, record, "text")

@@ -1,12 +1,26 @@
-"""Document quality filters. Each returns the name of the rule a document breaks, so the build can count them."""
+"""Document quality filters and their thresholds. Each check names the rule a document breaks, so the build
+can count them. The rules are the recipe's `[data.filters]` section; this module imports neither the recipe
+nor torch."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from llmctl.recipe import FiltersSection
+from pydantic import BaseModel, ConfigDict, Field
 
 NGRAM = 5
+
+
+class FilterRules(BaseModel):
+    """Thresholds a document must meet to be kept; 0 (or 1 for fractions) switches a rule off."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(1_000_000, gt=0)
+    min_alpha_fraction: float = Field(0.5, ge=0, le=1)
+    max_repeated_line_fraction: float = Field(0.3, ge=0, le=1)
+    max_repeated_ngram_fraction: float = Field(0.3, ge=0, le=1)
+    language: str | None = None
 
 
 def alpha_fraction(text: str) -> float:
@@ -29,7 +43,7 @@ def repeated_ngram_fraction(text: str, n: int = NGRAM) -> float:
     return (total - len(counts)) / total
 
 
-def failed_filter(text: str, rules: FiltersSection) -> str | None:
+def failed_filter(text: str, rules: FilterRules) -> str | None:
     """The first rule the text breaks, cheapest checks first; None when it passes every rule."""
     if len(text) < rules.min_chars:
         return "too_short"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmctl.data.shards import read_meta
+from llmctl.data.token_files import read_meta
 from llmctl.errors import UserError
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from bs4 import BeautifulSoup
 
+from llmctl.data.jsonl import jsonl_lines
 from llmctl.errors import UserError
 
 SUFFIXES = {".txt", ".md", ".jsonl", ".html", ".htm"}
@@ -77,24 +77,15 @@ def read_documents(paths: list[Path], text_field: str = "text") -> Iterator[Docu
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document | SourceProblem]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                yield SourceProblem(where, f"invalid UTF-8 at byte {error.start}")
-                continue
-            except json.JSONDecodeError as error:
-                yield SourceProblem(where, f"malformed JSON ({error.msg} at column {error.colno})")
-                continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                yield SourceProblem(where, f"no string field {text_field!r} (set --text-field)")
-                continue
-            yield Document(id=str(record.get("id", where)), source=str(record.get("source", path)), text=text)
+    for where, record, problem in jsonl_lines(path):
+        if problem is not None:
+            yield SourceProblem(where, problem)
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            yield SourceProblem(where, f"no string field {text_field!r} (set --text-field)")
+            continue
+        yield Document(id=str(record.get("id", where)), source=str(record.get("source", path)), text=text)
 
 
 def html_to_text(html: str) -> str:

@@ -65,7 +65,8 @@ class Tokenizer:
     def pieces(self, text: str) -> list[str]:
         return self.processor.encode(text, out_type=str)
 
-    def special_ids(self, piece: str) -> int:
+    def piece_id(self, piece: str) -> int:
+        """The id of a piece the tokenizer must have (a chat marker, say); an error if it has not."""
         token_id = self.processor.piece_to_id(piece)
         if token_id == UNK_ID and piece != UNK:
             raise UserError(f"tokenizer {self.path} has no special token {piece!r}")

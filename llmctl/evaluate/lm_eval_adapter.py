@@ -11,10 +11,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llmctl.checkpoint import TOKENIZER_FILE, open_model
-from llmctl.data.tokenizer import Tokenizer
 from llmctl.evaluate.scoring import continuation_logprobs
-from llmctl.infer.generate import generate_batch
+from llmctl.infer.decode import load_for_inference
+from llmctl.infer.generate import generate_batch, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.text import StopStrings
 
@@ -26,9 +25,7 @@ class LlmctlLM(TemplateLM):
 
     def __init__(self, pretrained: str, batch_size: int | str = 8, max_gen_toks: int = 64, **kwargs) -> None:
         super().__init__()
-        path = Path(pretrained)
-        self.model = open_model(path)
-        self.tokenizer = Tokenizer(path / TOKENIZER_FILE)
+        self.model, self.tokenizer = load_for_inference(Path(pretrained))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
 
@@ -93,8 +90,8 @@ class LlmctlLM(TemplateLM):
             room = self.max_length - budget
             encoded = [self.tok_encode(prompt)[-room:] for prompt in prompts]
             for ids in generate_batch(self.model, encoded, params, pad_id=self.tokenizer.pad_id):
-                ids = [token for token in ids if token != self.tokenizer.eos_id]
-                text, _ = StopStrings(until).feed(self.tokenizer.decode(ids))
+                text = self.tokenizer.decode(without_stop_ids(ids, params.stop_token_ids))
+                text, _ = StopStrings(until).feed(text)
                 outputs.append(text)
         return outputs
 

@@ -3,19 +3,19 @@ configuration, so two result files can be compared later."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from llmctl import __version__
-from llmctl.checkpoint import TOKENIZER_FILE, open_model
 from llmctl.data.corpus import MANIFEST, iter_texts
-from llmctl.data.tokenizer import Tokenizer, file_sha256
+from llmctl.data.jsonl import read_jsonl, string_field
+from llmctl.data.tokenizer import file_sha256
 from llmctl.errors import UserError
 from llmctl.evaluate.perplexity import perplexity
 from llmctl.evaluate.suite import Suite, Task
 from llmctl.evaluate.text_metrics import generation_metrics
-from llmctl.infer.generate import generate_batch
+from llmctl.infer.decode import load_for_inference
+from llmctl.infer.generate import generate_batch, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model.hf_format import WEIGHTS_FILE
 
@@ -30,28 +30,14 @@ def read_texts(data: Path) -> list[str]:
     if not data.is_file():
         raise UserError(f"evaluation data not found: {data}")
     if data.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(data.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{data}:{number}: expected a JSON object with a 'text' field") from None
-        return texts
+        return [string_field(location, record, "text") for location, record in read_jsonl(data)]
     return [data.read_text(encoding="utf-8")]
 
 
 class Evaluator:
     def __init__(self, checkpoint: Path, seed: int = 0) -> None:
         self.checkpoint = Path(checkpoint)
-        self.model = open_model(self.checkpoint)
-        if not (self.checkpoint / TOKENIZER_FILE).is_file():
-            raise UserError(f"{checkpoint} has no {TOKENIZER_FILE}: cannot evaluate text")
-        self.tokenizer = Tokenizer(self.checkpoint / TOKENIZER_FILE)
-        if self.tokenizer.vocab_size > self.model.config.vocab_size:
-            raise UserError(
-                f"tokenizer mismatch: {self.tokenizer.vocab_size} pieces but the model has {self.model.config.vocab_size}"
-            )
+        self.model, self.tokenizer = load_for_inference(self.checkpoint)
         self.seed = seed
 
     def perplexity(self, data: Path, window: int | None = None, stride: int | None = None) -> dict:
@@ -60,20 +46,28 @@ class Evaluator:
         ).to_dict()
 
     def generation(self, data: Path, max_tokens: int) -> dict:
-        rows = [json.loads(line) for line in Path(data).read_text().splitlines() if line.strip()]
+        if not Path(data).is_file():
+            raise UserError(f"generation data not found: {data}")
+        rows = [
+            (string_field(location, record, "prompt"), string_field(location, record, "reference"))
+            for location, record in read_jsonl(Path(data))
+        ]
         if not rows:
             raise UserError(f"{data} has no generation examples")
-        prompts = [self.tokenizer.encode(row["prompt"]) for row in rows]
+        prompts = [self.tokenizer.encode(prompt) for prompt, _ in rows]
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=(self.tokenizer.eos_id,)
         )
         outputs = generate_batch(self.model, prompts, params, pad_id=self.tokenizer.pad_id)
         predictions = []
         for prompt, ids in zip(prompts, outputs, strict=True):
-            ids = [token for token in ids if token != self.tokenizer.eos_id]
+            ids = without_stop_ids(ids, params.stop_token_ids)
             text = self.tokenizer.decode(prompt + ids)[len(self.tokenizer.decode(prompt)) :]
             predictions.append(text.strip().split("\n")[0])
-        return {"examples": len(rows), **generation_metrics(predictions, [row["reference"] for row in rows])}
+        return {
+            "examples": len(rows),
+            **generation_metrics(predictions, [reference for _, reference in rows]),
+        }
 
     def lm_eval(self, tasks: list[str], include_path: Path | None, limit: int | None) -> dict:
         try:

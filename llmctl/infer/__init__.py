@@ -1,1 +1,5 @@
-"""Inference: sampling, generation with a KV cache, and (later) the batched serving engine."""
+"""Inference: the one prefill/decode path, sampling, beam search, the continuous-batching engine, chat sessions
+and the OpenAI-compatible server.
+
+Knows the model, checkpoints and the tokenizer. Never imports the CLI (Typer, Rich), the trainer or evaluation.
+"""

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmctl.infer.generate import fit_prompt
+from llmctl.infer.decode import PaddedBatch
 from llmctl.model import Transformer
-from llmctl.runtime import decode_threads
 
 NEG_INF = -1.0e9
 
@@ -93,33 +92,29 @@ class _Group:
 @torch.inference_mode()
 def beam_search(model: Transformer, prompt_ids: list[int], params: BeamParams) -> list[Hypothesis]:
     """The `num_return_sequences` best hypotheses, best first."""
-    context = model.config.max_seq_len
-    prompt_ids = fit_prompt(prompt_ids, context)
-    budget = min(params.max_new_tokens, context - len(prompt_ids))
-    device = model.lm_head.weight.device
+    batch = PaddedBatch(model, [prompt_ids], params.max_new_tokens)
+    device = model.device
     group_size = params.num_beams // params.num_beam_groups
     groups = [_Group(group_size) for _ in range(params.num_beam_groups)]
-    cache = model.new_kv_cache(batch_size=1, max_len=len(prompt_ids) + budget)
-    logits = model(torch.tensor([prompt_ids], device=device), kv_cache=cache)[:, -1]
-    cache.reorder(torch.zeros(params.num_beams, dtype=torch.long, device=device))
-    logits = logits.expand(params.num_beams, -1)
-    for generated in range(1, budget + 1):
+    batch.select(torch.zeros(params.num_beams, dtype=torch.long, device=device))
+    logits = batch.logits
+    for generated in range(1, batch.budget + 1):
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         chosen_this_step = torch.zeros(log_probs.shape[-1])
         parents, tokens = [], []
+        last = generated == batch.budget
         for index, group in enumerate(groups):
             rows = slice(index * group_size, (index + 1) * group_size)
             # Hamming diversity: tokens earlier groups picked at this step cost diversity_penalty each
             group_log_probs = log_probs[rows] - params.diversity_penalty * chosen_this_step
-            group_parents, group_tokens = group.step(group_log_probs, generated, generated == budget, params)
+            group_parents, group_tokens = group.step(group_log_probs, generated, last, params)
             parents += [index * group_size + parent for parent in group_parents]
             tokens += group_tokens
             chosen_this_step.index_add_(0, torch.tensor(group_tokens), torch.ones(len(group_tokens)))
             group.update_improvable(generated, params)
-        if all(group.done(params) for group in groups) or generated == budget:
+        if all(group.done(params) for group in groups) or last:
             break
-        cache.reorder(torch.tensor(parents, device=device))
-        with decode_threads(device):
-            logits = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache)[:, -1]
+        batch.select(torch.tensor(parents, device=device))
+        logits = batch.step(torch.tensor(tokens, device=device))
     finished = sorted((h for group in groups for h in group.finished), key=lambda h: -h.score)
     return finished[: params.num_return_sequences]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from llmctl.atomic import atomic_write_text
 from llmctl.data.chat import END, Message, render_chat
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.generate import generate_ids
@@ -77,7 +78,10 @@ class ChatSession:
                 "settings": asdict(self.settings),
                 "messages": [asdict(m) for m in self.history],
             }
-            Path(argument).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            try:
+                atomic_write_text(Path(argument), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            except OSError as error:
+                return f"cannot save to {argument}: {error.strerror or error}"
             return f"saved {len(self.history)} messages to {argument}"
         return HELP
 
@@ -89,7 +93,7 @@ class ChatSession:
         while len(prompt_ids) >= context - 1 and len(self.history) > 1:  # forget the oldest turns first
             self.history.pop(0)
             prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
-        stop_ids = (self.tokenizer.eos_id, self.tokenizer.special_ids(END))
+        stop_ids = (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
         params = replace(self.settings, stop_token_ids=stop_ids)
         started, produced, parts = time.perf_counter(), 0, []
         ids = generate_ids(self.model, prompt_ids, params)

@@ -16,18 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmctl.infer.generate import fit_prompt
+from llmctl.infer.decode import decode_step, fit_prompt, prefill
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
-from llmctl.runtime import decode_threads
 
 # on_token(token_id, finish_reason): token_id is None only on the final call; finish_reason is None
 # until the request ends with "stop" (a stop id), "length" (max tokens or context) or "cancelled".
 TokenCallback = Callable[[int | None, str | None], None]
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than the engine accepts."""
 
 
 @dataclass
@@ -48,10 +43,13 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 256) -> None:
+    """Runs up to `max_batch` requests per decode step; the rest wait in order. Admission limits are the
+    caller's (the server answers 429 before a request reaches the engine)."""
+
+    def __init__(self, model: Transformer, max_batch: int = 16) -> None:
         self.model = model.eval()
-        self.device = model.lm_head.weight.device
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = model.device
+        self.max_batch = max_batch
         self.cache = model.new_kv_cache(max_batch, slots=True)
         self.slots: list[Request] = []
         self.waiting: deque[Request] = deque()
@@ -75,8 +73,6 @@ class Engine:
         prompt_ids = fit_prompt(prompt_ids, self.context)  # raises PromptTooLong before anything is queued
         request = Request(next(self.ids), prompt_ids, params, on_token)
         with self.wakeup:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
             self.waiting.append(request)
             self.wakeup.notify()
         return request
@@ -96,6 +92,7 @@ class Engine:
 
     # -- the loop (engine thread only) ---------------------------------------------------------------------
 
+    @torch.inference_mode()
     def _loop(self) -> None:
         while True:
             with self.wakeup:
@@ -109,7 +106,6 @@ class Engine:
         for request in [*self.slots, *self.waiting]:
             request.on_token(None, "cancelled")
 
-    @torch.inference_mode()
     def _admit(self) -> None:
         while len(self.slots) < self.max_batch:
             with self.wakeup:
@@ -121,27 +117,25 @@ class Engine:
                 continue
             slot = len(self.slots)
             ids = torch.tensor([request.prompt_ids], device=self.device)
-            logits = self.model(ids, kv_cache=self.cache.row(slot))[:, -1]
+            logits = prefill(self.model, ids, self.cache.row(slot))
             self.cache.lengths[slot] = len(request.prompt_ids)
             request.history = ids
             if request.params.seed is not None:
                 request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
             self.slots.append(request)
             self.cache.active = len(self.slots)
-            self._emit(slot, logits)
+            self._sample_token(slot, logits)
             self._retire_finished()
 
-    @torch.inference_mode()
     def _decode_step(self) -> None:
-        last = torch.tensor([[request.generated[-1]] for request in self.slots], device=self.device)
-        with decode_threads(self.device):
-            logits = self.model(last, kv_cache=self.cache)[:, -1]
+        last = torch.tensor([request.generated[-1] for request in self.slots], device=self.device)
+        logits = decode_step(self.model, last, self.cache)
         self.decode_steps += 1
         for slot in range(len(self.slots)):
-            self._emit(slot, logits[slot : slot + 1])
+            self._sample_token(slot, logits[slot : slot + 1])
         self._retire_finished()
 
-    def _emit(self, slot: int, logits: torch.Tensor) -> None:
+    def _sample_token(self, slot: int, logits: torch.Tensor) -> None:
         request = self.slots[slot]
         if request.cancelled:
             return

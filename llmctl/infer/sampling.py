@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +18,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+    stop_strings: tuple[str, ...] = ()  # applied to the text by `TextStream`, not to ids
     seed: int | None = None
 
     @property

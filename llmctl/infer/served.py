@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmctl.checkpoint import TOKENIZER_FILE, open_model
 from llmctl.data.chat import END
 from llmctl.data.tokenizer import Tokenizer
-from llmctl.errors import UserError
+from llmctl.infer.decode import load_for_inference
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.text import TextChunk, TextStream
@@ -31,21 +30,14 @@ class ServedModel:
         return self.engine.context
 
     def chat_stop_ids(self) -> tuple[int, ...]:
-        return (self.tokenizer.eos_id, self.tokenizer.special_ids(END))
+        return (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
 
 
-def load_served_model(name: str, path: Path, max_batch: int = 16, max_queue: int = 256) -> ServedModel:
+def load_served_model(name: str, path: Path, max_batch: int = 16) -> ServedModel:
     """Load and start; a checkpoint that cannot be served is a UserError now, not at the first request."""
     path = Path(path)
-    model = open_model(path)
-    if not (path / TOKENIZER_FILE).is_file():
-        raise UserError(f"cannot serve {path}: it has no {TOKENIZER_FILE} (train with data.tokenizer set)")
-    tokenizer = Tokenizer(path / TOKENIZER_FILE)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"cannot serve {path}: tokenizer has {tokenizer.vocab_size} pieces, model {model.config.vocab_size}"
-        )
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue).start()
+    model, tokenizer = load_for_inference(path)
+    engine = Engine(model, max_batch=max_batch).start()
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
 
 
@@ -63,7 +55,6 @@ async def stream_completion(
     served: ServedModel,
     prompt_ids: list[int],
     params: SamplingParams,
-    stop_strings: list[str],
     record: Completion,
 ) -> AsyncIterator[TextChunk]:
     """Text deltas of one request. Leaving the iterator early (a client disconnect) frees the engine slot."""
@@ -75,7 +66,7 @@ async def stream_completion(
             loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
 
     request = served.engine.submit(prompt_ids, params, deliver)
-    text = TextStream(served.tokenizer, prompt_ids, params.stop_token_ids, stop_strings)
+    text = TextStream(served.tokenizer, prompt_ids, params.stop_token_ids, params.stop_strings)
     try:
         while True:
             token, finish = await queue.get()

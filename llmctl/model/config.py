@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Annotated
+
+from annotated_types import Gt
+
+Positive = Gt(0)  # read by pydantic when the recipe's [model] section is derived from this class
 
 
 def default_ffn_size(d_model: int, multiple_of: int = 256) -> int:
@@ -13,22 +18,25 @@ def default_ffn_size(d_model: int, multiple_of: int = 256) -> int:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int
-    d_model: int
-    n_layer: int
-    n_head: int
-    n_kv_head: int | None = None
-    d_ff: int | None = None
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: Annotated[int, Positive] = 32000
+    d_model: Annotated[int, Positive] = 512
+    n_layer: Annotated[int, Positive] = 8
+    n_head: Annotated[int, Positive] = 8
+    n_kv_head: Annotated[int, Positive] | None = None  # grouped-query attention; default n_head
+    d_ff: Annotated[int, Positive] | None = None  # SwiGLU width; default 8/3 d_model rounded up to 256
+    max_seq_len: Annotated[int, Positive] = 2048
+    rope_theta: Annotated[float, Positive] = 10000.0
+    norm_eps: Annotated[float, Positive] = 1e-5
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: Annotated[float, Positive] = 0.02
+    # token ids come from the tokenizer, not the recipe
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = 3
 
     def __post_init__(self) -> None:
+        if min(self.vocab_size, self.d_model, self.n_layer, self.n_head, self.max_seq_len) <= 0:
+            raise ValueError("vocab_size, d_model, n_layer, n_head and max_seq_len must be positive")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:

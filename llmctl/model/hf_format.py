@@ -98,12 +98,26 @@ def generation_config(config: ModelConfig) -> dict:
     }
 
 
-def export_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Contiguous tensors under HF names; a tied LM head is left out, as HF does."""
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+TIED_HEAD = "lm_head.weight"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def without_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A tied LM head is the embedding: files leave it out, as HF does."""
+    return {name: t for name, t in state.items() if not (config.tie_embeddings and name == TIED_HEAD)}
+
+
+def with_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The full parameter set of a model read from a file that left a tied head out."""
+    if config.tie_embeddings and EMBEDDING in state:
+        return {**state, TIED_HEAD: state[EMBEDDING]}
     return state
+
+
+def export_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Contiguous tensors under HF names, ready for `write_model_files`."""
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    return without_tied_head(state, model.config)
 
 
 def write_model_files(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
@@ -135,18 +149,14 @@ def load_model(
     directory: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> Transformer:
     config = read_config(directory)
-    state = read_state_dict(directory)
+    state = with_tied_head(read_state_dict(directory), config)
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device=device)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    model.tie_weights()  # to_empty gives every parameter its own storage
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not (config.tie_embeddings and name == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"weights do not match config.json: missing {missing}, unexpected {unexpected}")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope()
     if dtype is not None:
         model.to(dtype)

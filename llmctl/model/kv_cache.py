@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from llmctl.model.config import ModelConfig
 
-def _buffers(n_layer: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> list[torch.Tensor]:
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+
+def layer_buffers(
+    config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed keys and values for every layer, each (rows, n_kv_head, max_len, head_dim)."""
+    shape = (rows, config.kv_heads, max_len, config.head_dim)
+    keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+    values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+    return keys, values
 
 
 class KVCache:
@@ -16,22 +24,8 @@ class KVCache:
     left-padded by the caller, who passes an attention mask over the cached positions.
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.keys, self.values = (
-            _buffers(n_layer, shape, dtype, device),
-            _buffers(n_layer, shape, dtype, device),
-        )
-        self.max_len = max_len
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> None:
+        self.keys, self.values, self.max_len = keys, values, max_len
         self.length = 0
 
     def update(
@@ -55,16 +49,6 @@ class KVCache:
             self.keys[layer] = self.keys[layer].index_select(0, batch_indices)
             self.values[layer] = self.values[layer].index_select(0, batch_indices)
 
-    def reset(self) -> None:
-        self.length = 0
-
-    @classmethod
-    def view_of(cls, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> KVCache:
-        """A cache over existing buffers (e.g. one row of a SlotKVCache), starting empty."""
-        cache = cls.__new__(cls)
-        cache.keys, cache.values, cache.max_len, cache.length = keys, values, max_len, 0
-        return cache
-
 
 class SlotKVCache:
     """Per-row positions for continuous batching: each slot holds one request at its own length.
@@ -74,28 +58,15 @@ class SlotKVCache:
     Prefill goes through `row(slot)`, a one-row KVCache over the same storage.
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        slots: int,
-        n_kv_head: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        shape = (slots, n_kv_head, max_len, head_dim)
-        self.keys, self.values = (
-            _buffers(n_layer, shape, dtype, device),
-            _buffers(n_layer, shape, dtype, device),
-        )
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.max_len = max_len
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> None:
+        self.keys, self.values, self.max_len = keys, values, max_len
+        self.lengths = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)
         self.active = 0
 
     def row(self, slot: int) -> KVCache:
+        """A one-row KVCache over this slot's storage, starting empty (prefill writes through it)."""
         rows = slice(slot, slot + 1)
-        return KVCache.view_of([k[rows] for k in self.keys], [v[rows] for v in self.values], self.max_len)
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.max_len)
 
     def positions_and_mask(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids (batch, 1) and the keys each row may see, (batch, 1, 1, longest + 1)."""

@@ -12,24 +12,6 @@ from torch import nn
 from llmctl.model.config import ModelConfig
 from llmctl.model.kv_cache import KVCache, SlotKVCache
 
-SKINNY_ROWS = 64
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, taking numpy's BLAS for the skinny products of CPU decoding.
-
-    At a handful of rows a projection is memory-bound: torch's CPU sgemv/sgemm streams weights at about
-    a third of this machine's bandwidth where numpy's OpenBLAS reaches nearly all of it (see
-    benchmarks/RESULTS.md). Only when torch runs single-threaded (the decode loops set that): otherwise
-    torch's spinning OpenMP threads and OpenBLAS's fight over the cores. Training and prefill stay on torch.
-    """
-    rows = x.numel() // x.shape[-1]
-    decoding = rows <= SKINNY_ROWS and torch.get_num_threads() == 1 and not torch.is_grad_enabled()
-    if decoding and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-        flat = x.reshape(rows, x.shape[-1]).numpy()
-        return torch.from_numpy(flat @ weight.detach().numpy().T).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -83,21 +65,23 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         kv_cache: KVCache | SlotKVCache | None,
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q = linear(x, self.q_proj.weight).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
-        k = linear(x, self.k_proj.weight).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = linear(x, self.v_proj.weight).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        batch, seq, _ = x.shape  # x: (B, T, d_model)
+        q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, k, v)
-        if self.n_kv_head != self.n_head:
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, n_kv, cached + T, hd)
+        if (
+            self.n_kv_head != self.n_head
+        ):  # grouped-query attention: each kv head serves n_head / n_kv queries
             groups = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(groups, dim=1)
+            k = k.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
             v = v.repeat_interleave(groups, dim=1)
+        # mask: None (plain causal) or (B|1, 1, T, S) booleans, True where a query may see a key
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
-        return linear(
-            out.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim), self.o_proj.weight
-        )
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)  # (B, T, n_head * hd)
+        return self.o_proj(out)  # (B, T, d_model)
 
 
 class MLP(nn.Module):
@@ -108,8 +92,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_size, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight)
-        return linear(hidden, self.down_proj.weight)
+        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, d_ff)
+        return self.down_proj(hidden)  # (B, T, d_model)
 
 
 class Block(nn.Module):

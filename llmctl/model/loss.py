@@ -9,6 +9,7 @@ buffers every step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 
@@ -120,3 +121,21 @@ def linear_cross_entropy(
         z_loss,
         compute_grad,
     )
+
+
+def logits_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (loss, cross-entropy) pair as `linear_cross_entropy`, from logits a head computed itself
+    (an adapted or quantized LM head); targets are -100 where no loss is wanted."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    cross_entropy = F.cross_entropy(logits, targets)
+    loss = cross_entropy
+    if label_smoothing:
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    if z_loss:
+        keep = (targets != -100).float()
+        log_z = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * (log_z.pow(2) * keep).sum() / keep.sum().clamp(min=1)
+    return loss, cross_entropy

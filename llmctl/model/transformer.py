@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.model.config import ModelConfig
-from llmctl.model.kv_cache import KVCache, SlotKVCache
-from llmctl.model.layers import Block, RMSNorm, linear, rotary_tables
-from llmctl.model.loss import linear_cross_entropy
+from llmctl.model.kv_cache import KVCache, SlotKVCache, layer_buffers
+from llmctl.model.layers import Block, RMSNorm, rotary_tables
+from llmctl.model.loss import linear_cross_entropy, logits_cross_entropy
 
 
 class Decoder(nn.Module):
@@ -32,19 +32,26 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.activation_checkpointing = False
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_rope()
         self.init_weights()
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        """A tied LM head is the embedding matrix itself; call again after anything that replaces parameters."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def init_rope(self) -> None:
         """(Re)build the rotary tables, e.g. after materialising a model that was built on the meta device."""
-        device = self.model.embed_tokens.weight.device
         cos, sin = rotary_tables(
-            self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device
+            self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, self.device
         )
         self.rope_cos, self.rope_sin = cos, sin
 
@@ -65,17 +72,10 @@ class Transformer(nn.Module):
         self, batch_size: int, max_len: int | None = None, slots: bool = False
     ) -> KVCache | SlotKVCache:
         """A static cache; `slots=True` gives per-row positions for continuous batching."""
+        max_len = max_len or self.config.max_seq_len
         weight = self.model.embed_tokens.weight
-        kind = SlotKVCache if slots else KVCache
-        return kind(
-            self.config.n_layer,
-            batch_size,
-            self.config.kv_heads,
-            self.config.head_dim,
-            max_len or self.config.max_seq_len,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
+        keys, values = layer_buffers(self.config, batch_size, max_len, weight.dtype, weight.device)
+        return (SlotKVCache if slots else KVCache)(keys, values, max_len)
 
     def forward(
         self,
@@ -117,12 +117,15 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        x = self.model.norm(x)
-        if targets is not None:
+        x = self.model.norm(x)  # (B, T, d_model)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        if type(self.lm_head) is nn.Linear:  # the fused, chunked loss never materialises the logits
             return linear_cross_entropy(
                 x, self.lm_head.weight, targets, label_smoothing=label_smoothing, z_loss=z_loss
             )
-        return linear(x, self.lm_head.weight)
+        # an adapted or quantized head computes its own logits
+        return logits_cross_entropy(self.lm_head(x), targets, label_smoothing=label_smoothing, z_loss=z_loss)
 
     @staticmethod
     def _attention_mask(

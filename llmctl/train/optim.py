@@ -13,12 +13,10 @@ from llmctl.recipe import OptimSection, ScheduleSection
 def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     """Weight decay on matrices only: norms and biases never, embeddings only when the recipe asks."""
     decay, no_decay = [], []
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in seen:
+    for name, param in model.named_parameters():  # a tied LM head is listed once, as the embedding
+        if not param.requires_grad:
             continue
-        seen.add(id(param))  # a tied LM head is the embedding; count it once
-        is_embedding = "embed_tokens" in name or (name.startswith("lm_head") and _is_tied(model))
+        is_embedding = "embed_tokens" in name
         if param.ndim < 2 or name.endswith(".bias") or (is_embedding and not optim.decay_embeddings):
             no_decay.append(param)
         else:
@@ -27,11 +25,6 @@ def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _is_tied(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "tie_embeddings", False))
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device) -> torch.optim.AdamW:

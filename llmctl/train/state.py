@@ -18,16 +18,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llmctl.checkpoint import TRAINER_STATE_FILE
-from llmctl.model.hf_format import read_state_dict
+from llmctl.model.hf_format import read_state_dict, with_tied_head, without_tied_head
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gathered on rank 0 (collective under FSDP: every rank must call it); a tied head is left out."""
-    state = get_model_state_dict(model, options=FULL)
-    if getattr(model.config, "tie_embeddings", False):
-        state.pop("lm_head.weight", None)
+    state = without_tied_head(get_model_state_dict(model, options=FULL), model.config)
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
@@ -52,9 +50,7 @@ def restore_rng_state(state: dict) -> None:
 
 def load_model_weights(model: nn.Module, checkpoint: Path, is_main: bool) -> None:
     """Load HF-named weights into a (possibly sharded) model; rank 0 reads, the others receive."""
-    state = read_state_dict(checkpoint) if is_main else {}
-    if is_main and getattr(model.config, "tie_embeddings", False):
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state = with_tied_head(read_state_dict(checkpoint), model.config) if is_main else {}
     distributed = torch.distributed.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=True)
     set_model_state_dict(model, state, options=options)

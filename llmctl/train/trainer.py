@@ -1,7 +1,8 @@
 """The training loop: one loop for every model size, device count and strategy.
 
-Everything a run needs comes from its recipe; progress is reported through `on_event` callbacks and
-`metrics.jsonl`, never printed here, so the CLI, the TUI and tests all drive the same code.
+Everything a run needs comes from its recipe; progress is reported as typed events (`train.events`) to an
+`on_event` callback and to `metrics.jsonl`, never printed here, so the CLI, the TUI and tests all drive the
+same code.
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from llmctl.atomic import atomic_write_text
 from llmctl.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint, step_directory
 from llmctl.data.loader import TokenFile, WindowSampler, validation_batches
-from llmctl.data.shards import read_meta
+from llmctl.data.token_files import read_meta
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
-from llmctl.infer.generate import generate_ids
+from llmctl.infer.generate import generate_ids, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model import Transformer
 from llmctl.recipe import Recipe
@@ -32,6 +33,17 @@ from llmctl.train.distributed import (
     all_reduce_sum,
     any_rank,
     wrap_model,
+)
+from llmctl.train.events import (
+    CheckpointSaved,
+    Evaluated,
+    Event,
+    EventHandler,
+    Interrupted,
+    Resumed,
+    Started,
+    StepLogged,
+    StepSkipped,
 )
 from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
@@ -44,7 +56,6 @@ from llmctl.train.state import (
     rng_state,
 )
 
-Event = Callable[[str, dict], None]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,10 +70,27 @@ class TrainResult:
     samples: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step: the loss averaged over its micro-batches and ranks, the lr and gradient norm."""
+
+    step: int  # 1-based: the number of steps done
+    loss: float
+    lr: float
+    grad_norm: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.grad_norm)
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, context: DistributedContext, on_event: Event | None = None) -> None:
+    def __init__(
+        self, recipe: Recipe, context: DistributedContext, on_event: EventHandler | None = None
+    ) -> None:
         self.recipe, self.context = recipe, context
-        self.on_event = on_event or (lambda kind, data: None)
+        self.on_event = on_event or (lambda event: None)
+        self.metrics: MetricsWriter | None = None
         self.run_dir = recipe.run_dir
         self.strategy = resolve_strategy(recipe, context.world_size)
         self.accum = grad_accum_steps(recipe, context.world_size)
@@ -149,46 +177,51 @@ class Trainer:
             state = load_trainer_state(self.model, self.optimizer, checkpoint, self.context.is_main)
             self.scaler.load_state_dict(state["scaler"])
             start_step, self.skipped_steps = state["step"], state["skipped_steps"]
-            self.on_event("resumed", {"checkpoint": str(checkpoint), "step": start_step})
-        metrics = None
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
-            metrics = MetricsWriter(self.run_dir, resume_step=start_step if checkpoint else None)
+            atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
+            self.metrics = MetricsWriter(self.run_dir, resume_step=start_step if checkpoint else None)
         total = self.recipe.train.steps
+        self._emit(self._started(start_step))
+        if checkpoint is not None:
+            self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
         last_saved, val_loss = None, None
         with self._stop_on_signals():
             step = start_step
             window_started, window_tokens = time.perf_counter(), 0
             while step < total:
-                record = self._train_step(step)
+                stats = self.train_step(step)
                 step += 1
                 window_tokens += self.recipe.train.global_batch_size * self.seq_len
+                if not stats.finite:
+                    self._emit(StepSkipped(step=step, grad_norm=stats.grad_norm))
                 if step % self.recipe.train.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - window_started
-                    record.update(self._throughput(window_tokens, elapsed))
+                    self._emit(self._step_logged(stats, window_tokens, elapsed))
                     window_started, window_tokens = time.perf_counter(), 0
-                    self._emit(metrics, "step", record)
                 eval_every = self.recipe.train.eval_every
                 if (eval_every and step % eval_every == 0) or step == total:
                     val_loss = self.evaluate()
-                    self._emit(
-                        metrics, "eval", {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
-                    )
+                    self._emit(Evaluated(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
                 every = self.recipe.checkpoint.every
                 stopping = any_rank(self.stop_requested, self.context)
                 if (every and step % every == 0) or step == total or stopping:
                     last_saved = self.save(step)
                 if stopping:
-                    self.on_event("interrupted", {"step": step, "checkpoint": str(last_saved)})
+                    self._emit(Interrupted(step=step, checkpoint=str(last_saved) if last_saved else None))
                     break
-        if metrics is not None:
-            metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         interrupted = step < total
         samples = [] if interrupted else self.samples()
         return TrainResult(self.run_dir, step, last_saved, val_loss, interrupted, self.skipped_steps, samples)
 
-    def _train_step(self, step: int) -> dict:
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step (0-based `step`): accumulate gradients over micro-batches, clip, update.
+
+        Steps with non-finite gradients leave the weights unchanged and count as skipped.
+        """
         lr = lr_at(step, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -218,20 +251,19 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        finite = math.isfinite(grad_norm)
-        if finite:
+        stats = StepStats(
+            step=step + 1,
+            loss=float(all_reduce_mean(loss_sum / self.accum, self.context)),
+            lr=lr,
+            grad_norm=float(grad_norm),
+        )
+        if stats.finite:
             self.scaler.step(self.optimizer)
         else:
             self.skipped_steps += 1
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(all_reduce_mean(loss_sum / self.accum, self.context))
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-        if not finite:
-            record["skipped"] = "non-finite gradients"
-            self.on_event("skipped", record)
-        return record
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -271,7 +303,7 @@ class Trainer:
             trainer_state=trainer_state,
         )
         prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last)
-        self.on_event("checkpoint", {"step": step, "path": str(path)})
+        self._emit(CheckpointSaved(step=step, path=str(path)))
         return path
 
     def samples(self) -> list[tuple[str, str]]:
@@ -294,9 +326,7 @@ class Trainer:
         results = []
         for prompt in self.recipe.train.sample_prompts:
             prompt_ids = self.tokenizer.encode(prompt)
-            new_ids = [
-                token for token in generate_ids(model, prompt_ids, params) if token != self.tokenizer.eos_id
-            ]
+            new_ids = without_stop_ids(list(generate_ids(model, prompt_ids, params)), params.stop_token_ids)
             # decode with the prompt so the first new piece keeps its leading space
             results.append((prompt, self.tokenizer.decode(prompt_ids + new_ids)))
         return results
@@ -317,20 +347,43 @@ class Trainer:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
-    def _throughput(self, tokens: int, seconds: float) -> dict:
-        tokens_per_second = tokens / max(seconds, 1e-9)
-        record = {"tokens_per_second": tokens_per_second, "memory_bytes": memory_in_use(self.context.device)}
-        if self.peak_flops:
-            record["mfu"] = (
-                self.flops_per_token * tokens_per_second / (self.peak_flops * self.context.world_size)
-            )
-        return record
+    def _started(self, start_step: int) -> Started:
+        return Started(
+            name=self.recipe.name,
+            parameters=self.model.config.num_parameters(),
+            world_size=self.context.world_size,
+            device=self.context.device.type,
+            strategy=self.strategy,
+            precision=self.recipe.train.precision,
+            steps=self.recipe.train.steps,
+            step=start_step,
+            global_batch_size=self.recipe.train.global_batch_size,
+            seq_len=self.seq_len,
+            run_dir=str(self.run_dir),
+        )
 
-    def _emit(self, metrics: MetricsWriter | None, kind: str, record: dict) -> None:
-        if metrics is not None:
-            metrics.write({"event": kind, **record})
-        if self.context.is_main:
-            self.on_event(kind, record)
+    def _step_logged(self, stats: StepStats, tokens: int, seconds: float) -> StepLogged:
+        tokens_per_second = tokens / max(seconds, 1e-9)
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_token * tokens_per_second / (self.peak_flops * self.context.world_size)
+        return StepLogged(
+            step=stats.step,
+            loss=stats.loss,
+            lr=stats.lr,
+            grad_norm=stats.grad_norm,
+            tokens_per_second=tokens_per_second,
+            memory_bytes=memory_in_use(self.context.device),
+            mfu=mfu,
+        )
+
+    def _emit(self, event: Event) -> None:
+        """Rank 0 records every event in metrics.jsonl and hands it to the caller."""
+        if not self.context.is_main:
+            return
+        if self.metrics is not None:
+            self.metrics.write(event.to_record())
+        self.on_event(event)
 
     @contextlib.contextmanager
     def _stop_on_signals(self):

@@ -1,1 +1,2 @@
-"""Textual apps: the chat UI (and, later, the training monitor)."""
+"""Textual apps: the chat UI (and, later, the training monitor). Drives the engines the CLI drives; never
+imported by them."""

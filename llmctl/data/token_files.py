@@ -6,13 +6,13 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from llmctl.atomic import atomic_directory
-from llmctl.data.corpus import MANIFEST, SPLITS, read_manifest, split_files
+from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, read_manifest
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 
@@ -26,7 +26,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def input_fingerprint(corpus: Path, tokenizer: Tokenizer) -> str:
-    """Identifies (corpus content, tokenizer, format): equal fingerprints mean the shards are up to date."""
+    """Identifies (corpus content, tokenizer, format): equal fingerprints mean the token files are up to date."""
     digest = hashlib.sha256()
     digest.update((Path(corpus) / MANIFEST).read_bytes())
     digest.update(tokenizer.sha256().encode())
@@ -66,7 +66,7 @@ def encode_corpus(
         for split in SPLITS:
             tokens[split] = documents[split] = 0
             with (staging / f"{split}.bin").open("wb") as sink:
-                for texts in _text_batches(split_files(corpus, split)):
+                for texts in _text_batches(iter_texts(corpus, split)):
                     encoded = tokenizer.encode_batch(texts, threads)
                     for ids in encoded:
                         ids.append(tokenizer.eos_id)  # documents are separated by eos
@@ -101,16 +101,13 @@ def encode_corpus(
     return {**meta, "up_to_date": False}
 
 
-def _text_batches(paths: list[Path]):
+def _text_batches(texts: Iterator[str]) -> Iterator[list[str]]:
     batch, size = [], 0
-    for path in paths:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                text = json.loads(line)["text"]
-                batch.append(text)
-                size += len(text)
-                if size >= BATCH_BYTES:
-                    yield batch
-                    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch

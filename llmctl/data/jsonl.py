@@ -1,0 +1,42 @@
+"""JSON Lines input: every .jsonl reader goes through here, so a bad line is reported the same way everywhere
+(the file and line, and what is wrong with it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import UserError
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    """(location "file:line", record, problem) per non-blank line; record is None where problem says why."""
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            location = f"{path}:{number}"
+            try:
+                yield location, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as error:
+                yield location, None, f"invalid UTF-8 at byte {error.start}"
+            except json.JSONDecodeError as error:
+                yield location, None, f"malformed JSON ({error.msg} at column {error.colno})"
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, record) per line; the first bad line is a UserError naming it."""
+    for location, record, problem in jsonl_lines(path):
+        if problem is not None:
+            raise UserError(f"{location}: {problem}")
+        yield location, record
+
+
+def string_field(location: str, record: Any, name: str) -> str:
+    """record[name] when the record is an object with a string there; else a UserError naming the line."""
+    value = record.get(name) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        raise UserError(f"{location}: expected a JSON object with a string field {name!r}")
+    return value

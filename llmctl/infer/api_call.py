@@ -1,0 +1,134 @@
+"""One API request: its n choices run as engine requests whose text streams are merged, counted and shaped
+into an OpenAI response body or server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from llmctl.infer.api_schema import Endpoint
+from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.served import Completion, ServedModel, stream_completion
+from llmctl.infer.server_metrics import ServerMetrics
+
+# (choice index, text delta, finish reason)
+ChoiceEvent = tuple[int, str, str | None]
+
+
+class ApiCall:
+    def __init__(
+        self,
+        served: ServedModel,
+        endpoint: Endpoint,
+        prompt_ids: list[int],
+        params: list[SamplingParams],
+        metrics: ServerMetrics,
+    ) -> None:
+        self.served, self.endpoint, self.prompt_ids, self.params = served, endpoint, prompt_ids, params
+        self.metrics = metrics
+        self.id = endpoint.id_prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.records = [Completion(prompt_tokens=len(prompt_ids)) for _ in params]
+        self.started = time.perf_counter()
+
+    def usage(self) -> dict:
+        completion = sum(r.completion_tokens for r in self.records)
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": completion,
+            "total_tokens": len(self.prompt_ids) + completion,
+        }
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        """Text deltas of every choice, as they come."""
+        queue: asyncio.Queue[ChoiceEvent | Exception | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for chunk in stream_completion(
+                    self.served, self.prompt_ids, self.params[index], self.records[index]
+                ):
+                    await queue.put((index, chunk.text, chunk.finish_reason))
+            except Exception as error:  # surface engine failures to the caller instead of hanging
+                await queue.put(error)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(index)) for index in range(len(self.params))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.metrics.finished(
+                self.served.name,
+                self.endpoint,
+                self.records,
+                time.perf_counter() - self.started,
+                self.started,
+            )
+
+    def choice(self, index: int, text: str | None, finish: str | None, stream: bool) -> dict:
+        if self.endpoint is Endpoint.COMPLETION:
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        content = {"content": text} if text is not None else {}
+        message = content if stream else {"role": "assistant", **content}
+        return {
+            "index": index,
+            "delta" if stream else "message": message,
+            "finish_reason": finish,
+            "logprobs": None,
+        }
+
+    async def complete(self) -> dict:
+        texts = [""] * len(self.params)
+        finishes: list[str | None] = [None] * len(self.params)
+        async for index, text, finish in self.events():
+            texts[index] += text
+            finishes[index] = finish or finishes[index]
+        return {
+            "id": self.id,
+            "object": self.endpoint.value,
+            "created": self.created,
+            "model": self.served.name,
+            "choices": [self.choice(i, texts[i], finishes[i], stream=False) for i in range(len(self.params))],
+            "usage": self.usage(),
+        }
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[str]:
+        base = {
+            "id": self.id,
+            "object": self.endpoint.chunk_object,
+            "created": self.created,
+            "model": self.served.name,
+        }
+        if self.endpoint is Endpoint.CHAT:  # OpenAI opens each chat choice with the role
+            for index in range(len(self.params)):
+                first = {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+                yield _sse({**base, "choices": [first]})
+        async for index, text, finish in self.events():
+            if text or finish:
+                yield _sse({**base, "choices": [self.choice(index, text, finish, stream=True)]})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,125 @@
+"""The OpenAI wire format: request bodies, errors, the two endpoints, and a request's `SamplingParams`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmctl.infer.sampling import SamplingParams
+
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "tools", "functions", "suffix")
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class Endpoint(StrEnum):
+    """The two generation endpoints; the value is the response's `object`."""
+
+    COMPLETION = "text_completion"
+    CHAT = "chat.completion"
+
+    @property
+    def id_prefix(self) -> str:
+        return "chatcmpl-" if self is Endpoint.CHAT else "cmpl-"
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self is Endpoint.CHAT else "text_completion"
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self is Endpoint.CHAT else "prompt"
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by both endpoints; unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+    def check_supported(self) -> None:
+        for name in UNSUPPORTED:
+            if (self.model_extra or {}).get(name) not in (None, False, 0):
+                raise OpenAIError(400, f"{name} is not supported by this server", param=name)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_new_tokens: int, stop_token_ids: tuple[int, ...]) -> list[SamplingParams]:
+        """One SamplingParams per choice; choice i of a seeded request uses seed + i."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [
+            SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                stop_token_ids=stop_token_ids,
+                stop_strings=tuple(stops),
+                seed=None if self.seed is None else self.seed + index,
+            )
+            for index in range(self.n)
+        ]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens

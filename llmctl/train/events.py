@@ -1,0 +1,78 @@
+"""What the trainer reports, as typed events: the console, the TUI and tests receive these, and
+`metrics.jsonl` stores each as a JSON object whose `event` key is the event's `kind`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened when `step` optimizer steps were done."""
+
+    kind: ClassVar[str]
+    step: int
+
+    def __init_subclass__(cls, kind: str = "", **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kind = kind
+
+    def to_record(self) -> dict:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Started(Event, kind="started"):
+    """The run begins (at step 0) or resumes (at its checkpoint's step)."""
+
+    name: str
+    parameters: int
+    world_size: int
+    device: str
+    strategy: str
+    precision: str
+    steps: int
+    global_batch_size: int
+    seq_len: int
+    run_dir: str
+
+
+@dataclass(frozen=True)
+class StepLogged(Event, kind="step"):
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_second: float
+    memory_bytes: float
+    mfu: float | None = None  # of the device's measured (CPU) or rated (GPU) peak
+
+
+@dataclass(frozen=True)
+class StepSkipped(Event, kind="skipped"):
+    grad_norm: float  # not finite, so the optimizer step was skipped
+
+
+@dataclass(frozen=True)
+class Evaluated(Event, kind="eval"):
+    val_loss: float
+    val_ppl: float
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event, kind="checkpoint"):
+    path: str
+
+
+@dataclass(frozen=True)
+class Resumed(Event, kind="resumed"):
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Interrupted(Event, kind="interrupted"):
+    checkpoint: str | None  # saved at this step before stopping
+
+
+EventHandler = Callable[[Event], None]
