@@ -60,7 +60,7 @@ def measure(name: str, config: ModelConfig, args: argparse.Namespace, bandwidth:
     ours = Transformer(config).eval()
     work = Path(tempfile.mkdtemp())
     write_model_files(work, config, export_state_dict(ours))
-    use_numpy_blas(ours)  # what `llmctl chat` and `serve` do when they load a checkpoint
+    numpy_rows = use_numpy_blas(ours)  # what `llmctl chat` and `serve` do when they load a checkpoint
     theirs = transformers.AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
     hf_kwargs = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
@@ -79,6 +79,8 @@ def measure(name: str, config: ModelConfig, args: argparse.Namespace, bandwidth:
     print(
         f"\n{name}: {config.num_parameters() / 1e6:.1f}M parameters, fp32; bandwidth bound {bound:.1f} tokens/s at batch 1"
     )
+    path = f"numpy BLAS up to {numpy_rows} rows" if numpy_rows else "torch (numpy BLAS measured slower here)"
+    print(f"llmctl decode path chosen at load: {path}")
     print(f"{'':28}{'batch 1 tok/s':>14}{'% of bound':>12}{f'batch {args.batch} tok/s':>16}")
     for label, one, many in (("llmctl", ours_1, ours_b), ("transformers generate", hf_1, hf_b)):
         print(f"{label:28}{one:>14.1f}{100 * one / bound:>11.0f}%{many:>16.1f}")

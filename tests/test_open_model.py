@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from llmctl.infer import cpu_decode
 from llmctl.infer.beam import BeamParams, beam_search
-from llmctl.infer.cpu_decode import NumpyBlasLinear, use_numpy_blas
+from llmctl.infer.cpu_decode import NumpyBlasLinear, numpy_blas_rows, use_numpy_blas
 from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_batch, generate_ids
 from llmctl.infer.sampling import SamplingParams
@@ -83,8 +84,9 @@ def test_numpy_blas_swap_keeps_wrappers_and_matches_torch(recorded):
     ids = torch.randint(0, 97, (1, 7))
     with torch.inference_mode():
         reference = model(ids)
-    swapped = use_numpy_blas(model)
-    assert swapped == 2 * 7 + 1  # every projection (the wrapped one's inner linear too) and the head
+    assert use_numpy_blas(model, calibrate=False) == 64
+    swapped = [m for m in model.modules() if isinstance(m, NumpyBlasLinear)]
+    assert len(swapped) == 2 * 7 + 1  # every projection (the wrapped one's inner linear too) and the head
     assert type(model.model.layers[0].self_attn.k_proj) is NumpyBlasLinear
     assert model.model.layers[0].self_attn.q_proj is recorder  # the wrapper keeps its own forward
     assert type(recorder.inner) is NumpyBlasLinear
@@ -96,8 +98,32 @@ def test_numpy_blas_swap_keeps_wrappers_and_matches_torch(recorded):
 
 def test_numpy_blas_swap_keeps_a_tied_head_tied():
     model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layer=1, n_head=2, tie_embeddings=True))
-    use_numpy_blas(model)
+    use_numpy_blas(model, calibrate=False)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(("numpy_wins_at", "limit"), [((), 0), ((1,), 1), ((1, 8), 8), ((8,), 0)])
+def test_numpy_blas_is_kept_only_for_the_row_counts_where_it_measured_faster(
+    monkeypatch, numpy_wins_at, limit
+):
+    def fake_step_seconds(model, rows, *setups):
+        seconds = []
+        for setup in setups:
+            setup()
+            numpy_path = numpy_blas_rows(model) >= rows
+            seconds.append(1.0 if numpy_path == (rows in numpy_wins_at) else 2.0)
+        return seconds
+
+    monkeypatch.setattr(cpu_decode, "_decode_step_seconds", fake_step_seconds)
+    model = Transformer(CONFIG)
+    projections = {
+        name: module.weight for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    }
+    assert use_numpy_blas(model) == limit
+    assert numpy_blas_rows(model) == limit
+    kinds = {type(module) for name, module in model.named_modules() if name in projections}
+    assert kinds == ({NumpyBlasLinear} if limit else {nn.Linear})
+    assert all(model.get_submodule(name).weight is weight for name, weight in projections.items())
 
 
 def test_an_adapted_head_trains_with_the_same_loss_as_the_fused_one():

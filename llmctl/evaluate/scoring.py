@@ -18,7 +18,7 @@ def continuation_logprobs(
     `tokens` must fit the context; score_from >= 1 (the first token has nothing to be predicted from).
     """
     ids = torch.tensor([tokens[:-1]], device=model.device)
-    with few_row_threads(model.device, ids.numel()):
+    with few_row_threads(model, ids.numel()):
         logits = model(ids)[0, score_from - 1 :].float()
     targets = torch.tensor(tokens[score_from:], device=logits.device)
     log_probs = F.log_softmax(logits, dim=-1)

@@ -51,7 +51,7 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run prompts (B, T) into `cache`; the next-token logits (B, vocab)."""
-    with few_row_threads(model.device, ids.numel()):
+    with few_row_threads(model, ids.numel()):
         logits = model(ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache)
     return logits[:, -1]
 
@@ -66,7 +66,7 @@ def decode_step(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed one new token per row, (B,); the next-token logits (B, vocab)."""
-    with few_row_threads(model.device, next_ids.numel()):
+    with few_row_threads(model, next_ids.numel()):
         logits = model(
             next_ids[:, None], position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache
         )
