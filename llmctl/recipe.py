@@ -11,6 +11,7 @@ from typing import Any, Literal, get_type_hints
 import tomli_w
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from llmctl.data.clean import CleaningRules
 from llmctl.data.filters import FilterRules
 from llmctl.errors import UserError
 from llmctl.model.config import ModelConfig
@@ -58,10 +59,16 @@ class DataSection(Section):
     tokens: str | None = Field(None, description="a `llmctl tokenize encode` output directory")
     tokenizer: str | None = Field(None, description="a sentencepiece .model file")
     filters: FilterRules = FilterRules()
+    cleaning: CleaningRules = CleaningRules()
 
 
 class TrainSection(Section):
-    steps: int = Field(1000, gt=0)
+    steps: int = Field(1000, gt=0, description="optimizer steps; with max_minutes, the most to run")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock budget: the schedule follows the share spent; stops and saves at the end",
+    )
     micro_batch_size: int = Field(8, gt=0, description="sequences per device per forward pass")
     global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, over all devices")
     seq_len: int | None = Field(None, gt=1, description="default: model.max_seq_len")

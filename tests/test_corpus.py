@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from llmctl.data.clean import CleaningRules, clean_text
 from llmctl.data.corpus import CorpusOptions, assign_split, build_corpus, iter_texts
 from llmctl.data.filters import FilterRules
 from llmctl.data.pii import scrub_pii
@@ -167,13 +168,57 @@ def test_existing_output_needs_overwrite(tmp_path):
     build_corpus([str(source)], tmp_path / "out", lenient(), overwrite=True)
 
 
-def test_cleaning_repairs_mojibake_and_control_characters(tmp_path):
+def test_cleaning_repairs_mojibake_control_characters_and_line_breaks(tmp_path):
     broken = "The cafÃ© said \x07hello\x0b  \r\nagain.   \n\n\n\n" + prose(9)
     source = write_jsonl(tmp_path / "docs.jsonl", [broken])
-    build_corpus([str(source)], tmp_path / "out", lenient(val_fraction=0.0))
+    manifest = build_corpus([str(source)], tmp_path / "out", lenient(val_fraction=0.0))
     (text,) = iter_texts(tmp_path / "out", "train")
-    assert text.startswith("The café said hello\nagain.\n\n")
-    assert "\x07" not in text and "\n\n\n" not in text
+    assert text.startswith("The café said hello  \nagain.   \n\n\n\n")  # whitespace is the author's
+    cleaned = manifest["characters_cleaned"]
+    # "Ã©" (2 characters) became "é"; \x07 and \x0b went; \r\n became \n
+    assert (
+        cleaned["fix_mojibake"] == 2
+        and cleaned["remove_control_chars"] == 2
+        and cleaned["fix_line_breaks"] == 1
+    )
+    assert "uncurl_quotes" not in cleaned  # rewrites of valid text are off unless asked for
+
+
+TYPOGRAPHY = "It‘s “quoted” — wait… 全角，。！ and 10\u00a0km, ﬁne ＡＢＣ &amp; more."
+
+
+def test_valid_unicode_survives_corpus_build_byte_identical(tmp_path):
+    document = TYPOGRAPHY + "\n\n" + prose(11)
+    source = write_jsonl(tmp_path / "docs.jsonl", [document, "Mojibake: donâ€™t panic. " + prose(12)])
+    manifest = build_corpus([str(source)], tmp_path / "out", lenient(val_fraction=0.0))
+    texts = list(iter_texts(tmp_path / "out", "train"))
+    assert texts[0].encode() == document.encode()
+    assert texts[1].startswith("Mojibake: don’t panic.")
+    assert manifest["characters_cleaned"]["fix_mojibake"] == 3  # "â€™" became "’"
+    assert sum(manifest["characters_cleaned"].values()) == 3
+
+
+def test_each_rewrite_of_valid_text_is_a_named_rule(tmp_path):
+    rules = CleaningRules(
+        uncurl_quotes=True,
+        fix_character_width=True,
+        fix_latin_ligatures=True,
+        nbsp_to_space=True,
+        unescape_html=True,
+    )
+    text, changed = clean_text(TYPOGRAPHY, rules)
+    assert text == 'It\'s "quoted" — wait… 全角,。! and 10 km, fine ABC & more.'
+    assert changed == {
+        "uncurl_quotes": 3,
+        "fix_character_width": 5,
+        "fix_latin_ligatures": 2,
+        "nbsp_to_space": 1,
+        "unescape_html": 4,  # "amp;" removed
+    }
+    whitespace = CleaningRules(strip_trailing_spaces=True, collapse_blank_lines=True, remove_zero_width=True)
+    text, changed = clean_text("a  \n\n\n\nb\u200bc", whitespace)
+    assert text == "a\n\nbc"
+    assert changed == {"strip_trailing_spaces": 2, "collapse_blank_lines": 2, "remove_zero_width": 1}
 
 
 def test_quality_filters_each_count_what_they_removed(tmp_path):
@@ -215,3 +260,22 @@ def test_zero_thresholds_from_the_cli_switch_filters_off(tmp_path, llmctl):
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["filtered"] == {} and manifest["options"]["filters"]["min_chars"] == 0
+
+
+def test_corpus_stats_shows_what_each_cleaning_rule_changed(tmp_path, llmctl):
+    source = write_jsonl(tmp_path / "docs.jsonl", ["Mojibake: donâ€™t panic. " + prose(13)])
+    llmctl("corpus", "build", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0", check=True)
+    out = llmctl("corpus", "stats", str(tmp_path / "out"), check=True).stdout
+    assert any("fix_mojibake" in line and line.rstrip(" │").endswith("3") for line in out.splitlines())
+
+
+def test_a_threshold_out_of_range_is_one_line(tmp_path, llmctl):
+    source = write_jsonl(tmp_path / "docs.jsonl", [prose(14)])
+    result = llmctl(
+        "corpus", "build", str(source), "--out", str(tmp_path / "out"), "--min-alpha-fraction", "2"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --min-alpha-fraction 2.0: input should be less than or equal to 1"
+    ]
+    assert not (tmp_path / "out").exists()

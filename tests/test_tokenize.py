@@ -32,6 +32,27 @@ def test_domain_terms_are_kept_whole_and_fertility_compared(sample_pipeline, tmp
     assert "asyncio.TaskGroup" in tok.pieces("use asyncio.TaskGroup here")
 
 
+def test_the_report_names_the_characters_that_fall_back_to_bytes(tmp_path):
+    from test_corpus import prose, write_jsonl
+
+    from llmctl.data.corpus import CorpusOptions, build_corpus
+
+    documents = [prose(seed) for seed in range(60)]
+    documents[0] += " a snowman ☃ and ☃ again, and one ᚠ rune."
+    source = write_jsonl(tmp_path / "docs.jsonl", documents)
+    build_corpus([str(source)], tmp_path / "corpus", CorpusOptions(val_fraction=0.0, near_dup_threshold=None))
+    report = train_tokenizer(tmp_path / "corpus", tmp_path / "tok", 600)
+    fallback = report["byte_fallback"]
+    reported = dict(fallback["most_frequent"])
+    assert reported["☃"] == 2 and reported["ᚠ"] == 1 and fallback["characters"] == len(reported)
+    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    for char in reported:  # each costs its UTF-8 bytes as tokens; covered characters are one piece
+        assert tok.pieces(char)[-len(char.encode()) :] == [f"<0x{byte:02X}>" for byte in char.encode()]
+    assert not any(piece.startswith("<0x") for piece in tok.pieces("quiet"))
+    text = "".join(iter_texts(tmp_path / "corpus", "train")).replace("\n", "")
+    assert fallback["share_of_text"] == pytest.approx(sum(reported.values()) / len(text))
+
+
 def test_encoded_shards_hold_every_document_separated_by_eos(sample_pipeline):
     meta = read_meta(sample_pipeline["tokens"])
     tok = Tokenizer(sample_pipeline["tokenizer"])

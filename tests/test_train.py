@@ -106,6 +106,43 @@ def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeli
     assert record["step"] == 3
 
 
+def step_records(run_dir) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if record["event"] == "step"]
+
+
+def test_a_wall_clock_budget_stops_within_one_step_and_a_resumed_run_finishes_it(sample_pipeline, tmp_path):
+    budget = 0.04  # minutes
+    recipe = tiny_recipe(sample_pipeline, tmp_path / "whole", steps=100_000, max_minutes=budget)
+    result = Trainer(recipe, CPU).fit()
+    steps = step_records(tmp_path / "whole")
+    assert not result.interrupted and result.final_step == steps[-1]["step"] < 100_000
+    assert (
+        steps[-2]["elapsed_seconds"] < budget * 60 <= steps[-1]["elapsed_seconds"]
+    )  # the budget ran out in the last step
+    assert [step for step, _ in list_checkpoints(tmp_path / "whole")][-1] == result.final_step
+    floor = recipe.optim.lr * recipe.schedule.min_lr_ratio
+    assert steps[-1]["lr"] == pytest.approx(floor, rel=0.05)  # the cosine schedule ran its course
+
+    run_dir = tmp_path / "resumed"
+    first = Trainer(tiny_recipe(sample_pipeline, run_dir, steps=100_000, max_minutes=budget), CPU)
+
+    def stop_halfway(event):
+        if isinstance(event, StepLogged) and event.elapsed_seconds >= budget * 30:
+            first.stop_requested = True
+
+    first.on_event = stop_halfway
+    interrupted = first.fit()
+    assert interrupted.interrupted
+    before = step_records(run_dir)
+    Trainer(tiny_recipe(sample_pipeline, run_dir, steps=100_000, max_minutes=budget), CPU).fit(resume="auto")
+    after = [record for record in step_records(run_dir) if record["step"] > interrupted.final_step]
+    assert after[0]["elapsed_seconds"] >= before[-1]["elapsed_seconds"]  # the clock carried over
+    assert after[0]["lr"] <= before[-1]["lr"]  # the schedule continued, it did not restart
+    assert after[-2]["elapsed_seconds"] < budget * 60 <= after[-1]["elapsed_seconds"]
+    assert after[-1]["lr"] == pytest.approx(floor, rel=0.05)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths_run_on_cpu(sample_pipeline, tmp_path, precision):
     trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=3, precision=precision), CPU)

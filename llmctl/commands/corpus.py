@@ -14,7 +14,8 @@ def build(
     sources: list[str] = typer.Argument(..., help="Files, folders or quoted globs of .txt/.md/.jsonl/.html."),
     out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory (written atomically)."),
     recipe: Path | None = typer.Option(
-        None, help="Take filter thresholds from this recipe's [data.filters]."
+        None,
+        help="Take filter thresholds and cleaning rules from this recipe's [data.filters], [data.cleaning].",
     ),
     text_field: str = typer.Option("text", help="JSONL field that holds the document text."),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phones, IPs, card numbers."),
@@ -42,15 +43,17 @@ def build(
     """Clean, filter, scrub, deduplicate and split documents into JSONL shards with a manifest."""
     from llmctl.commands.corpus_report import print_build_summary
     from llmctl.commands.progress import byte_progress
+    from llmctl.data.clean import CleaningRules
     from llmctl.data.corpus import CorpusOptions, build_corpus
     from llmctl.data.filters import FilterRules
     from llmctl.data.sources import expand_sources
 
-    filters = FilterRules()
+    filters, cleaning = FilterRules(), CleaningRules()
     if recipe:
         from llmctl.recipe import load_recipe
 
-        filters = load_recipe(recipe).data.filters
+        data = load_recipe(recipe).data
+        filters, cleaning = data.filters, data.cleaning
     thresholds = {
         "min_chars": min_chars,
         "max_chars": max_chars,
@@ -59,11 +62,10 @@ def build(
         "max_repeated_ngram_fraction": max_repeated_ngram_fraction,
         "language": language,
     }
-    filters = FilterRules.model_validate(
-        {**filters.model_dump(), **{k: v for k, v in thresholds.items() if v is not None}}
-    )
+    filters = validated_filters(filters, {k: v for k, v in thresholds.items() if v is not None})
     options = CorpusOptions(
         filters=filters,
+        cleaning=cleaning,
         text_field=text_field,
         scrub_pii=scrub_pii,
         exact_dedup=exact_dedup,
@@ -77,6 +79,21 @@ def build(
     with byte_progress("corpus build", total) as advance:
         manifest = build_corpus(sources, out, options, on_progress=advance, overwrite=overwrite)
     print_build_summary(out, manifest)
+
+
+def validated_filters(base, overrides: dict):
+    """The recipe's filter rules with the command line's thresholds applied; a bad value is one line."""
+    from pydantic import ValidationError
+
+    from llmctl.data.filters import FilterRules
+    from llmctl.errors import UserError
+
+    try:
+        return FilterRules.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        option = "--" + str(problem["loc"][0]).replace("_", "-")
+        raise UserError(f"{option} {problem['input']!r}: {problem['msg'].lower()}") from None
 
 
 @app.command()

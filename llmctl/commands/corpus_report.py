@@ -60,6 +60,13 @@ def print_stats(corpus: Path) -> None:
         lengths.add_row(label, *(str(histogram[split][index]) for split in SPLITS))
     console.print(lengths)
 
+    cleaned = Table(title="cleaning: characters changed per rule (recipe section data.cleaning)")
+    cleaned.add_column("rule")
+    cleaned.add_column("characters", justify="right")
+    for rule, count in manifest.get("characters_cleaned", {}).items():
+        cleaned.add_row(rule, f"{count:,}")
+    console.print(cleaned)
+
     removed = Table(title="removed")
     removed.add_column("reason")
     removed.add_column("documents", justify="right")

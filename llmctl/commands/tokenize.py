@@ -36,7 +36,17 @@ def train(
             f" ({report['fertility_without_domain_terms']:.3f} without the {report['domain_terms']} domain terms; "
             f"{report['domain_terms_kept_whole']} kept whole)"
         )
-    Console().print(line, highlight=False)
+    console = Console()
+    console.print(line, highlight=False)
+    fallback = report["byte_fallback"]
+    if fallback["characters"]:
+        examples = " ".join(f"{char!r} ({count:,})" for char, count in fallback["most_frequent"][:10])
+        console.print(
+            f"{fallback['characters']} characters are no piece and fall back to bytes "
+            f"({100 * fallback['share_of_text']:.3f}% of the text): {examples}",
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.command()

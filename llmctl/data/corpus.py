@@ -16,7 +16,7 @@ import numpy as np
 
 from llmctl import __version__
 from llmctl.atomic import atomic_directory
-from llmctl.data.clean import clean_text
+from llmctl.data.clean import CleaningRules, clean_text, cleaning_steps
 from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_signature
 from llmctl.data.filters import FilterRules, failed_filter
 from llmctl.data.jsonl import read_jsonl, string_field
@@ -33,6 +33,7 @@ BATCH_BYTES = 1 << 20
 @dataclass
 class CorpusOptions:
     filters: FilterRules = field(default_factory=FilterRules)
+    cleaning: CleaningRules = field(default_factory=CleaningRules)
     text_field: str = "text"
     scrub_pii: bool = False
     exact_dedup: bool = True
@@ -50,6 +51,7 @@ class ProcessedDocument:
     source: str
     text: str
     rejected_by: str | None
+    cleaned: Counter  # characters changed, per cleaning rule
     pii: Counter
     exact: str
     signature: np.ndarray | None
@@ -100,7 +102,7 @@ def _init_worker(options: CorpusOptions) -> None:
 def _process(document: Document) -> ProcessedDocument:
     options = _worker_options
     assert options is not None
-    text = clean_text(document.text)
+    text, cleaned = clean_text(document.text, options.cleaning)
     pii: Counter = Counter()
     rejected_by = failed_filter(text, options.filters)
     signature = None
@@ -114,6 +116,7 @@ def _process(document: Document) -> ProcessedDocument:
         source=document.source,
         text=text,
         rejected_by=rejected_by,
+        cleaned=cleaned,
         pii=pii,
         exact=exact_key(text),
         signature=signature,
@@ -147,6 +150,7 @@ def build_corpus(
     stats: Counter = Counter()
     filtered: Counter = Counter()
     pii: Counter = Counter()
+    cleaned: Counter = Counter()
     per_source: Counter = Counter()
     problems: list[dict] = []
     exact_seen: set[str] = set()
@@ -169,6 +173,7 @@ def build_corpus(
             for document in run(_batches(documents())):
                 stats["documents_read"] += 1
                 stats["input_bytes"] += document.input_bytes
+                cleaned.update(document.cleaned)
                 if on_progress is not None:
                     on_progress(document.input_bytes)
                 if document.rejected_by is not None:
@@ -197,6 +202,7 @@ def build_corpus(
             "filtered": dict(filtered),
             "exact_duplicates": stats["exact_duplicates"],
             "near_duplicates": stats["near_duplicates"],
+            "characters_cleaned": {name: cleaned[name] for name, _ in cleaning_steps(options.cleaning)},
             "pii_replaced": dict(pii),
             "top_sources": dict(per_source.most_common(20)),
             "splits": {
@@ -210,6 +216,7 @@ def build_corpus(
             },
             "options": {
                 "filters": options.filters.model_dump(),
+                "cleaning": options.cleaning.model_dump(),
                 "text_field": options.text_field,
                 "scrub_pii": options.scrub_pii,
                 "exact_dedup": options.exact_dedup,

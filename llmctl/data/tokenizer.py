@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,11 +98,10 @@ def _training_sentences(corpus: Path) -> Iterator[str]:
 
 
 def train_sentencepiece(
-    corpus: Path, vocab_size: int, model_type: str, user_symbols: list[str], seed: int, threads: int
+    sentences: list[str], vocab_size: int, model_type: str, user_symbols: list[str], seed: int, threads: int
 ) -> bytes:
-    sentences = list(_training_sentences(corpus))
     if not sentences:
-        raise UserError(f"{corpus} has no training text (its train split is empty)")
+        raise UserError("the corpus has no training text (its train split is empty)")
     if len(sentences) > MAX_TRAINING_SENTENCES:
         sentences = random.Random(seed).sample(sentences, MAX_TRAINING_SENTENCES)
     model = io.BytesIO()
@@ -136,6 +136,27 @@ def train_sentencepiece(
     return model.getvalue()
 
 
+def byte_fallback_report(processor: spm.SentencePieceProcessor, sentences: list[str], top: int = 20) -> dict:
+    """Characters of the text that are no piece of the vocabulary, so each costs its UTF-8 bytes as tokens.
+
+    Returns how many distinct characters fall back, their share of all characters, and the most frequent.
+    """
+    counts: Counter = Counter()
+    for sentence in sentences:
+        counts.update(sentence)
+    unk = processor.unk_id()
+    missing = {
+        char: count for char, count in counts.items() if processor.piece_to_id(char.replace(" ", "\u2581")) == unk
+    }
+    total = sum(counts.values())
+    ranked = sorted(missing.items(), key=lambda item: -item[1])
+    return {
+        "characters": len(missing),
+        "share_of_text": sum(missing.values()) / total if total else 0.0,
+        "most_frequent": [[char, count] for char, count in ranked[:top]],
+    }
+
+
 def fertility(processor: spm.SentencePieceProcessor, texts: list[str]) -> float:
     """Tokens per whitespace-separated word: lower means the vocabulary fits the domain better."""
     words = sum(len(text.split()) for text in texts)
@@ -157,7 +178,8 @@ def train_tokenizer(
     read_manifest(corpus)
     terms = read_domain_terms(domain_terms) if domain_terms else []
     threads = threads or 2
-    model = train_sentencepiece(corpus, vocab_size, model_type, terms, seed, threads)
+    sentences = list(_training_sentences(corpus))
+    model = train_sentencepiece(sentences, vocab_size, model_type, terms, seed, threads)
     processor = spm.SentencePieceProcessor(model_proto=model)
     validation = list(iter_texts(corpus, "val")) or list(iter_texts(corpus, "train"))[:100]
     report = {
@@ -165,6 +187,7 @@ def train_tokenizer(
         "model_type": model_type,
         "domain_terms": len(terms),
         "fertility": fertility(processor, validation),
+        "byte_fallback": byte_fallback_report(processor, sentences),
         "special_tokens": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
         "chat_markers": list(CHAT_MARKERS),
         "corpus": str(corpus),
@@ -172,7 +195,7 @@ def train_tokenizer(
     }
     if terms:
         baseline = spm.SentencePieceProcessor(
-            model_proto=train_sentencepiece(corpus, vocab_size, model_type, [], seed, threads)
+            model_proto=train_sentencepiece(sentences, vocab_size, model_type, [], seed, threads)
         )
         report["fertility_without_domain_terms"] = fertility(baseline, validation)
         whole = [term for term in terms if term in processor.encode(term, out_type=str)]

@@ -59,19 +59,23 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+def _all_reduce(value: torch.Tensor, context: DistributedContext, op: dist.ReduceOp) -> torch.Tensor:
     if context.is_distributed:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= context.world_size
+        dist.all_reduce(value, op=op)
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    return _all_reduce(value, context, dist.ReduceOp.SUM) / context.world_size
 
 
 def all_reduce_sum(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    if context.is_distributed:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    return _all_reduce(value, context, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    return _all_reduce(value, context, dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool, context: DistributedContext) -> bool:

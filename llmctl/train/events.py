@@ -46,6 +46,7 @@ class StepLogged(Event, kind="step"):
     grad_norm: float
     tokens_per_second: float
     memory_bytes: float
+    elapsed_seconds: float  # wall-clock time of the run so far, earlier sessions of a resumed run included
     mfu: float | None = None  # of the device's measured (CPU) or rated (GPU) peak
 
 

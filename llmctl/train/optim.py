@@ -38,21 +38,28 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device)
     )
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, schedule: ScheduleSection) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the recipe's decay."""
+def lr_at(
+    step: int, total_steps: int, peak_lr: float, schedule: ScheduleSection, time_fraction: float | None = None
+) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup over steps, then the recipe's decay
+    over the run's progress: the share of steps done, or, for a wall-clock budget, `time_fraction` spent."""
     warmup = schedule.warmup_steps
     if warmup and step < warmup:
         return peak_lr * (step + 1) / warmup
-    floor = peak_lr * schedule.min_lr_ratio
     if schedule.kind == "constant":
         return peak_lr
+    floor = peak_lr * schedule.min_lr_ratio
     if schedule.kind == "wsd":  # warmup-stable-decay: flat until the last decay_fraction, then linear
-        decay_start = int(total_steps * (1 - schedule.decay_fraction))
-        if step < max(decay_start, warmup):
-            return peak_lr
-        progress = (step - max(decay_start, warmup)) / max(1, total_steps - max(decay_start, warmup))
-        return peak_lr - (peak_lr - floor) * min(progress, 1.0)
-    progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
+        if time_fraction is not None:
+            progress = (time_fraction - (1 - schedule.decay_fraction)) / schedule.decay_fraction
+        else:
+            decay_start = max(int(total_steps * (1 - schedule.decay_fraction)), warmup)
+            progress = (step - decay_start) / max(1, total_steps - decay_start)
+        return peak_lr - (peak_lr - floor) * min(max(progress, 0.0), 1.0)
+    if time_fraction is not None:
+        progress = min(time_fraction, 1.0)
+    else:
+        progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
     if schedule.kind == "linear":
         return peak_lr - (peak_lr - floor) * progress
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

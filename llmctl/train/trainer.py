@@ -27,6 +27,7 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.model import Transformer
 from llmctl.recipe import Recipe
 from llmctl.runtime import keep_freed_memory
+from llmctl.train.budget import WallClock
 from llmctl.train.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -101,6 +102,7 @@ class Trainer:
         self.tokenizer = self._check_data()
         self.stop_requested = False
         self.skipped_steps = 0
+        self.clock = WallClock(recipe.train.max_minutes, context)
 
         torch.manual_seed(recipe.train.seed)
         if context.device.type == "cpu":
@@ -170,13 +172,15 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------
 
     def fit(self, resume: str | None = None) -> TrainResult:
-        start_step = 0
+        start_step, elapsed_before = 0, 0.0
         checkpoint = self._resume_from(resume)
         if checkpoint is not None:
             load_model_weights(self.model, checkpoint, self.context.is_main)
             state = load_trainer_state(self.model, self.optimizer, checkpoint, self.context.is_main)
             self.scaler.load_state_dict(state["scaler"])
             start_step, self.skipped_steps = state["step"], state["skipped_steps"]
+            elapsed_before = state.get("elapsed_seconds", 0.0)
+        self.clock = WallClock(self.recipe.train.max_minutes, self.context, elapsed_before)
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
@@ -185,27 +189,30 @@ class Trainer:
         self._emit(self._started(start_step))
         if checkpoint is not None:
             self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
-        last_saved, val_loss = None, None
+        last_saved, val_loss, stopping = None, None, False
         with self._stop_on_signals():
             step = start_step
             window_started, window_tokens = time.perf_counter(), 0
-            while step < total:
-                stats = self.train_step(step)
+            time_fraction = self.clock.fraction()
+            while step < total and not (time_fraction is not None and time_fraction >= 1):
+                stats = self.train_step(step, time_fraction)
                 step += 1
+                time_fraction = self.clock.fraction()
+                last = step == total or (time_fraction is not None and time_fraction >= 1)
                 window_tokens += self.recipe.train.global_batch_size * self.seq_len
                 if not stats.finite:
                     self._emit(StepSkipped(step=step, grad_norm=stats.grad_norm))
-                if step % self.recipe.train.log_every == 0 or step == total:
+                if step % self.recipe.train.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_started
                     self._emit(self._step_logged(stats, window_tokens, elapsed))
                     window_started, window_tokens = time.perf_counter(), 0
                 eval_every = self.recipe.train.eval_every
-                if (eval_every and step % eval_every == 0) or step == total:
+                if (eval_every and step % eval_every == 0) or last:
                     val_loss = self.evaluate()
                     self._emit(Evaluated(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
                 every = self.recipe.checkpoint.every
                 stopping = any_rank(self.stop_requested, self.context)
-                if (every and step % every == 0) or step == total or stopping:
+                if (every and step % every == 0) or last or stopping:
                     last_saved = self.save(step)
                 if stopping:
                     self._emit(Interrupted(step=step, checkpoint=str(last_saved) if last_saved else None))
@@ -213,16 +220,16 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        interrupted = step < total
-        samples = [] if interrupted else self.samples()
-        return TrainResult(self.run_dir, step, last_saved, val_loss, interrupted, self.skipped_steps, samples)
+        samples = [] if stopping else self.samples()
+        return TrainResult(self.run_dir, step, last_saved, val_loss, stopping, self.skipped_steps, samples)
 
-    def train_step(self, step: int) -> StepStats:
+    def train_step(self, step: int, time_fraction: float | None = None) -> StepStats:
         """One optimizer step (0-based `step`): accumulate gradients over micro-batches, clip, update.
 
-        Steps with non-finite gradients leave the weights unchanged and count as skipped.
+        `time_fraction`, the share of a wall-clock budget spent, sets the schedule's progress in place of
+        the step count. Steps with non-finite gradients leave the weights unchanged and count as skipped.
         """
-        lr = lr_at(step, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.schedule)
+        lr = lr_at(step, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.schedule, time_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -284,6 +291,7 @@ class Trainer:
         """Collective under FSDP (every rank gathers); only rank 0 writes."""
         model_state = full_model_state(self.model)
         optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        elapsed = self.clock.elapsed()
         if not self.context.is_main:
             return None
         trainer_state = {
@@ -292,6 +300,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "skipped_steps": self.skipped_steps,
+            "elapsed_seconds": elapsed,
             "world_size": self.context.world_size,
         }
         path = save_checkpoint(
@@ -374,6 +383,7 @@ class Trainer:
             grad_norm=stats.grad_norm,
             tokens_per_second=tokens_per_second,
             memory_bytes=memory_in_use(self.context.device),
+            elapsed_seconds=self.clock.elapsed(),
             mfu=mfu,
         )
 
