@@ -87,3 +87,48 @@ def test_prompt_length_is_checked_at_submit(model):
     with pytest.raises(PromptTooLong):
         engine.submit(list(range(60)), SamplingParams(), Collector())
     assert engine.queue_depth() == 0
+
+
+def test_a_request_that_fails_fails_alone_and_the_engine_serves_on(model):
+    engine = Engine(model, max_batch=3).start()
+    try:
+        solo = list(generate_ids(model, [5, 6, 7], SamplingParams(max_new_tokens=6, temperature=0.0)))
+        good, bad, after = Collector(), Collector(), Collector()
+        engine.submit([5, 6, 7], SamplingParams(max_new_tokens=6, temperature=0.0), good)
+        engine.submit([1, 2], SamplingParams(max_new_tokens=6, seed=2**70), bad)  # torch refuses the seed
+        assert bad.done.wait(30) and bad.finish == "error" and bad.tokens == []
+        assert good.done.wait(30) and good.tokens == solo
+        engine.submit([5, 6, 7], SamplingParams(max_new_tokens=6, temperature=0.0), after)
+        assert after.done.wait(30) and after.tokens == solo
+    finally:
+        engine.stop()
+
+
+def test_a_request_failing_mid_batch_leaves_the_others_exact(model, monkeypatch):
+    from llmctl.infer import engine as engine_module
+
+    real_sample_next = engine_module.sample_next
+
+    def failing_for_top_k_7(logits, params, history, generator):
+        if params.top_k == 7 and history.shape[1] > 4:  # fails a few tokens in, mid-batch
+            raise RuntimeError("injected failure")
+        return real_sample_next(logits, params, history, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", failing_for_top_k_7)
+    prompts = [[1, 2, 3], [9, 8], [4, 4, 4, 4]]
+    solos = [
+        list(generate_ids(model, p, SamplingParams(max_new_tokens=10, temperature=0.0))) for p in prompts
+    ]
+    engine = Engine(model, max_batch=4).start()
+    try:
+        collectors = [Collector() for _ in prompts]
+        failing = Collector()
+        for prompt, collector in zip(prompts[:2], collectors, strict=False):
+            engine.submit(prompt, SamplingParams(max_new_tokens=10, temperature=0.0), collector)
+        engine.submit([1, 2], SamplingParams(max_new_tokens=10, temperature=0.0, top_k=7), failing)
+        engine.submit(prompts[2], SamplingParams(max_new_tokens=10, temperature=0.0), collectors[2])
+        assert failing.done.wait(30) and failing.finish == "error" and 0 < len(failing.tokens) < 10
+        for collector, solo in zip(collectors, solos, strict=True):
+            assert collector.done.wait(30) and collector.tokens == solo
+    finally:
+        engine.stop()

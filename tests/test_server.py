@@ -247,3 +247,71 @@ def test_shutdown_drains_in_flight_streams(tiny_checkpoint):
         assert not running.thread.is_alive()
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [""]}, "prompt"),
+        ({"prompt": "x", "temperature": 1e400}, "temperature"),
+        ({"prompt": "x", "top_p": float("nan")}, "top_p"),
+    ],
+)
+def test_sampling_fields_are_validated_at_the_edge(server, body, param):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    response = httpx.post(
+        f"{server}/v1/completions", content=json.dumps({"model": "tiny", **body}), headers=headers
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)
+    ok = httpx.post(
+        f"{server}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, headers=headers
+    )
+    assert ok.status_code == 200
+
+
+def test_a_temperature_near_zero_is_greedy(client):
+    greedy = client.completions.create(model="tiny", prompt="The", max_tokens=8, temperature=0)
+    tiny = client.completions.create(model="tiny", prompt="The", max_tokens=8, temperature=1e-30)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
+def test_a_failing_request_gets_an_error_and_its_batch_neighbours_finish(tiny_checkpoint, monkeypatch):
+    from llmctl.infer import engine as engine_module
+
+    real_sample_next = engine_module.sample_next
+
+    def failing_for_top_k_7(logits, params, history, generator):
+        if params.top_k == 7:
+            raise RuntimeError("injected failure")
+        return real_sample_next(logits, params, history, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", failing_for_top_k_7)
+    app = create_app({"tiny": load_served_model("tiny", tiny_checkpoint, max_batch=4)})
+    results: dict[str, list[str]] = {}
+
+    def stream(name: str, url: str, extra: dict) -> None:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 24, "stream": True, **extra}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            results[name] = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+    with running_server(app) as running:
+        threads = [
+            threading.Thread(target=stream, args=(name, running.url, extra))
+            for name, extra in (("good", {"temperature": 0}), ("bad", {"top_k": 7}), ("other", {"seed": 3}))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        failed = json.loads(results["bad"][-2])
+        assert failed["error"]["type"] == "server_error" and "injected failure" in failed["error"]["message"]
+        assert results["bad"][-1] == "[DONE]"
+        for name in ("good", "other"):
+            assert results[name][-1] == "[DONE]"
+            assert json.loads(results[name][-2])["choices"][0]["finish_reason"] in ("length", "stop")
+        whole = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": 7})
+        assert whole.status_code == 500 and whole.json()["error"]["code"] == "generation_failed"
+        assert httpx.get(f"{running.url}/health").status_code == 200

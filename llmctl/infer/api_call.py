@@ -9,9 +9,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from llmctl.infer.api_schema import Endpoint
+from llmctl.infer.api_schema import Endpoint, OpenAIError
 from llmctl.infer.sampling import SamplingParams
-from llmctl.infer.served import Completion, ServedModel, stream_completion
+from llmctl.infer.served import Completion, GenerationFailed, ServedModel, stream_completion
 from llmctl.infer.server_metrics import ServerMetrics
 
 # (choice index, text delta, finish reason)
@@ -94,9 +94,12 @@ class ApiCall:
     async def complete(self) -> dict:
         texts = [""] * len(self.params)
         finishes: list[str | None] = [None] * len(self.params)
-        async for index, text, finish in self.events():
-            texts[index] += text
-            finishes[index] = finish or finishes[index]
+        try:
+            async for index, text, finish in self.events():
+                texts[index] += text
+                finishes[index] = finish or finishes[index]
+        except GenerationFailed as error:
+            raise generation_error(error) from None
         return {
             "id": self.id,
             "object": self.endpoint.value,
@@ -122,12 +125,21 @@ class ApiCall:
                     "logprobs": None,
                 }
                 yield _sse({**base, "choices": [first]})
-        async for index, text, finish in self.events():
-            if text or finish:
-                yield _sse({**base, "choices": [self.choice(index, text, finish, stream=True)]})
+        try:
+            async for index, text, finish in self.events():
+                if text or finish:
+                    yield _sse({**base, "choices": [self.choice(index, text, finish, stream=True)]})
+        except GenerationFailed as error:  # the stream ends with an error event, never silently
+            yield _sse(generation_error(error).body())
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
             yield _sse({**base, "choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
+
+
+def generation_error(error: GenerationFailed) -> OpenAIError:
+    return OpenAIError(500, f"generation failed: {error}", type_="server_error", code="generation_failed")
 
 
 def _sse(payload: dict) -> str:

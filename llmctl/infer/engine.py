@@ -8,6 +8,7 @@ and, last, a finish reason. A server bridges the callback into asyncio; tests ca
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -21,8 +22,10 @@ from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
 
 # on_token(token_id, finish_reason): token_id is None only on the final call; finish_reason is None
-# until the request ends with "stop" (a stop id), "length" (max tokens or context) or "cancelled".
+# until the request ends with "stop" (a stop id), "length" (max tokens or context), "cancelled" or
+# "error" (this request failed; `Request.error` says why, and the engine serves the others on).
 TokenCallback = Callable[[int | None, str | None], None]
+log = logging.getLogger("llmctl.engine")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Request:
     history: torch.Tensor | None = None
     generator: torch.Generator | None = None
     cancelled: bool = False
+    error: str | None = None
 
     def cancel(self) -> None:
         """Safe from any thread: the engine frees the slot at the next token boundary."""
@@ -101,8 +105,15 @@ class Engine:
                 if not self.running:
                     break
             self._admit()
-            if self.slots:
+            if not self.slots:
+                continue
+            try:
                 self._decode_step()
+            except Exception as error:  # the batch's forward failed: its requests fail, the engine goes on
+                log.exception("decode step failed; failing the %d requests in the batch", len(self.slots))
+                for request in self.slots:
+                    request.error = request.error or f"{type(error).__name__}: {error}"
+            self._retire_finished()
         for request in [*self.slots, *self.waiting]:
             request.on_token(None, "cancelled")
 
@@ -116,12 +127,18 @@ class Engine:
                 request.on_token(None, "cancelled")
                 continue
             slot = len(self.slots)
-            ids = torch.tensor([request.prompt_ids], device=self.device)
-            logits = prefill(self.model, ids, self.cache.row(slot))
+            try:
+                ids = torch.tensor([request.prompt_ids], device=self.device)
+                if request.params.seed is not None:
+                    request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+                logits = prefill(self.model, ids, self.cache.row(slot))
+            except Exception as error:  # this request alone fails
+                log.exception("request %d failed at prefill", request.id)
+                request.error = f"{type(error).__name__}: {error}"
+                request.on_token(None, "error")
+                continue
             self.cache.lengths[slot] = len(request.prompt_ids)
             request.history = ids
-            if request.params.seed is not None:
-                request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
             self.slots.append(request)
             self.cache.active = len(self.slots)
             self._sample_token(slot, logits)
@@ -133,13 +150,17 @@ class Engine:
         self.decode_steps += 1
         for slot in range(len(self.slots)):
             self._sample_token(slot, logits[slot : slot + 1])
-        self._retire_finished()
 
     def _sample_token(self, slot: int, logits: torch.Tensor) -> None:
         request = self.slots[slot]
-        if request.cancelled:
+        if request.cancelled or request.error:
             return
-        token = sample_next(logits, request.params, request.history, request.generator)
+        try:
+            token = sample_next(logits, request.params, request.history, request.generator)
+        except Exception as error:  # this request alone fails
+            log.exception("request %d failed while sampling", request.id)
+            request.error = f"{type(error).__name__}: {error}"
+            return
         request.history = torch.cat([request.history, token[:, None]], dim=1)
         token_id = int(token)
         request.generated.append(token_id)
@@ -147,6 +168,8 @@ class Engine:
 
     def _finish_reason(self, slot: int) -> str | None:
         request = self.slots[slot]
+        if request.error:
+            return "error"
         if request.cancelled:
             return "cancelled"
         if request.generated and request.generated[-1] in request.params.stop_token_ids:

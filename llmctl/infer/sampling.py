@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+# Dividing fp32 logits by a smaller temperature overflows to inf and the softmax to NaN; the limit of sampling
+# as the temperature falls is the argmax anyway.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (anything below GREEDY_BELOW) means greedy
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -23,7 +27,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_penalties(

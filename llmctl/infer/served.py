@@ -41,6 +41,10 @@ def load_served_model(name: str, path: Path, max_batch: int = 16) -> ServedModel
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
 
 
+class GenerationFailed(RuntimeError):
+    """The engine could not finish this request (the others it serves are unaffected)."""
+
+
 @dataclass
 class Completion:
     """Filled in as the stream runs: what the caller reports as usage and finish reason."""
@@ -81,6 +85,9 @@ async def stream_completion(
                     return
                 if chunk.text:
                     yield chunk
+            if finish == "error":
+                record.finish_reason = "error"
+                raise GenerationFailed(request.error or "generation failed")
             if finish is not None:
                 record.finish_reason = "stop" if finish == "stop" else "length"
                 yield text.end(record.finish_reason)

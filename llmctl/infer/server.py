@@ -146,6 +146,8 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
+    if not prompts[0]:
+        raise OpenAIError(400, "prompt is empty", param="prompt")
     prompt_ids = served.tokenizer.encode(prompts[0])
     return await respond(request, served, body, Endpoint.COMPLETION, prompt_ids, (served.tokenizer.eos_id,))
 
