@@ -1,0 +1,246 @@
+"""Model quality at equal training tokens: llmctl's own pipeline against a plain transformers + sentencepiece
+script at the same shape, tokens and optimizer settings, in one run. Prints bits per byte (tokenizer-
+independent) of both on the corpus's validation split and on held-out text of other styles found on this
+machine: GNU Texinfo manuals (typographic quotes) and software licences.
+
+sentencepiece's defaults are lossy (NFKC, whitespace runs and newlines collapsed, rare characters to <unk>),
+so the plain model is scored on the bytes its tokenizer can represent (the decoded round trip) and the
+table shows how many bytes that drops; llmctl's tokenizer round-trips text exactly.
+
+    .venv/bin/python -m benchmarks.quality [--corpus ../shared/data/techdocs] [--tokens 500000]
+
+llmctl: `corpus build` defaults, an 8k `tokenize train`, `tokenize encode`, the trainer with the recipe
+defaults for this shape. Plain: sentencepiece with its defaults on the raw training text, HF
+LlamaForCausalLM, torch AdamW with the same lr, betas, weight decay, clipping, warmup and cosine decay,
+random windows over the concatenated documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from benchmarks.common import machine
+from llmctl.data.corpus import CorpusOptions, build_corpus
+from llmctl.data.token_files import encode_corpus
+from llmctl.data.tokenizer import Tokenizer, train_tokenizer
+from llmctl.evaluate.perplexity import document_nll
+from llmctl.model.config import default_ffn_size
+from llmctl.recipe import recipe_from_dict
+from llmctl.runtime import keep_freed_memory
+from llmctl.train.distributed import DistributedContext
+from llmctl.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = {"vocab_size": 8000, "d_model": 384, "n_layer": 6, "n_head": 6, "max_seq_len": 256}
+HELD_OUT_BYTES = 250_000
+DOCUMENT_BYTES = 30_000  # long manuals are cut at a line boundary, so every set mixes several documents
+
+
+def read_jsonl_texts(path: Path) -> list[str]:
+    return [
+        json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def capped(texts: list[str], limit: int = HELD_OUT_BYTES) -> list[str]:
+    kept, size = [], 0
+    for text in texts:
+        if len(text) > DOCUMENT_BYTES:
+            text = text[: text.rfind("\n", 0, DOCUMENT_BYTES) + 1] or text[:DOCUMENT_BYTES]
+        if size + len(text.encode()) > limit:
+            break
+        kept.append(text)
+        size += len(text.encode())
+    return kept
+
+
+def info_manuals() -> list[str]:
+    """GNU Texinfo manuals installed on this machine, one document per manual (node markers removed)."""
+    texts = []
+    for path in sorted(Path("/usr/share/info").glob("*.info*.gz")):
+        text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+        texts.append(text.replace("\x1f", "").replace("\x7f", ""))
+    return texts
+
+
+def licences() -> list[str]:
+    """Licence texts: /usr/share/common-licenses and the packages' copyright files, each text once."""
+    seen, texts = set(), []
+    paths = sorted(Path("/usr/share/common-licenses").iterdir()) + sorted(
+        Path("/usr/share/doc").glob("*/copyright")
+    )
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
+    return texts
+
+
+def bits_per_byte(score_document, texts: list[str], represented_bytes) -> float:
+    nats = sum(score_document(text) for text in texts)
+    return nats / math.log(2) / sum(represented_bytes(text) for text in texts)
+
+
+def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer, float]:
+    started = time.perf_counter()
+    corpus = work / "corpus"
+    build_corpus([str(corpus_dir / "train.jsonl")], corpus, CorpusOptions(val_fraction=0.01))
+    train_tokenizer(corpus, work / "tokenizer", vocab_size=SHAPE["vocab_size"])
+    tokenizer_path = work / "tokenizer" / "tokenizer.model"
+    encode_corpus(corpus, tokenizer_path, work / "tokens")
+    recipe = recipe_from_dict(
+        {
+            "name": "quality",
+            "model": SHAPE,
+            "data": {"tokens": str(work / "tokens"), "tokenizer": str(tokenizer_path)},
+            "train": {
+                "steps": args.steps,
+                "micro_batch_size": args.batch,
+                "global_batch_size": args.batch,
+                "log_every": 50,
+                "eval_every": 0,
+                "eval_batches": 4,
+                "seed": args.seed,
+            },
+            "optim": {"lr": args.lr},
+            "schedule": {"warmup_steps": args.warmup},
+            "checkpoint": {"dir": str(work / "run"), "every": 0},
+        }
+    )
+    trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cpu")))
+    trainer.fit()
+    return trainer, Tokenizer(tokenizer_path), time.perf_counter() - started
+
+
+def train_plain(work: Path, corpus_dir: Path, args):
+    """What a user writes with transformers and sentencepiece: default tokenizer, random windows."""
+    import transformers
+
+    started = time.perf_counter()
+    texts = read_jsonl_texts(corpus_dir / "train.jsonl")
+    raw = work / "plain.txt"
+    raw.write_text("\n".join(texts), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(raw), model_prefix=str(work / "plain"), vocab_size=SHAPE["vocab_size"], minloglevel=2
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(work / "plain.model"))
+    stream = np.fromiter((token for ids in sp.encode(texts) for token in (*ids, sp.eos_id())), dtype=np.int64)
+    torch.manual_seed(args.seed)
+    config = transformers.LlamaConfig(
+        vocab_size=sp.get_piece_size(),
+        hidden_size=SHAPE["d_model"],
+        intermediate_size=default_ffn_size(SHAPE["d_model"]),
+        num_hidden_layers=SHAPE["n_layer"],
+        num_attention_heads=SHAPE["n_head"],
+        max_position_embeddings=SHAPE["max_seq_len"],
+        bos_token_id=sp.bos_id(),
+        eos_token_id=sp.eos_id(),
+    )
+    model = transformers.LlamaForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    rng = np.random.default_rng(args.seed)
+    seq = SHAPE["max_seq_len"]
+    for _ in range(args.steps):
+        starts = rng.integers(0, len(stream) - seq - 1, args.batch)
+        batch = torch.from_numpy(np.stack([stream[s : s + seq + 1] for s in starts]))
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval(), sp, time.perf_counter() - started
+
+
+def plain_document_nll(model, sp, text: str) -> float:
+    """Sliding windows as llmctl's perplexity uses, through the HF model."""
+    from llmctl.evaluate.scoring import sliding_windows
+
+    ids = [sp.bos_id(), *sp.encode(text)]
+    total, window = 0.0, SHAPE["max_seq_len"]
+    for begin, end, first in sliding_windows(len(ids), window, window // 2):
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids[begin : end - 1]])).logits[0].float()
+        log_probs = torch.log_softmax(logits, -1)
+        targets = torch.tensor(ids[first:end])
+        total -= float(log_probs[first - begin - 1 :].gather(1, targets[:, None]).double().sum())
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "data" / "techdocs")
+    parser.add_argument("--tokens", type=int, default=500_000, help="training tokens for each model")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="default: llmctl's default for this shape")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    keep_freed_memory()
+    args.steps = args.tokens // (args.batch * SHAPE["max_seq_len"])
+    defaults = recipe_from_dict({"model": SHAPE})
+    args.lr = args.lr or defaults.optim.lr
+    args.warmup = defaults.schedule.warmup_steps if args.warmup is None else args.warmup
+    sets = {
+        "techdocs val": capped(read_jsonl_texts(args.corpus / "val.jsonl")),
+        "GNU info manuals": capped(info_manuals()),
+        "licences": capped(licences()),
+    }
+    work = Path(tempfile.mkdtemp())
+    print(f"training llmctl's pipeline ({args.steps} steps) ...", flush=True)
+    trainer, tokenizer, ours_seconds = train_llmctl(work / "llmctl", args.corpus, args)
+    model = trainer.model.eval()
+    window = SHAPE["max_seq_len"]
+
+    def ours(text: str) -> float:
+        return document_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], window, window // 2)
+
+    print("training the plain script ...", flush=True)
+    plain_model, sp, plain_seconds = train_plain(work, args.corpus, args)
+    print(f"machine: {machine()}")
+    print(
+        f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
+        f"{args.batch}; {args.steps} steps = {args.steps * args.batch * window:,} tokens each; lr {args.lr:g}, "
+        f"warmup {args.warmup}, cosine; llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
+    )
+    print(
+        f"{'held-out set':20}{'bytes':>10}{'plain keeps':>13}{'llmctl bpb':>12}{'plain bpb':>12}{'llmctl vs plain':>17}"
+    )
+    for name, texts in sets.items():
+        size = sum(len(text.encode()) for text in texts)
+        assert all(tokenizer.decode(tokenizer.encode(text)) == text for text in texts)  # llmctl is lossless
+
+        def plain_bytes(text: str) -> int:
+            return len(sp.decode(sp.encode(text)).encode())
+
+        ours_bpb = bits_per_byte(ours, texts, lambda text: len(text.encode()))
+        plain_bpb = bits_per_byte(lambda text: plain_document_nll(plain_model, sp, text), texts, plain_bytes)
+        kept = sum(plain_bytes(text) for text in texts) / size
+        print(
+            f"{name:20}{size:>10,}{100 * kept:>12.1f}%{ours_bpb:>12.4f}{plain_bpb:>12.4f}"
+            f"{100 * (ours_bpb / plain_bpb - 1):>+16.1f}%",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
