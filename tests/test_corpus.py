@@ -199,13 +199,14 @@ def test_valid_unicode_survives_corpus_build_byte_identical(tmp_path):
 
 
 def test_each_rewrite_of_valid_text_is_a_named_rule(tmp_path):
-    rules = CleaningRules(
-        uncurl_quotes=True,
-        fix_character_width=True,
-        fix_latin_ligatures=True,
-        nbsp_to_space=True,
-        unescape_html=True,
+    rewrites = (
+        "uncurl_quotes",
+        "fix_character_width",
+        "fix_latin_ligatures",
+        "nbsp_to_space",
+        "unescape_html",
     )
+    rules = CleaningRules(**dict.fromkeys(rewrites, True))
     text, changed = clean_text(TYPOGRAPHY, rules)
     assert text == 'It\'s "quoted" — wait… 全角,。! and 10 km, fine ABC & more.'
     assert changed == {
