@@ -315,3 +315,44 @@ def test_a_failing_request_gets_an_error_and_its_batch_neighbours_finish(tiny_ch
         whole = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": 7})
         assert whole.status_code == 500 and whole.json()["error"]["code"] == "generation_failed"
         assert httpx.get(f"{running.url}/health").status_code == 200
+
+
+def test_the_api_docs_are_behind_the_key_and_the_key_is_checked_exactly(server):
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(f"{server}{path}").status_code == 401
+        assert httpx.get(f"{server}{path}", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    for wrong in (f"Bearer {API_KEY}x", f"Bearer {API_KEY[:-1]}", API_KEY, ""):
+        response = httpx.get(f"{server}/v1/models", headers={"Authorization": wrong})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_oversized_bodies_and_prompts_are_refused_before_any_work(tiny_checkpoint):
+    app = create_app(
+        {"tiny": load_served_model("tiny", tiny_checkpoint, max_batch=1)}, max_body_bytes=100_000
+    )
+    with running_server(app) as running:
+        big = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x" * 200_000})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        long_prompt = {"model": "tiny", "prompt": "word " * 19_000}  # 95,000 characters, a 128-token context
+        refused = httpx.post(f"{running.url}/v1/completions", json=long_prompt)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        assert "95,000 characters" in refused.json()["error"]["message"]
+        not_utf8 = httpx.post(
+            f"{running.url}/v1/completions",
+            content=b'{"model": "tiny", "prompt": "\xff\xfe"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert not_utf8.status_code == 400 and set(not_utf8.json()["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
+
+
+def test_an_empty_api_key_is_refused_at_start(llmctl, tiny_checkpoint):
+    result = llmctl("serve", str(tiny_checkpoint), "--api-key", "", "--port", str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --api-key is empty (an unset variable?): pass a key, or leave the option out to serve without one"
+    ]

@@ -37,6 +37,10 @@ def serve(
         raise UserError(
             f"llmctl serve needs the serve extra ({error.name} is missing): pip install 'llmctl[serve]'"
         ) from None
+    if api_key is not None and not api_key.strip():
+        raise UserError(
+            "--api-key is empty (an unset variable?): pass a key, or leave the option out to serve without one"
+        )
     named = parse_models(models)
     routes = parse_routes(route, set(named))
     served = {}

@@ -7,6 +7,8 @@ in `api_schema`, one request's streaming in `api_call`.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import random
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl.data.chat import Message, render_chat
 from llmctl.infer.api_call import ApiCall
@@ -25,6 +28,11 @@ from llmctl.infer.served import ServedModel
 from llmctl.infer.server_metrics import ServerMetrics
 
 Routes = dict[str, list[tuple[str, float]]]
+PROTECTED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json")
+MAX_BODY_BYTES = 4 << 20
+# A token is at most this many characters (sentencepiece's default piece length is 16): a longer prompt cannot
+# fit the context, and is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 64
 
 
 class Admission:
@@ -54,6 +62,7 @@ class ServerState:
     api_key: str | None
     metrics: ServerMetrics
     admission: Admission
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def resolve(self, name: str) -> ServedModel:
         """A model by name, or by a weighted alias drawn per request."""
@@ -100,6 +109,12 @@ async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
     return error.response()
 
 
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unparseable body, unknown path, wrong method) in OpenAI's shape too."""
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return OpenAIError(error.status_code, str(error.detail), type_=kind).response()
+
+
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -110,11 +125,19 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
     return OpenAIError(400, f"{param + ': ' if param else ''}{message}", param=param).response()
 
 
-async def authenticate(request: Request, call_next):
-    api_key = state_of(request).api_key
-    authorized = request.headers.get("authorization", "") == f"Bearer {api_key}"
-    if api_key and request.url.path.startswith("/v1/") and not authorized:
-        return OpenAIError(401, "invalid or missing API key", code="invalid_api_key").response()
+async def guard(request: Request, call_next):
+    """Refuse oversized bodies (413) and, when a key is set, requests without it (401) before any work."""
+    state = state_of(request)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > state.max_body_bytes:
+        message = (
+            f"request body of {int(declared):,} bytes exceeds the server's limit of {state.max_body_bytes:,}"
+        )
+        return OpenAIError(413, message, code="request_too_large").response()
+    if state.api_key and request.url.path.startswith(PROTECTED_PATHS):
+        offered = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(offered, f"Bearer {state.api_key}".encode()):  # constant time
+            return OpenAIError(401, "invalid or missing API key", code="invalid_api_key").response()
     return await call_next(request)
 
 
@@ -148,14 +171,27 @@ async def completions(body: CompletionRequest, request: Request):
         raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
     if not prompts[0]:
         raise OpenAIError(400, "prompt is empty", param="prompt")
-    prompt_ids = served.tokenizer.encode(prompts[0])
+    prompt_ids = await tokenize(served, prompts[0], Endpoint.COMPLETION)
     return await respond(request, served, body, Endpoint.COMPLETION, prompt_ids, (served.tokenizer.eos_id,))
 
 
 async def chat_completions(body: ChatRequest, request: Request):
     served = state_of(request).resolve(body.model)
-    prompt_ids = served.tokenizer.encode(render_chat([Message(m.role, m.content) for m in body.messages]))
+    text = render_chat([Message(m.role, m.content) for m in body.messages])
+    prompt_ids = await tokenize(served, text, Endpoint.CHAT)
     return await respond(request, served, body, Endpoint.CHAT, prompt_ids, served.chat_stop_ids())
+
+
+async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[int]:
+    """Token ids of a prompt, computed off the event loop so a long prompt never stalls other streams."""
+    if len(text) > MAX_CHARS_PER_TOKEN * served.context:
+        raise OpenAIError(
+            400,
+            f"the prompt has {len(text):,} characters, more than a {served.context}-token context can hold",
+            param=endpoint.prompt_param,
+            code="context_length_exceeded",
+        )
+    return await asyncio.to_thread(served.tokenizer.encode, text)
 
 
 async def respond(
@@ -213,14 +249,16 @@ def create_app(
     routes: Routes | None = None,
     api_key: str | None = None,
     max_concurrency: int = 64,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(title="llmctl", lifespan=lifespan)
     app.state.llmctl = ServerState(
-        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency)
+        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency), max_body_bytes
     )
     app.add_exception_handler(OpenAIError, openai_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    app.middleware("http")(authenticate)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.middleware("http")(guard)
     app.get("/health")(health)
     app.get("/metrics")(prometheus)
     app.get("/v1/models")(list_models)
