@@ -78,3 +78,37 @@ async def test_textual_app_sends_a_message_and_shows_the_streamed_reply(tiny_che
         shown = str(bubbles[-1].render())
         assert shown == (reply or "(empty reply)")
         assert "tokens/s" in str(app.query_one("#status").render())
+
+
+def test_plain_mode_reports_mistakes_and_keeps_the_conversation(tiny_checkpoint, tmp_path):
+    script = "\n".join(
+        [
+            "/set top_k -5",
+            "/set temperature nan",
+            "/set top_p 0",
+            "/set temperature 0",
+            "hello",
+            "word " * 400,  # longer than the 128-token context on its own
+            f"/save {tmp_path}",  # a directory
+            f"/save {tmp_path / 'chat.json'}",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "llmctl", "chat", str(tiny_checkpoint), "--plain", "--max-tokens", "4"],
+        input=script + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:4] == [
+        "top_k must be 0 (off) or more; got -5",
+        "temperature must be 0 to 2; got nan",
+        "top_p must be above 0, at most 1; got 0",
+        "temperature = 0.0",
+    ]
+    assert lines[5].startswith("error: the prompt has") and "context is 128 tokens" in lines[5]
+    assert lines[6].startswith(f"cannot save to {tmp_path}")
+    record = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["content"] for m in record["messages"] if m["role"] == "user"] == ["hello"]

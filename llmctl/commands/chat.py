@@ -44,7 +44,10 @@ def chat(
 
 
 def run_plain(session) -> None:
-    """One reply per input line; slash commands are answered on a line of their own."""
+    """One reply per input line; slash commands are answered on a line of their own; a message too long for
+    the context is reported and the conversation goes on."""
+    from llmctl.infer.decode import PromptTooLong
+
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -58,6 +61,9 @@ def run_plain(session) -> None:
         if text.startswith("/"):
             print(session.command(text), flush=True)
             continue
-        for delta in session.reply(text):
-            print(delta, end="", flush=True)
+        try:
+            for delta in session.reply(text):
+                print(delta, end="", flush=True)
+        except PromptTooLong as error:
+            print(f"error: {error}", end="")
         print(flush=True)

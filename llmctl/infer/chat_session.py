@@ -6,6 +6,7 @@ Shared by the Textual app and the plain line-based REPL, so both behave the same
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -14,19 +15,20 @@ from pathlib import Path
 from llmctl.atomic import atomic_write_text
 from llmctl.data.chat import END, Message, render_chat
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.text import stream_text
 from llmctl.model import Transformer
 
-# /set NAME -> the SamplingParams field it changes, and the type of its value
+# /set NAME -> the SamplingParams field it changes, the type of its value and the range it must lie in
 SETTABLE = {
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "min_p": ("min_p", float),
-    "max_tokens": ("max_new_tokens", int),
-    "repetition_penalty": ("repetition_penalty", float),
+    "temperature": ("temperature", float, "0 to 2", lambda v: 0 <= v <= 2),
+    "top_p": ("top_p", float, "above 0, at most 1", lambda v: 0 < v <= 1),
+    "top_k": ("top_k", int, "0 (off) or more", lambda v: v >= 0),
+    "min_p": ("min_p", float, "0 to 1", lambda v: 0 <= v <= 1),
+    "max_tokens": ("max_new_tokens", int, "1 or more", lambda v: v >= 1),
+    "repetition_penalty": ("repetition_penalty", float, "above 0", lambda v: 0 < v < math.inf),
 }
 HELP = "commands: /reset, /system TEXT, /set NAME VALUE (" + ", ".join(SETTABLE) + "), /save FILE, /help"
 
@@ -64,12 +66,15 @@ class ChatSession:
             key, _, value = argument.partition(" ")
             if key not in SETTABLE:
                 return f"cannot set {key!r}; settable: {', '.join(SETTABLE)}"
-            name, kind = SETTABLE[key]
+            name, kind, allowed, valid = SETTABLE[key]
             try:
-                setattr(self.settings, name, kind(value))
+                number = kind(value)
             except ValueError:
                 return f"{key} needs a {kind.__name__}, got {value!r}"
-            return f"{key} = {getattr(self.settings, name)}"
+            if not valid(number):  # NaN fails every comparison, so it is refused too
+                return f"{key} must be {allowed}; got {value}"
+            setattr(self.settings, name, number)
+            return f"{key} = {number}"
         if name == "save":
             if not argument:
                 return "usage: /save FILE"
@@ -87,10 +92,15 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's reply to a user message; the finished reply joins the history."""
-        self.history.append(Message("user", text))
-        prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
+        message = Message("user", text)
+        system = [Message("system", self.system)] if self.system else []
         context = self.model.config.max_seq_len
-        while len(prompt_ids) >= context - 1 and len(self.history) > 1:  # forget the oldest turns first
+        alone = len(self.tokenizer.encode(render_chat([*system, message])))
+        if alone >= context - 1:  # it cannot fit even without the history: the conversation stays as it was
+            raise PromptTooLong(alone, context)
+        self.history.append(message)
+        prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
+        while len(prompt_ids) >= context - 1:  # forget the oldest turns first
             self.history.pop(0)
             prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
         stop_ids = (self.tokenizer.eos_id, self.tokenizer.piece_id(END))

@@ -8,6 +8,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, Input, Static
 
 from llmctl.infer.chat_session import HELP, ChatSession
+from llmctl.infer.decode import PromptTooLong
 
 
 class Bubble(Static):
@@ -66,8 +67,12 @@ class ChatApp(App):
     @work(thread=True, exclusive=True)
     def stream_reply(self, text: str, bubble: Bubble) -> None:
         reply = ""
-        for delta in self.session.reply(text):
-            reply += delta
+        try:
+            for delta in self.session.reply(text):
+                reply += delta
+                self.call_from_thread(bubble.update, reply)
+        except PromptTooLong as error:
+            reply = f"error: {error}"
             self.call_from_thread(bubble.update, reply)
         self.call_from_thread(self.finish_reply, bubble, reply)
 
