@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from llmctl.errors import UserError
 
 
 def staging_path(target: Path) -> Path:
@@ -46,3 +48,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+
+
+def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
+    """The rule for every command that writes a directory: the output never is, contains or lies inside one
+    of its inputs (replacing it would delete them), and an existing non-empty output is replaced only when
+    the user passed --overwrite."""
+    target = Path(out).resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if target == source_path or target in source_path.parents or source_path in target.parents:
+            raise UserError(f"--out {out} overlaps the input {source}; write the output somewhere else")
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")

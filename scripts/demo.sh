@@ -10,8 +10,8 @@ $BIN/llmctl corpus build data/sample/train.jsonl data/sample/val.jsonl --out "$D
 $BIN/llmctl corpus stats "$DEMO/corpus"
 
 step "2/7 tokenize: a 4096-piece sentencepiece model, then memory-mapped token files"
-$BIN/llmctl tokenize train "$DEMO/corpus" --vocab 4096 --out "$DEMO/tokenizer"
-$BIN/llmctl tokenize encode "$DEMO/corpus" --tokenizer "$DEMO/tokenizer/tokenizer.model" --out "$DEMO/tokens"
+$BIN/llmctl tokenize train "$DEMO/corpus" --vocab 4096 --out "$DEMO/tokenizer" --overwrite
+$BIN/llmctl tokenize encode "$DEMO/corpus" --tokenizer "$DEMO/tokenizer/tokenizer.model" --out "$DEMO/tokens" --overwrite
 
 step "3/7 train recipes/tiny.toml (about a minute on 2 CPU cores)"
 $BIN/llmctl train recipes/tiny.toml --set checkpoint.dir="$DEMO/tiny" \

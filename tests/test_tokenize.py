@@ -119,3 +119,30 @@ def test_cli_pipeline_end_to_end(tmp_path, llmctl):
         check=True,
     )
     assert "up to date" in again.stdout
+
+
+@pytest.mark.parametrize("command", ["corpus build", "tokenize train", "tokenize encode"])
+def test_writing_commands_never_replace_an_input_or_an_unrelated_folder(
+    command, sample_pipeline, tmp_path, llmctl
+):
+    corpus, tokenizer = sample_pipeline["corpus"], sample_pipeline["tokenizer"]
+    before = {path: path.read_bytes() for path in corpus.iterdir()}
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("a user's file " * 40)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    arguments = {
+        "corpus build": [str(docs)],
+        "tokenize train": [str(corpus), "--vocab", "512"],
+        "tokenize encode": [str(corpus), "--tokenizer", str(tokenizer)],
+    }[command]
+    inputs = {"corpus build": docs, "tokenize train": corpus, "tokenize encode": corpus}[command]
+    for out, extra in ((inputs, ["--overwrite"]), (inputs / "out", ["--overwrite"]), (mine, [])):
+        result = llmctl(*command.split(), *arguments, "--out", str(out), *extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        message = result.stderr.strip()
+        assert ("overlaps the input" in message) if out != mine else ("pass --overwrite" in message)
+    assert (docs / "notes.txt").is_file() and (mine / "keep.txt").read_text() == "precious"
+    assert {path: path.read_bytes() for path in corpus.iterdir()} == before and not (inputs / "out").exists()

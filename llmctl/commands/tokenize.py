@@ -22,6 +22,10 @@ def train(
     ),
     domain_terms: Path | None = typer.Option(None, help="File of terms to keep whole, one per line."),
     seed: int = typer.Option(0, help="Seed for sampling training sentences."),
+    split_digits: bool = typer.Option(
+        True, "--split-digits/--no-split-digits", help="Make every digit its own piece."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Train a sentencepiece model (byte fallback, special and chat tokens) and report its fertility."""
     from rich.console import Console
@@ -29,7 +33,9 @@ def train(
     from llmctl.data.tokenizer import MODEL_FILE, train_tokenizer
 
     out = out or corpus.parent / "tokenizer"
-    report = train_tokenizer(corpus, out, vocab, model_type, domain_terms, seed)
+    report = train_tokenizer(
+        corpus, out, vocab, model_type, domain_terms, seed, split_digits=split_digits, overwrite=overwrite
+    )
     line = f"tokenizer {out / MODEL_FILE}: {report['vocab_size']} pieces, {report['fertility']:.3f} tokens/word on val"
     if "fertility_without_domain_terms" in report:
         line += (
@@ -55,6 +61,9 @@ def encode(
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A sentencepiece .model file."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory; default CORPUS/../tokens."),
     threads: int = typer.Option(0, min=0, help="Encoding threads (0: all cores)."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an existing output directory that is not up to date."
+    ),
 ) -> None:
     """Encode every split into a flat uint16/uint32 token file plus meta.json (a no-op when up to date)."""
     from rich.console import Console
@@ -67,7 +76,7 @@ def encode(
     manifest = read_manifest(corpus)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress("tokenize encode", total) as advance:
-        meta = encode_corpus(corpus, tokenizer, out, threads, on_progress=advance)
+        meta = encode_corpus(corpus, tokenizer, out, threads, on_progress=advance, overwrite=overwrite)
     state = "up to date" if meta["up_to_date"] else f"{meta['mb_per_second']:.2f} MB/s"
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["tokens"].items())
     Console().print(f"tokens {out}: {counts} tokens ({meta['dtype']}), {state}", highlight=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from llmctl import __version__
-from llmctl.atomic import atomic_directory
+from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.clean import CleaningRules, clean_text, cleaning_steps
 from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_signature
 from llmctl.data.filters import FilterRules, failed_filter
@@ -143,9 +143,8 @@ def build_corpus(
 ) -> dict:
     """Build the corpus at `out` atomically and return its manifest."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
     paths = expand_sources(sources)
+    check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)
     started = time.perf_counter()
     stats: Counter = Counter()
     filtered: Counter = Counter()

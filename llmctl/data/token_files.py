@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmctl.atomic import atomic_directory
+from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, read_manifest
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
@@ -47,6 +47,7 @@ def encode_corpus(
     out: Path,
     threads: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Encode every split; a no-op returning the existing meta when inputs are unchanged."""
     corpus, out = Path(corpus), Path(out)
@@ -57,6 +58,7 @@ def encode_corpus(
         existing = json.loads((out / META_FILE).read_text())
         if existing.get("fingerprint") == fingerprint:
             return {**existing, "up_to_date": True}
+    check_output(out, [corpus, tokenizer_path], overwrite)
     dtype = token_dtype(tokenizer.vocab_size)
     started = time.perf_counter()
     tokens: dict[str, int] = {}
