@@ -12,6 +12,7 @@ from conftest import free_port, running_server, wait_until
 
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.engine import Engine
+from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import ServedModel, load_served_model
 from llmctl.infer.server import create_app
 
@@ -356,3 +357,47 @@ def test_an_empty_api_key_is_refused_at_start(llmctl, tiny_checkpoint):
     assert result.stderr.strip().splitlines() == [
         "error: --api-key is empty (an unset variable?): pass a key, or leave the option out to serve without one"
     ]
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
+)  # the loop dies on purpose
+def test_a_dead_engine_is_reported_and_restarted_by_the_watchdog(tiny_checkpoint):
+    served = load_served_model("tiny", tiny_checkpoint, max_batch=2)
+    app = create_app({"tiny": served})
+    app.state.llmctl.watchdog_seconds = 0.05
+    real_admit = served.engine._admit
+    calls = {"n": 0}
+
+    def admit_that_crashes_once() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the loop")  # outside any request: the loop thread dies
+        real_admit()
+
+    served.engine._admit = admit_that_crashes_once
+    with running_server(app) as running:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 4}
+        answer = httpx.post(f"{running.url}/v1/completions", json=body, timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["status"] == "ok" and health["models"]["tiny"]["restarts"] == 1
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
+)  # the loop dies on purpose
+async def test_health_is_503_while_an_engine_is_dead(tiny_checkpoint):
+    served = load_served_model("tiny", tiny_checkpoint, max_batch=1)
+    app = create_app({"tiny": served})  # in-process: no lifespan, so no watchdog repairs it behind our back
+    served.engine._admit = lambda: (_ for _ in ()).throw(RuntimeError("a bug in the loop"))
+    served.engine.submit([1, 2], SamplingParams(max_new_tokens=1), lambda token, finish: None)
+    wait_until(lambda: not served.engine.alive(), message="the loop should have died")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://llmctl") as client:
+        dead = await client.get("/health")
+        assert dead.status_code == 503 and dead.json()["models"]["tiny"]["alive"] is False
+        del served.engine._admit  # the bug is fixed; the watchdog's repair starts a new loop
+        assert served.engine.restart_if_dead()
+        alive = await client.get("/health")
+        assert alive.status_code == 200 and alive.json()["models"]["tiny"]["restarts"] == 1
+    served.engine.stop()

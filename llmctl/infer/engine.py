@@ -62,6 +62,7 @@ class Engine:
         self.running = False
         self.thread: threading.Thread | None = None
         self.decode_steps = 0
+        self.restarts = 0
 
     @property
     def context(self) -> int:
@@ -86,6 +87,23 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="llmctl-engine", daemon=True)
         self.thread.start()
         return self
+
+    def alive(self) -> bool:
+        """Whether the loop thread runs; it only dies of a bug (a failing request fails alone)."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def restart_if_dead(self) -> bool:
+        """The watchdog's repair: fail the requests a dead loop held and start a new loop. True if it did."""
+        if not self.running or self.alive():
+            return False
+        for request in self.slots:
+            request.error = "the engine stopped while serving this request"
+            request.on_token(None, "error")
+        self.slots.clear()
+        self.cache.active = 0
+        self.restarts += 1
+        self.start()
+        return True
 
     def stop(self) -> None:
         with self.wakeup:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from llmctl.infer.served import ServedModel
 from llmctl.infer.server_metrics import ServerMetrics
 
 Routes = dict[str, list[tuple[str, float]]]
+log = logging.getLogger("llmctl.server")
 PROTECTED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json")
 MAX_BODY_BYTES = 4 << 20
 # A token is at most this many characters (sentencepiece's default piece length is 16): a longer prompt cannot
@@ -63,6 +65,7 @@ class ServerState:
     metrics: ServerMetrics
     admission: Admission
     max_body_bytes: int = MAX_BODY_BYTES
+    watchdog_seconds: float = 1.0
 
     def resolve(self, name: str) -> ServedModel:
         """A model by name, or by a weighted alias drawn per request."""
@@ -98,9 +101,22 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.llmctl
 
 
+async def watchdog(state: ServerState) -> None:
+    """Restart an engine whose loop died; /health answers 503 until then."""
+    while True:
+        await asyncio.sleep(state.watchdog_seconds)
+        for name, served in state.models.items():
+            if served.engine.restart_if_dead():
+                log.error(
+                    "the engine of %s had stopped; restarted it (restart %d)", name, served.engine.restarts
+                )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    guard_task = asyncio.create_task(watchdog(app.state.llmctl))
     yield
+    guard_task.cancel()
     for served in app.state.llmctl.models.values():  # uvicorn has drained in-flight requests by now
         served.engine.stop()
 
@@ -141,12 +157,21 @@ async def guard(request: Request, call_next):
     return await call_next(request)
 
 
-async def health(request: Request) -> dict:
+async def health(request: Request) -> JSONResponse:
     models = state_of(request).models
     status = {
-        name: {"active": m.engine.active(), "queued": m.engine.queue_depth()} for name, m in models.items()
+        name: {
+            "active": m.engine.active(),
+            "queued": m.engine.queue_depth(),
+            "alive": m.engine.alive(),
+            "restarts": m.engine.restarts,
+        }
+        for name, m in models.items()
     }
-    return {"status": "ok", "models": status}
+    ready = all(m.engine.alive() for m in models.values())
+    return JSONResponse(
+        {"status": "ok" if ready else "engine stopped", "models": status}, status_code=200 if ready else 503
+    )
 
 
 async def prometheus(request: Request) -> PlainTextResponse:
