@@ -257,3 +257,36 @@ def test_compiled_training_matches_eager_and_saves_plain_names(sample_pipeline, 
     assert all(abs(eager[s] - compiled[s]) <= 1e-4 * abs(eager[s]) for s in eager)
     names = list(read_state_dict(result.checkpoint))
     assert names and not any(name.startswith(("_orig_mod.", "module.")) for name in names)
+
+
+class _Payload:
+    """What a crafted checkpoint would hide in its trainer state: code that runs when unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_trainer_state_cannot_run_code_on_resume(sample_pipeline, tmp_path, llmctl):
+    import tomli_w
+
+    recipe = tiny_recipe(sample_pipeline, tmp_path / "run", steps=4)
+    Trainer(recipe, CPU).fit()
+    ((_, checkpoint),) = [c for c in list_checkpoints(tmp_path / "run") if c[0] == 4]
+    marker = tmp_path / "pwned"
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload(str(marker))}, checkpoint / "trainer_state.pt")
+    path = tmp_path / "recipe.toml"
+    path.write_text(
+        tomli_w.dumps(
+            recipe.model_dump(mode="json", exclude_none=True)
+            | {"train": {**recipe.train.model_dump(exclude_none=True), "steps": 6}}
+        )
+    )
+    result = llmctl("train", str(path), "--resume", str(checkpoint))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a trainer state llmctl wrote" in lines[0]
+    assert not marker.exists()

@@ -3,6 +3,7 @@ so a checkpoint written by DDP, FSDP2, a compiled model or one process opens any
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llmctl.checkpoint import TRAINER_STATE_FILE
+from llmctl.errors import UserError
 from llmctl.model.hf_format import read_state_dict, with_tied_head, without_tied_head
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -34,7 +36,10 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state in plain types and tensors, so the file loads with `weights_only=True`."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -43,7 +48,8 @@ def rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -60,7 +66,14 @@ def load_trainer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path, is_main: bool
 ) -> dict:
     """Restore optimizer moments and RNG; returns the rest (step, scaler, counters)."""
-    state = torch.load(checkpoint / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    path = checkpoint / TRAINER_STATE_FILE
+    try:  # weights_only: tensors and plain containers only, so a crafted file cannot run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"cannot resume from {checkpoint}: {path.name} is not a trainer state llmctl wrote ({reason})"
+        ) from None
     distributed = torch.distributed.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     set_optimizer_state_dict(
