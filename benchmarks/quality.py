@@ -34,6 +34,7 @@ from llmctl.data.corpus import CorpusOptions, build_corpus
 from llmctl.data.token_files import encode_corpus
 from llmctl.data.tokenizer import Tokenizer, train_tokenizer
 from llmctl.evaluate.perplexity import document_nll
+from llmctl.evaluate.scoring import sliding_windows
 from llmctl.model.config import default_ffn_size
 from llmctl.recipe import recipe_from_dict
 from llmctl.runtime import keep_freed_memory
@@ -173,8 +174,6 @@ def train_plain(work: Path, corpus_dir: Path, args):
 
 def plain_document_nll(model, sp, text: str) -> float:
     """Sliding windows as llmctl's perplexity uses, through the HF model."""
-    from llmctl.evaluate.scoring import sliding_windows
-
     ids = [sp.bos_id(), *sp.encode(text)]
     total, window = 0.0, SHAPE["max_seq_len"]
     for begin, end, first in sliding_windows(len(ids), window, window // 2):

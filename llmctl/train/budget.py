@@ -27,3 +27,7 @@ class WallClock:
     def fraction(self) -> float | None:
         """Share of the budget spent (may pass 1 within the last step); None without a budget."""
         return None if self.budget is None else self.elapsed() / self.budget
+
+
+def budget_spent(time_fraction: float | None) -> bool:
+    return time_fraction is not None and time_fraction >= 1

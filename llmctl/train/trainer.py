@@ -27,7 +27,7 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.model import Transformer
 from llmctl.recipe import Recipe
 from llmctl.runtime import keep_freed_memory
-from llmctl.train.budget import WallClock
+from llmctl.train.budget import WallClock, budget_spent
 from llmctl.train.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -194,11 +194,11 @@ class Trainer:
             step = start_step
             window_started, window_tokens = time.perf_counter(), 0
             time_fraction = self.clock.fraction()
-            while step < total and not (time_fraction is not None and time_fraction >= 1):
+            while step < total and not budget_spent(time_fraction):
                 stats = self.train_step(step, time_fraction)
                 step += 1
                 time_fraction = self.clock.fraction()
-                last = step == total or (time_fraction is not None and time_fraction >= 1)
+                last = step == total or budget_spent(time_fraction)
                 window_tokens += self.recipe.train.global_batch_size * self.seq_len
                 if not stats.finite:
                     self._emit(StepSkipped(step=step, grad_norm=stats.grad_norm))
