@@ -1,8 +1,11 @@
-"""Write a directory completely or not at all: build it beside the target, then rename it into place."""
+"""Write a directory completely or not at all: build it beside the target, make it durable, then rename it
+into place. A process killed half-way leaves a hidden staging directory, which the next write beside it
+removes (or, for a replaced directory whose new copy never arrived, restores)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -10,9 +13,62 @@ from pathlib import Path
 
 from llmctl.errors import UserError
 
+STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
 
 def staging_path(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Clean up after writers in `directory` that were killed: their half-built staging copies are removed,
+    and a directory retired for replacement whose new copy never arrived is put back. Staging of live
+    processes is left alone. Returns what was removed or restored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    cleaned = []
+    for child in directory.iterdir():
+        match = STAGING.match(child.name)
+        if not match or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
+            continue
+        original = directory / match["name"]
+        if match["kind"] == "old" and not original.exists():
+            child.rename(original)
+        elif child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        cleaned.append(child)
+    return cleaned
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file below `directory`, and the directories themselves, to stable storage: without it a
+    power cut after the rename can leave empty files in a directory that looks complete."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        _fsync_path(Path(root))
+
+
+def _fsync_path(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager
@@ -20,11 +76,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `target` only if the block finishes without error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target.parent)
     staging = staging_path(target)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         yield staging
+        fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -35,6 +93,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(target)
+    _fsync_path(target.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -43,7 +102,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(path)
     try:
-        staging.write_text(text, encoding="utf-8")
+        with staging.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         staging.replace(path)
     except BaseException:
         staging.unlink(missing_ok=True)

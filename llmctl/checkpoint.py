@@ -1,7 +1,8 @@
 """Checkpoint directories: a Hugging Face Llama directory plus llmctl's recipe and trainer state.
 
-Every write goes to a temporary sibling directory that is renamed into place, so a crash never leaves a
-checkpoint that looks complete but is not.
+Every write goes to a temporary sibling directory that is flushed and renamed into place, so a crash never
+leaves a checkpoint that looks complete but is not; a digest manifest written with the files catches one
+damaged later (a truncated copy, a full disk, a bad sync) when it is opened.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from llmctl.atomic import atomic_directory
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.digests import digest_problem, write_digest_manifest
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import CONFIG_FILE, load_model, write_model_files
@@ -47,6 +50,7 @@ def save_checkpoint(
             )
         if trainer_state is not None:
             torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+        write_digest_manifest(staging)
     return Path(directory)
 
 
@@ -87,9 +91,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    for _, path in list_checkpoints(run_dir)[:-keep_last]:
+def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int) -> None:
+    """Keep the `keep_last` newest checkpoints up to `newest_step`, the run's current step. Any with a higher
+    step (left by a run resumed from an earlier checkpoint) are not this run's to delete."""
+    own = [path for step, path in list_checkpoints(run_dir) if step <= newest_step]
+    for path in own[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be opened, or None: a missing file, or one that does not match its digest."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        return f"it has no {CONFIG_FILE}"
+    return digest_problem(path)
 
 
 def newest_checkpoint_under(root: Path = Path("runs")) -> Path:
@@ -109,9 +124,12 @@ def open_model(
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"not a checkpoint: {path} has no {CONFIG_FILE}")
+    problem = digest_problem(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; use an earlier checkpoint of the run")
     try:
         return load_model(path, dtype=dtype, device=device)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, KeyError, SafetensorError) as error:
         raise UserError(f"cannot load checkpoint {path}: {error}") from None
 
 

@@ -8,6 +8,7 @@ import typer
 import typer.core
 import typer.main
 from rich.console import Console
+from rich.markup import escape
 
 from llmctl import __version__
 from llmctl.errors import UserError
@@ -17,7 +18,7 @@ stderr = Console(stderr=True)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 class PluginGroup(typer.core.TyperGroup):
@@ -103,7 +104,7 @@ def main() -> None:
     try:
         command.main(prog_name="llmctl")
     except UserError as error:
-        stderr.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         stderr.print("interrupted", highlight=False)

@@ -15,7 +15,8 @@ $BIN/llmctl tokenize encode "$DEMO/corpus" --tokenizer "$DEMO/tokenizer/tokenize
 
 step "3/7 train recipes/tiny.toml (about a minute on 2 CPU cores)"
 $BIN/llmctl train recipes/tiny.toml --set checkpoint.dir="$DEMO/tiny" \
-  --set data.corpus="$DEMO/corpus" --set data.tokens="$DEMO/tokens" --set data.tokenizer="$DEMO/tokenizer/tokenizer.model"
+  --set data.corpus="$DEMO/corpus" --set data.tokens="$DEMO/tokens" --set data.tokenizer="$DEMO/tokenizer/tokenizer.model" \
+  --overwrite
 
 CKPT=$(ls -d "$DEMO"/tiny/checkpoints/step-* | sort | tail -n 1)
 step "4/7 the checkpoint is a Hugging Face Llama directory: open it with transformers"
@@ -25,7 +26,7 @@ step "5/7 generate: one chat turn through the plain REPL (the tiny model is not 
 echo "How do I open a file?" | $BIN/llmctl chat "$CKPT" --plain --max-tokens 40 | tee "$DEMO/chat.txt"
 
 step "6/7 eval --suite domain: held-out perplexity, cloze multiple choice, heading -> first sentence (BLEU/ROUGE)"
-$BIN/llmctl eval "$CKPT" --suite domain --out "$DEMO/eval.json"
+$BIN/llmctl eval "$CKPT" --suite domain --out "$DEMO/eval.json" --overwrite
 
 step "7/7 done"
 echo "corpus:     $DEMO/corpus"

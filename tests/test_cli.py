@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 BUILTINS = ["corpus", "tokenize", "train", "finetune", "quantize", "distill", "eval", "chat", "serve"]
@@ -125,6 +126,26 @@ def test_misspelt_recipe_key_is_one_line_exit_2(llmctl, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "train.lerning_rate" in lines[0] and "did you mean optim.lr" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.seq_len=512"], "train.seq_len (512) exceeds model.max_seq_len (256)"),
+        (["--nproc", "2", "--set", "train.global_batch_size=12"], "must be a multiple of"),
+        (["--set", "data.tokens=/no/[red]tokens"], "/no/[red]tokens has no"),  # Rich markup stays literal
+    ],
+)
+def test_a_recipe_the_trainer_would_refuse_is_one_line_before_anything_starts(
+    llmctl, tmp_path, args, message
+):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{REPO / "recipes" / "tiny.toml"}"\n[data]\ntokens = "{tmp_path}/none"\n')
+    result = llmctl("train", str(recipe), *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]  # no run directory left behind
 
 
 def test_set_override_with_unknown_key_names_it(llmctl):

@@ -140,10 +140,25 @@ def test_binary_and_invalid_utf8_files_are_skipped(tmp_path):
     (tmp_path / "in" / "good.txt").write_text(prose(7))
     (tmp_path / "in" / "blob.txt").write_bytes(b"abc\x00\x01\x02" * 100)
     (tmp_path / "in" / "latin1.md").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    (tmp_path / "in" / "data.json").write_text('{"a": 1}')
+    (tmp_path / "in" / "guide.rst").write_text(prose(8))
+    (tmp_path / "in" / ".git").mkdir()
+    (tmp_path / "in" / ".git" / "HEAD").write_text("ref: refs/heads/main")
     manifest = build_corpus([str(tmp_path / "in")], tmp_path / "out", lenient())
     reasons = sorted(problem["reason"].split(" ")[0] for problem in manifest["problems"])
-    assert reasons == ["binary", "invalid"]
-    assert manifest["documents_read"] == 1
+    assert reasons == ["binary", "invalid", "unsupported"]  # every input is accounted for; .git is not input
+    assert manifest["documents_read"] == 2 and manifest["skipped_inputs"] == 3
+
+
+def test_inputs_that_yield_no_document_are_an_error_and_write_nothing(tmp_path, llmctl):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "blob.txt").write_bytes(b"abc\x00" * 100)
+    (tmp_path / "in" / "data.json").write_text("{}")
+    result = llmctl("corpus", "build", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "no documents kept: 0 read" in line and "2 inputs skipped" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def test_interrupted_build_leaves_no_output_directory(tmp_path):

@@ -19,10 +19,12 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_sliding_windows_score_every_position_once():
-    for length, window, stride in [(10, 4, 2), (100, 32, 16), (5, 8, 4), (33, 16, 16)]:
-        scored = [p for _, end, first in sliding_windows(length, window, stride) for p in range(first, end)]
+    for length, window, stride in [(10, 4, 2), (100, 32, 16), (5, 8, 4), (33, 16, 16), (70, 16, 40)]:
+        spans = sliding_windows(length, window, stride)
+        scored = [p for _, end, first in spans for p in range(first, end)]
         assert scored == list(range(1, length))
-        assert all(end - begin <= window for begin, end, _ in sliding_windows(length, window, stride))
+        assert all(end - begin <= window for begin, end, _ in spans)
+        assert all(first > begin for begin, _, first in spans)  # every scored token has context
 
 
 def test_perplexity_equals_transformers_on_the_same_windows(tiny_checkpoint, sample_pipeline):
@@ -160,16 +162,52 @@ def test_include_path_task_runs_offline_from_the_cli(tiny_checkpoint, domain_sui
         (["eval", "CKPT", "--suite", "BAD_SUITE"], "tasks.0.type"),
         (["eval", "CKPT"], "nothing to evaluate"),
         (["eval", "CKPT", "--tasks", "no_such_task", "--include-path", "SUITE_DIR"], "no_such_task"),
+        (["eval", "CKPT", "--data", "TMP/empty.txt"], "no text to evaluate"),
+        (["eval", "CKPT", "--data", "TMP/latin1.txt"], "is not UTF-8 text"),
+        (["eval", "CKPT", "--data", "TMP/number.jsonl"], "string field 'text'"),
+        (["eval", "CKPT", "--data", "TMP/notes.txt", "--window", "100000"], "exceeds the model's context"),
+        (["eval", "CKPT", "--data", "TMP/notes.txt", "--out", "TMP"], "is a folder"),
+        (["eval", "CKPT", "--data", "TMP/[bold]missing.txt"], "not found: TMP/[bold]missing.txt"),
+        (["eval", "compare", "TMP/notes.txt", "TMP/notes.txt"], "is not an `llmctl eval --out` results file"),
+        (["eval", "compare", "TMP/no_results.json", "TMP/no_results.json"], "is not an `llmctl eval"),
     ],
 )
 def test_user_errors_are_one_line(tiny_checkpoint, domain_suite, tmp_path, llmctl, args, message):
     bad_suite = tmp_path / "bad.toml"
     bad_suite.write_text('name = "x"\n[[tasks]]\nname = "t"\ntype = "quiz"\n')
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (tmp_path / "number.jsonl").write_text('{"text": 5}\n')
+    (tmp_path / "notes.txt").write_text("A short note about modules and files.\n" * 20)
+    (tmp_path / "no_results.json").write_text('{"results": 5}')
     args = [
         a.replace("CKPT", str(tiny_checkpoint))
         .replace("BAD_SUITE", str(bad_suite))
         .replace("SUITE_DIR", str(domain_suite.parent))
+        .replace("TMP", str(tmp_path))
         for a in args
     ]
     result = llmctl(*args)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    message = message.replace("TMP", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line, line
+
+
+def test_results_files_are_never_replaced_without_overwrite_or_written_into_an_input(
+    tiny_checkpoint, tmp_path, llmctl
+):
+    data = tmp_path / "notes.txt"
+    data.write_text("A short note about modules and files.\n" * 20)
+    kept = tmp_path / "kept.json"
+    kept.write_text("a user's file")
+    for out, flags, expected in (
+        (kept, [], "pass --overwrite"),
+        (data, ["--overwrite"], "overlaps the input"),
+        (tiny_checkpoint / "eval.json", ["--overwrite"], "overlaps the input"),
+    ):
+        result = llmctl("eval", str(tiny_checkpoint), "--data", str(data), "--out", str(out), *flags)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert kept.read_text() == "a user's file" and not (tiny_checkpoint / "eval.json").exists()
+    llmctl("eval", str(tiny_checkpoint), "--data", str(data), "--out", str(kept), "--overwrite", check=True)
+    assert json.loads(kept.read_text())["results"]["perplexity"]["tokens"] > 0

@@ -71,9 +71,29 @@ def test_reencoding_unchanged_inputs_is_a_no_op(sample_pipeline):
     assert (sample_pipeline["tokens"] / "train.bin").stat().st_mtime_ns == before
 
 
-def test_missing_tokenizer_is_a_clear_error(sample_pipeline, tmp_path):
+def test_missing_tokenizer_is_a_clear_error(sample_pipeline, tmp_path, llmctl):
     with pytest.raises(UserError, match="tokenizer not found"):
         encode_corpus(sample_pipeline["corpus"], tmp_path / "nope.model", tmp_path / "tokens")
+    (tmp_path / "vocab.model").write_text("not a sentencepiece model")
+    result = llmctl("tokenize", "show", str(tmp_path / "vocab.model"), "hello")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "is not a sentencepiece model" in line
+
+
+def test_a_damaged_token_file_is_never_up_to_date_and_never_trained_on(sample_pipeline, tmp_path):
+    from llmctl.data.loader import TokenFile
+
+    tokens = tmp_path / "tokens"
+    encode_corpus(sample_pipeline["corpus"], sample_pipeline["tokenizer"], tokens)
+    train_bin = tokens / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(UserError, match="train.bin has 1,000 bytes"):
+        TokenFile(tokens, "train")
+    with pytest.raises(UserError, match="pass --overwrite"):
+        encode_corpus(sample_pipeline["corpus"], sample_pipeline["tokenizer"], tokens)
+    meta = encode_corpus(sample_pipeline["corpus"], sample_pipeline["tokenizer"], tokens, overwrite=True)
+    assert not meta["up_to_date"] and len(TokenFile(tokens, "train")) == meta["tokens"]["train"]
 
 
 def test_tokenize_show_prints_pieces_and_ids(sample_pipeline, llmctl):
@@ -121,7 +141,7 @@ def test_cli_pipeline_end_to_end(tmp_path, llmctl):
     assert "up to date" in again.stdout
 
 
-@pytest.mark.parametrize("command", ["corpus build", "tokenize train", "tokenize encode"])
+@pytest.mark.parametrize("command", ["corpus build", "tokenize train", "tokenize encode", "eval suite build"])
 def test_writing_commands_never_replace_an_input_or_an_unrelated_folder(
     command, sample_pipeline, tmp_path, llmctl
 ):
@@ -137,8 +157,9 @@ def test_writing_commands_never_replace_an_input_or_an_unrelated_folder(
         "corpus build": [str(docs)],
         "tokenize train": [str(corpus), "--vocab", "512"],
         "tokenize encode": [str(corpus), "--tokenizer", str(tokenizer)],
+        "eval suite build": [str(corpus)],
     }[command]
-    inputs = {"corpus build": docs, "tokenize train": corpus, "tokenize encode": corpus}[command]
+    inputs = docs if command == "corpus build" else corpus
     for out, extra in ((inputs, ["--overwrite"]), (inputs / "out", ["--overwrite"]), (mine, [])):
         result = llmctl(*command.split(), *arguments, "--out", str(out), *extra)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -11,11 +11,13 @@ import torch
 from conftest import tiny_recipe_dict
 
 from llmctl.checkpoint import list_checkpoints
+from llmctl.digests import write_digest_manifest
 from llmctl.errors import UserError
 from llmctl.model.hf_format import read_state_dict
 from llmctl.recipe import ScheduleSection, recipe_from_dict
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.events import StepLogged, StepSkipped
+from llmctl.train.metrics import read_metrics
 from llmctl.train.optim import lr_at, parameter_groups
 from llmctl.train.trainer import Trainer
 
@@ -27,8 +29,7 @@ def tiny_recipe(pipeline, run_dir, **train):
 
 
 def step_losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["event"] == "step"}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "step"}
 
 
 def test_loss_falls_below_the_unigram_entropy(sample_pipeline, tmp_path):
@@ -107,8 +108,7 @@ def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeli
 
 
 def step_records(run_dir) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [record for record in records if record["event"] == "step"]
+    return [record for record in read_metrics(run_dir) if record["event"] == "step"]
 
 
 def test_a_wall_clock_budget_stops_within_one_step_and_a_resumed_run_finishes_it(sample_pipeline, tmp_path):
@@ -285,6 +285,9 @@ def test_a_crafted_trainer_state_cannot_run_code_on_resume(sample_pipeline, tmp_
             | {"train": {**recipe.train.model_dump(exclude_none=True), "steps": 6}}
         )
     )
+    result = llmctl("train", str(path), "--resume", str(checkpoint))
+    assert result.returncode == 2 and "does not match its digest" in result.stderr
+    write_digest_manifest(checkpoint)  # a crafted checkpoint comes with a matching manifest
     result = llmctl("train", str(path), "--resume", str(checkpoint))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

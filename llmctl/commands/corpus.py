@@ -75,7 +75,7 @@ def build(
         strict=strict,
         workers=workers,
     )
-    total = sum(path.stat().st_size for path in expand_sources(sources))
+    total = sum(path.stat().st_size for path in expand_sources(sources)[0])
     with byte_progress("corpus build", total) as advance:
         manifest = build_corpus(sources, out, options, on_progress=advance, overwrite=overwrite)
     print_build_summary(out, manifest)

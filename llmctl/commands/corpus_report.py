@@ -24,7 +24,7 @@ def print_build_summary(out: Path, manifest: dict) -> None:
         highlight=False,
     )
     for problem in manifest["problems"][:10]:
-        console.print(f"  skipped {problem['location']}: {problem['reason']}", highlight=False)
+        console.print(f"  skipped {problem['location']}: {problem['reason']}", highlight=False, markup=False)
     if manifest["pii_replaced"]:
         replaced = ", ".join(f"{kind} {count}" for kind, count in sorted(manifest["pii_replaced"].items()))
         console.print(f"  PII replaced: {replaced}", highlight=False)

@@ -44,6 +44,7 @@ def run(
     window: int | None = typer.Option(None, min=2, help="Perplexity window (default: the context)."),
     stride: int | None = typer.Option(None, min=1, help="Perplexity stride (default: half the window)."),
     out: Path | None = typer.Option(None, help="Write every number and its configuration to this JSON file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     seed: int = typer.Option(0),
 ) -> None:
     """Evaluate a checkpoint and print a table; `--out` keeps the numbers for `llmctl eval compare`."""
@@ -55,6 +56,8 @@ def run(
     if not (data or suite or tasks):
         raise UserError("nothing to evaluate: pass --data FILE_OR_DIR, --suite domain|FILE or --tasks NAMES")
     path = resolve_checkpoint(checkpoint)
+    if out is not None:  # checked before the evaluation, which may take hours
+        check_results_file(out, [p for p in (path, data) if p is not None], overwrite)
     evaluator = Evaluator(path, seed=seed)
     results: dict = {}
     if suite:
@@ -82,6 +85,15 @@ def run(
     print_results(record)
     if out:
         write_results(out, record)
+
+
+def check_results_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    from llmctl.atomic import check_output
+    from llmctl.errors import UserError
+
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path such as {out / 'eval.json'}")
+    check_output(out, inputs, overwrite)
 
 
 def domain_suite_file(checkpoint: Path, data: Path | None) -> Path:
@@ -122,9 +134,12 @@ def compare(
 def build_suite(
     corpus: Path = typer.Argument(..., help="A corpus directory; its held-out split is used."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the suite (suite.toml and its data)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     seed: int = typer.Option(0),
 ) -> None:
     """Create the domain suite's data (cloze and heading tasks) from your own held-out corpus."""
+    from llmctl.atomic import check_output
     from llmctl.evaluate.suite import build_domain_suite
 
+    check_output(out, [corpus], overwrite)
     typer.echo(f"wrote {build_domain_suite(corpus, out, seed)}")

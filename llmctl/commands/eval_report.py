@@ -29,17 +29,18 @@ def print_results(record: dict) -> None:
 
 def write_results(path: Path, record: dict) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    console.print(f"results written to {path}")
+    console.print(f"results written to {path}", markup=False)
 
 
 def read_results(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text())
-        record["results"]
-    except FileNotFoundError:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"results file not found: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path} is not an `llmctl eval --out` results file") from None
+    except ValueError:  # not JSON, or not UTF-8
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("results"), dict):
+        raise UserError(f"{path} is not an `llmctl eval --out` results file")
     return record
 
 

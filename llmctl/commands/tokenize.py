@@ -79,7 +79,9 @@ def encode(
         meta = encode_corpus(corpus, tokenizer, out, threads, on_progress=advance, overwrite=overwrite)
     state = "up to date" if meta["up_to_date"] else f"{meta['mb_per_second']:.2f} MB/s"
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["tokens"].items())
-    Console().print(f"tokens {out}: {counts} tokens ({meta['dtype']}), {state}", highlight=False)
+    Console().print(
+        f"tokens {out}: {counts} tokens ({meta['dtype']}), {state}", highlight=False, markup=False
+    )
 
 
 @app.command()

@@ -20,6 +20,9 @@ def train(
     resume: str | None = typer.Option(
         None, help="'auto' (newest checkpoint of the run) or a checkpoint path."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start over in a run directory that holds an earlier run, deleting it."
+    ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes per node; >1 launches torchrun."),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes (with --nproc; passed to torchrun)."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (multi-node)."),
@@ -37,24 +40,30 @@ def train(
         return
     if nproc > 1 or nnodes > 1:
         from llmctl.train.distributed import launch_torchrun
+        from llmctl.train.plan import make_plan
+        from llmctl.train.run_dir import check_run_dir
 
+        make_plan(recipe, world_size=nproc * nnodes)  # a recipe the ranks would refuse fails here, once
+        check_run_dir(recipe.run_dir, resume, overwrite)
         forwarded = ["train", str(recipe_path), *(arg for o in overrides for arg in ("--set", o))]
         if resume:
             forwarded += ["--resume", resume]
+        if overwrite:
+            forwarded.append("--overwrite")
         raise typer.Exit(launch_torchrun(nproc, nnodes, node_rank, rdzv_endpoint, forwarded))
 
     from llmctl.train.distributed import init_distributed, shutdown_distributed
 
     context = init_distributed(recipe.train.device, recipe.distributed.backend)
     try:
-        result = _run(recipe, context, resume)
+        result = _run(recipe, context, resume, overwrite)
     finally:
         shutdown_distributed()
     if result.interrupted:
         sys.exit(130)
 
 
-def _run(recipe, context, resume: str | None):
+def _run(recipe, context, resume: str | None, overwrite: bool):
     """Own the trainer in this frame only: its DDP reducer must be freed before the process group is
     destroyed (freeing it afterwards joins gloo's worker thread while holding the GIL: a deadlock)."""
     from llmctl.commands.train_report import TrainingConsole
@@ -62,6 +71,6 @@ def _run(recipe, context, resume: str | None):
 
     console = TrainingConsole(enabled=context.is_main)
     trainer = Trainer(recipe, context, on_event=console.on_event)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     console.finish(result)
     return result

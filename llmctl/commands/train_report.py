@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
 
 from llmctl.recipe import Recipe
 from llmctl.train.events import (
+    CheckpointRejected,
     CheckpointSaved,
     Evaluated,
     Event,
@@ -84,11 +86,18 @@ class TrainingConsole:
                     f"step {event.step:>6}  [yellow]skipped: non-finite gradients (norm {event.grad_norm})[/]"
                 )
             case CheckpointSaved():
-                self._print(f"saved {event.path}")
+                self._print(f"saved {escape(event.path)}")
             case Resumed():
-                self._print(f"resumed from {event.checkpoint} at step {event.step}")
+                self._print(f"resumed from {escape(event.checkpoint)} at step {event.step}")
+            case CheckpointRejected():
+                self._print(
+                    f"[yellow]warning: skipped the damaged checkpoint {escape(event.path)} "
+                    f"({escape(event.reason)})[/]"
+                )
             case Interrupted():
-                self._print(f"[yellow]interrupted at step {event.step}; saved {event.checkpoint}[/]")
+                self._print(
+                    f"[yellow]interrupted at step {event.step}; saved {escape(str(event.checkpoint))}[/]"
+                )
 
     def _start(self, event: Started) -> None:
         self.total_steps = event.steps
@@ -106,9 +115,9 @@ class TrainingConsole:
             self.task = self.progress.add_task(event.name, total=event.steps, completed=event.step, status="")
             self.progress.start()
         self._print(
-            f"training {event.name}: {event.parameters:,} parameters on {event.world_size} x {event.device} "
+            f"training {escape(event.name)}: {event.parameters:,} parameters on {event.world_size} x {event.device} "
             f"({event.strategy}, {event.precision}), {event.steps} steps of {event.global_batch_size} x "
-            f"{event.seq_len} tokens -> {event.run_dir}"
+            f"{event.seq_len} tokens -> {escape(event.run_dir)}"
         )
 
     def finish(self, result) -> None:
@@ -117,10 +126,11 @@ class TrainingConsole:
         if self.progress is not None:
             self.progress.stop()
         for prompt, text in result.samples:
-            self._print(f"[bold]sample[/] {prompt!r} -> {text!r}")
+            self._print(f"[bold]sample[/] {escape(repr(prompt))} -> {escape(repr(text))}")
         if result.val_loss is not None:
             self._print(
-                f"done: step {result.final_step}, val loss {result.val_loss:.4f}, checkpoint {result.checkpoint}"
+                f"done: step {result.final_step}, val loss {result.val_loss:.4f}, "
+                f"checkpoint {escape(str(result.checkpoint))}"
             )
         if self.log_file is not None:
             self.log_file.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -143,7 +144,7 @@ def build_corpus(
 ) -> dict:
     """Build the corpus at `out` atomically and return its manifest."""
     out = Path(out)
-    paths = expand_sources(sources)
+    paths, unsupported = expand_sources(sources)
     check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)
     started = time.perf_counter()
     stats: Counter = Counter()
@@ -156,7 +157,7 @@ def build_corpus(
     near = NearDuplicateIndex(options.near_dup_threshold) if options.near_dup_threshold is not None else None
 
     def documents() -> Iterator[Document]:
-        for item in read_documents(paths, options.text_field):
+        for item in itertools.chain(unsupported, read_documents(paths, options.text_field)):
             if isinstance(item, SourceProblem):
                 if options.strict:
                     raise UserError(f"{item.location}: {item.reason} (without --strict such inputs are skipped)")
@@ -190,6 +191,14 @@ def build_corpus(
                 writers[assign_split(document.exact, options.seed, options.val_fraction)].write(document)
         for writer in writers.values():
             writer.close()
+        if not any(writer.documents for writer in writers.values()):
+            rules = ", ".join(f"{rule} {count}" for rule, count in filtered.items())
+            raise UserError(
+                f"no documents kept: {stats['documents_read']} read, {filtered.total()} filtered"
+                f"{f' ({rules})' if rules else ''}, {stats['exact_duplicates'] + stats['near_duplicates']} "
+                f"duplicates, {stats['skipped_inputs']} inputs skipped{_first_reason(problems)}; "
+                "nothing was written"
+            )
         seconds = time.perf_counter() - started
         manifest = {
             "llmctl_version": __version__,
@@ -229,6 +238,10 @@ def build_corpus(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _first_reason(problems: list[dict]) -> str:
+    return f" (e.g. {problems[0]['location']}: {problems[0]['reason']})" if problems else ""
 
 
 def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:

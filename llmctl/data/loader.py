@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmctl.data.token_files import read_meta
+from llmctl.data.token_files import read_meta, split_file_problem
 from llmctl.errors import UserError
 
 
@@ -23,8 +23,9 @@ class TokenFile:
     def __init__(self, tokens_dir: Path, split: str) -> None:
         self.meta = read_meta(tokens_dir)
         path = Path(tokens_dir) / f"{split}.bin"
-        if not path.is_file():
-            raise UserError(f"{path} is missing; re-run llmctl tokenize encode")
+        problem = split_file_problem(tokens_dir, split, self.meta)
+        if problem:
+            raise UserError(f"{problem}; re-run llmctl tokenize encode --overwrite")
         self.tokens = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r")
 
     def __len__(self) -> int:

@@ -1,4 +1,9 @@
-"""Reading documents from files, folders and globs of .txt, .md, .jsonl and .html, one at a time."""
+"""Reading documents from files, folders and globs of .txt, .md, .rst, .jsonl and .html, one at a time.
+
+A file named on the command line is read as text whatever its suffix; in a folder or glob, a file of
+another format is reported as unsupported (and counted), never silently left out. Hidden files and folders
+(.git, .venv) are not inputs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from bs4 import BeautifulSoup
 from llmctl.data.jsonl import jsonl_lines
 from llmctl.errors import UserError
 
-SUFFIXES = {".txt", ".md", ".jsonl", ".html", ".htm"}
+SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".jsonl", ".html", ".htm"}
 BINARY_SNIFF_BYTES = 8192
 
 
@@ -31,23 +36,34 @@ class SourceProblem:
     reason: str
 
 
-def expand_sources(sources: list[str]) -> list[Path]:
-    """Files, folders (recursive) and globs -> the sorted list of readable document files."""
+def expand_sources(sources: list[str]) -> tuple[list[Path], list[SourceProblem]]:
+    """Files, folders (recursive) and globs -> the sorted document files to read, and the files found in
+    folders and globs whose format is not supported."""
     files: set[Path] = set()
+    found: set[Path] = set()
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            files.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found.update(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
         elif path.is_file():
             files.add(path)
         else:
             matches = [Path(p) for p in glob.glob(source, recursive=True)]
             if not matches:
                 raise UserError(f"source not found: {source} (give files, folders or quoted globs)")
-            files.update(p for p in matches if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found.update(p for p in matches if p.is_file())
+    files.update(p for p in found if p.suffix.lower() in SUFFIXES)
+    unsupported = [
+        SourceProblem(str(p), f"unsupported format {p.suffix or '(no suffix)'}; name the file to read it as text")
+        for p in sorted(found - files)
+    ]
     if not files:
-        raise UserError(f"no .txt, .md, .jsonl or .html files in {' '.join(sources)}")
-    return sorted(files)
+        raise UserError(f"no .txt, .md, .rst, .jsonl or .html files in {' '.join(sources)}")
+    return sorted(files), unsupported
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def read_documents(paths: list[Path], text_field: str = "text") -> Iterator[Document | SourceProblem]:

@@ -18,6 +18,7 @@ from llmctl.errors import UserError
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
+REQUIRED_META = {"dtype", "tokens", "vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer_sha256", "fingerprint"}
 BATCH_BYTES = 8 << 20
 
 
@@ -38,7 +39,24 @@ def read_meta(tokens_dir: Path) -> dict:
     path = Path(tokens_dir) / META_FILE
     if not path.is_file():
         raise UserError(f"not a token directory: {tokens_dir} has no {META_FILE} (run llmctl tokenize encode)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not REQUIRED_META <= meta.keys():
+        raise UserError(f"{path} is damaged; re-run llmctl tokenize encode --overwrite")
+    return meta
+
+
+def split_file_problem(tokens_dir: Path, split: str, meta: dict) -> str | None:
+    """Why a split's token file does not hold what its meta promises (missing, truncated, grown), or None."""
+    path = Path(tokens_dir) / f"{split}.bin"
+    if not path.is_file():
+        return f"{path} is missing"
+    expected = meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize
+    if path.stat().st_size != expected:
+        return f"{path} has {path.stat().st_size:,} bytes where {META_FILE} promises {expected:,}"
+    return None
 
 
 def encode_corpus(
@@ -56,7 +74,8 @@ def encode_corpus(
     fingerprint = input_fingerprint(corpus, tokenizer)
     if (out / META_FILE).is_file():
         existing = json.loads((out / META_FILE).read_text())
-        if existing.get("fingerprint") == fingerprint:
+        intact = not any(split_file_problem(out, split, existing) for split in SPLITS)
+        if existing.get("fingerprint") == fingerprint and intact:
             return {**existing, "up_to_date": True}
     check_output(out, [corpus, tokenizer_path], overwrite)
     dtype = token_dtype(tokenizer.vocab_size)

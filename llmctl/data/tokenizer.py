@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -14,6 +13,7 @@ import sentencepiece as spm
 
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.corpus import iter_texts, read_manifest
+from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -33,7 +33,12 @@ class Tokenizer:
         if not path.is_file():
             raise UserError(f"tokenizer not found: {path} (train one with llmctl tokenize train)")
         self.path = path
-        self.processor = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):
+            raise UserError(
+                f"{path} is not a sentencepiece model; give the tokenizer.model that llmctl tokenize train wrote"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -72,14 +77,6 @@ class Tokenizer:
         if token_id == UNK_ID and piece != UNK:
             raise UserError(f"tokenizer {self.path} has no special token {piece!r}")
         return token_id
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_domain_terms(path: Path) -> list[str]:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.errors import UserError
 from llmctl.evaluate.scoring import continuation_logprobs, sliding_windows
 from llmctl.model import Transformer
 
@@ -48,7 +49,10 @@ def perplexity(
     bootstrap: int = 1000,
 ) -> PerplexityResult:
     """Each document is [bos] + its tokens, so its first real token is scored too."""
-    window = window or model.config.max_seq_len
+    context = model.config.max_seq_len
+    window = window or context
+    if window > context:
+        raise UserError(f"--window {window} exceeds the model's context of {context} tokens")
     stride = stride or window // 2
     nlls, token_counts, words, byte_count = [], [], 0, 0
     for text in texts:
@@ -60,7 +64,7 @@ def perplexity(
         words += len(text.split())
         byte_count += len(text.encode())
     if not nlls:
-        raise ValueError("no text to evaluate")
+        raise UserError("no text to evaluate: the data is empty")
     nll, tokens = float(sum(nlls)), int(sum(token_counts))
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(nlls), size=(bootstrap, len(nlls)))

@@ -9,7 +9,7 @@ from pathlib import Path
 from llmctl import __version__
 from llmctl.data.corpus import MANIFEST, iter_texts
 from llmctl.data.jsonl import read_jsonl, string_field
-from llmctl.data.tokenizer import file_sha256
+from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 from llmctl.evaluate.perplexity import perplexity
 from llmctl.evaluate.suite import Suite, Task
@@ -31,7 +31,12 @@ def read_texts(data: Path) -> list[str]:
         raise UserError(f"evaluation data not found: {data}")
     if data.suffix == ".jsonl":
         return [string_field(location, record, "text") for location, record in read_jsonl(data)]
-    return [data.read_text(encoding="utf-8")]
+    try:
+        return [data.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{data} is not UTF-8 text (byte {error.start}); convert it or pass another file"
+        ) from None
 
 
 class Evaluator:
@@ -120,6 +125,8 @@ def flatten(results: dict) -> dict[tuple[str, str], float]:
     """{(task, metric): value} for numbers, lm-eval's nested task dictionaries included."""
     flat = {}
     for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            continue
         for key, value in metrics.items():
             if isinstance(value, dict):
                 for inner, number in value.items():

@@ -30,7 +30,8 @@ def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, in
     """(begin, end, first scored position) covering positions 1..length-1 exactly once.
 
     Each window sees up to `window` tokens; after the first, only its last `stride`-ish new tokens are
-    scored, the rest being context (the Hugging Face perplexity recipe).
+    scored, the rest being context (the Hugging Face perplexity recipe). A window always keeps at least one
+    token of context, so `stride >= window` (non-overlapping windows) still scores every position once.
     """
     spans, scored_until = [], 1
     begin = 0
@@ -40,5 +41,5 @@ def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, in
         scored_until = end
         if end == length:
             break
-        begin += stride
+        begin = min(begin + stride, scored_until - 1)
     return spans

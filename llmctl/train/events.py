@@ -72,6 +72,14 @@ class Resumed(Event, kind="resumed"):
 
 
 @dataclass(frozen=True)
+class CheckpointRejected(Event, kind="checkpoint_rejected"):
+    """`--resume auto` passed over a damaged checkpoint, `path`, and resumed at `step` from an earlier one."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Interrupted(Event, kind="interrupted"):
     checkpoint: str | None  # saved at this step before stopping
 

@@ -68,21 +68,17 @@ def memory_in_use(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record; on resume, records after the resumed step are dropped first."""
+    """Appends one JSON object per record, never rewriting what is there: a resumed run appends after a
+    `resumed` record, and `read_metrics` drops what it supersedes. A line a crash left half-written is closed
+    first, so it spoils only itself."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            self.path.write_text("")
+        unterminated = self.path.exists() and _last_byte(self.path) not in (b"", b"\n")
         self.handle = self.path.open("a")
+        if unterminated:
+            self.handle.write("\n")
         self.tensorboard = None
         if tensorboard:
             try:
@@ -104,3 +100,31 @@ class MetricsWriter:
         self.handle.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return b""
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run as they stand: lines that are not JSON objects (a crash's half-written last
+    line) are skipped, and a `resumed` record at step s drops the earlier records after s, which the resumed
+    run redoes."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records: list[dict] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "resumed":
+            records = [r for r in records if r.get("step", 0) <= record.get("step", 0)]
+        records.append(record)
+    return records

@@ -62,10 +62,8 @@ def load_model_weights(model: nn.Module, checkpoint: Path, is_main: bool) -> Non
     set_model_state_dict(model, state, options=options)
 
 
-def load_trainer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path, is_main: bool
-) -> dict:
-    """Restore optimizer moments and RNG; returns the rest (step, scaler, counters)."""
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer state: step, optimizer moments, RNG, scaler and counters."""
     path = checkpoint / TRAINER_STATE_FILE
     try:  # weights_only: tensors and plain containers only, so a crafted file cannot run code
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -74,10 +72,16 @@ def load_trainer_state(
         raise UserError(
             f"cannot resume from {checkpoint}: {path.name} is not a trainer state llmctl wrote ({reason})"
         ) from None
+    return state
+
+
+def restore_trainer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, is_main: bool
+) -> None:
+    """Put the optimizer moments and every RNG back where `state` left them."""
     distributed = torch.distributed.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     set_optimizer_state_dict(
         model, optimizer, state["optimizer"] if is_main or not distributed else {}, options=options
     )
     restore_rng_state(state["rng"])
-    return state

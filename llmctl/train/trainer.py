@@ -36,6 +36,7 @@ from llmctl.train.distributed import (
     wrap_model,
 )
 from llmctl.train.events import (
+    CheckpointRejected,
     CheckpointSaved,
     Evaluated,
     Event,
@@ -48,12 +49,14 @@ from llmctl.train.events import (
 )
 from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
-from llmctl.train.plan import grad_accum_steps, resolve_strategy
+from llmctl.train.plan import grad_accum_steps, make_plan, resolve_strategy
+from llmctl.train.run_dir import check_resume_matches, claim_run_dir, resume_checkpoint
 from llmctl.train.state import (
     full_model_state,
     full_optimizer_state,
     load_model_weights,
-    load_trainer_state,
+    read_trainer_state,
+    restore_trainer_state,
     rng_state,
 )
 
@@ -93,6 +96,7 @@ class Trainer:
         self.on_event = on_event or (lambda event: None)
         self.metrics: MetricsWriter | None = None
         self.run_dir = recipe.run_dir
+        make_plan(recipe, context.world_size)  # the recipe's shape checks, before anything is built
         self.strategy = resolve_strategy(recipe, context.world_size)
         self.accum = grad_accum_steps(recipe, context.world_size)
         self.seq_len = recipe.seq_len
@@ -159,24 +163,34 @@ class Trainer:
             )
         return tokenizer
 
-    def _resume_from(self, resume: str | None) -> Path | None:
-        if resume is None:
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.run_dir)
-        path = Path(resume)
-        if not (path / "trainer_state.pt").is_file():
-            raise UserError(f"--resume {resume}: not a training checkpoint (no trainer_state.pt)")
-        return path
+    def _claim_run_dir(self, resume: str | None, overwrite: bool) -> None:
+        """Rank 0 decides (and clears, with `overwrite`) before any rank writes; every rank learns the
+        outcome, so a refusal stops them all instead of leaving the others waiting in a collective."""
+        refusal = None
+        if self.context.is_main:
+            try:
+                claim_run_dir(self.run_dir, resume, overwrite)
+            except UserError as error:
+                refusal = error
+        if any_rank(refusal is not None, self.context):
+            raise refusal or UserError(f"rank 0 refused the run directory {self.run_dir}")
 
     # -- the loop ------------------------------------------------------------------------------------------
 
-    def fit(self, resume: str | None = None) -> TrainResult:
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> TrainResult:
+        """Train to the recipe's end. `resume`: 'auto' or a checkpoint path; `overwrite`: start clean in a
+        run directory that holds an earlier run (refused otherwise)."""
         start_step, elapsed_before = 0, 0.0
-        checkpoint = self._resume_from(resume)
+        self._claim_run_dir(resume, overwrite)
+        rejected: list[tuple[Path, str]] = []
+        checkpoint = resume_checkpoint(
+            self.run_dir, resume, lambda path, reason: rejected.append((path, reason))
+        )
         if checkpoint is not None:
+            state = read_trainer_state(checkpoint)
+            check_resume_matches(checkpoint, self.recipe, self.meta["fingerprint"], state)
             load_model_weights(self.model, checkpoint, self.context.is_main)
-            state = load_trainer_state(self.model, self.optimizer, checkpoint, self.context.is_main)
+            restore_trainer_state(self.model, self.optimizer, state, self.context.is_main)
             self.scaler.load_state_dict(state["scaler"])
             start_step, self.skipped_steps = state["step"], state["skipped_steps"]
             elapsed_before = state.get("elapsed_seconds", 0.0)
@@ -189,6 +203,8 @@ class Trainer:
         self._emit(self._started(start_step))
         if checkpoint is not None:
             self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
+        for path, reason in rejected:
+            self._emit(CheckpointRejected(step=start_step, path=str(path), reason=reason))
         last_saved, val_loss, stopping = None, None, False
         with self._stop_on_signals():
             step = start_step
@@ -302,6 +318,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "elapsed_seconds": elapsed,
             "world_size": self.context.world_size,
+            "data_fingerprint": self.meta["fingerprint"],
         }
         path = save_checkpoint(
             step_directory(self.run_dir, step),
@@ -311,7 +328,7 @@ class Trainer:
             tokenizer=Path(self.recipe.data.tokenizer) if self.tokenizer else None,
             trainer_state=trainer_state,
         )
-        prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last)
+        prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last, newest_step=step)
         self._emit(CheckpointSaved(step=step, path=str(path)))
         return path
 
