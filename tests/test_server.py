@@ -334,6 +334,21 @@ def test_oversized_bodies_and_prompts_are_refused_before_any_work(tiny_checkpoin
     with running_server(app) as running:
         big = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x" * 200_000})
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+        def chunked():  # no Content-Length: the limit is counted as the body arrives
+            yield b'{"model": "tiny", "prompt": "'
+            for _ in range(50):
+                yield b"x" * 4096
+            yield b'"}'
+
+        streamed = httpx.post(
+            f"{running.url}/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}
+        )
+        assert streamed.status_code == 413 and "more than" in streamed.json()["error"]["message"]
+        small = httpx.post(
+            f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}
+        )
+        assert small.status_code == 200
         long_prompt = {"model": "tiny", "prompt": "word " * 19_000}  # 95,000 characters, a 128-token context
         refused = httpx.post(f"{running.url}/v1/completions", json=long_prompt)
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"

@@ -64,7 +64,6 @@ class ServerState:
     api_key: str | None
     metrics: ServerMetrics
     admission: Admission
-    max_body_bytes: int = MAX_BODY_BYTES
     watchdog_seconds: float = 1.0
 
     def resolve(self, name: str) -> ServedModel:
@@ -141,15 +140,55 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
     return OpenAIError(400, f"{param + ': ' if param else ''}{message}", param=param).response()
 
 
-async def guard(request: Request, call_next):
-    """Refuse oversized bodies (413) and, when a key is set, requests without it (401) before any work."""
-    state = state_of(request)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > state.max_body_bytes:
+class BodyLimit:
+    """Reads a request body up to the limit before the app sees it, so an oversized body is a 413 whether
+    it declares its length or arrives chunked, and nothing downstream ever buffers more."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(int(declared), scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(size, scope, receive, send, at_least=True)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's hang-up, which streams watch for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: int, scope, receive, send, at_least: bool = False) -> None:
         message = (
-            f"request body of {int(declared):,} bytes exceeds the server's limit of {state.max_body_bytes:,}"
+            f"request body of {'more than ' if at_least else ''}{size:,} bytes exceeds the server's limit "
+            f"of {self.limit:,}"
         )
-        return OpenAIError(413, message, code="request_too_large").response()
+        await OpenAIError(413, message, code="request_too_large").response()(scope, receive, send)
+
+
+async def guard(request: Request, call_next):
+    """When a key is set, refuse requests without it (401) before any work."""
+    state = state_of(request)
     if state.api_key and request.url.path.startswith(PROTECTED_PATHS):
         offered = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(offered, f"Bearer {state.api_key}".encode()):  # constant time
@@ -278,12 +317,13 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="llmctl", lifespan=lifespan)
     app.state.llmctl = ServerState(
-        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency), max_body_bytes
+        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency)
     )
     app.add_exception_handler(OpenAIError, openai_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.middleware("http")(guard)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: no layer reads an unbounded body
     app.get("/health")(health)
     app.get("/metrics")(prometheus)
     app.get("/v1/models")(list_models)
