@@ -4,6 +4,7 @@ removes (or, for a replaced directory whose new copy never arrived, restores).""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -94,6 +95,20 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     else:
         staging.rename(target)
     _fsync_path(target.parent)
+
+
+LOW_SPACE_BYTES = 64 << 20
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: an ENOSPC/EDQUOT error, or a library error (torch's zip
+    writer says only `unexpected pos`) raised while the disk holding `directory` is all but full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: Path, text: str) -> None:

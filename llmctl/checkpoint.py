@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from llmctl.atomic import atomic_directory
+from llmctl.atomic import atomic_directory, disk_full
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.digests import digest_problem, write_digest_manifest
 from llmctl.errors import UserError
@@ -38,7 +38,28 @@ def save_checkpoint(
     tokenizer: Path | None = None,
     trainer_state: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes."""
+    """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes.
+    A full disk is one clear error; the checkpoints already written are untouched."""
+    try:
+        _write_checkpoint(directory, config, state_dict, recipe_toml, tokenizer, trainer_state)
+    except (OSError, RuntimeError) as error:
+        if not disk_full(error, Path(directory).parent):
+            raise
+        raise UserError(
+            f"cannot save checkpoint {directory}: no space left on the disk holding it; free space (or set "
+            "checkpoint.keep_last lower) and resume with --resume auto"
+        ) from None
+    return Path(directory)
+
+
+def _write_checkpoint(
+    directory: Path,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    recipe_toml: str | None,
+    tokenizer: Path | None,
+    trainer_state: dict | None,
+) -> None:
     with atomic_directory(directory) as staging:
         write_model_files(staging, config, state_dict)
         if recipe_toml is not None:
@@ -51,7 +72,6 @@ def save_checkpoint(
         if trainer_state is not None:
             torch.save(trainer_state, staging / TRAINER_STATE_FILE)
         write_digest_manifest(staging)
-    return Path(directory)
 
 
 def hf_tokenizer_config(config: ModelConfig) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -105,6 +106,17 @@ def main() -> None:
         command.main(prog_name="llmctl")
     except UserError as error:
         stderr.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        stderr.print(
+            f"[red]error:[/] no space left on the device{escape(where)}; free space and run it again "
+            "(outputs are replaced only when complete, so nothing was half-written)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         stderr.print("interrupted", highlight=False)

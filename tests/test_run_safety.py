@@ -20,6 +20,7 @@ from conftest import REPO, free_port, tiny_recipe_dict
 from llmctl.atomic import atomic_directory, remove_stale_staging
 from llmctl.checkpoint import list_checkpoints
 from llmctl.digests import DIGEST_FILE
+from llmctl.errors import UserError
 from llmctl.model.hf_format import WEIGHTS_FILE, read_state_dict
 from llmctl.recipe import recipe_from_dict
 from llmctl.train.distributed import DistributedContext
@@ -141,6 +142,37 @@ def test_a_damaged_checkpoint_is_one_line_in_chat_serve_and_eval(sample_pipeline
     outcome = llmctl("chat", str(result.checkpoint), "--plain")
     assert outcome.returncode == 2 and "Traceback" not in outcome.stderr, outcome.stderr
     assert "cannot load checkpoint" in outcome.stderr
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_earlier_checkpoints_survive(
+    sample_pipeline, tmp_path, monkeypatch
+):
+    import shutil
+
+    import llmctl.checkpoint
+
+    run = tmp_path / "run"
+    trainer = Trainer(recipe_from_dict(tiny_recipe_dict(sample_pipeline, run, steps=8)), CPU)
+    saved = {}
+
+    def fill_the_disk_after_the_first_save(event):
+        if event.kind == "checkpoint" and not saved:
+            saved.update(snapshot(Path(event.path)))
+
+            def torch_save_on_a_full_disk(*args, **kwargs):
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1472 vs 1368")
+
+            usage = shutil.disk_usage(tmp_path)
+            monkeypatch.setattr(llmctl.checkpoint.torch, "save", torch_save_on_a_full_disk)
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+
+    trainer.on_event = fill_the_disk_after_the_first_save
+    with pytest.raises(UserError, match="no space left on the disk") as error:
+        trainer.fit()
+    assert "--resume auto" in str(error.value)
+    ((step, checkpoint),) = list_checkpoints(run)
+    assert step == 4 and snapshot(checkpoint) == saved  # the earlier checkpoint is whole
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging
 
 
 def test_stale_staging_is_removed_and_a_retired_directory_without_its_replacement_restored(tmp_path):
