@@ -8,6 +8,11 @@ so the plain model is scored on the bytes its tokenizer can represent (the decod
 table shows how many bytes that drops; llmctl's tokenizer round-trips text exactly.
 
     .venv/bin/python -m benchmarks.quality [--corpus ../shared/data/techdocs] [--tokens 500000]
+    .venv/bin/python -m benchmarks.quality --minutes 5     # equal training time instead of equal tokens
+
+With --minutes, each model trains for that wall-clock time (llmctl through `train.max_minutes`; the plain
+loop until its clock runs out, its warmup + cosine following the fraction of the time spent), and the table
+says how many tokens each got through.
 
 llmctl: `corpus build` defaults, an 8k `tokenize train`, `tokenize encode`, the trainer with the recipe
 defaults for this shape. Plain: sentencepiece with its defaults on the raw training text, HF
@@ -36,9 +41,10 @@ from llmctl.data.tokenizer import Tokenizer, train_tokenizer
 from llmctl.evaluate.perplexity import document_nll
 from llmctl.evaluate.scoring import sliding_windows
 from llmctl.model.config import default_ffn_size
-from llmctl.recipe import recipe_from_dict
+from llmctl.recipe import ScheduleSection, recipe_from_dict
 from llmctl.runtime import keep_freed_memory
 from llmctl.train.distributed import DistributedContext
+from llmctl.train.optim import lr_at
 from llmctl.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,7 +102,7 @@ def bits_per_byte(score_document, texts: list[str], represented_bytes) -> float:
     return nats / math.log(2) / sum(represented_bytes(text) for text in texts)
 
 
-def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer, float]:
+def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer, float, int]:
     started = time.perf_counter()
     corpus = work / "corpus"
     build_corpus([str(corpus_dir / "train.jsonl")], corpus, CorpusOptions(val_fraction=0.01))
@@ -110,6 +116,7 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
             "data": {"tokens": str(work / "tokens"), "tokenizer": str(tokenizer_path)},
             "train": {
                 "steps": args.steps,
+                "max_minutes": args.minutes,
                 "micro_batch_size": args.batch,
                 "global_batch_size": args.batch,
                 "log_every": 50,
@@ -123,8 +130,8 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
         }
     )
     trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cpu")))
-    trainer.fit()
-    return trainer, Tokenizer(tokenizer_path), time.perf_counter() - started
+    result = trainer.fit()
+    return trainer, Tokenizer(tokenizer_path), time.perf_counter() - started, result.final_step
 
 
 def train_plain(work: Path, corpus_dir: Path, args):
@@ -154,10 +161,19 @@ def train_plain(work: Path, corpus_dir: Path, args):
     model = transformers.LlamaForCausalLM(config)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    clock_started, budget = time.perf_counter(), (args.minutes or 0) * 60
+    schedule = (
+        None if budget else transformers.get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    )
+    timed = ScheduleSection(warmup_steps=args.warmup)
     rng = np.random.default_rng(args.seed)
     seq = SHAPE["max_seq_len"]
-    for _ in range(args.steps):
+    step = 0
+    while (time.perf_counter() - clock_started < budget) if budget else step < args.steps:
+        if budget:  # the same warmup + cosine, on the share of the time spent
+            fraction = (time.perf_counter() - clock_started) / budget
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr, timed, fraction)
         starts = rng.integers(0, len(stream) - seq - 1, args.batch)
         batch = torch.from_numpy(np.stack([stream[s : s + seq + 1] for s in starts]))
         logits = model(input_ids=batch[:, :-1]).logits
@@ -167,9 +183,11 @@ def train_plain(work: Path, corpus_dir: Path, args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return model.eval(), sp, time.perf_counter() - started
+        step += 1
+    return model.eval(), sp, time.perf_counter() - started, step
 
 
 def plain_document_nll(model, sp, text: str) -> float:
@@ -193,9 +211,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: llmctl's default for this shape")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=None, help="equal training time instead of tokens")
     args = parser.parse_args()
     keep_freed_memory()
     args.steps = args.tokens // (args.batch * SHAPE["max_seq_len"])
+    if args.minutes:
+        args.steps = 1_000_000  # the clock stops each run first
     defaults = recipe_from_dict({"model": SHAPE})
     args.lr = args.lr or defaults.optim.lr
     args.warmup = defaults.schedule.warmup_steps if args.warmup is None else args.warmup
@@ -205,8 +226,9 @@ def main() -> None:
         "licences": capped(licences()),
     }
     work = Path(tempfile.mkdtemp())
-    print(f"training llmctl's pipeline ({args.steps} steps) ...", flush=True)
-    trainer, tokenizer, ours_seconds = train_llmctl(work / "llmctl", args.corpus, args)
+    plan = f"{args.minutes:g} minutes" if args.minutes else f"{args.steps} steps"
+    print(f"training llmctl's pipeline ({plan}) ...", flush=True)
+    trainer, tokenizer, ours_seconds, ours_steps = train_llmctl(work / "llmctl", args.corpus, args)
     model = trainer.model.eval()
     window = SHAPE["max_seq_len"]
 
@@ -214,12 +236,14 @@ def main() -> None:
         return document_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], window, window // 2)
 
     print("training the plain script ...", flush=True)
-    plain_model, sp, plain_seconds = train_plain(work, args.corpus, args)
+    plain_model, sp, plain_seconds, plain_steps = train_plain(work, args.corpus, args)
     print(f"machine: {machine()}")
+    budget = f"{args.minutes:g} minutes of training each" if args.minutes else "equal tokens"
     print(
         f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
-        f"{args.batch}; {args.steps} steps = {args.steps * args.batch * window:,} tokens each; lr {args.lr:g}, "
-        f"warmup {args.warmup}, cosine; llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
+        f"{args.batch}; {budget}: llmctl {ours_steps} steps = {ours_steps * args.batch * window:,} tokens, "
+        f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; lr {args.lr:g}, warmup "
+        f"{args.warmup}, cosine; llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
     )
     print(
         f"{'held-out set':20}{'bytes':>10}{'plain keeps':>13}{'llmctl bpb':>12}{'plain bpb':>12}{'llmctl vs plain':>17}"

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 import tomli_w
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from llmctl.data.clean import CleaningRules
 from llmctl.data.filters import FilterRules
@@ -80,14 +88,32 @@ class TrainSection(Section):
     eval_batches: int = Field(20, gt=0)
     compile: bool = False
     activation_checkpointing: bool = False
+    document_masking: bool = Field(
+        True, description="a token attends only to its own document within a training window"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     z_loss: float = Field(0.0, ge=0)
     sample_prompts: list[str] = []
     sample_tokens: int = Field(64, ge=0)
 
 
+REFERENCE_WIDTH, REFERENCE_LR = 2048, 2e-4
+
+
+def width_scaled_lr(d_model: int) -> float:
+    """The peak learning rate a recipe gets when it sets none: 2e-4 at d_model 2048, scaled by 1/width (how
+    muP scales Adam's rate for hidden matrices). At d_model 384 that is 1.07e-3, where the quality benchmark
+    measured the best of 3e-4, 1e-3 and 1.6e-3 (benchmarks/RESULTS.md)."""
+    return float(f"{REFERENCE_LR * REFERENCE_WIDTH / d_model:.3g}")
+
+
 class OptimSection(Section):
-    lr: float = Field(3e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
+    lr: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=AliasChoices("lr", "learning_rate"),
+        description="peak learning rate; default 2e-4 x 2048 / model.d_model",
+    )
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -122,6 +148,13 @@ class Recipe(Section):
     schedule: ScheduleSection = ScheduleSection()
     checkpoint: CheckpointSection = CheckpointSection()
     distributed: DistributedSection = DistributedSection()
+
+    @model_validator(mode="after")
+    def default_learning_rate(self) -> Recipe:
+        """Resolved here, so the run's saved recipe records the rate it trained with."""
+        if self.optim.lr is None:
+            self.optim.lr = width_scaled_lr(self.model.d_model)
+        return self
 
     @property
     def seq_len(self) -> int:

@@ -59,3 +59,21 @@ def test_model_forward_with_targets_equals_logits_cross_entropy():
     expected = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 64), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(cross_entropy, expected)
     torch.testing.assert_close(loss, expected)
+
+
+def test_document_masking_makes_each_document_see_only_itself():
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.model.transformer import document_ids_of
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, max_seq_len=32)).eval()
+    eos = 2
+    first, second = torch.randint(3, 50, (9,)), torch.randint(3, 50, (11,))
+    window = torch.cat([first, torch.tensor([eos]), second])[None]
+    with torch.no_grad():
+        masked = model(window, document_ids=document_ids_of(window, eos))[0, 10:]
+        alone = model(second[None])[0]
+        unmasked = model(window)[0, 10:]
+    # rotary positions are relative, so the second document scores as if it began the window
+    torch.testing.assert_close(masked, alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unmasked, alone, atol=1e-3)  # without the mask it sees the first document

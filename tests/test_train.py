@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 
 import numpy as np
 import pytest
@@ -183,6 +184,18 @@ def test_checkpoints_are_pruned_to_keep_last(sample_pipeline, tmp_path):
     Trainer(recipe, CPU).fit()
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 6]
     assert not list(tmp_path.glob("checkpoints/.*"))
+
+
+def test_a_recipe_without_a_learning_rate_gets_one_scaled_by_width(sample_pipeline, tmp_path):
+    shape = {"vocab_size": 8000, "n_layer": 6, "n_head": 6, "max_seq_len": 256}
+    rates = {d: recipe_from_dict({"model": {**shape, "d_model": d}}).optim.lr for d in (192, 384, 2048)}
+    assert rates == {192: 2.13e-3, 384: 1.07e-3, 2048: 2e-4}  # 1/width from 2e-4 at the brief's 1.3B width
+    assert recipe_from_dict({"model": {**shape, "d_model": 384}, "optim": {"lr": 1e-4}}).optim.lr == 1e-4
+    raw = tiny_recipe_dict(sample_pipeline, tmp_path, steps=1)
+    del raw["optim"]["lr"]
+    Trainer(recipe_from_dict(raw), CPU).fit()
+    saved = recipe_from_dict(tomllib.loads((tmp_path / "recipe.toml").read_text()))
+    assert saved.optim.lr == 6.4e-3 and "lr = 0.0064" in (tmp_path / "recipe.toml").read_text()
 
 
 def test_schedules():

@@ -24,6 +24,21 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) booleans: causal, and within one document."""
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same & causal).unsqueeze(1)
+
+
+def document_ids_of(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """Which document each token belongs to, in windows where documents end with `separator_id` (eos); the
+    separator belongs to the document it ends."""
+    ends = input_ids == separator_id
+    return torch.cumsum(ends, dim=1) - ends.long()
+
+
 class Transformer(nn.Module):
     """`forward(input_ids) -> logits`, with optional KV cache, position ids and padding mask for decoding."""
 
@@ -83,6 +98,7 @@ class Transformer(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | SlotKVCache | None = None,
         targets: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
@@ -92,6 +108,8 @@ class Transformer(nn.Module):
 
         attention_mask: (batch, cached + seq) with 1 for real tokens and 0 for padding, when padding exists.
         position_ids: (batch, seq); defaults to consecutive positions after what the cache holds.
+        document_ids: (batch, seq), training only: a token attends only to earlier tokens of its own document
+        (windows cut from a stream of documents otherwise let a document see its predecessor).
         targets: (batch, seq) next-token ids, -100 where no loss is wanted. The loss is computed inside
         forward so that FSDP's hooks gather the LM head for it.
         """
@@ -107,6 +125,8 @@ class Transformer(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0)
             mask = self._attention_mask(start, seq, attention_mask, input_ids.device)
+            if document_ids is not None:
+                mask = document_mask(document_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
 
         x = self.model.embed_tokens(input_ids)

@@ -23,7 +23,7 @@ from llmctl.errors import UserError
 from llmctl.recipe import Recipe, recipe_from_dict
 
 METRICS_FILE = "metrics.jsonl"
-RUN_OUTPUTS = ("checkpoints", METRICS_FILE, "tensorboard", "train.log", RECIPE_FILE)
+RUN_OUTPUTS = ("checkpoints", METRICS_FILE, "tensorboard", "train.log")  # recipe.toml is rewritten
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -93,6 +93,7 @@ def exactness_keys(recipe: Recipe, data_fingerprint: str) -> dict[str, object]:
     keys["train.seed"] = recipe.train.seed
     keys["train.seq_len"] = recipe.seq_len
     keys["train.global_batch_size"] = recipe.train.global_batch_size
+    keys["train.document_masking"] = recipe.train.document_masking
     keys["data.tokens (content)"] = data_fingerprint
     return keys
 

@@ -25,6 +25,7 @@ from llmctl.errors import UserError
 from llmctl.infer.generate import generate_ids, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model import Transformer
+from llmctl.model.transformer import document_ids_of
 from llmctl.recipe import Recipe
 from llmctl.runtime import keep_freed_memory
 from llmctl.train.budget import WallClock, budget_spent
@@ -263,6 +264,7 @@ class Trainer:
             with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
                 loss, cross_entropy = self.forward(
                     inputs,
+                    document_ids=self._document_ids(inputs),
                     targets=targets,
                     label_smoothing=self.recipe.train.label_smoothing,
                     z_loss=self.recipe.train.z_loss,
@@ -295,7 +297,9 @@ class Trainer:
         for inputs, targets in self.val_batches:
             inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
             with self._autocast():
-                _, cross_entropy = self.forward(inputs, targets=targets)
+                _, cross_entropy = self.forward(
+                    inputs, document_ids=self._document_ids(inputs), targets=targets
+                )
             total += torch.tensor(
                 [float(cross_entropy) * targets.numel(), targets.numel()], device=total.device
             )
@@ -358,6 +362,12 @@ class Trainer:
         return results
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    def _document_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """With `train.document_masking`, training and validation both keep attention inside documents."""
+        if not self.recipe.train.document_masking:
+            return None
+        return document_ids_of(inputs, self.meta["eos_id"])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.recipe.train.precision)
