@@ -34,9 +34,12 @@ def machine() -> str:
 def fake_tokens(directory: Path, vocab: int, n_tokens: int) -> None:
     """Random uint16 token files with a meta.json, as `llmctl tokenize encode` writes them."""
     rng = np.random.default_rng(0)
-    for split, count in (("train", n_tokens), ("val", max(4096, n_tokens // 100))):
+    counts = {"train": n_tokens, "val": max(4096, n_tokens // 100)}
+    for split, count in counts.items():
         rng.integers(4, vocab, count, dtype=np.uint16).tofile(Path(directory) / f"{split}.bin")
     meta = {
+        "tokens": counts,
+        "fingerprint": f"random-{vocab}-{n_tokens}",
         "dtype": "uint16",
         "vocab_size": vocab,
         "bos_id": 1,

@@ -259,12 +259,13 @@ class Trainer:
                 self.context.world_size,
                 self.recipe.train.micro_batch_size,
             )
+            documents = self._document_ids(inputs)
             inputs = inputs.to(self.context.device, non_blocking=True)
             targets = targets.to(self.context.device, non_blocking=True)
             with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
                 loss, cross_entropy = self.forward(
                     inputs,
-                    document_ids=self._document_ids(inputs),
+                    document_ids=documents,
                     targets=targets,
                     label_smoothing=self.recipe.train.label_smoothing,
                     z_loss=self.recipe.train.z_loss,
@@ -295,11 +296,10 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=self.context.device, dtype=torch.float64)
         for inputs, targets in self.val_batches:
+            documents = self._document_ids(inputs)
             inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
             with self._autocast():
-                _, cross_entropy = self.forward(
-                    inputs, document_ids=self._document_ids(inputs), targets=targets
-                )
+                _, cross_entropy = self.forward(inputs, document_ids=documents, targets=targets)
             total += torch.tensor(
                 [float(cross_entropy) * targets.numel(), targets.numel()], device=total.device
             )
@@ -364,10 +364,14 @@ class Trainer:
     # -- helpers -------------------------------------------------------------------------------------------
 
     def _document_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """With `train.document_masking`, training and validation both keep attention inside documents."""
+        """With `train.document_masking`, training and validation both keep attention inside documents.
+        Computed on the host batch: a batch with no boundary keeps SDPA's fused causal path (no mask)."""
         if not self.recipe.train.document_masking:
             return None
-        return document_ids_of(inputs, self.meta["eos_id"])
+        ids = document_ids_of(inputs, self.meta["eos_id"])
+        if not bool(ids[:, -1].any()):  # every row is one document
+            return None
+        return ids.to(self.context.device, non_blocking=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.recipe.train.precision)
