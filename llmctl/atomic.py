@@ -31,14 +31,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(directory: Path) -> list[Path]:
+def remove_stale_staging(directory: Path) -> None:
     """Clean up after writers in `directory` that were killed: their half-built staging copies are removed,
     and a directory retired for replacement whose new copy never arrived is put back. Staging of live
-    processes is left alone. Returns what was removed or restored."""
+    processes is left alone."""
     directory = Path(directory)
     if not directory.is_dir():
-        return []
-    cleaned = []
+        return
     for child in directory.iterdir():
         match = STAGING.match(child.name)
         if not match or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
@@ -50,8 +49,6 @@ def remove_stale_staging(directory: Path) -> list[Path]:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
-        cleaned.append(child)
-    return cleaned
 
 
 def fsync_tree(directory: Path) -> None:
@@ -98,12 +95,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 LOW_SPACE_BYTES = 64 << 20
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def disk_full(error: BaseException, directory: Path) -> bool:
     """Whether a failed write ran out of space: an ENOSPC/EDQUOT error, or a library error (torch's zip
     writer says only `unexpected pos`) raised while the disk holding `directory` is all but full."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
         return True
     try:
         return shutil.disk_usage(directory).free < LOW_SPACE_BYTES

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 
 import typer
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmctl import __version__
+from llmctl.atomic import NO_SPACE_ERRNOS
 from llmctl.errors import UserError
 from llmctl.plugins import CommandSource, discover, load
 
@@ -108,7 +108,7 @@ def main() -> None:
         stderr.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno not in NO_SPACE_ERRNOS:
             raise
         where = f" writing {error.filename}" if error.filename else ""
         stderr.print(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+METRICS_FILE = "metrics.jsonl"
 SCALAR_EVENTS = ("step", "eval")  # the events TensorBoard plots
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
@@ -73,7 +74,7 @@ class MetricsWriter:
     first, so it spoils only itself."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         unterminated = self.path.exists() and _last_byte(self.path) not in (b"", b"\n")
         self.handle = self.path.open("a")
@@ -115,7 +116,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The records of a run as they stand: lines that are not JSON objects (a crash's half-written last
     line) are skipped, and a `resumed` record at step s drops the earlier records after s, which the resumed
     run redoes."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     records: list[dict] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:

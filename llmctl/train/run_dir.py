@@ -21,8 +21,8 @@ from llmctl.checkpoint import (
 )
 from llmctl.errors import UserError
 from llmctl.recipe import Recipe, recipe_from_dict
+from llmctl.train.metrics import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 RUN_OUTPUTS = ("checkpoints", METRICS_FILE, "tensorboard", "train.log")  # recipe.toml is rewritten
 
 
