@@ -5,6 +5,7 @@ The matmul peak that MFU is quoted against is `llmctl.train.metrics.measure_cpu_
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -31,8 +32,9 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def fake_tokens(directory: Path, vocab: int, n_tokens: int) -> None:
-    """Random uint16 token files with a meta.json, as `llmctl tokenize encode` writes them."""
+def fake_tokens(directory: Path, vocab: int, n_tokens: int, tokenizer_sha256: str = "") -> None:
+    """Random uint16 token files with a meta.json, as `llmctl tokenize encode` writes them (claiming the
+    tokenizer with `tokenizer_sha256`, for a run that checks it)."""
     rng = np.random.default_rng(0)
     counts = {"train": n_tokens, "val": max(4096, n_tokens // 100)}
     for split, count in counts.items():
@@ -46,6 +48,16 @@ def fake_tokens(directory: Path, vocab: int, n_tokens: int) -> None:
         "eos_id": 2,
         "pad_id": 3,
         "tokenizer": "",
-        "tokenizer_sha256": "",
+        "tokenizer_sha256": tokenizer_sha256,
     }
     (Path(directory) / "meta.json").write_text(json.dumps(meta))
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training benchmarks' model and batch shape: the 16.8M model at sequence 256, batch 8."""
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)

@@ -17,7 +17,7 @@ from pathlib import Path
 from benchmarks.common import machine
 from llmctl.data.corpus import CorpusOptions, build_corpus, iter_texts
 from llmctl.data.token_files import encode_corpus
-from llmctl.data.tokenizer import Tokenizer, train_tokenizer
+from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     texts = list(iter_texts(work / "corpus", "train"))
     megabytes = sum(len(t.encode()) for t in texts) / 1e6
-    sp = Tokenizer(work / "tokenizer" / "tokenizer.model")
+    sp = open_tokenizer(work / "tokenizer" / "tokenizer.model")
     started = time.perf_counter()
     sp.encode_batch(texts)
     sp_rate = megabytes / (time.perf_counter() - started)

@@ -37,7 +37,7 @@ import torch
 from benchmarks.common import machine
 from llmctl.data.corpus import CorpusOptions, build_corpus
 from llmctl.data.token_files import encode_corpus
-from llmctl.data.tokenizer import Tokenizer, train_tokenizer
+from llmctl.data.tokenizer import Tokenizer, open_tokenizer, train_tokenizer
 from llmctl.evaluate.perplexity import document_nll
 from llmctl.evaluate.scoring import sliding_windows
 from llmctl.model.config import default_ffn_size
@@ -131,7 +131,7 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
     )
     trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cpu")))
     result = trainer.fit()
-    return trainer, Tokenizer(tokenizer_path), time.perf_counter() - started, result.final_step
+    return trainer, open_tokenizer(tokenizer_path), time.perf_counter() - started, result.final_step
 
 
 def train_plain(work: Path, corpus_dir: Path, args):

@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import machine
 from llmctl.checkpoint import save_checkpoint
 from llmctl.data.corpus import CorpusOptions, build_corpus
-from llmctl.data.tokenizer import train_tokenizer
+from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict
 
@@ -45,7 +45,10 @@ def checkpoint(work: Path) -> Path:
     config = ModelConfig(vocab_size=8000, d_model=384, n_layer=6, n_head=6, max_seq_len=512)
     model = Transformer(config)
     return save_checkpoint(
-        work / "ckpt", config, export_state_dict(model), tokenizer=work / "tokenizer" / "tokenizer.model"
+        work / "ckpt",
+        config,
+        export_state_dict(model),
+        tokenizer=open_tokenizer(work / "tokenizer" / "tokenizer.model"),
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import fake_tokens, machine
+from benchmarks.common import add_shape_arguments, fake_tokens, machine
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict, write_model_files
 from llmctl.train.metrics import measure_cpu_matmul_peak
@@ -99,12 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    add_shape_arguments(parser)
     parser.add_argument("--hf-only-from", type=Path, help=argparse.SUPPRESS)  # the fresh-process peer
     args = parser.parse_args()
 

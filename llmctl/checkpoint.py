@@ -7,25 +7,26 @@ damaged later (a truncated copy, a full disk, a bad sync) when it is opened.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from llmctl.atomic import atomic_directory, disk_full
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.digests import digest_problem, write_digest_manifest
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import CONFIG_FILE, load_model, write_model_files
 
 RECIPE_FILE = "recipe.toml"
-TOKENIZER_FILE = "tokenizer.model"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA run's checkpoints are PEFT adapter directories
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -35,13 +36,17 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor],
     *,
     recipe_toml: str | None = None,
-    tokenizer: Path | None = None,
+    tokenizer: Tokenizer | None = None,
     trainer_state: dict | None = None,
+    adapter_config: Any = None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes.
+    """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes;
+    with a PEFT `adapter_config`, it holds only the adapter's tensors and the directory is a PEFT adapter.
     A full disk is one clear error; the checkpoints already written are untouched."""
     try:
-        _write_checkpoint(directory, config, state_dict, recipe_toml, tokenizer, trainer_state)
+        _write_checkpoint(
+            directory, config, state_dict, recipe_toml, tokenizer, trainer_state, adapter_config
+        )
     except (OSError, RuntimeError) as error:
         if not disk_full(error, Path(directory).parent):
             raise
@@ -57,36 +62,23 @@ def _write_checkpoint(
     config: ModelConfig,
     state_dict: dict[str, torch.Tensor],
     recipe_toml: str | None,
-    tokenizer: Path | None,
+    tokenizer: Tokenizer | None,
     trainer_state: dict | None,
+    adapter_config: Any,
 ) -> None:
     with atomic_directory(directory) as staging:
-        write_model_files(staging, config, state_dict)
+        if adapter_config is None:
+            write_model_files(staging, config, state_dict)
+        else:
+            adapter_config.save_pretrained(str(staging))
+            save_file(state_dict, str(staging / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         if recipe_toml is not None:
             (staging / RECIPE_FILE).write_text(recipe_toml)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
-            (staging / TOKENIZER_CONFIG_FILE).write_text(
-                json.dumps(hf_tokenizer_config(config), indent=2) + "\n"
-            )
+            tokenizer.copy_into(staging, config.max_seq_len)
         if trainer_state is not None:
             torch.save(trainer_state, staging / TRAINER_STATE_FILE)
         write_digest_manifest(staging)
-
-
-def hf_tokenizer_config(config: ModelConfig) -> dict:
-    """Lets transformers' AutoTokenizer open the sentencepiece model as a Llama tokenizer."""
-    return {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<pad>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": config.max_seq_len,
-        "clean_up_tokenization_spaces": False,
-    }
 
 
 def step_directory(run_dir: Path, step: int) -> Path:
@@ -101,7 +93,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         match = STEP_DIR.match(child.name)
-        if match and (child / CONFIG_FILE).is_file():
+        if match and ((child / CONFIG_FILE).is_file() or (child / ADAPTER_CONFIG_FILE).is_file()):
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -109,6 +101,14 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def model_directory(path: Path) -> Path:
+    """A checkpoint as given, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        return latest_checkpoint(path) or path
+    return path
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int) -> None:
@@ -119,10 +119,14 @@ def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def is_adapter(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why a checkpoint cannot be opened, or None: a missing file, or one that does not match its digest."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
+    if not (path / CONFIG_FILE).is_file() and not (path / ADAPTER_CONFIG_FILE).is_file():
         return f"it has no {CONFIG_FILE}"
     return digest_problem(path)
 
@@ -159,11 +163,7 @@ def open_checkpoint(
     """A checkpoint's model and the tokenizer it was trained with, checked to fit each other."""
     path = Path(path)
     model = open_model(path, dtype=dtype, device=device)
-    if not (path / TOKENIZER_FILE).is_file():
-        raise UserError(
-            f"{path} has no {TOKENIZER_FILE}: train with data.tokenizer set, or copy the tokenizer in"
-        )
-    tokenizer = Tokenizer(path / TOKENIZER_FILE)
+    tokenizer = open_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"tokenizer mismatch in {path}: {tokenizer.vocab_size} pieces but the model has "

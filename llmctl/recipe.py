@@ -139,6 +139,44 @@ class DistributedSection(Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSection(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0, description="updates are scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | str = Field(
+        default_factory=lambda: list(ALL_LINEAR),
+        description="module name suffixes (q_proj, ...) or one regular expression over full module names",
+    )
+
+
+class FinetuneSection(Section):
+    base: str | None = Field(None, description="an llmctl checkpoint or a Hugging Face Llama directory")
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSection = LoraSection()
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="full: layer i of n trains at lr x decay^(n - i); embeddings at decay^(n+1)",
+    )
+    examples: str | None = Field(None, description="chat/instruction JSONL; without it, data.tokens is used")
+    val_examples: str | None = Field(None, description="held-out JSONL; default: val_fraction of examples")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    packing: bool = Field(True, description="several short examples per window, attention kept inside each")
+    overlong: Literal["truncate", "skip"] = Field("skip", description="examples longer than the context")
+
+
+class DistillSection(Section):
+    teacher: str | None = Field(None, description="a checkpoint (or run directory) using the same tokenizer")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="loss = alpha x T^2 x KL(teacher || student) + (1 - alpha) x CE"
+    )
+    temperature: float = Field(2.0, gt=0, description="T: both distributions are softened by it")
+
+
 class Recipe(Section):
     name: str = "run"
     model: ModelSection = ModelSection()
@@ -148,11 +186,14 @@ class Recipe(Section):
     schedule: ScheduleSection = ScheduleSection()
     checkpoint: CheckpointSection = CheckpointSection()
     distributed: DistributedSection = DistributedSection()
+    finetune: FinetuneSection = FinetuneSection()
+    distill: DistillSection = DistillSection()
 
     @model_validator(mode="after")
     def default_learning_rate(self) -> Recipe:
-        """Resolved here, so the run's saved recipe records the rate it trained with."""
-        if self.optim.lr is None:
+        """Resolved here, so the run's saved recipe records the rate it trained with. A finetune's model shape
+        is its base's, known only once the base is read (`train.finetune.finetune_recipe` resolves it)."""
+        if self.optim.lr is None and not self.finetune.base:
             self.optim.lr = width_scaled_lr(self.model.d_model)
         return self
 

@@ -141,6 +141,7 @@ def tiny_checkpoint(sample_pipeline, tmp_path_factory) -> Path:
     import torch
 
     from llmctl.checkpoint import save_checkpoint
+    from llmctl.data.tokenizer import open_tokenizer
     from llmctl.model import ModelConfig, Transformer
     from llmctl.model.hf_format import export_state_dict
 
@@ -150,4 +151,6 @@ def tiny_checkpoint(sample_pipeline, tmp_path_factory) -> Path:
     )
     model = Transformer(config)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return save_checkpoint(path, config, export_state_dict(model), tokenizer=sample_pipeline["tokenizer"])
+    return save_checkpoint(
+        path, config, export_state_dict(model), tokenizer=open_tokenizer(sample_pipeline["tokenizer"])
+    )

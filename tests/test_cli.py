@@ -56,7 +56,7 @@ def test_plugins_table_shows_every_builtin_with_its_source(llmctl):
 
 
 def test_placeholder_commands_exit_2_with_one_line(llmctl):
-    result = llmctl("distill", "recipes/distill.toml")
+    result = llmctl("quantize", "runs/x", "--method", "int8")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "not implemented yet" in result.stderr

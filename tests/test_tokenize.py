@@ -9,17 +9,20 @@ import pytest
 
 from llmctl.data.corpus import iter_texts
 from llmctl.data.token_files import encode_corpus, read_meta
-from llmctl.data.tokenizer import BOS_ID, CHAT_MARKERS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from llmctl.data.tokenizer import BOS_ID, CHAT_MARKERS, EOS_ID, PAD_ID, open_tokenizer, train_tokenizer
 from llmctl.errors import UserError
 
 
 def test_tokenizer_layout_round_trip_and_byte_fallback(sample_pipeline):
-    tok = Tokenizer(sample_pipeline["tokenizer"])
+    tok = open_tokenizer(sample_pipeline["tokenizer"])
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (BOS_ID, EOS_ID, PAD_ID, 1024)
     text = "def f(x):\n\treturn x  # naïve ✓ 日本\n"
     assert tok.decode(tok.encode(text)) == text
     for marker in CHAT_MARKERS:
         assert tok.pieces(f"{marker}hi").count(marker) == 1
+    code = "def f(x):\n    if x:\n        return x\n\n\nclass A:\n  pass\n"
+    pieces = tok.pieces(code)  # blank lines are one piece
+    assert {"\n", "\n\n\n"} <= set(pieces) and tok.decode(tok.encode(code)) == code
 
 
 def test_domain_terms_are_kept_whole_and_fertility_compared(sample_pipeline, tmp_path):
@@ -28,7 +31,7 @@ def test_domain_terms_are_kept_whole_and_fertility_compared(sample_pipeline, tmp
     report = train_tokenizer(sample_pipeline["corpus"], tmp_path / "tok", 1024, domain_terms=terms)
     assert report["domain_terms"] == 2 and report["domain_terms_kept_whole"] == 2
     assert report["fertility"] > 1.0 and report["fertility_without_domain_terms"] > 1.0
-    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok = open_tokenizer(tmp_path / "tok" / "tokenizer.model")
     assert "asyncio.TaskGroup" in tok.pieces("use asyncio.TaskGroup here")
 
 
@@ -45,7 +48,7 @@ def test_the_report_names_the_characters_that_fall_back_to_bytes(tmp_path):
     fallback = report["byte_fallback"]
     reported = dict(fallback["most_frequent"])
     assert reported["☃"] == 2 and reported["ᚠ"] == 1 and fallback["characters"] == len(reported)
-    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok = open_tokenizer(tmp_path / "tok" / "tokenizer.model")
     for char in reported:  # each costs its UTF-8 bytes as tokens; covered characters are one piece
         assert tok.pieces(char)[-len(char.encode()) :] == [f"<0x{byte:02X}>" for byte in char.encode()]
     assert not any(piece.startswith("<0x") for piece in tok.pieces("quiet"))
@@ -55,7 +58,7 @@ def test_the_report_names_the_characters_that_fall_back_to_bytes(tmp_path):
 
 def test_encoded_shards_hold_every_document_separated_by_eos(sample_pipeline):
     meta = read_meta(sample_pipeline["tokens"])
-    tok = Tokenizer(sample_pipeline["tokenizer"])
+    tok = open_tokenizer(sample_pipeline["tokenizer"])
     assert meta["dtype"] == "uint16" and meta["tokenizer_sha256"] == tok.sha256()
     tokens = np.fromfile(sample_pipeline["tokens"] / "val.bin", dtype=np.uint16)
     texts = list(iter_texts(sample_pipeline["corpus"], "val"))
@@ -98,7 +101,7 @@ def test_a_damaged_token_file_is_never_up_to_date_and_never_trained_on(sample_pi
 
 def test_tokenize_show_prints_pieces_and_ids(sample_pipeline, llmctl):
     out = llmctl("tokenize", "show", str(sample_pipeline["tokenizer"]), "import os", check=True).stdout
-    tok = Tokenizer(sample_pipeline["tokenizer"])
+    tok = open_tokenizer(sample_pipeline["tokenizer"])
     for piece, token_id in zip(tok.pieces("import os"), tok.encode("import os"), strict=True):
         assert repr(piece) in out and str(token_id) in out
 

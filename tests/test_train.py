@@ -113,7 +113,7 @@ def step_records(run_dir) -> list[dict]:
 
 
 def test_a_wall_clock_budget_stops_within_one_step_and_a_resumed_run_finishes_it(sample_pipeline, tmp_path):
-    budget = 0.04  # minutes
+    budget = 0.08  # minutes: long enough for several steps on a loaded 2-core machine
     recipe = tiny_recipe(sample_pipeline, tmp_path / "whole", steps=100_000, max_minutes=budget)
     result = Trainer(recipe, CPU).fit()
     steps = step_records(tmp_path / "whole")
@@ -122,8 +122,15 @@ def test_a_wall_clock_budget_stops_within_one_step_and_a_resumed_run_finishes_it
         steps[-2]["elapsed_seconds"] < budget * 60 <= steps[-1]["elapsed_seconds"]
     )  # the budget ran out in the last step
     assert [step for step, _ in list_checkpoints(tmp_path / "whole")][-1] == result.final_step
-    floor = recipe.optim.lr * recipe.schedule.min_lr_ratio
-    assert steps[-1]["lr"] == pytest.approx(floor, rel=0.05)  # the cosine schedule ran its course
+
+    def followed_the_clock(records) -> bool:
+        """The last step's lr is the schedule's at the share of the budget spent when that step began (on a
+        loaded machine a step is a large share of so short a budget, so this is checked, not the floor)."""
+        spent = records[-2]["elapsed_seconds"] / (budget * 60)
+        expected = lr_at(records[-1]["step"] - 1, 100_000, recipe.optim.lr, recipe.schedule, spent)
+        return records[-1]["lr"] == pytest.approx(expected, rel=0.05, abs=1e-3 * recipe.optim.lr)
+
+    assert followed_the_clock(steps)
 
     run_dir = tmp_path / "resumed"
     first = Trainer(tiny_recipe(sample_pipeline, run_dir, steps=100_000, max_minutes=budget), CPU)
@@ -141,7 +148,7 @@ def test_a_wall_clock_budget_stops_within_one_step_and_a_resumed_run_finishes_it
     assert after[0]["elapsed_seconds"] >= before[-1]["elapsed_seconds"]  # the clock carried over
     assert after[0]["lr"] <= before[-1]["lr"]  # the schedule continued, it did not restart
     assert after[-2]["elapsed_seconds"] < budget * 60 <= after[-1]["elapsed_seconds"]
-    assert after[-1]["lr"] == pytest.approx(floor, rel=0.05)
+    assert followed_the_clock(after)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

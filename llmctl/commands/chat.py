@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -17,6 +18,9 @@ def chat(
     plain: bool = typer.Option(
         False, "--plain", help="Line-based REPL (automatic when stdin is not a terminal)."
     ),
+    adapter: Path | None = typer.Option(
+        None, help="A LoRA adapter (llmctl finetune) to apply to the checkpoint, which is its base."
+    ),
     system: str | None = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     max_tokens: int = typer.Option(256, min=1),
@@ -27,7 +31,7 @@ def chat(
     from llmctl.infer.decode import load_for_inference
 
     path = resolve_checkpoint(checkpoint)
-    model, tokenizer = load_for_inference(path)
+    model, tokenizer = load_for_inference(path, adapter)
     session = ChatSession(model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens))
     if plain or not sys.stdin.isatty():
         run_plain(session)

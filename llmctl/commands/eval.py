@@ -5,17 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-import typer.core
 
-
-class DefaultToRun(typer.core.TyperGroup):
-    """`llmctl eval CKPT ...` runs an evaluation; `compare` and `suite` are subcommands."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
+from llmctl.commands.groups import DefaultToRun
 
 app = typer.Typer(
     add_completion=False,
@@ -33,6 +24,7 @@ def run(
     checkpoint: str | None = typer.Argument(
         None, help="Checkpoint directory (default: the newest under runs/)."
     ),
+    adapter: Path | None = typer.Option(None, help="A LoRA adapter to apply to the checkpoint (its base)."),
     data: Path | None = typer.Option(
         None,
         help="Perplexity data (corpus dir, .jsonl, .txt); with --suite domain, the suite folder or corpus.",
@@ -58,7 +50,7 @@ def run(
     path = resolve_checkpoint(checkpoint)
     if out is not None:  # checked before the evaluation, which may take hours
         check_results_file(out, [p for p in (path, data) if p is not None], overwrite)
-    evaluator = Evaluator(path, seed=seed)
+    evaluator = Evaluator(path, seed=seed, adapter=adapter)
     results: dict = {}
     if suite:
         from llmctl.evaluate.suite import load_suite

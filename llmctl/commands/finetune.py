@@ -1,5 +1,79 @@
-"""`llmctl finetune`: LoRA / QLoRA finetuning on instructions or domain text."""
+"""`llmctl finetune RECIPE`: LoRA or full finetuning of a base model on chat/instruction examples or domain
+text, through the same trainer as `llmctl train`; `llmctl finetune merge ADAPTER --out CKPT`."""
 
-from llmctl.commands.placeholder import placeholder_app
+from __future__ import annotations
 
-app = placeholder_app("finetune", "LoRA / QLoRA finetuning on instructions or domain text")
+from pathlib import Path
+
+import typer
+
+from llmctl.commands.groups import DefaultToRun
+from llmctl.commands.recipe_run import add_recipe_command
+
+app = typer.Typer(
+    add_completion=False,
+    cls=DefaultToRun,
+    help="Finetune a base model (LoRA or full) on instructions or domain text; merge adapters.",
+)
+
+
+def print_examples_summary(trainer) -> None:
+    summary = trainer.summary
+    if summary is None:
+        return
+    typer.echo(
+        f"examples: {summary.examples:,} used ({summary.truncated:,} truncated), {summary.skipped:,} skipped as "
+        f"longer than the context; {summary.windows:,} training windows, {summary.val_windows:,} held out"
+    )
+
+
+def _trainer() -> type:
+    from llmctl.train.finetune import FinetuneTrainer
+
+    return FinetuneTrainer
+
+
+def _resolve(recipe):
+    from llmctl.train.finetune import finetune_recipe
+
+    return finetune_recipe(recipe)
+
+
+add_recipe_command(
+    app,
+    "run",
+    "Finetune: checkpoints (PEFT adapter directories for LoRA), metrics and samples land in the run directory.",
+    ["finetune", "run"],
+    _trainer,
+    resolve=_resolve,
+    before_fit=print_examples_summary,
+)
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by llmctl finetune."),
+    out: Path = typer.Option(..., "--out", "-o", help="The plain checkpoint to write."),
+    base: Path | None = typer.Option(
+        None, help="The base checkpoint (default: the one the adapter records)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+) -> None:
+    """Fold an adapter into its base's weights: a checkpoint that chat, serve, eval and export open directly."""
+    from llmctl.adapters import base_of, open_adapted
+    from llmctl.atomic import check_output
+    from llmctl.checkpoint import RECIPE_FILE, save_checkpoint
+    from llmctl.model.hf_format import export_state_dict
+
+    base = base or base_of(adapter)
+    check_output(out, [adapter, base], overwrite)
+    model, tokenizer = open_adapted(adapter, base=base, merge=True)
+    recipe = adapter / RECIPE_FILE
+    save_checkpoint(
+        out,
+        model.config,
+        export_state_dict(model),
+        recipe_toml=recipe.read_text() if recipe.is_file() else None,
+        tokenizer=tokenizer,
+    )
+    typer.echo(f"merged {adapter} into {base} -> {out}")

@@ -23,11 +23,15 @@ def serve(
     max_concurrency: int = typer.Option(64, min=1, help="Requests in flight before answering 429."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together per step, per model."),
     route: list[str] = typer.Option([], help="Weighted alias for A/B tests: stable=A:0.9,B:0.1."),
+    adapter: Path | None = typer.Option(
+        None,
+        help="A LoRA adapter applied to the one checkpoint served (its base); or serve adapter directories.",
+    ),
 ) -> None:
     """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
     from llmctl.commands.checkpoint_args import parse_models
     from llmctl.errors import UserError
-    from llmctl.infer.served import load_served_model
+    from llmctl.infer.served import load_served_adapters, load_served_model
 
     try:
         import uvicorn
@@ -42,11 +46,26 @@ def serve(
             "--api-key is empty (an unset variable?): pass a key, or leave the option out to serve without one"
         )
     named = parse_models(models)
-    routes = parse_routes(route, set(named))
-    served = {}
-    for name, path in named.items():
-        served[name] = load_served_model(name, Path(path), max_batch=max_batch)
-        typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
+    adapters = parse_models(adapter) if adapter else {}
+    if adapters and len(named) != 1:
+        raise UserError("--adapter needs exactly one base checkpoint to serve the adapters on")
+    clash = set(adapters) & set(named)
+    if clash:
+        raise UserError(
+            f"adapter name {', '.join(sorted(clash))} is also the base's name; name it: --adapter NAME=DIR"
+        )
+    routes = parse_routes(route, set(named) | set(adapters))
+    if adapters:
+        ((base_name, base),) = named.items()
+        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch)
+        typer.echo(
+            f"loaded {base_name} from {base} with adapters {', '.join(adapters)} (one copy of the base)"
+        )
+    else:
+        served = {}
+        for name, path in named.items():
+            served[name] = load_served_model(name, Path(path), max_batch=max_batch)
+            typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
     application = create_app(served, routes=routes, api_key=api_key, max_concurrency=max_concurrency)
     typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -58,7 +58,9 @@ def train(
 @app.command()
 def encode(
     corpus: Path = typer.Argument(..., help="A corpus directory made by `llmctl corpus build`."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A sentencepiece .model file."),
+    tokenizer: Path = typer.Option(
+        ..., "--tokenizer", "-t", help="A tokenizer.model or tokenizer.json file, or a directory holding one."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory; default CORPUS/../tokens."),
     threads: int = typer.Option(0, min=0, help="Encoding threads (0: all cores)."),
     overwrite: bool = typer.Option(
@@ -86,16 +88,18 @@ def encode(
 
 @app.command()
 def show(
-    model: Path = typer.Argument(..., help="A sentencepiece .model file."),
+    model: Path = typer.Argument(
+        ..., help="A tokenizer.model or tokenizer.json file, or a directory holding one."
+    ),
     text: str = typer.Argument(..., help="Text to tokenize."),
 ) -> None:
     """Print the pieces and ids of a text, to check how domain terms are split."""
     from rich.console import Console
     from rich.table import Table
 
-    from llmctl.data.tokenizer import Tokenizer
+    from llmctl.data.tokenizer import open_tokenizer
 
-    tok = Tokenizer(model)
+    tok = open_tokenizer(model)
     ids = tok.encode(text)
     table = Table(title=f"{len(ids)} tokens")
     table.add_column("piece")

@@ -114,8 +114,12 @@ class TrainingConsole:
             )
             self.task = self.progress.add_task(event.name, total=event.steps, completed=event.step, status="")
             self.progress.start()
+        trainable = event.trainable_parameters
+        parameters = f"{event.parameters:,} parameters"
+        if trainable is not None and trainable < event.parameters:
+            parameters += f" ({trainable:,} trainable, {100 * trainable / event.parameters:.2f}%)"
         self._print(
-            f"training {escape(event.name)}: {event.parameters:,} parameters on {event.world_size} x {event.device} "
+            f"training {escape(event.name)}: {parameters} on {event.world_size} x {event.device} "
             f"({event.strategy}, {event.precision}), {event.steps} steps of {event.global_batch_size} x "
             f"{event.seq_len} tokens -> {escape(event.run_dir)}"
         )

@@ -13,8 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmctl.data.instructions import IGNORE, PackedWindows
 from llmctl.data.token_files import read_meta, split_file_problem
 from llmctl.errors import UserError
+
+
+def micro_batch_samples(
+    step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int, global_batch_size: int
+) -> np.ndarray:
+    """The global sample indices a rank takes in one micro-step of an optimizer step."""
+    first = step * global_batch_size + (micro_step * world_size + rank) * micro_batch_size
+    return np.arange(first, first + micro_batch_size)
 
 
 class TokenFile:
@@ -65,10 +74,50 @@ class WindowSampler:
         self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch_size, seq_len) int64."""
-        first = step * self.global_batch_size + (micro_step * world_size + rank) * micro_batch_size
-        starts = self.sample_starts(np.arange(first, first + micro_batch_size))
+        samples = micro_batch_samples(step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size)
+        starts = self.sample_starts(samples)
         windows = torch.from_numpy(np.stack([self.tokens.window(int(s), self.seq_len) for s in starts]))
         return windows[:, :-1], windows[:, 1:]
+
+
+def window_batch(windows: PackedWindows, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of packed windows, with IGNORE wherever no loss is wanted."""
+    ids = torch.from_numpy(windows.ids[rows])
+    targets = ids[:, 1:].masked_fill(~torch.from_numpy(windows.loss[rows, 1:]), IGNORE)
+    return ids[:, :-1], targets
+
+
+class ExampleSampler:
+    """Packed finetuning windows, reshuffled each epoch by (seed, epoch): the same sample indexing as
+    `WindowSampler`, so a resumed run or any number of ranks sees exactly the same examples."""
+
+    def __init__(self, windows: PackedWindows, global_batch_size: int, seed: int) -> None:
+        self.windows, self.global_batch_size, self.seed = windows, global_batch_size, seed
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.windows)))
+        return self._order[1]
+
+    def micro_batch(
+        self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = micro_batch_samples(step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size)
+        rows = [self._epoch_order(int(i) // len(self.windows))[int(i) % len(self.windows)] for i in samples]
+        return window_batch(self.windows, np.array(rows))
+
+
+def example_validation_batches(
+    windows: PackedWindows, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The leading held-out windows, split round-robin over ranks like `validation_batches`."""
+    total = min(len(windows), batch_size * max_batches)
+    total -= total % world_size
+    if total < 1:
+        raise UserError(f"{len(windows)} held-out windows cannot be split over {world_size} ranks")
+    mine = np.arange(rank, total, world_size)
+    return [window_batch(windows, mine[first : first + batch_size]) for first in range(0, len(mine), batch_size)]
 
 
 def validation_batches(

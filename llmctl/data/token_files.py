@@ -13,7 +13,7 @@ import numpy as np
 
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, read_manifest
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.errors import UserError
 
 META_FILE = "meta.json"
@@ -70,7 +70,7 @@ def encode_corpus(
     """Encode every split; a no-op returning the existing meta when inputs are unchanged."""
     corpus, out = Path(corpus), Path(out)
     read_manifest(corpus)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     fingerprint = input_fingerprint(corpus, tokenizer)
     if (out / META_FILE).is_file():
         existing = json.loads((out / META_FILE).read_text())

@@ -23,9 +23,16 @@ class LlmctlLM(TemplateLM):
     """Tokenizes as Hugging Face's Llama tokenizer does for this checkpoint (a bos before every encoding),
     so scores match lm-eval's own `hf` model type on the same directory."""
 
-    def __init__(self, pretrained: str, batch_size: int | str = 8, max_gen_toks: int = 64, **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        adapter: str | None = None,
+        batch_size: int | str = 8,
+        max_gen_toks: int = 64,
+        **kwargs,
+    ) -> None:
         super().__init__()
-        self.model, self.tokenizer = load_for_inference(Path(pretrained))
+        self.model, self.tokenizer = load_for_inference(Path(pretrained), Path(adapter) if adapter else None)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
 
@@ -97,7 +104,12 @@ class LlmctlLM(TemplateLM):
 
 
 def simple_evaluate(
-    checkpoint: Path, tasks: list[str], include_path: Path | None, limit: int | None, seed: int
+    checkpoint: Path,
+    tasks: list[str],
+    include_path: Path | None,
+    limit: int | None,
+    seed: int,
+    adapter: Path | None = None,
 ) -> dict:
     """Run lm-eval tasks on a checkpoint; only locally defined tasks are indexed when include_path is given."""
     import lm_eval
@@ -109,7 +121,7 @@ def simple_evaluate(
     with torch.inference_mode():
         return lm_eval.simple_evaluate(
             model="llmctl",
-            model_args=f"pretrained={checkpoint}",
+            model_args=f"pretrained={checkpoint}" + (f",adapter={adapter}" if adapter else ""),
             tasks=tasks,
             task_manager=manager,
             limit=limit,

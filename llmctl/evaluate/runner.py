@@ -40,9 +40,9 @@ def read_texts(data: Path) -> list[str]:
 
 
 class Evaluator:
-    def __init__(self, checkpoint: Path, seed: int = 0) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.model, self.tokenizer = load_for_inference(self.checkpoint)
+    def __init__(self, checkpoint: Path, seed: int = 0, adapter: Path | None = None) -> None:
+        self.checkpoint, self.adapter = Path(checkpoint), adapter
+        self.model, self.tokenizer = load_for_inference(self.checkpoint, adapter)
         self.seed = seed
 
     def perplexity(self, data: Path, window: int | None = None, stride: int | None = None) -> dict:
@@ -82,7 +82,7 @@ class Evaluator:
                 f"lm-eval tasks need the eval extra ({error.name} is missing): pip install 'llmctl[eval]'"
             ) from None
         try:
-            output = simple_evaluate(self.checkpoint, tasks, include_path, limit, self.seed)
+            output = simple_evaluate(self.checkpoint, tasks, include_path, limit, self.seed, self.adapter)
         except KeyError as error:
             raise UserError(
                 f"unknown lm-eval task {error}; check the name or pass --include-path DIR"
@@ -110,6 +110,7 @@ class Evaluator:
         return {
             "llmctl_version": __version__,
             "checkpoint": str(self.checkpoint),
+            "adapter": str(self.adapter) if self.adapter else None,
             "checkpoint_sha256": file_sha256(self.checkpoint / WEIGHTS_FILE)
             if (self.checkpoint / WEIGHTS_FILE).is_file()
             else None,

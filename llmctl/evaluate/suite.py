@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmctl.atomic import atomic_directory
 from llmctl.data.corpus import iter_texts
+from llmctl.data.instructions import heading_sections
 from llmctl.errors import UserError
 from llmctl.recipe import describe_errors
 
@@ -82,10 +83,7 @@ def heading_items(texts: list[str], count: int, rng: random.Random) -> list[dict
     """(section heading -> the section's first sentence): a short line followed by a paragraph."""
     items = []
     for text in texts:
-        blocks = [block.strip() for block in text.split("\n\n") if block.strip()]
-        for heading, body in zip(blocks, blocks[1:], strict=False):
-            if "\n" in heading or len(heading) > 60 or heading.endswith((".", ":")) or len(body) < 80:
-                continue
+        for heading, body in heading_sections(text):
             first = SENTENCE.split(body.replace("\n", " "))[0]
             if 20 <= len(first) <= 200:
                 items.append({"prompt": heading + "\n\n", "reference": first})

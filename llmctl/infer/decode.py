@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from llmctl.checkpoint import open_checkpoint
+from llmctl.checkpoint import is_adapter, open_checkpoint
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.cpu_decode import few_row_threads, use_numpy_blas
 from llmctl.model import KVCache, Transformer
@@ -34,9 +34,15 @@ def fit_prompt(prompt_ids: list[int], context: int, truncate_left: bool = False)
     return prompt_ids[len(prompt_ids) - context + 1 :]
 
 
-def load_for_inference(path: Path) -> tuple[Transformer, Tokenizer]:
-    """A checkpoint's model and tokenizer, with the CPU decode fast path swapped in."""
-    model, tokenizer = open_checkpoint(path)
+def load_for_inference(path: Path, adapter: Path | None = None) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint's model and tokenizer, with the CPU decode fast path swapped in. With `adapter`, or when
+    `path` is itself a LoRA adapter (its base recorded inside), the adapter is merged into the base."""
+    if adapter is not None or is_adapter(path):
+        from llmctl.adapters import open_adapted
+
+        model, tokenizer = open_adapted(adapter, base=path) if adapter else open_adapted(path)
+    else:
+        model, tokenizer = open_checkpoint(path)
     use_numpy_blas(model)
     return model, tokenizer
 

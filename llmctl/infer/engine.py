@@ -7,6 +7,7 @@ and, last, a finish reason. A server bridges the callback into asyncio; tests ca
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -14,12 +15,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmctl.infer.decode import decode_step, fit_prompt, prefill
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
+
+if TYPE_CHECKING:
+    from llmctl.adapters import AdapterRouter
 
 # on_token(token_id, finish_reason): token_id is None only on the final call; finish_reason is None
 # until the request ends with "stop" (a stop id), "length" (max tokens or context), "cancelled" or
@@ -40,6 +45,7 @@ class Request:
     generator: torch.Generator | None = None
     cancelled: bool = False
     error: str | None = None
+    adapter: str | None = None  # which LoRA adapter of an `AdapterRouter` model serves it (None: the base)
 
     def cancel(self) -> None:
         """Safe from any thread: the engine frees the slot at the next token boundary."""
@@ -50,8 +56,9 @@ class Engine:
     """Runs up to `max_batch` requests per decode step; the rest wait in order. Admission limits are the
     caller's (the server answers 429 before a request reaches the engine)."""
 
-    def __init__(self, model: Transformer, max_batch: int = 16) -> None:
+    def __init__(self, model: Transformer, max_batch: int = 16, router: AdapterRouter | None = None) -> None:
         self.model = model.eval()
+        self.router = router
         self.device = model.device
         self.max_batch = max_batch
         self.cache = model.new_kv_cache(max_batch, slots=True)
@@ -74,9 +81,15 @@ class Engine:
     def active(self) -> int:
         return len(self.slots)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_token: TokenCallback) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_token: TokenCallback,
+        adapter: str | None = None,
+    ) -> Request:
         prompt_ids = fit_prompt(prompt_ids, self.context)  # raises PromptTooLong before anything is queued
-        request = Request(next(self.ids), prompt_ids, params, on_token)
+        request = Request(next(self.ids), prompt_ids, params, on_token, adapter=adapter)
         with self.wakeup:
             self.waiting.append(request)
             self.wakeup.notify()
@@ -149,7 +162,8 @@ class Engine:
                 ids = torch.tensor([request.prompt_ids], device=self.device)
                 if request.params.seed is not None:
                     request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-                logits = prefill(self.model, ids, self.cache.row(slot))
+                with self._routing([request]):
+                    logits = prefill(self.model, ids, self.cache.row(slot))
             except Exception as error:  # this request alone fails
                 log.exception("request %d failed at prefill", request.id)
                 request.error = f"{type(error).__name__}: {error}"
@@ -164,10 +178,17 @@ class Engine:
 
     def _decode_step(self) -> None:
         last = torch.tensor([request.generated[-1] for request in self.slots], device=self.device)
-        logits = decode_step(self.model, last, self.cache)
+        with self._routing(self.slots):
+            logits = decode_step(self.model, last, self.cache)
         self.decode_steps += 1
         for slot in range(len(self.slots)):
             self._sample_token(slot, logits[slot : slot + 1])
+
+    def _routing(self, rows: list[Request]) -> contextlib.AbstractContextManager:
+        """Each row's own adapter, when the model carries several (continuous batching across adapters)."""
+        if self.router is None:
+            return contextlib.nullcontext()
+        return self.router.route([request.adapter for request in rows])
 
     def _sample_token(self, slot: int, logits: torch.Tensor) -> None:
         request = self.slots[slot]

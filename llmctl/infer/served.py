@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llmctl.data.chat import END
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.infer.cpu_decode import use_numpy_blas
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
@@ -23,6 +24,7 @@ class ServedModel:
     path: Path
     engine: Engine
     tokenizer: Tokenizer
+    adapter: str | None = None  # a LoRA adapter on an engine shared with the base's other adapters
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -34,11 +36,30 @@ class ServedModel:
 
 
 def load_served_model(name: str, path: Path, max_batch: int = 16) -> ServedModel:
-    """Load and start; a checkpoint that cannot be served is a UserError now, not at the first request."""
+    """Load and start; a checkpoint that cannot be served is a UserError now, not at the first request. An
+    adapter directory is served merged into the base it records."""
     path = Path(path)
     model, tokenizer = load_for_inference(path)
     engine = Engine(model, max_batch=max_batch).start()
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
+
+
+def load_served_adapters(
+    base_name: str, base: Path, adapters: dict[str, Path], max_batch: int = 16
+) -> dict[str, ServedModel]:
+    """The base and each adapter as its own model name, on one copy of the base's weights and one engine,
+    whose batches mix requests for all of them."""
+    from llmctl.adapters import open_with_adapters
+
+    model, tokenizer, router = open_with_adapters(Path(base), adapters)
+    use_numpy_blas(model)
+    engine = Engine(model, max_batch=max_batch, router=router).start()
+    served = {base_name: ServedModel(name=base_name, path=Path(base), engine=engine, tokenizer=tokenizer)}
+    for name, path in adapters.items():
+        served[name] = ServedModel(
+            name=name, path=Path(path), engine=engine, tokenizer=tokenizer, adapter=name
+        )
+    return served
 
 
 class GenerationFailed(RuntimeError):
@@ -69,7 +90,7 @@ async def stream_completion(
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
             loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
 
-    request = served.engine.submit(prompt_ids, params, deliver)
+    request = served.engine.submit(prompt_ids, params, deliver, served.adapter)
     text = TextStream(served.tokenizer, prompt_ids, params.stop_token_ids, params.stop_strings)
     try:
         while True:

@@ -37,6 +37,7 @@ class Started(Event, kind="started"):
     global_batch_size: int
     seq_len: int
     run_dir: str
+    trainable_parameters: int | None = None  # below `parameters` when only adapters train
 
 
 @dataclass(frozen=True)

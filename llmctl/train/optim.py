@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -10,26 +11,32 @@ from torch import nn
 from llmctl.recipe import OptimSection, ScheduleSection
 
 
-def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
-    """Weight decay on matrices only: norms and biases never, embeddings only when the recipe asks."""
-    decay, no_decay = [], []
+def parameter_groups(
+    model: nn.Module, optim: OptimSection, lr_scale: Callable[[str], float] = lambda name: 1.0
+) -> list[dict]:
+    """Trainable parameters grouped by weight decay (matrices only: norms and biases never, embeddings only
+    when the recipe asks) and by `lr_scale`, each group's share of the scheduled learning rate."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # a tied LM head is listed once, as the embedding
         if not param.requires_grad:
             continue
         is_embedding = "embed_tokens" in name
-        if param.ndim < 2 or name.endswith(".bias") or (is_embedding and not optim.decay_embeddings):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        no_decay = param.ndim < 2 or name.endswith(".bias") or (is_embedding and not optim.decay_embeddings)
+        groups.setdefault((0.0 if no_decay else optim.weight_decay, lr_scale(name)), []).append(param)
     return [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": decay, "lr_scale": scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][0], -item[0][1]))
     ]
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    optim: OptimSection,
+    device: torch.device,
+    lr_scale: Callable[[str], float] = lambda name: 1.0,
+) -> torch.optim.AdamW:
     """Fused AdamW (one kernel for all parameters) where the device and parameters allow it."""
-    groups = parameter_groups(model, optim)
+    groups = parameter_groups(model, optim, lr_scale)
     params = [p for group in groups for p in group["params"]]
     is_dtensor = any(type(p).__name__ == "DTensor" for p in params)
     fused = device.type in ("cuda", "cpu") and not is_dtensor

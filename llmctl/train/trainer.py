@@ -18,9 +18,10 @@ import torch
 
 from llmctl.atomic import atomic_write_text
 from llmctl.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint, step_directory
+from llmctl.data.instructions import IGNORE
 from llmctl.data.loader import TokenFile, WindowSampler, validation_batches
 from llmctl.data.token_files import read_meta
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.generate import generate_ids, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
@@ -101,10 +102,8 @@ class Trainer:
         self.strategy = resolve_strategy(recipe, context.world_size)
         self.accum = grad_accum_steps(recipe, context.world_size)
         self.seq_len = recipe.seq_len
-        if not recipe.data.tokens:
-            raise UserError("recipe data.tokens is not set: point it at a `llmctl tokenize encode` output")
-        self.meta = read_meta(Path(recipe.data.tokens))
-        self.tokenizer = self._check_data()
+        self.tokenizer: Tokenizer | None = None
+        self._open_data()
         self.stop_requested = False
         self.skipped_steps = 0
         self.clock = WallClock(recipe.train.max_minutes, context)
@@ -115,18 +114,37 @@ class Trainer:
         if context.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        config = recipe.model.to_config(
-            bos_token_id=self.meta["bos_id"],
-            eos_token_id=self.meta["eos_id"],
-            pad_token_id=self.meta["pad_id"],
-        )
-        with torch.device(context.device):
-            self.model = Transformer(config)
+        self.model = self._build_model()
         self.model.activation_checkpointing = recipe.train.activation_checkpointing
         self.wrapped = wrap_model(self.model, self.strategy, recipe.train.precision, context)
         self.forward = torch.compile(self.wrapped) if recipe.train.compile else self.wrapped
-        self.optimizer = build_optimizer(self.model, recipe.optim, context.device)
+        self.optimizer = build_optimizer(self.model, recipe.optim, context.device, self._lr_scale)
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=recipe.train.precision == "fp16")
+        self.peak_flops = device_peak_flops(context.device, recipe.train.precision)
+        self.flops_per_token = self.model.config.flops_per_token(self.seq_len)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _open_data(self) -> None:
+        """Sets `meta` (special ids, vocabulary size, data fingerprint), `tokenizer`, `sampler` and
+        `val_batches`: here from `tokenize encode` files, checked to fit the model and the tokenizer (the
+        recipe's data.tokenizer, unless a subclass has set one)."""
+        recipe = self.recipe
+        if not recipe.data.tokens:
+            raise UserError("recipe data.tokens is not set: point it at a `llmctl tokenize encode` output")
+        self.meta = read_meta(Path(recipe.data.tokens))
+        if self.tokenizer is None and recipe.data.tokenizer:
+            self.tokenizer = open_tokenizer(recipe.data.tokenizer)
+        if self.tokenizer is not None and self.tokenizer.sha256() != self.meta["tokenizer_sha256"]:
+            raise UserError(
+                f"tokenizer mismatch: {self.tokenizer.path} is not the tokenizer that encoded {recipe.data.tokens} "
+                f"({self.meta['tokenizer']}); re-run llmctl tokenize encode with it, or fix the recipe"
+            )
+        if self.meta["vocab_size"] > recipe.model.vocab_size:
+            raise UserError(
+                f"the token files use a {self.meta['vocab_size']}-piece vocabulary but model.vocab_size is "
+                f"{recipe.model.vocab_size}; set --set model.vocab_size={self.meta['vocab_size']}"
+            )
         self.sampler = WindowSampler(
             TokenFile(recipe.data.tokens, "train"),
             self.seq_len,
@@ -138,31 +156,23 @@ class Trainer:
             self.seq_len,
             recipe.train.micro_batch_size,
             recipe.train.eval_batches,
-            context.rank,
-            context.world_size,
+            self.context.rank,
+            self.context.world_size,
         )
-        self.peak_flops = device_peak_flops(context.device, recipe.train.precision)
-        self.flops_per_token = config.flops_per_token(self.seq_len)
 
-    # -- setup ---------------------------------------------------------------------------------------------
+    def _build_model(self) -> Transformer:
+        """A freshly initialised model of the recipe's shape, on the run's device."""
+        config = self.recipe.model.to_config(
+            bos_token_id=self.meta["bos_id"],
+            eos_token_id=self.meta["eos_id"],
+            pad_token_id=self.meta["pad_id"],
+        )
+        with torch.device(self.context.device):
+            return Transformer(config)
 
-    def _check_data(self) -> Tokenizer | None:
-        """The token files fit the model, and the recipe's tokenizer is the one that encoded them."""
-        data = self.recipe.data
-        if self.meta["vocab_size"] > self.recipe.model.vocab_size:
-            raise UserError(
-                f"the token files use a {self.meta['vocab_size']}-piece vocabulary but model.vocab_size is "
-                f"{self.recipe.model.vocab_size}; set --set model.vocab_size={self.meta['vocab_size']}"
-            )
-        if not data.tokenizer:
-            return None
-        tokenizer = Tokenizer(data.tokenizer)
-        if tokenizer.sha256() != self.meta["tokenizer_sha256"]:
-            raise UserError(
-                f"tokenizer mismatch: {data.tokenizer} is not the tokenizer that encoded {data.tokens} "
-                f"({self.meta['tokenizer']}); re-run llmctl tokenize encode or fix data.tokenizer"
-            )
-        return tokenizer
+    def _lr_scale(self, name: str) -> float:
+        """A parameter's share of the scheduled learning rate (1 here; layer-wise decay overrides it)."""
+        return 1.0
 
     def _claim_run_dir(self, resume: str | None, overwrite: bool) -> None:
         """Rank 0 decides (and clears, with `overwrite`) before any rank writes; every rank learns the
@@ -190,7 +200,7 @@ class Trainer:
         if checkpoint is not None:
             state = read_trainer_state(checkpoint)
             check_resume_matches(checkpoint, self.recipe, self.meta["fingerprint"], state)
-            load_model_weights(self.model, checkpoint, self.context.is_main)
+            self._load_weights(checkpoint)
             restore_trainer_state(self.model, self.optimizer, state, self.context.is_main)
             self.scaler.load_state_dict(state["scaler"])
             start_step, self.skipped_steps = state["step"], state["skipped_steps"]
@@ -248,7 +258,7 @@ class Trainer:
         """
         lr = lr_at(step, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.schedule, time_fraction)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints of earlier versions
         self.model.train()
         loss_sum = torch.zeros((), device=self.context.device)
         for micro_step in range(self.accum):
@@ -263,13 +273,7 @@ class Trainer:
             inputs = inputs.to(self.context.device, non_blocking=True)
             targets = targets.to(self.context.device, non_blocking=True)
             with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
-                loss, cross_entropy = self.forward(
-                    inputs,
-                    document_ids=documents,
-                    targets=targets,
-                    label_smoothing=self.recipe.train.label_smoothing,
-                    z_loss=self.recipe.train.z_loss,
-                )
+                loss, cross_entropy = self._loss(inputs, targets, documents)
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += cross_entropy.detach()
         self.scaler.unscale_(self.optimizer)
@@ -291,6 +295,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stats
 
+    def _loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to minimise, the cross-entropy to report) of one micro-batch."""
+        return self.forward(
+            inputs,
+            document_ids=documents,
+            targets=targets,
+            label_smoothing=self.recipe.train.label_smoothing,
+            z_loss=self.recipe.train.z_loss,
+        )
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
@@ -300,16 +316,15 @@ class Trainer:
             inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
             with self._autocast():
                 _, cross_entropy = self.forward(inputs, document_ids=documents, targets=targets)
-            total += torch.tensor(
-                [float(cross_entropy) * targets.numel(), targets.numel()], device=total.device
-            )
+            counted = int((targets != IGNORE).sum())  # finetuning masks all but the assistant's tokens
+            total += torch.tensor([float(cross_entropy) * counted, counted], device=total.device)
         total = all_reduce_sum(total, self.context)
         self.model.train()
         return float(total[0] / total[1])
 
     def save(self, step: int) -> Path | None:
         """Collective under FSDP (every rank gathers); only rank 0 writes."""
-        model_state = full_model_state(self.model)
+        model_state = self._model_state()
         optimizer_state = full_optimizer_state(self.model, self.optimizer)
         elapsed = self.clock.elapsed()
         if not self.context.is_main:
@@ -324,17 +339,27 @@ class Trainer:
             "world_size": self.context.world_size,
             "data_fingerprint": self.meta["fingerprint"],
         }
-        path = save_checkpoint(
-            step_directory(self.run_dir, step),
-            self.model.config,
-            model_state,
-            recipe_toml=self.recipe.to_toml(),
-            tokenizer=Path(self.recipe.data.tokenizer) if self.tokenizer else None,
-            trainer_state=trainer_state,
-        )
+        path = self._write_checkpoint(step_directory(self.run_dir, step), model_state, trainer_state)
         prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last, newest_step=step)
         self._emit(CheckpointSaved(step=step, path=str(path)))
         return path
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the model (collective under FSDP)."""
+        return full_model_state(self.model)
+
+    def _write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
+        return save_checkpoint(
+            directory,
+            self.model.config,
+            model_state,
+            recipe_toml=self.recipe.to_toml(),
+            tokenizer=self.tokenizer,
+            trainer_state=trainer_state,
+        )
+
+    def _load_weights(self, checkpoint: Path) -> None:
+        load_model_weights(self.model, checkpoint, self.context.is_main)
 
     def samples(self) -> list[tuple[str, str]]:
         """A few generations at the end, so the user sees text (rank 0; from the unsharded weights)."""
@@ -400,6 +425,7 @@ class Trainer:
             global_batch_size=self.recipe.train.global_batch_size,
             seq_len=self.seq_len,
             run_dir=str(self.run_dir),
+            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         )
 
     def _step_logged(self, stats: StepStats, tokens: int, seconds: float) -> StepLogged:

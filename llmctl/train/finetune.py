@@ -1,0 +1,209 @@
+"""`llmctl finetune`: the one trainer, started from a base model (an llmctl checkpoint or a Hugging Face Llama
+directory), training LoRA adapters or every weight, on chat/instruction examples or plain domain text.
+
+Only what differs from pretraining lives here: where the model and data come from, which parameters train at
+which rate, and what a checkpoint holds (a PEFT adapter directory for LoRA). Loop, metrics, resume and
+torchrun are the trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmctl.adapters import adapter_state, add_lora, load_adapter_weights, lora_config
+from llmctl.checkpoint import checkpoint_problem, model_directory, open_model, save_checkpoint
+from llmctl.data.instructions import (
+    examples_fingerprint,
+    pack_examples,
+    read_examples,
+    tokenize_example,
+)
+from llmctl.data.loader import ExampleSampler, example_validation_batches
+from llmctl.data.tokenizer import CHAT_MARKERS, open_tokenizer
+from llmctl.errors import UserError
+from llmctl.model import Transformer
+from llmctl.model.hf_format import CONFIG_FILE, read_config
+from llmctl.recipe import ModelSection, Recipe, recipe_from_dict, width_scaled_lr
+from llmctl.train.distributed import DistributedContext
+from llmctl.train.events import EventHandler
+from llmctl.train.trainer import Trainer
+
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def finetune_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with its base's model shape and, when it sets none, the method's learning rate: the
+    pretraining rate for LoRA's small update matrices, a tenth of it for full finetuning."""
+    spec = recipe.finetune
+    if not spec.base:
+        raise UserError(
+            "recipe finetune.base is not set: point it at a checkpoint or a Hugging Face Llama directory"
+        )
+    base = model_directory(Path(spec.base))  # the newest checkpoint of a run directory, recorded as the base
+    problem = checkpoint_problem(base) if base.is_dir() else "it does not exist"
+    if problem or not (base / CONFIG_FILE).is_file():
+        raise UserError(f"finetune.base {base}: {problem or 'it is an adapter, not a model'}")
+    try:
+        config = read_config(base)
+    except (ValueError, KeyError, json.JSONDecodeError) as error:
+        raise UserError(f"finetune.base {base}: cannot use its {CONFIG_FILE}: {error}") from None
+    shape = {name: getattr(config, name) for name in ModelSection.model_fields}
+    clashes = [
+        f"model.{key} = {getattr(recipe.model, key)} (the base has {shape[key]})"
+        for key in recipe.model.model_fields_set
+        if getattr(recipe.model, key) != shape[key]
+    ]
+    if clashes:
+        raise UserError(f"a finetune takes its model shape from finetune.base; remove {', '.join(clashes)}")
+    raw = recipe.model_dump(mode="json", exclude_none=True)
+    raw["model"] = shape
+    raw["finetune"]["base"] = str(base)
+    if recipe.optim.lr is None:
+        rate = width_scaled_lr(config.d_model)
+        raw["optim"]["lr"] = rate / 10 if spec.method == "full" else rate
+    return recipe_from_dict(raw, source=f"recipe {recipe.name}")
+
+
+@dataclass(frozen=True)
+class ExamplesSummary:
+    examples: int
+    truncated: int
+    skipped: int
+    windows: int
+    val_windows: int
+
+
+class FinetuneTrainer(Trainer):
+    """Give it a recipe resolved by `finetune_recipe`."""
+
+    def __init__(
+        self, recipe: Recipe, context: DistributedContext, on_event: EventHandler | None = None
+    ) -> None:
+        spec = recipe.finetune
+        if spec.method == "qlora":
+            raise UserError(
+                "finetune.method = qlora needs the int8/int4 base of `llmctl quantize`, which this llmctl version "
+                'does not have yet; use method = "lora"'
+            )
+        if spec.method == "lora" and recipe.distributed.strategy == "fsdp":
+            raise UserError(
+                'LoRA trains with distributed.strategy "ddp" or "none"; the frozen base is not sharded'
+            )
+        if spec.examples and spec.packing and not recipe.train.document_masking:
+            raise UserError(
+                "finetune.packing needs train.document_masking = true, so examples never see each other"
+            )
+        self.base = Path(spec.base)
+        self.lora = None
+        self.summary: ExamplesSummary | None = None
+        super().__init__(recipe, context, on_event)
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    def _open_data(self) -> None:
+        tokenizer = self.tokenizer = open_tokenizer(self.base)
+        if not self.recipe.finetune.examples:  # continued pretraining on `tokenize encode` files
+            super()._open_data()
+            return
+        for marker in CHAT_MARKERS:
+            tokenizer.piece_id(marker)
+        spec, train = self.recipe.finetune, self.recipe.train
+        examples = read_examples(Path(spec.examples))
+        if spec.val_examples:
+            held_out = read_examples(Path(spec.val_examples))
+        else:
+            random.Random(train.seed).shuffle(examples)
+            count = max(1, round(len(examples) * spec.val_fraction)) if spec.val_fraction else 0
+            if count >= len(examples):
+                raise UserError(
+                    f"{spec.examples} has too few examples to hold {count} out; add more or set val_examples"
+                )
+            held_out, examples = examples[:count], examples[count:]
+        if not held_out:
+            raise UserError(
+                "no held-out examples: set finetune.val_fraction above 0 or finetune.val_examples"
+            )
+
+        def windows(chosen):
+            tokenized = [tokenize_example(messages, tokenizer) for messages in chosen]
+            return pack_examples(tokenized, self.seq_len, tokenizer.pad_id, spec.packing, spec.overlong)
+
+        packed, held_out_packed = windows(examples), windows(held_out)
+        self.summary = ExamplesSummary(
+            packed.examples, packed.truncated, packed.skipped, len(packed), len(held_out_packed)
+        )
+        files = [Path(spec.examples), *([Path(spec.val_examples)] if spec.val_examples else [])]
+        settings = f"{self.seq_len} {spec.packing} {spec.overlong} {spec.val_fraction} {train.seed}"
+        fingerprint = examples_fingerprint(files, tokenizer, settings)
+        self.meta = {
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id,
+            "fingerprint": fingerprint,
+        }
+        self.sampler = ExampleSampler(packed, train.global_batch_size, train.seed)
+        self.val_batches = example_validation_batches(
+            held_out_packed,
+            train.micro_batch_size,
+            train.eval_batches,
+            self.context.rank,
+            self.context.world_size,
+        )
+
+    # -- model ---------------------------------------------------------------------------------------------
+
+    def _build_model(self) -> Transformer:
+        model = open_model(self.base, device=self.context.device).train()
+        if model.config.vocab_size < self.tokenizer.vocab_size:
+            raise UserError(
+                f"{self.base}: the tokenizer has {self.tokenizer.vocab_size} pieces but the model "
+                f"{model.config.vocab_size} embeddings"
+            )
+        for param in model.parameters():
+            param.data = param.data.float()  # a bf16/fp16 download trains in fp32 master weights
+        spec = self.recipe.finetune
+        if spec.method == "lora":
+            lora = spec.lora
+            config = lora_config(lora.rank, lora.alpha, lora.dropout, lora.targets, str(self.base.resolve()))
+            self.lora = add_lora(model, config)
+        return model
+
+    def _lr_scale(self, name: str) -> float:
+        """Layer-wise decay: layer i of n at decay^(n - i), embeddings at decay^(n + 1), head and final norm at 1."""
+        decay, layers = self.recipe.finetune.layer_lr_decay, self.model.config.n_layer
+        if decay == 1.0:
+            return 1.0
+        if "embed_tokens" in name:
+            return decay ** (layers + 1)
+        match = LAYER.search(name)
+        return decay ** (layers - int(match.group(1))) if match else 1.0
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model) if self.lora is not None else super()._model_state()
+
+    def _write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
+        if self.lora is None:
+            return super()._write_checkpoint(directory, model_state, trainer_state)
+        return save_checkpoint(
+            directory,
+            self.model.config,
+            model_state,
+            recipe_toml=self.recipe.to_toml(),
+            trainer_state=trainer_state,
+            adapter_config=self.lora.peft_config["default"],
+        )
+
+    def _load_weights(self, checkpoint: Path) -> None:
+        if self.lora is None:
+            super()._load_weights(checkpoint)
+        else:
+            load_adapter_weights(self.model, checkpoint)
