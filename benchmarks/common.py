@@ -61,3 +61,30 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+
+
+def timed_run_sections(args: argparse.Namespace, run_dir: Path) -> dict:
+    """Recipe sections for a throughput run: warm-up plus timed steps at a constant lr, no evaluation to speak of."""
+    return {
+        "train": {
+            "steps": args.warmup + args.steps,
+            "micro_batch_size": args.batch,
+            "global_batch_size": args.batch,
+            "eval_batches": 1,
+        },
+        "schedule": {"warmup_steps": 0, "kind": "constant"},
+        "checkpoint": {"dir": str(run_dir)},
+    }
+
+
+def shape_config(args: argparse.Namespace):
+    """The llmctl `ModelConfig` of `add_shape_arguments`' shape."""
+    from llmctl.model import ModelConfig
+
+    return ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layer=args.layers,
+        n_head=args.heads,
+        max_seq_len=args.seq,
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_shape_arguments, fake_tokens, machine
+from benchmarks.common import add_shape_arguments, fake_tokens, machine, shape_config, timed_run_sections
 from llmctl.recipe import ALL_LINEAR
 
 METHODS = ("llmctl lora", "llmctl full", "peft + transformers lora")
@@ -47,14 +47,7 @@ def llmctl_stepper(base: Path, method: str, args):
                 "lora": {"rank": args.rank, "alpha": 2 * args.rank},
             },
             "data": {"tokens": str(base.parent / "tokens")},
-            "train": {
-                "steps": args.warmup + args.steps,
-                "micro_batch_size": args.batch,
-                "global_batch_size": args.batch,
-                "eval_batches": 1,
-            },
-            "schedule": {"warmup_steps": 0, "kind": "constant"},
-            "checkpoint": {"dir": str(base.parent / f"run-{method}")},
+            **timed_run_sections(args, base.parent / f"run-{method}"),
         }
     )
     trainer = FinetuneTrainer(finetune_recipe(recipe), DistributedContext(0, 0, 1, torch.device("cpu")))
@@ -112,7 +105,7 @@ def build_base(work: Path, args) -> Path:
     from llmctl.checkpoint import save_checkpoint
     from llmctl.data.corpus import CorpusOptions, build_corpus
     from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
-    from llmctl.model import ModelConfig, Transformer
+    from llmctl.model import Transformer
     from llmctl.model.hf_format import export_state_dict
 
     sample = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -120,13 +113,7 @@ def build_base(work: Path, args) -> Path:
     train_tokenizer(work / "corpus", work / "tokenizer", args.vocab)
     tokenizer = open_tokenizer(work / "tokenizer" / "tokenizer.model")
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_layer=args.layers,
-        n_head=args.heads,
-        max_seq_len=args.seq,
-    )
+    config = shape_config(args)
     base = save_checkpoint(work / "base", config, export_state_dict(Transformer(config)), tokenizer=tokenizer)
     (work / "tokens").mkdir()
     fake_tokens(work / "tokens", args.vocab, 500_000, tokenizer_sha256=tokenizer.sha256())

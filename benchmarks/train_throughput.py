@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_shape_arguments, fake_tokens, machine
-from llmctl.model import ModelConfig, Transformer
+from benchmarks.common import add_shape_arguments, fake_tokens, machine, shape_config, timed_run_sections
+from llmctl.model import Transformer
 from llmctl.model.hf_format import export_state_dict, write_model_files
 from llmctl.train.metrics import measure_cpu_matmul_peak
 
@@ -80,14 +80,7 @@ def llmctl_stepper(work: Path, args):
                 "max_seq_len": args.seq,
             },
             "data": {"tokens": str(work)},
-            "train": {
-                "steps": args.warmup + args.steps,
-                "micro_batch_size": args.batch,
-                "global_batch_size": args.batch,
-                "eval_batches": 1,
-            },
-            "schedule": {"warmup_steps": 0, "kind": "constant"},
-            "checkpoint": {"dir": str(work / "run")},
+            **timed_run_sections(args, work / "run"),
         }
     )
     trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cpu")))
@@ -117,13 +110,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_layer=args.layers,
-        n_head=args.heads,
-        max_seq_len=args.seq,
-    )
+    config = shape_config(args)
     write_model_files(work, config, export_state_dict(Transformer(config)))
     fresh = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--hf-only-from", str(work)],

@@ -50,18 +50,14 @@ def write_examples(path, count: int = 48):
     return path
 
 
+SMALL_STEPS = {"micro_batch_size": 2, "global_batch_size": 4, "log_every": 1, "eval_batches": 2}
+
+
 def finetune_dict(base, examples, run_dir, method: str = "lora", **train) -> dict:
     return {
         "name": "ft",
         "finetune": {"base": str(base), "examples": str(examples), "method": method},
-        "train": {
-            "steps": 6,
-            "micro_batch_size": 2,
-            "global_batch_size": 4,
-            "log_every": 1,
-            "eval_batches": 2,
-            **train,
-        },
+        "train": {"steps": 6, **SMALL_STEPS, **train},
         "optim": {"lr": 1e-2},
         "schedule": {"warmup_steps": 1},
         "checkpoint": {"dir": str(run_dir), "every": 3, "keep_last": 5},
@@ -282,18 +278,10 @@ def hf_llama_directory(path, texts: list[str]):
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
     )
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), num_key_value_heads=2, **shape, **ids)
+    config.max_position_embeddings = 128
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 

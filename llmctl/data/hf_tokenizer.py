@@ -35,20 +35,23 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _read_tokenizer_file(path: Path) -> RustTokenizer:
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path}")
+    try:
+        return RustTokenizer.from_file(str(path))
+    except Exception as error:  # the Rust library raises a bare Exception for any malformed file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path} is not a Hugging Face tokenizer.json ({reason})") from None
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizer.json`, read by the `tokenizers` library. Texts are encoded without the
     file's own post-processing (llmctl adds bos itself, as for sentencepiece)."""
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"tokenizer not found: {path}")
-        self.path = path
-        try:
-            self.backend = RustTokenizer.from_file(str(path))
-        except Exception as error:  # the Rust library raises a bare Exception for any malformed file
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"{path} is not a Hugging Face tokenizer.json ({reason})") from None
+        self.path = Path(path)
+        self.backend = _read_tokenizer_file(self.path)
         self.special = self._special_ids()
         if self.special.get("eos") is None:
             raise UserError(
