@@ -44,8 +44,8 @@ def test_the_loss_is_the_blend_of_softened_kl_and_cross_entropy():
 
 @pytest.mark.slow
 def test_a_distilled_student_beats_the_same_student_trained_alone(sample_pipeline, tmp_path):
-    raw = tiny_recipe_dict(sample_pipeline, tmp_path / "teacher", steps=500, log_every=100, eval_batches=8)
-    raw["optim"]["lr"] = 1e-2  # trained longer and wider than the student can be: 4.40 against 4.59 here
+    raw = tiny_recipe_dict(sample_pipeline, tmp_path / "teacher", steps=600, log_every=100, eval_batches=8)
+    raw["optim"]["lr"] = 1e-2  # longer and wider than the student: 4.40 against the student's 4.59 alone
     raw["checkpoint"]["every"] = 0
     teacher_result = Trainer(recipe_from_dict(raw), CPU).fit()
 
@@ -56,7 +56,7 @@ def test_a_distilled_student_beats_the_same_student_trained_alone(sample_pipelin
     trainer = DistillTrainer(recipe_from_dict(raw), CPU)
     assert trainer.teacher_val_loss == pytest.approx(teacher_result.val_loss, rel=1e-4)  # same windows
     distilled = trainer.fit()
-    assert distilled.val_loss < alone.val_loss - 0.05, (distilled.val_loss, alone.val_loss)  # 0.16 here
+    assert distilled.val_loss < alone.val_loss - 0.05, (distilled.val_loss, alone.val_loss)  # 4.43 here
     assert math.isfinite(distilled.val_loss) and teacher_result.val_loss < distilled.val_loss
 
 
