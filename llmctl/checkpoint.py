@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.digests import digest_problem, write_digest_manifest
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
-from llmctl.model.hf_format import CONFIG_FILE, load_model, write_model_files
+from llmctl.model.hf_format import CONFIG_FILE, load_model, read_quantization_config, write_model_files
 
 RECIPE_FILE = "recipe.toml"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA run's checkpoints are PEFT adapter directories
@@ -39,13 +41,22 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     trainer_state: dict | None = None,
     adapter_config: Any = None,
+    quantization_config: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes;
-    with a PEFT `adapter_config`, it holds only the adapter's tensors and the directory is a PEFT adapter.
+    with a PEFT `adapter_config`, it holds only the adapter's tensors and the directory is a PEFT adapter;
+    with a `quantization_config`, it holds quantized layers' buffers, recorded in config.json.
     A full disk is one clear error; the checkpoints already written are untouched."""
     try:
         _write_checkpoint(
-            directory, config, state_dict, recipe_toml, tokenizer, trainer_state, adapter_config
+            directory,
+            config,
+            state_dict,
+            recipe_toml,
+            tokenizer,
+            trainer_state,
+            adapter_config,
+            quantization_config,
         )
     except (OSError, RuntimeError) as error:
         if not disk_full(error, Path(directory).parent):
@@ -65,10 +76,11 @@ def _write_checkpoint(
     tokenizer: Tokenizer | None,
     trainer_state: dict | None,
     adapter_config: Any,
+    quantization_config: dict | None,
 ) -> None:
     with atomic_directory(directory) as staging:
         if adapter_config is None:
-            write_model_files(staging, config, state_dict)
+            write_model_files(staging, config, state_dict, quantization_config)
         else:
             adapter_config.save_pretrained(str(staging))
             save_file(state_dict, str(staging / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -152,9 +164,19 @@ def open_model(
     if problem:
         raise UserError(f"checkpoint {path} is damaged: {problem}; use an earlier checkpoint of the run")
     try:
-        return load_model(path, dtype=dtype, device=device)
+        return load_model(path, dtype=dtype, device=device, prepare=_quantized_layers(path))
     except (ValueError, FileNotFoundError, KeyError, SafetensorError) as error:
         raise UserError(f"cannot load checkpoint {path}: {error}") from None
+
+
+def _quantized_layers(path: Path) -> Callable[[Transformer], Transformer] | None:
+    """For a quantized checkpoint, what swaps the empty model's layers for quantized ones before loading."""
+    settings = read_quantization_config(path)
+    if settings is None:
+        return None
+    from llmctl.compress.quantize import QuantizationSettings, empty_quantized_model
+
+    return partial(empty_quantized_model, settings=QuantizationSettings.from_config(settings))
 
 
 def open_checkpoint(

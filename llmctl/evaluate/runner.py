@@ -20,11 +20,13 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.model.hf_format import WEIGHTS_FILE
 
 
-def read_texts(data: Path) -> list[str]:
-    """A corpus directory (its val split, else train), a JSONL file with a `text` field, or a text file."""
+def read_texts(data: Path, split: str = "val") -> list[str]:
+    """A corpus directory (its `split`, else the other one), a JSONL file with a `text` field, or a text
+    file. Evaluation reads a corpus's val split; calibration its train split."""
     data = Path(data)
     if (data / MANIFEST).is_file():
-        return list(iter_texts(data, "val")) or list(iter_texts(data, "train"))
+        other = "train" if split == "val" else "val"
+        return list(iter_texts(data, split)) or list(iter_texts(data, other))
     if data.is_dir():
         raise UserError(f"{data} is a folder but not a corpus (no {MANIFEST}); give a corpus, .jsonl or .txt")
     if not data.is_file():

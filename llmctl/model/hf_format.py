@@ -6,6 +6,7 @@ The weight names of `Transformer` are HF's, so conversion is only about the conf
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,19 +99,25 @@ def generation_config(config: ModelConfig) -> dict:
     }
 
 
-TIED_HEAD = "lm_head.weight"
-EMBEDDING = "model.embed_tokens.weight"
+HEAD = "lm_head."
+EMBEDDING_MODULE = "model.embed_tokens."
+EMBEDDING = EMBEDDING_MODULE + "weight"
 
 
 def without_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A tied LM head is the embedding: files leave it out, as HF does."""
-    return {name: t for name, t in state.items() if not (config.tie_embeddings and name == TIED_HEAD)}
+    """A tied LM head is the embedding: files leave it out (and a quantized one's scales), as HF does."""
+    return {name: t for name, t in state.items() if not (config.tie_embeddings and name.startswith(HEAD))}
 
 
 def with_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The full parameter set of a model read from a file that left a tied head out."""
+    """The full tensor set of a model read from a file that left a tied head out."""
     if config.tie_embeddings and EMBEDDING in state:
-        return {**state, TIED_HEAD: state[EMBEDDING]}
+        tied = {
+            HEAD + name.removeprefix(EMBEDDING_MODULE): t
+            for name, t in state.items()
+            if name.startswith(EMBEDDING_MODULE)
+        }
+        return {**state, **tied}
     return state
 
 
@@ -120,15 +127,29 @@ def export_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return without_tied_head(state, model.config)
 
 
-def write_model_files(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
-    dtype = next(iter(state.values())).dtype
-    (directory / CONFIG_FILE).write_text(json.dumps(to_hf_config(config, dtype), indent=2) + "\n")
+def write_model_files(
+    directory: Path,
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    quantization_config: dict | None = None,
+) -> None:
+    """config.json (with transformers' `quantization_config` key for a quantized state), generation config
+    and weights."""
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    hf_config = to_hf_config(config, dtype)
+    if quantization_config is not None:
+        hf_config["quantization_config"] = quantization_config
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(config), indent=2) + "\n")
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def read_config(directory: Path) -> ModelConfig:
     return from_hf_config(json.loads((directory / CONFIG_FILE).read_text()))
+
+
+def read_quantization_config(directory: Path) -> dict | None:
+    return json.loads((directory / CONFIG_FILE).read_text()).get("quantization_config")
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -146,12 +167,18 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
-    directory: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    directory: Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    prepare: Callable[[Transformer], Transformer] | None = None,
 ) -> Transformer:
+    """`prepare` swaps layers of the (still empty) model before the weights load: quantized ones, say."""
     config = read_config(directory)
     state = with_tied_head(read_state_dict(directory), config)
     with torch.device("meta"):
         model = Transformer(config)
+        if prepare is not None:
+            model = prepare(model)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every parameter its own storage
     missing, unexpected = model.load_state_dict(state, strict=False)

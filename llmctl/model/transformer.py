@@ -59,9 +59,14 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def tie_weights(self) -> None:
-        """A tied LM head is the embedding matrix itself; call again after anything that replaces parameters."""
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        """A tied LM head is the embedding matrix itself; call again after anything that replaces parameters.
+        A head and embedding held as buffers (quantized, say) share every buffer they both have."""
+        if not self.config.tie_embeddings:
+            return
+        self.lm_head.weight = self.model.embed_tokens.weight
+        for name, buffer in self.model.embed_tokens.named_buffers(recurse=False):
+            if name in self.lm_head._buffers:
+                self.lm_head._buffers[name] = buffer
 
     def init_rope(self) -> None:
         """(Re)build the rotary tables, e.g. after materialising a model that was built on the meta device."""
@@ -88,7 +93,7 @@ class Transformer(nn.Module):
     ) -> KVCache | SlotKVCache:
         """A static cache; `slots=True` gives per-row positions for continuous batching."""
         max_len = max_len or self.config.max_seq_len
-        weight = self.model.embed_tokens.weight
+        weight = self.model.norm.weight  # a float parameter even when the embedding is quantized
         keys, values = layer_buffers(self.config, batch_size, max_len, weight.dtype, weight.device)
         return (SlotKVCache if slots else KVCache)(keys, values, max_len)
 

@@ -1,0 +1,209 @@
+// Weight-only int8 / int4 products for a few activation rows on the CPU (decode), compiled on first use.
+//
+// At decode a projection reads its whole weight for one or a few rows: the time is the weight's bytes over
+// the memory bandwidth. torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` are slower than the
+// fp32 product on AVX2 machines (benchmarks/quant_kernels.py), so these loops stream the int8 / int4 weight
+// once per call, widen it to fp32 in registers and accumulate every row against it. Rows are parallel over
+// output channels with ATen's thread pool.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLMCTL_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+
+#ifdef LLMCTL_AVX2
+inline float horizontal_sum(__m256 v) {
+  __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
+  __m128 sum = _mm_add_ps(low, high);
+  sum = _mm_hadd_ps(sum, sum);
+  sum = _mm_hadd_ps(sum, sum);
+  return _mm_cvtss_f32(sum);
+}
+#endif
+
+// R dot products of one weight row against R activation rows; R is a compile-time constant so that the
+// accumulators stay in registers, two per row so that consecutive FMAs do not wait on each other.
+template <int R>
+void int8_dots(const float* x, int64_t in, const int8_t* row, float* dots) {
+  int64_t k = 0;
+#ifdef LLMCTL_AVX2
+  __m256 acc[R][2];
+  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (; k + 16 <= in; k += 16) {
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+    __m256 w1 =
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8))));
+    for (int m = 0; m < R; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * in + k), w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * in + k + 8), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < R; ++m) dots[m] = horizontal_sum(_mm256_add_ps(acc[m][0], acc[m][1]));
+#else
+  for (int m = 0; m < R; ++m) dots[m] = 0.f;
+#endif
+  for (; k < in; ++k)
+    for (int m = 0; m < R; ++m) dots[m] += x[m * in + k] * static_cast<float>(row[k]);
+}
+
+// R dot products of one int4 weight row (all its groups) against R activation rows. The rows come as
+// int16 (scaled per row by `row_scales`: an error of 1/65534 of the row's largest value, far below int4's)
+// split into even and odd columns (stride `half`), so that one vpmaddwd multiplies 16 nibbles at once and
+// the nibbles never need reordering; the group offsets use the exact fp32 sums per group.
+template <int R>
+void int4_dots(const int16_t* even, const int16_t* odd, const float* row_scales, const float* group_sums,
+               int64_t half, int64_t groups, const uint8_t* bytes, int64_t half_group, const float* scales,
+               const float* offsets, float* dots) {
+  float offset_terms[R] = {0.f};
+  for (int64_t g = 0; g < groups; ++g)
+    for (int m = 0; m < R; ++m) offset_terms[m] += offsets[g] * group_sums[m * groups + g];
+#ifdef LLMCTL_AVX2
+  __m256 totals[R];
+  const __m256i mask = _mm256_set1_epi16(0x0F);
+  for (int m = 0; m < R; ++m) totals[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[R];
+    for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t j = g * half_group; j < (g + 1) * half_group; j += 16) {
+      __m256i packed = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+      __m256i low = _mm256_and_si256(packed, mask), high = _mm256_srli_epi16(packed, 4);
+      for (int m = 0; m < R; ++m) {
+        __m256i x_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + m * half + j));
+        __m256i x_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + m * half + j));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(low, x_even));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(high, x_odd));
+      }
+    }
+    const __m256 scale = _mm256_set1_ps(scales[g]);
+    for (int m = 0; m < R; ++m) totals[m] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(acc[m]), totals[m]);
+  }
+  for (int m = 0; m < R; ++m) dots[m] = horizontal_sum(totals[m]) * row_scales[m] + offset_terms[m];
+#else
+  for (int m = 0; m < R; ++m) dots[m] = offset_terms[m];
+  for (int64_t g = 0; g < groups; ++g)
+    for (int m = 0; m < R; ++m) {
+      int32_t dot = 0;
+      for (int64_t j = g * half_group; j < (g + 1) * half_group; ++j)
+        dot += even[m * half + j] * (bytes[j] & 0x0F) + odd[m * half + j] * (bytes[j] >> 4);
+      dots[m] += scales[g] * static_cast<float>(dot) * row_scales[m];
+    }
+#endif
+}
+
+// Calls f.template operator()<R>() with R = rows (1..kChunk) known at compile time.
+constexpr int kChunk = 4;
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    default: f.template operator()<4>(); break;
+  }
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 (rows, in)");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "too many rows for the decode kernel");
+}
+
+// y (rows, out) = x (rows, in) @ (q (out, in) int8 * scale (out))^T
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check_x(x);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "q: contiguous int8 (out, in)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: contiguous fp32 (out)");
+  const int64_t rows = x.size(0), in = x.size(1), out = q.size(0);
+  TORCH_CHECK(q.size(1) == in, "q does not match x");
+  auto y = at::empty({rows, out}, x.options());
+  const float* xs = x.data_ptr<float>();
+  const int8_t* qs = q.data_ptr<int8_t>();
+  const float* scales = scale.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t first = 0; first < rows; first += kChunk) {
+      const int64_t count = std::min<int64_t>(kChunk, rows - first);
+      with_rows(count, [&]<int R>() {
+        float dots[R];
+        for (int64_t n = begin; n < end; ++n) {
+          int8_dots<R>(xs + first * in, in, qs + n * in, dots);
+          for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m] * scales[n];
+        }
+      });
+    }
+  });
+  return y;
+}
+
+// y = x @ W^T with W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k / group; q packed two per byte,
+// column 2j in the low nibble of byte j. The sum splits into scale * (x . q) + offset * sum(x) per group,
+// and x . q into x_even . low + x_odd . high, so the nibbles never need reordering.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& offset, int64_t group) {
+  check_x(x);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8 (out, in/2)");
+  const int64_t rows = x.size(0), in = x.size(1), out = packed.size(0), groups = in / group;
+  TORCH_CHECK(packed.size(1) * 2 == in && in % group == 0 && group % 16 == 0,
+              "packed does not match x, or the group size is not a multiple of 16");
+  TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.size(1) == groups, "scale/offset shape");
+  const float* xs = x.data_ptr<float>();
+  const int64_t half = in / 2, half_group = group / 2;
+  // once per call: each row as int16 even / odd columns with its scale, and its fp32 sum over each group
+  std::vector<int16_t> even(rows * half), odd(rows * half);
+  std::vector<float> row_scales(rows), group_sums(rows * groups, 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    float largest = 0.f;
+    for (int64_t k = 0; k < in; ++k) largest = std::max(largest, std::abs(xs[m * in + k]));
+    row_scales[m] = largest > 0.f ? largest / 32767.f : 1.f;
+    const float inverse = 1.f / row_scales[m];
+    for (int64_t j = 0; j < half; ++j) {
+      even[m * half + j] = static_cast<int16_t>(std::lrintf(xs[m * in + 2 * j] * inverse));
+      odd[m * half + j] = static_cast<int16_t>(std::lrintf(xs[m * in + 2 * j + 1] * inverse));
+      group_sums[m * groups + j / half_group] += xs[m * in + 2 * j] + xs[m * in + 2 * j + 1];
+    }
+  }
+  auto y = at::empty({rows, out}, x.options());
+  const uint8_t* ps = packed.data_ptr<uint8_t>();
+  const float* scales = scale.data_ptr<float>();
+  const float* offsets = offset.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t first = 0; first < rows; first += kChunk) {
+      const int64_t count = std::min<int64_t>(kChunk, rows - first);
+      with_rows(count, [&]<int R>() {
+        float dots[R];
+        for (int64_t n = begin; n < end; ++n) {
+          int4_dots<R>(even.data() + first * half, odd.data() + first * half, row_scales.data() + first,
+                       group_sums.data() + first * groups, half, groups, ps + n * half, half_group,
+                       scales + n * groups, offsets + n * groups, dots);
+          for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
+        }
+      });
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmctl_weight_only, m) {
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmctl_weight_only, CPU, m) {
+  m.impl("int8_linear", int8_linear);
+  m.impl("int4_linear", int4_linear);
+}

@@ -1,0 +1,84 @@
+"""What every quantize / prune / export run ends with: for each artefact, its size on disk, held-out
+perplexity (and its change against the source) and batch-1 greedy decode speed on this machine."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmctl.data.tokenizer import Tokenizer
+from llmctl.evaluate.perplexity import perplexity
+from llmctl.infer.generate import generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.model import Transformer
+
+DECODE_TOKENS = 64
+
+
+@dataclass
+class ArtefactReport:
+    label: str
+    path: Path
+    size_bytes: int
+    perplexity: float | None = None
+    decode_tokens_per_second: float | None = None
+    note: str = ""  # why a figure is missing, or what else a reader must know
+
+    def change_against(self, source: ArtefactReport) -> float | None:
+        """Relative perplexity change, e.g. 0.012 for +1.2%."""
+        if self.perplexity is None or source.perplexity is None:
+            return None
+        return self.perplexity / source.perplexity - 1
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of a checkpoint's weight files, or of a single exported file."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.glob("*.safetensors"))
+
+
+def heldout_texts(texts: list[str], tokens: int) -> list[str]:
+    """Leading documents of the held-out set up to about `tokens` tokens (4 characters a token), so that
+    measuring several artefacts stays quick on a large validation split; a long document is cut."""
+    kept, budget = [], tokens * 4
+    for text in texts:
+        if budget <= 0:
+            break
+        kept.append(text[:budget])
+        budget -= len(text)
+    return kept
+
+
+def decode_tokens_per_second(model: Transformer, tokens: int = DECODE_TOKENS, repeats: int = 2) -> float:
+    """Best of `repeats` batch-1 greedy runs of `tokens` new tokens after a 16-token prompt."""
+    prompt = list(range(3, 19))
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first run warms caches and the kernels up
+        started = time.perf_counter()
+        produced = sum(1 for _ in generate_ids(model, prompt, params))
+        best = min(best, (time.perf_counter() - started) / produced)
+    return 1 / best
+
+
+def measure_model(
+    label: str,
+    path: Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    progress: Callable[[str], None] = lambda message: None,
+) -> ArtefactReport:
+    progress(f"measuring {label}: held-out perplexity on {len(texts)} documents, then decode speed")
+    return ArtefactReport(
+        label=label,
+        path=Path(path),
+        size_bytes=weights_size(path),
+        perplexity=perplexity(model, tokenizer, texts).token_perplexity,
+        decode_tokens_per_second=decode_tokens_per_second(model),
+    )
