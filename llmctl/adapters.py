@@ -21,6 +21,7 @@ from llmctl.data.tokenizer import Tokenizer
 from llmctl.digests import digest_problem
 from llmctl.errors import UserError
 from llmctl.model import Transformer
+from llmctl.model.hf_format import read_quantization_config
 
 if TYPE_CHECKING:
     from peft import LoraConfig, LoraModel
@@ -164,6 +165,10 @@ def open_adapted(
     base = Path(base) if base else base_of(adapter)
     config = read_adapter_config(adapter)
     model, tokenizer = open_checkpoint(base, dtype=dtype)
+    if merge and read_quantization_config(base) is not None:  # a QLoRA adapter merges into the float weights
+        from llmctl.compress.quantize import dequantize_model
+
+        dequantize_model(model)
     lora = add_lora(model, config)
     load_adapter_weights(model, adapter)
     model = lora.merge_and_unload() if merge else lora.model

@@ -490,3 +490,45 @@ def test_corpus_instructions_makes_examples_from_headed_sections(sample_pipeline
     assert len(examples) == 50 and all(m[0].content.startswith("Explain: ") for m in examples)
     again = run_llmctl("corpus", "instructions", str(sample_pipeline["corpus"]), "--out", str(out))
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_qlora_trains_lora_over_an_int4_base_and_merges_into_its_dequantized_weights(
+    tiny_checkpoint, tmp_path
+):
+    from llmctl.adapters import open_adapted
+    from llmctl.checkpoint import latest_checkpoint, open_checkpoint, save_checkpoint
+    from llmctl.compress.qlinear import Int4Linear
+    from llmctl.compress.quantize import QuantizationSettings, quantize_model
+    from llmctl.model.hf_format import export_state_dict
+
+    model, tokenizer = open_checkpoint(tiny_checkpoint)
+    settings = QuantizationSettings("int4", group_size=32)
+    quantize_model(model, settings)
+    base = save_checkpoint(
+        tmp_path / "int4", model.config, export_state_dict(model), tokenizer=tokenizer,
+        quantization_config=settings.to_config(),
+    )  # fmt: skip
+    examples = write_examples(tmp_path / "examples.jsonl")
+    with pytest.raises(UserError, match='is quantized: set finetune.method = "qlora"'):
+        finetune(base, examples, tmp_path / "lora")
+    with pytest.raises(UserError, match="trains LoRA over a quantized base and .* is not one"):
+        finetune(tiny_checkpoint, examples, tmp_path / "float", method="qlora")
+
+    recipe = finetune_recipe(
+        recipe_from_dict(finetune_dict(base, examples, tmp_path / "run", "qlora", steps=12))
+    )
+    trainer = FinetuneTrainer(recipe, CPU)
+    before = trainer.evaluate()
+    frozen = trainer.model.model.layers[0].mlp.down_proj.base_layer
+    assert isinstance(frozen, Int4Linear)
+    packed = frozen.weight_packed.clone()
+    result = trainer.fit()
+    assert result.val_loss < before - 0.3, (before, result.val_loss)
+    assert torch.equal(frozen.weight_packed, packed)  # the quantized base never moves
+
+    adapter = latest_checkpoint(tmp_path / "run")
+    merged, _ = open_adapted(adapter)  # dequantized base + the LoRA update, as plain float layers
+    assert type(merged.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), trainer.model.eval()(ids), atol=1e-4, rtol=1e-4)

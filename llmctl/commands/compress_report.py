@@ -4,16 +4,20 @@ the table they end with."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from llmctl.compress.measure import ArtefactReport, heldout_texts
 from llmctl.errors import UserError
+
+if TYPE_CHECKING:  # the engine imports torch; `llmctl --help` must not
+    from llmctl.compress.measure import ArtefactReport
 
 
 def heldout_for(heldout: Path | None, calibrate: Path | None, tokens: int) -> list[str]:
     """The held-out documents to score: --heldout, else the calibration corpus's val split."""
+    from llmctl.compress.measure import heldout_texts
     from llmctl.evaluate.runner import read_texts
 
     source = heldout or calibrate

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from llmctl.commands.compress_report import print_artefacts
-
 app = typer.Typer(add_completion=False)
 
 
@@ -42,7 +40,7 @@ def quantize(
     it with the source: size, held-out perplexity, decode speed."""
     from llmctl.atomic import check_output
     from llmctl.checkpoint import model_directory
-    from llmctl.commands.compress_report import heldout_for
+    from llmctl.commands.compress_report import heldout_for, print_artefacts
     from llmctl.compress.quantize import QuantizationSettings
     from llmctl.compress.run import Calibration, quantize_checkpoint
     from llmctl.errors import UserError

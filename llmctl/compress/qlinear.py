@@ -104,8 +104,9 @@ class Int4Linear(nn.Linear):
     ) -> None:
         if in_features % group_size or group_size % 16:
             raise ValueError(f"int4 group size {group_size} does not divide the {in_features} input features")
-        super().__init__(in_features, out_features, bias=False, device="meta")
-        _no_parameters(self)
+        nn.Module.__init__(self)  # not nn.Linear's: it would create the float weight this class replaces
+        self.in_features, self.out_features = in_features, out_features
+        self.register_parameter("bias", None)
         self.group_size = group_size
         groups = in_features // group_size
         self.register_buffer(
@@ -132,6 +133,11 @@ class Int4Linear(nn.Linear):
         self.weight_packed.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
         self.weight_scale.copy_(scale)
         self.weight_offset.copy_(offset)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed values: what tools asking a linear for its weight's device or shape (PEFT) get."""
+        return self.weight_packed
 
     def unpacked(self) -> torch.Tensor:
         """The 4-bit values, (out, in), as uint8."""

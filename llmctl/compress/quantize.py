@@ -60,15 +60,20 @@ class QuantizationSettings:
         )
 
 
-def quantized_linear_names(model: Transformer, settings: QuantizationSettings) -> list[str]:
-    """Module names, in forward order, of the linears this setting quantizes."""
-    names = [
-        f"model.layers.{index}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
-        f".{name}"
+def block_linear_names(model: Transformer) -> list[str]:
+    """Module names of every block projection, in forward order."""
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return [
+        f"model.layers.{index}.{'self_attn' if name in attention else 'mlp'}.{name}"
         for index in range(model.config.n_layer)
         for name in BLOCK_LINEARS
     ]
-    return names + (["lm_head"] if settings.head and not model.config.tie_embeddings else [])
+
+
+def quantized_linear_names(model: Transformer, settings: QuantizationSettings) -> list[str]:
+    """Module names, in forward order, of the linears this setting quantizes."""
+    head = ["lm_head"] if settings.head and not model.config.tie_embeddings else []
+    return block_linear_names(model) + head
 
 
 def quantize_embedding(model: Transformer, settings: QuantizationSettings) -> bool:
@@ -142,3 +147,20 @@ def dequantized_state(model: Transformer) -> dict[str, torch.Tensor]:
         elif isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)):
             state[f"{name}.weight"] = module.weight.detach()
     return state
+
+
+@torch.no_grad()
+def dequantize_model(model: Transformer) -> Transformer:
+    """Swap quantized layers back for float ones holding their dequantized weights, in place: a QLoRA adapter
+    merges into these, and the result is a plain float checkpoint."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            linear = nn.Linear(module.in_features, module.out_features, bias=False)
+            linear.weight.copy_(module.dequantize())
+            _set_module(model, name, linear)
+        elif isinstance(module, Int8Embedding):
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim)
+            embedding.weight.copy_(module.dequantize())
+            _set_module(model, name, embedding)
+    model.tie_weights()
+    return model

@@ -11,8 +11,8 @@ from pathlib import Path
 from llmctl.checkpoint import is_adapter, open_checkpoint, save_checkpoint
 from llmctl.compress.calibration import calibration_windows
 from llmctl.compress.gptq import gptq_layers
-from llmctl.compress.measure import ArtefactReport, measure_model
-from llmctl.compress.quantize import QuantizationSettings, quantize_model
+from llmctl.compress.measure import DECODE_TOKENS, ArtefactReport, measure_model
+from llmctl.compress.quantize import QuantizationSettings, dequantized_state, quantize_model
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.decode import load_for_inference
@@ -29,14 +29,15 @@ class Calibration:
     window_length: int = 256
 
 
-def open_source(path: Path) -> tuple[Transformer, Tokenizer]:
-    """A float checkpoint to compress; a LoRA adapter is merged into its base first."""
+def open_source(path: Path, quantized: bool = False) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint to compress; a LoRA adapter is merged into its base first. A quantized one is refused
+    unless `quantized` (export writes what it holds)."""
     path = Path(path)
     if is_adapter(path):
         from llmctl.adapters import open_adapted
 
         return open_adapted(path)
-    if (path / "config.json").is_file() and read_quantization_config(path) is not None:
+    if not quantized and (path / "config.json").is_file() and read_quantization_config(path) is not None:
         raise UserError(f"{path} is already quantized; start from the float checkpoint it was made from")
     return open_checkpoint(path)
 
@@ -81,3 +82,77 @@ def quantize_checkpoint(
     del model
     gc.collect()
     return measure_artefacts([("source", Path(source)), (settings.method, Path(out))], heldout, progress)
+
+
+def export_gguf(
+    source: Path, out: Path, file_type: str, heldout: list[str], progress: Progress = lambda message: None
+) -> list[ArtefactReport]:
+    """Write `source` (float, adapter or quantized) as one GGUF file; the source's and the file's reports."""
+    from llmctl.compress.gguf_export import read_gguf_model, write_gguf
+    from llmctl.data.tokenizer import SentencePieceTokenizer
+
+    model, tokenizer = open_source(source, quantized=True)
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        raise UserError(
+            f"{source} has a tokenizer.json tokenizer; GGUF export writes llama.cpp's sentencepiece "
+            "vocabulary and needs tokenizer.model"
+        )
+    write_gguf(out, model.config, dequantized_state(model), tokenizer.path, file_type, Path(source).name)
+    progress(f"wrote {out}")
+    del model
+    gc.collect()
+    reports = measure_artefacts([("source", Path(source))], heldout, progress)
+    exported = read_gguf_model(out)
+    report = measure_model(f"gguf {file_type}", out, exported, tokenizer, heldout, progress)
+    report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(out)
+    return [*reports, report]
+
+
+def llama_cpp_decode_speed(path: Path) -> tuple[float | None, str]:
+    """Batch-1 greedy tokens/s of llama.cpp on the file (llama-cpp-python, 2 threads), or why not."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None, "decode speed: install llama-cpp-python (pip install 'llmctl[llama]') to measure it"
+    import time
+
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        prompt = list(range(3, 19))
+        best = float("inf")
+        for _ in range(3):
+            llm.reset()
+            started, produced = time.perf_counter(), 0
+            for _token in llm.generate(prompt, top_k=1, temp=0.0):
+                produced += 1
+                if produced == DECODE_TOKENS:
+                    break
+            best = min(best, (time.perf_counter() - started) / produced)
+    finally:
+        llm.close()
+    return 1 / best, "decode speed: llama.cpp"
+
+
+def prune_checkpoint(
+    source: Path,
+    out: Path,
+    method: str,
+    sparsity: float,
+    heldout: list[str],
+    progress: Progress = lambda message: None,
+) -> tuple[list[ArtefactReport], dict[str, float]]:
+    """Prune `source` into the checkpoint `out`; the source's and the result's reports, and the measured
+    sparsity of every pruned layer."""
+    from llmctl.compress.prune import prune_model
+
+    model, tokenizer = open_source(source)
+    try:
+        sparsities = prune_model(model, method, sparsity)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    save_checkpoint(out, model.config, export_state_dict(model), tokenizer=tokenizer)
+    progress(f"wrote {out}")
+    del model
+    gc.collect()
+    label = "2:4" if method == "2:4" else f"magnitude {sparsity:.0%}"
+    return measure_artefacts([("source", Path(source)), (label, Path(out))], heldout, progress), sparsities

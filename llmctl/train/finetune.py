@@ -28,7 +28,7 @@ from llmctl.data.loader import ExampleSampler, example_validation_batches
 from llmctl.data.tokenizer import CHAT_MARKERS, open_tokenizer
 from llmctl.errors import UserError
 from llmctl.model import Transformer
-from llmctl.model.hf_format import CONFIG_FILE, read_config
+from llmctl.model.hf_format import CONFIG_FILE, read_config, read_quantization_config
 from llmctl.recipe import ModelSection, Recipe, recipe_from_dict, width_scaled_lr
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.events import EventHandler
@@ -86,12 +86,18 @@ class FinetuneTrainer(Trainer):
         self, recipe: Recipe, context: DistributedContext, on_event: EventHandler | None = None
     ) -> None:
         spec = recipe.finetune
-        if spec.method == "qlora":
+        quantized = read_quantization_config(Path(spec.base)) is not None
+        if spec.method == "qlora" and not quantized:
             raise UserError(
-                "finetune.method = qlora needs the int8/int4 base of `llmctl quantize`, which this llmctl version "
-                'does not have yet; use method = "lora"'
+                f"finetune.method = qlora trains LoRA over a quantized base and {spec.base} is not one: make "
+                f"it with `llmctl quantize {spec.base} --method int4 --out DIR` and set finetune.base to DIR"
             )
-        if spec.method == "lora" and recipe.distributed.strategy == "fsdp":
+        if spec.method != "qlora" and quantized:
+            raise UserError(
+                f'finetune.base {spec.base} is quantized: set finetune.method = "qlora" to train LoRA over it '
+                "(full finetuning needs the float checkpoint)"
+            )
+        if spec.method in ("lora", "qlora") and recipe.distributed.strategy == "fsdp":
             raise UserError(
                 'LoRA trains with distributed.strategy "ddp" or "none"; the frozen base is not sharded'
             )
@@ -169,7 +175,7 @@ class FinetuneTrainer(Trainer):
         for param in model.parameters():
             param.data = param.data.float()  # a bf16/fp16 download trains in fp32 master weights
         spec = self.recipe.finetune
-        if spec.method == "lora":
+        if spec.method in ("lora", "qlora"):  # qlora: the base's quantized layers stay frozen under LoRA
             lora = spec.lora
             config = lora_config(lora.rank, lora.alpha, lora.dropout, lora.targets, str(self.base.resolve()))
             self.lora = add_lora(model, config)
