@@ -1,8 +1,8 @@
-"""Which weight-only quantized linear to build on, measured: torch's own CPU kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), torchao's int8/int4 weight-only configs, and
-optimum-quanto's qint8/qint4, against the fp32 linear, on the projections of the 134M shape
-(d768 x 12, vocab 32k) at decode row counts. Prints microseconds per call, the ratio to fp32 and the
-relative error of the output against fp32.
+"""Which weight-only quantized linear to build on, measured: llmctl's kernels (llmctl/compress/kernels),
+torch's own CPU kernels (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` through torchao's
+Int4OpaqueTensor), torchao's int8/int4 weight-only configs and optimum-quanto's qint8/qint4, against the fp32
+linear, on the projections of the 134M shape (d768 x 12, vocab 32k) at decode row counts. Prints
+microseconds per call, the ratio to fp32 and the relative error of the output against fp32.
 
     .venv/bin/python -m benchmarks.quant_kernels [--rows 1 8] [--group-size 64]
 
@@ -28,7 +28,7 @@ SHAPES = {"q/k/v/o": (768, 768), "gate/up": (2048, 768), "down": (768, 2048), "h
 
 
 def seconds_per_call(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, calls: int) -> float:
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: optimum-quanto's qint4 fails under it
         for _ in range(3):
             forward(x)
         best = float("inf")
@@ -40,6 +40,17 @@ def seconds_per_call(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     return best
 
 
+class TorchInt8PackLinear(nn.Module):
+    """torch's own int8 weight-only CPU kernel on llmctl's per-channel weights."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.quantized = Int8Linear.from_linear(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.quantized.weight, self.quantized.weight_scale)
+
+
 def torchao_linear(linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
@@ -49,7 +60,9 @@ def torchao_linear(linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
     else:
         from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-        config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.PLAIN_INT32)
+        config = Int4WeightOnlyConfig(
+            group_size=group_size, int4_packing_format=Int4PackingFormat.PLAIN_INT32
+        )
     quantize_(module, config)
     return module
 
@@ -77,12 +90,13 @@ def quanto_linear(linear: nn.Linear, bits: int) -> nn.Module:
 def candidates(linear: nn.Linear, group_size: int) -> dict[str, Callable[[], nn.Module]]:
     return {
         "fp32 nn.Linear": lambda: linear,
-        "int8 llmctl (torch _weight_int8pack_mm)": lambda: Int8Linear.from_linear(linear),
+        "int8 llmctl kernel": lambda: Int8Linear.from_linear(linear),
+        "int8 torch _weight_int8pack_mm": lambda: TorchInt8PackLinear(linear),
         "int8 torchao Int8WeightOnlyConfig": lambda: torchao_linear(linear, 8, group_size),
         "int8 optimum-quanto qint8": lambda: quanto_linear(linear, 8),
-        "int4 llmctl (torch _weight_int4pack_mm_for_cpu)": lambda: Int4Linear.from_linear(linear, group_size),
+        "int4 llmctl kernel": lambda: Int4Linear.from_linear(linear, group_size),
         "int4 torchao Int4WeightOnlyConfig plain_int32": lambda: torchao_linear(linear, 4, group_size),
-        "int4 torchao Int4OpaqueTensor (prototype)": lambda: torchao_opaque_int4(linear, group_size),
+        "int4 torchao Int4OpaqueTensor (torch tinygemm CPU)": lambda: torchao_opaque_int4(linear, group_size),
         "int4 optimum-quanto qint4 (group 128)": lambda: quanto_linear(linear, 4),
     }
 
@@ -100,7 +114,7 @@ def main() -> None:
         nn.init.normal_(linear.weight, std=0.02)
         for rows in args.rows:
             x = torch.randn(rows, in_features)
-            with torch.inference_mode():
+            with torch.no_grad():
                 reference = linear(x)
             base = seconds_per_call(linear, x, args.calls)
             print(f"\n{label} {out_features}x{in_features}, {rows} row(s)")
@@ -108,7 +122,7 @@ def main() -> None:
             for name, build in candidates(linear, args.group_size).items():
                 try:
                     module = build()
-                    with torch.inference_mode():
+                    with torch.no_grad():
                         error = (module(x) - reference).norm() / reference.norm()
                     seconds = seconds_per_call(module, x, args.calls)
                 except Exception as failure:  # a library that fails here is a finding, reported as such

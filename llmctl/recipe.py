@@ -162,6 +162,9 @@ class FinetuneSection(Section):
         le=1,
         description="full: layer i of n trains at lr x decay^(n - i); embeddings at decay^(n+1)",
     )
+    keep_sparsity: bool = Field(
+        False, description="full: weights that are zero in the base stay zero (recovery after `llmctl prune`)"
+    )
     examples: str | None = Field(None, description="chat/instruction JSONL; without it, data.tokens is used")
     val_examples: str | None = Field(None, description="held-out JSONL; default: val_fraction of examples")
     val_fraction: float = Field(0.05, ge=0, lt=1)

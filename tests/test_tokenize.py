@@ -124,24 +124,15 @@ def test_cli_pipeline_end_to_end(tmp_path, llmctl):
     stats = llmctl("corpus", "stats", str(tmp_path / "corpus"), check=True).stdout
     assert "document length" in stats and "near duplicates" in stats
     llmctl("tokenize", "train", str(tmp_path / "corpus"), "--vocab", "512", check=True)
-    first = llmctl(
+    encode = (
         "tokenize",
         "encode",
         str(tmp_path / "corpus"),
         "-t",
         str(tmp_path / "tokenizer" / "tokenizer.model"),
-        check=True,
     )
-    assert "MB/s" in first.stdout
-    again = llmctl(
-        "tokenize",
-        "encode",
-        str(tmp_path / "corpus"),
-        "-t",
-        str(tmp_path / "tokenizer" / "tokenizer.model"),
-        check=True,
-    )
-    assert "up to date" in again.stdout
+    assert "MB/s" in llmctl(*encode, check=True).stdout
+    assert "up to date" in llmctl(*encode, check=True).stdout
 
 
 @pytest.mark.parametrize("command", ["corpus build", "tokenize train", "tokenize encode", "eval suite build"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -13,6 +14,11 @@ from llmctl.errors import UserError
 
 if TYPE_CHECKING:  # the engine imports torch; `llmctl --help` must not
     from llmctl.compress.measure import ArtefactReport
+
+HELDOUT = typer.Option(
+    ..., help="Held-out text for the perplexity column: corpus dir (its val split), .jsonl or .txt."
+)
+HELDOUT_TOKENS = typer.Option(16384, min=1, help="About how many held-out tokens to score.")
 
 
 def heldout_for(heldout: Path | None, calibrate: Path | None, tokens: int) -> list[str]:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmctl.commands.compress_report import HELDOUT, HELDOUT_TOKENS, heldout_for, print_artefacts
+
 app = typer.Typer(add_completion=False)
 
 
@@ -17,16 +19,13 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write."),
     format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)."),
     type: str = typer.Option("f16", "--type", help="Tensor type: f32, f16, q8_0 or q4_0."),
-    heldout: Path = typer.Option(
-        ..., help="Held-out text for the perplexity column: corpus dir (its val split), .jsonl or .txt."
-    ),
-    heldout_tokens: int = typer.Option(16384, min=1, help="About how many held-out tokens to score."),
+    heldout: Path = HELDOUT,
+    heldout_tokens: int = HELDOUT_TOKENS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Write the model and its tokenizer as one file for another runtime, and compare it with the source."""
     from llmctl.atomic import check_output
     from llmctl.checkpoint import model_directory
-    from llmctl.commands.compress_report import heldout_for, print_artefacts
     from llmctl.compress.gguf_export import FILE_TYPES
     from llmctl.compress.run import export_gguf
     from llmctl.errors import UserError

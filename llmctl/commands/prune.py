@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmctl.commands.compress_report import HELDOUT, HELDOUT_TOKENS, heldout_for, print_artefacts
+
 app = typer.Typer(add_completion=False)
 
 
@@ -17,10 +19,8 @@ def prune(
     out: Path = typer.Option(..., "--out", "-o", help="The pruned checkpoint directory to write."),
     method: str = typer.Option("magnitude", help="magnitude (unstructured, --sparsity) or 2:4."),
     sparsity: float = typer.Option(0.5, help="magnitude: the fraction of each layer's weights to zero."),
-    heldout: Path = typer.Option(
-        ..., help="Held-out text for the perplexity column: corpus dir (its val split), .jsonl or .txt."
-    ),
-    heldout_tokens: int = typer.Option(16384, min=1, help="About how many held-out tokens to score."),
+    heldout: Path = HELDOUT,
+    heldout_tokens: int = HELDOUT_TOKENS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
 ) -> None:
     """Zero the smallest weights of every block projection, then compare with the source. Recover the lost
@@ -30,7 +30,6 @@ def prune(
 
     from llmctl.atomic import check_output
     from llmctl.checkpoint import model_directory
-    from llmctl.commands.compress_report import heldout_for, print_artefacts
     from llmctl.compress.run import prune_checkpoint
     from llmctl.errors import UserError
 

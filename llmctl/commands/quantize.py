@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmctl.commands.compress_report import HELDOUT_TOKENS, heldout_for, print_artefacts
+
 app = typer.Typer(add_completion=False)
 
 
@@ -29,7 +31,7 @@ def quantize(
         help="Held-out text for the perplexity column: corpus dir (its val split), .jsonl or .txt "
         "(default: the --calibrate corpus's val split).",
     ),
-    heldout_tokens: int = typer.Option(16384, min=1, help="About how many held-out tokens to score."),
+    heldout_tokens: int = HELDOUT_TOKENS,
     head: bool = typer.Option(True, "--head/--skip-head", help="Quantize the LM head too."),
     embeddings: bool = typer.Option(
         True, "--embeddings/--skip-embeddings", help="Hold the token embedding int8 per row."
@@ -40,7 +42,6 @@ def quantize(
     it with the source: size, held-out perplexity, decode speed."""
     from llmctl.atomic import check_output
     from llmctl.checkpoint import model_directory
-    from llmctl.commands.compress_report import heldout_for, print_artefacts
     from llmctl.compress.quantize import QuantizationSettings
     from llmctl.compress.run import Calibration, quantize_checkpoint
     from llmctl.errors import UserError

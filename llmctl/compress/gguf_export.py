@@ -71,19 +71,12 @@ def tensor_names(config: ModelConfig) -> dict[str, str]:
     }
 
 
-def _to_gguf_layout(name: str, weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    if name.endswith("q_proj.weight"):
-        return _rope_pairs(weight, config.n_head)
-    if name.endswith("k_proj.weight"):
-        return _rope_pairs(weight, config.kv_heads)
-    return weight
-
-
-def _from_gguf_layout(name: str, weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    if name.endswith("q_proj.weight"):
-        return _rope_halves(weight, config.n_head)
-    if name.endswith("k_proj.weight"):
-        return _rope_halves(weight, config.kv_heads)
+def _rotary_rows(name: str, weight: torch.Tensor, config: ModelConfig, permute) -> torch.Tensor:
+    """Apply `_rope_pairs` (export) or `_rope_halves` (import) to a query or key weight; others pass."""
+    heads = {"q_proj.weight": config.n_head, "k_proj.weight": config.kv_heads}
+    for suffix, count in heads.items():
+        if name.endswith(suffix):
+            return permute(weight, count)
     return weight
 
 
@@ -170,7 +163,7 @@ def write_gguf(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     for hf_name, gguf_name in tensor_names(config).items():
-        weight = _to_gguf_layout(hf_name, state[hf_name].detach().float(), config).numpy()
+        weight = _rotary_rows(hf_name, state[hf_name].detach().float(), config, _rope_pairs).numpy()
         kind = _tensor_type(gguf, gguf_name, weight, file_type)
         if kind == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, weight)
@@ -221,8 +214,8 @@ def read_gguf_model(path: Path) -> Transformer:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
         hf_name = by_gguf_name[tensor.name]
-        weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
-        state[hf_name] = _from_gguf_layout(hf_name, weight, config)
+        weight = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy
+        state[hf_name] = _rotary_rows(hf_name, weight, config, _rope_halves)
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device="cpu")

@@ -73,12 +73,15 @@ def measure_model(
     tokenizer: Tokenizer,
     texts: list[str],
     progress: Callable[[str], None] = lambda message: None,
+    decode: bool = True,
 ) -> ArtefactReport:
-    progress(f"measuring {label}: held-out perplexity on {len(texts)} documents, then decode speed")
+    progress(
+        f"measuring {label}: held-out perplexity on {len(texts)} documents" + (", decode speed" * decode)
+    )
     return ArtefactReport(
         label=label,
         path=Path(path),
         size_bytes=weights_size(path),
         perplexity=perplexity(model, tokenizer, texts).token_perplexity,
-        decode_tokens_per_second=decode_tokens_per_second(model),
+        decode_tokens_per_second=decode_tokens_per_second(model) if decode else None,
     )

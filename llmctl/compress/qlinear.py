@@ -2,7 +2,7 @@
 
 Decode-sized CPU products (a few rows) run in llmctl's own kernels (cpu_kernels.py): on this project's
 machines torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`, torchao's and optimum-quanto's eager
-weight-only layers were all slower than the fp32 product (benchmarks/quant_kernels.py, docs/quantize.md).
+weight-only layers were all slower than the fp32 product (benchmarks/quant_kernels.py, docs/compression.md).
 Larger products, gradients and other devices dequantize the weight and use the float matmul: correct
 everywhere, fast where it counts.
 

@@ -55,6 +55,31 @@ def measure_artefacts(
     return reports
 
 
+def write_quantized(
+    source: Path,
+    out: Path,
+    settings: QuantizationSettings,
+    calibration: Calibration | None = None,
+    progress: Progress = lambda message: None,
+) -> None:
+    """Quantize `source` into the checkpoint directory `out`: GPTQ when given calibration text, else
+    round-to-nearest; the settings and the source are recorded in its config.json."""
+    settings = replace(settings, algorithm="rtn" if calibration is None else "gptq")
+    model, tokenizer = open_source(source)
+    prepared = None
+    record = {**settings.to_config(), "source": str(source)}
+    if calibration is not None:
+        length = min(calibration.window_length, model.config.max_seq_len)
+        windows = calibration_windows(calibration.texts, tokenizer, calibration.windows, length)
+        prepared = gptq_layers(model, settings, windows, progress)
+        record["calibration"] = {"windows": len(windows), "window_length": length}
+    quantize_model(model, settings, prepared)
+    save_checkpoint(
+        out, model.config, export_state_dict(model), tokenizer=tokenizer, quantization_config=record
+    )
+    progress(f"wrote {out}")
+
+
 def quantize_checkpoint(
     source: Path,
     out: Path,
@@ -63,23 +88,8 @@ def quantize_checkpoint(
     calibration: Calibration | None = None,
     progress: Progress = lambda message: None,
 ) -> list[ArtefactReport]:
-    """Quantize `source` into the checkpoint directory `out`; the source's and the result's reports."""
-    settings = replace(settings, algorithm="rtn" if calibration is None else "gptq")
-    model, tokenizer = open_source(source)
-    prepared = None
-    if calibration is not None:
-        length = min(calibration.window_length, model.config.max_seq_len)
-        windows = calibration_windows(calibration.texts, tokenizer, calibration.windows, length)
-        prepared = gptq_layers(model, settings, windows, progress)
-    quantize_model(model, settings, prepared)
-    record = {**settings.to_config(), "source": str(source)}
-    if calibration is not None:
-        record["calibration"] = {"windows": len(windows), "window_length": length}
-    save_checkpoint(
-        out, model.config, export_state_dict(model), tokenizer=tokenizer, quantization_config=record
-    )
-    progress(f"wrote {out}")
-    del model
+    """`write_quantized`, then the source's and the result's reports."""
+    write_quantized(source, out, settings, calibration, progress)
     gc.collect()
     return measure_artefacts([("source", Path(source)), (settings.method, Path(out))], heldout, progress)
 
@@ -88,7 +98,7 @@ def export_gguf(
     source: Path, out: Path, file_type: str, heldout: list[str], progress: Progress = lambda message: None
 ) -> list[ArtefactReport]:
     """Write `source` (float, adapter or quantized) as one GGUF file; the source's and the file's reports."""
-    from llmctl.compress.gguf_export import read_gguf_model, write_gguf
+    from llmctl.compress.gguf_export import write_gguf
     from llmctl.data.tokenizer import SentencePieceTokenizer
 
     model, tokenizer = open_source(source, quantized=True)
@@ -101,11 +111,24 @@ def export_gguf(
     progress(f"wrote {out}")
     del model
     gc.collect()
-    reports = measure_artefacts([("source", Path(source))], heldout, progress)
-    exported = read_gguf_model(out)
-    report = measure_model(f"gguf {file_type}", out, exported, tokenizer, heldout, progress)
-    report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(out)
-    return [*reports, report]
+    source_report = measure_artefacts([("source", Path(source))], heldout, progress)
+    return [*source_report, measure_gguf(out, f"gguf {file_type}", tokenizer, heldout, progress)]
+
+
+def measure_gguf(
+    path: Path,
+    label: str,
+    tokenizer: Tokenizer,
+    heldout: list[str],
+    progress: Progress = lambda message: None,
+) -> ArtefactReport:
+    """Perplexity of the file's own (dequantized) tensors with llmctl's evaluation; decode speed from
+    llama.cpp itself where llama-cpp-python is installed."""
+    from llmctl.compress.gguf_export import read_gguf_model
+
+    report = measure_model(label, path, read_gguf_model(path), tokenizer, heldout, progress, decode=False)
+    report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(path)
+    return report
 
 
 def llama_cpp_decode_speed(path: Path) -> tuple[float | None, str]:

@@ -11,6 +11,7 @@ from llmctl.checkpoint import is_adapter, open_checkpoint
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.cpu_decode import few_row_threads, use_numpy_blas
 from llmctl.model import KVCache, Transformer
+from llmctl.model.hf_format import read_quantization_config
 from llmctl.model.kv_cache import SlotKVCache
 
 
@@ -43,6 +44,8 @@ def load_for_inference(path: Path, adapter: Path | None = None) -> tuple[Transfo
         model, tokenizer = open_adapted(adapter, base=path) if adapter else open_adapted(path)
     else:
         model, tokenizer = open_checkpoint(path)
+        if read_quantization_config(path) is not None:
+            return model, tokenizer  # its kernels run on torch's threads, which the numpy path would take
     use_numpy_blas(model)
     return model, tokenizer
 

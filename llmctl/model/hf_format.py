@@ -149,7 +149,7 @@ def read_config(directory: Path) -> ModelConfig:
 
 
 def read_quantization_config(directory: Path) -> dict | None:
-    return json.loads((directory / CONFIG_FILE).read_text()).get("quantization_config")
+    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("quantization_config")
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:

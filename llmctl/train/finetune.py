@@ -79,6 +79,15 @@ class ExamplesSummary:
     val_windows: int
 
 
+def keep_zeros(model: Transformer) -> None:
+    """Mask the gradient of every matrix weight that is zero, so a pruned model stays pruned: with no gradient
+    AdamW never moves such a weight (its moments stay zero, and decay scales zero to zero)."""
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            kept = param.detach() != 0
+            param.register_hook(lambda grad, kept=kept: grad * kept)
+
+
 class FinetuneTrainer(Trainer):
     """Give it a recipe resolved by `finetune_recipe`."""
 
@@ -96,6 +105,10 @@ class FinetuneTrainer(Trainer):
             raise UserError(
                 f'finetune.base {spec.base} is quantized: set finetune.method = "qlora" to train LoRA over it '
                 "(full finetuning needs the float checkpoint)"
+            )
+        if spec.keep_sparsity and (spec.method != "full" or recipe.distributed.strategy == "fsdp"):
+            raise UserError(
+                'finetune.keep_sparsity applies to method = "full" with distributed.strategy "ddp" or "none"'
             )
         if spec.method in ("lora", "qlora") and recipe.distributed.strategy == "fsdp":
             raise UserError(
@@ -175,6 +188,8 @@ class FinetuneTrainer(Trainer):
         for param in model.parameters():
             param.data = param.data.float()  # a bf16/fp16 download trains in fp32 master weights
         spec = self.recipe.finetune
+        if spec.keep_sparsity:
+            keep_zeros(model)
         if spec.method in ("lora", "qlora"):  # qlora: the base's quantized layers stay frozen under LoRA
             lora = spec.lora
             config = lora_config(lora.rank, lora.alpha, lora.dropout, lora.targets, str(self.base.resolve()))

@@ -3,8 +3,8 @@
 // At decode a projection reads its whole weight for one or a few rows: the time is the weight's bytes over
 // the memory bandwidth. torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` are slower than the
 // fp32 product on AVX2 machines (benchmarks/quant_kernels.py), so these loops stream the int8 / int4 weight
-// once per call, widen it to fp32 in registers and accumulate every row against it. Rows are parallel over
-// output channels with ATen's thread pool.
+// once per call and multiply it in integers against the rows rounded to int16. Output channels are spread
+// over ATen's thread pool.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,35 +34,47 @@ inline float horizontal_sum(__m256 v) {
 }
 #endif
 
-// R dot products of one weight row against R activation rows; R is a compile-time constant so that the
-// accumulators stay in registers, two per row so that consecutive FMAs do not wait on each other.
+// Activations are rounded to int16 per row (scale = the row's largest magnitude / 32767: an error of
+// 1/65534 of that value, far below the weights' own) so that one vpmaddwd multiplies 16 weights at once.
+constexpr int64_t kFlushColumns = 1024;  // int32 lanes hold 64 vpmaddwd sums (< 2^31) before going to fp32
+
+float int16_scale(const float* x, int64_t in) {
+  float largest = 0.f;
+  for (int64_t k = 0; k < in; ++k) largest = std::max(largest, std::abs(x[k]));
+  return largest > 0.f ? largest / 32767.f : 1.f;
+}
+
+// R dot products of one int8 weight row against R int16 activation rows (without their scales); R is a
+// compile-time constant so that the accumulators stay in registers.
 template <int R>
-void int8_dots(const float* x, int64_t in, const int8_t* row, float* dots) {
+void int8_dots(const int16_t* x, int64_t in, const int8_t* row, float* dots) {
   int64_t k = 0;
 #ifdef LLMCTL_AVX2
-  __m256 acc[R][2];
-  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (; k + 16 <= in; k += 16) {
-    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
-    __m256 w1 =
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8))));
-    for (int m = 0; m < R; ++m) {
-      acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * in + k), w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * in + k + 8), w1, acc[m][1]);
+  __m256 totals[R];
+  for (int m = 0; m < R; ++m) totals[m] = _mm256_setzero_ps();
+  while (k + 16 <= in) {
+    __m256i acc[R];
+    for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_si256();
+    const int64_t stop = std::min(in - 15, k + kFlushColumns);
+    for (; k < stop; k += 16) {
+      __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+      for (int m = 0; m < R; ++m)
+        acc[m] = _mm256_add_epi32(
+            acc[m], _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * in + k))));
     }
+    for (int m = 0; m < R; ++m) totals[m] = _mm256_add_ps(totals[m], _mm256_cvtepi32_ps(acc[m]));
   }
-  for (int m = 0; m < R; ++m) dots[m] = horizontal_sum(_mm256_add_ps(acc[m][0], acc[m][1]));
+  for (int m = 0; m < R; ++m) dots[m] = horizontal_sum(totals[m]);
 #else
   for (int m = 0; m < R; ++m) dots[m] = 0.f;
 #endif
   for (; k < in; ++k)
-    for (int m = 0; m < R; ++m) dots[m] += x[m * in + k] * static_cast<float>(row[k]);
+    for (int m = 0; m < R; ++m) dots[m] += static_cast<float>(x[m * in + k]) * static_cast<float>(row[k]);
 }
 
-// R dot products of one int4 weight row (all its groups) against R activation rows. The rows come as
-// int16 (scaled per row by `row_scales`: an error of 1/65534 of the row's largest value, far below int4's)
-// split into even and odd columns (stride `half`), so that one vpmaddwd multiplies 16 nibbles at once and
-// the nibbles never need reordering; the group offsets use the exact fp32 sums per group.
+// R dot products of one int4 weight row (all its groups) against R int16 activation rows (scaled per row by
+// `row_scales`), split into even and odd columns (stride `half`) so that the nibbles never need reordering;
+// the group offsets use the exact fp32 sums per group.
 template <int R>
 void int4_dots(const int16_t* even, const int16_t* odd, const float* row_scales, const float* group_sums,
                int64_t half, int64_t groups, const uint8_t* bytes, int64_t half_group, const float* scales,
@@ -120,31 +132,48 @@ void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.size(0) <= kMaxRows, "too many rows for the decode kernel");
 }
 
-// y (rows, out) = x (rows, in) @ (q (out, in) int8 * scale (out))^T
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  check_x(x);
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "q: contiguous int8 (out, in)");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: contiguous fp32 (out)");
-  const int64_t rows = x.size(0), in = x.size(1), out = q.size(0);
-  TORCH_CHECK(q.size(1) == in, "q does not match x");
+// y (rows, out) from `dots_for.template operator()<R>(first, n, dots)`, which writes the R values of output
+// channel n for rows first..first+R-1: output channels spread over threads, rows in chunks of kChunk.
+template <typename DotsFor>
+at::Tensor by_output_channel(const at::Tensor& x, int64_t out, DotsFor&& dots_for) {
+  const int64_t rows = x.size(0);
   auto y = at::empty({rows, out}, x.options());
-  const float* xs = x.data_ptr<float>();
-  const int8_t* qs = q.data_ptr<int8_t>();
-  const float* scales = scale.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     for (int64_t first = 0; first < rows; first += kChunk) {
-      const int64_t count = std::min<int64_t>(kChunk, rows - first);
-      with_rows(count, [&]<int R>() {
+      with_rows(std::min<int64_t>(kChunk, rows - first), [&]<int R>() {
         float dots[R];
         for (int64_t n = begin; n < end; ++n) {
-          int8_dots<R>(xs + first * in, in, qs + n * in, dots);
-          for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m] * scales[n];
+          dots_for.template operator()<R>(first, n, dots);
+          for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
         }
       });
     }
   });
   return y;
+}
+
+// y (rows, out) = x (rows, in) @ (q (out, in) int8 * scale (out))^T
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check_x(x);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "q: contiguous int8 (out, in)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: contiguous fp32 (out)");
+  const int64_t rows = x.size(0), in = x.size(1);
+  TORCH_CHECK(q.size(1) == in, "q does not match x");
+  const float* xs = x.data_ptr<float>();
+  std::vector<int16_t> x16(rows * in);
+  std::vector<float> row_scales(rows);
+  for (int64_t m = 0; m < rows; ++m) {
+    row_scales[m] = int16_scale(xs + m * in, in);
+    const float inverse = 1.f / row_scales[m];
+    for (int64_t k = 0; k < in; ++k) x16[m * in + k] = static_cast<int16_t>(std::lrintf(xs[m * in + k] * inverse));
+  }
+  const int8_t* qs = q.data_ptr<int8_t>();
+  const float* scales = scale.data_ptr<float>();
+  return by_output_channel(x, q.size(0), [&]<int R>(int64_t first, int64_t n, float* dots) {
+    int8_dots<R>(x16.data() + first * in, in, qs + n * in, dots);
+    for (int m = 0; m < R; ++m) dots[m] *= scales[n] * row_scales[first + m];
+  });
 }
 
 // y = x @ W^T with W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k / group; q packed two per byte,
@@ -154,7 +183,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& offset, int64_t group) {
   check_x(x);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8 (out, in/2)");
-  const int64_t rows = x.size(0), in = x.size(1), out = packed.size(0), groups = in / group;
+  const int64_t rows = x.size(0), in = x.size(1), groups = in / group;
   TORCH_CHECK(packed.size(1) * 2 == in && in % group == 0 && group % 16 == 0,
               "packed does not match x, or the group size is not a multiple of 16");
   TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.size(1) == groups, "scale/offset shape");
@@ -164,9 +193,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   std::vector<int16_t> even(rows * half), odd(rows * half);
   std::vector<float> row_scales(rows), group_sums(rows * groups, 0.f);
   for (int64_t m = 0; m < rows; ++m) {
-    float largest = 0.f;
-    for (int64_t k = 0; k < in; ++k) largest = std::max(largest, std::abs(xs[m * in + k]));
-    row_scales[m] = largest > 0.f ? largest / 32767.f : 1.f;
+    row_scales[m] = int16_scale(xs + m * in, in);
     const float inverse = 1.f / row_scales[m];
     for (int64_t j = 0; j < half; ++j) {
       even[m * half + j] = static_cast<int16_t>(std::lrintf(xs[m * in + 2 * j] * inverse));
@@ -174,26 +201,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
       group_sums[m * groups + j / half_group] += xs[m * in + 2 * j] + xs[m * in + 2 * j + 1];
     }
   }
-  auto y = at::empty({rows, out}, x.options());
   const uint8_t* ps = packed.data_ptr<uint8_t>();
   const float* scales = scale.data_ptr<float>();
   const float* offsets = offset.data_ptr<float>();
-  float* ys = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t first = 0; first < rows; first += kChunk) {
-      const int64_t count = std::min<int64_t>(kChunk, rows - first);
-      with_rows(count, [&]<int R>() {
-        float dots[R];
-        for (int64_t n = begin; n < end; ++n) {
-          int4_dots<R>(even.data() + first * half, odd.data() + first * half, row_scales.data() + first,
-                       group_sums.data() + first * groups, half, groups, ps + n * half, half_group,
-                       scales + n * groups, offsets + n * groups, dots);
-          for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
-        }
-      });
-    }
+  return by_output_channel(x, packed.size(0), [&]<int R>(int64_t first, int64_t n, float* dots) {
+    int4_dots<R>(even.data() + first * half, odd.data() + first * half, row_scales.data() + first,
+                 group_sums.data() + first * groups, half, groups, ps + n * half, half_group, scales + n * groups,
+                 offsets + n * groups, dots);
   });
-  return y;
 }
 
 }  // namespace
