@@ -40,8 +40,7 @@ class QuantizationSettings:
             "scheme": "int8 symmetric per output channel"
             if self.method == "int8"
             else "int4 asymmetric group-wise",
-            **{key: value for key, value in asdict(self).items() if key != "method"},
-            "method": self.method,
+            **asdict(self),
         }
 
     @classmethod

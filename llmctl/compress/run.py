@@ -4,6 +4,7 @@ write the artefact atomically, then measure source and artefact the same way for
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.decode import load_for_inference
 from llmctl.model import Transformer
-from llmctl.model.hf_format import export_state_dict, read_quantization_config
+from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
 
 Progress = Callable[[str], None]
 
@@ -37,7 +38,7 @@ def open_source(path: Path, quantized: bool = False) -> tuple[Transformer, Token
         from llmctl.adapters import open_adapted
 
         return open_adapted(path)
-    if not quantized and (path / "config.json").is_file() and read_quantization_config(path) is not None:
+    if not quantized and (path / CONFIG_FILE).is_file() and read_quantization_config(path) is not None:
         raise UserError(f"{path} is already quantized; start from the float checkpoint it was made from")
     return open_checkpoint(path)
 
@@ -137,8 +138,6 @@ def llama_cpp_decode_speed(path: Path) -> tuple[float | None, str]:
         from llama_cpp import Llama
     except ImportError:
         return None, "decode speed: install llama-cpp-python (pip install 'llmctl[llama]') to measure it"
-    import time
-
     llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
     try:
         prompt = list(range(3, 19))
