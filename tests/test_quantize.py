@@ -168,6 +168,10 @@ def test_quantize_refuses_bad_input_with_one_line(llmctl, tiny_checkpoint, tmp_p
         (["--method", "int3"], "unknown quantization method 'int3'"),
         (["--method", "int8", "--heldout", str(tmp_path / "none.txt")], "evaluation data not found"),
         (["--method", "int8"], "needs held-out text"),
+        (
+            ["--method", "int4", "--group-size", "128", "--heldout", str(text)],
+            "does not divide the model's layer widths",
+        ),
     ]
     for options, message in cases:
         result = llmctl("quantize", str(tiny_checkpoint), "--out", str(out), *options)

@@ -13,7 +13,12 @@ from llmctl.checkpoint import is_adapter, open_checkpoint, save_checkpoint
 from llmctl.compress.calibration import calibration_windows
 from llmctl.compress.gptq import gptq_layers
 from llmctl.compress.measure import DECODE_TOKENS, ArtefactReport, measure_model
-from llmctl.compress.quantize import QuantizationSettings, dequantized_state, quantize_model
+from llmctl.compress.quantize import (
+    QuantizationSettings,
+    dequantized_state,
+    quantize_model,
+    quantized_linear_names,
+)
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.decode import load_for_inference
@@ -67,6 +72,13 @@ def write_quantized(
     round-to-nearest; the settings and the source are recorded in its config.json."""
     settings = replace(settings, algorithm="rtn" if calibration is None else "gptq")
     model, tokenizer = open_source(source)
+    if settings.method == "int4":
+        widths = {model.get_submodule(name).in_features for name in quantized_linear_names(model, settings)}
+        if any(width % settings.group_size for width in widths):
+            raise UserError(
+                f"int4 group size {settings.group_size} does not divide the model's layer widths "
+                f"{sorted(widths)}; pick a --group-size from 32, 64, 128 that does"
+            )
     prepared = None
     record = {**settings.to_config(), "source": str(source)}
     if calibration is not None:
