@@ -88,3 +88,14 @@ def shape_config(args: argparse.Namespace):
         n_head=args.heads,
         max_seq_len=args.seq,
     )
+
+
+def sample_tokenizer(work: Path, vocab: int = 8000):
+    """A sentencepiece tokenizer trained on the bundled sample corpus (for checkpoints and GGUF exports)."""
+    from llmctl.data.corpus import CorpusOptions, build_corpus
+    from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
+
+    sample = Path(__file__).resolve().parent.parent / "data" / "sample"
+    build_corpus([str(sample / "train.jsonl")], work / "corpus", CorpusOptions())
+    train_tokenizer(work / "corpus", work / "tokenizer", vocab)
+    return open_tokenizer(work / "tokenizer" / "tokenizer.model")

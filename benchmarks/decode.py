@@ -1,21 +1,30 @@
-"""Decode speed: llmctl vs transformers `generate` on identical weights, batch 1 and batch 8, greedy, in one
-run, against this machine's memory-bandwidth bound (every weight is read once per decoded token).
-llama.cpp runs beside them when `llama-cpp-python` and `gguf` are installed.
+"""Decode speed in one run, on identical weights: llmctl (eager, and with the compiled decode step), Hugging
+Face transformers `generate` and llama.cpp on an F32 GGUF export, greedy, batch 1 and batch 8, against this
+machine's memory-bandwidth bound measured in the same run (every weight used is read once per decode step).
 
-    .venv/bin/python -m benchmarks.decode [--shapes tiny,134m] [--new-tokens 128]
+    .venv/bin/python -m benchmarks.decode [--shapes tiny,134m] [--new-tokens 128] [--batch 8]
+
+llama.cpp needs `pip install 'llmctl[llama]'` (llama-cpp-python, built from source); its row says so when it
+is missing. Batch 8 of the compiled step runs through the serving engine (eight requests at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, memory_bandwidth
-from llmctl.infer.cpu_decode import use_numpy_blas
+from benchmarks.common import machine, memory_bandwidth, sample_tokenizer
+from llmctl.compress.gguf_export import write_gguf
+from llmctl.compress.run import llama_cpp_decode_speed
+from llmctl.infer.cpu_decode import use_decode_kernels
+from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_batch, generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.model import ModelConfig, Transformer
@@ -28,7 +37,7 @@ SHAPES = {
 }
 
 
-def rate(fn, tokens: int, repeats: int = 2) -> float:
+def rate(fn: Callable[[], object], tokens: int, repeats: int = 2) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -38,6 +47,21 @@ def rate(fn, tokens: int, repeats: int = 2) -> float:
     return tokens / best
 
 
+def engine_generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    """All prompts submitted at once to a running engine; returns when every one has finished."""
+    remaining = threading.Semaphore(0)
+    for prompt in prompts:
+        engine.submit(prompt, params, lambda token, finish: finish is not None and remaining.release())
+    for _ in prompts:
+        remaining.acquire()
+
+
+def weight_bytes_per_step(config: ModelConfig) -> int:
+    """fp32 bytes a decode step must read: every matmul weight (the embedding table gives one row)."""
+    untied_embedding = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    return 4 * (config.num_parameters() - untied_embedding)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="tiny,134m")
@@ -45,23 +69,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     keep_freed_memory()
+    work = Path(tempfile.mkdtemp())
+    tokenizer = sample_tokenizer(work)
     bandwidth = memory_bandwidth()
     print(f"machine: {machine()}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
     for name in args.shapes.split(","):
-        measure(name, SHAPES[name], args, bandwidth)
+        measure(name, SHAPES[name], args, bandwidth, work, tokenizer.path)
 
 
-def measure(name: str, config: ModelConfig, args: argparse.Namespace, bandwidth: float) -> None:
+def measure(
+    name: str, config: ModelConfig, args: argparse.Namespace, bandwidth: float, work: Path, tokenizer: Path
+) -> None:
     import transformers
 
     prompt = list(range(10, 42))
+    prompts = [prompt] * args.batch
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     torch.manual_seed(0)
     ours = Transformer(config).eval()
-    work = Path(tempfile.mkdtemp())
-    write_model_files(work, config, export_state_dict(ours))
-    numpy_rows = use_numpy_blas(ours)  # what `llmctl chat` and `serve` do when they load a checkpoint
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
+    state = export_state_dict(ours)
+    (work / name).mkdir()
+    write_model_files(work / name, config, state)
+    write_gguf(work / f"{name}.gguf", config, state, tokenizer, "f32", name)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float32).eval()
     hf_kwargs = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
     )
@@ -71,22 +101,56 @@ def measure(name: str, config: ModelConfig, args: argparse.Namespace, bandwidth:
         with torch.inference_mode():
             theirs.generate(ids, attention_mask=torch.ones_like(ids), **hf_kwargs)
 
-    ours_1 = rate(lambda: list(generate_ids(ours, prompt, greedy)), args.new_tokens)
-    hf_1 = rate(lambda: hf(1), args.new_tokens)
-    ours_b = rate(lambda: generate_batch(ours, [prompt] * args.batch, greedy), args.new_tokens * args.batch)
-    hf_b = rate(lambda: hf(args.batch), args.new_tokens * args.batch)
-    bound = bandwidth / (4 * config.num_parameters())
-    print(
-        f"\n{name}: {config.num_parameters() / 1e6:.1f}M parameters, fp32; bandwidth bound {bound:.1f} tokens/s at batch 1"
+    batch_tokens = args.new_tokens * args.batch
+    rows: dict[str, tuple[float, float | None]] = {}
+    torch_1 = rate(lambda: list(generate_ids(ours, prompt, greedy)), args.new_tokens)
+    torch_b = rate(lambda: generate_batch(ours, prompts, greedy), batch_tokens)
+    rows["llmctl, torch's products"] = (torch_1, torch_b)
+    use_decode_kernels(ours)  # what `llmctl chat`, `serve` and `eval` do when they load a checkpoint
+    rows["llmctl eager"] = (
+        rate(lambda: list(generate_ids(ours, prompt, greedy)), args.new_tokens),
+        rate(lambda: generate_batch(ours, prompts, greedy), batch_tokens),
     )
-    path = f"numpy BLAS up to {numpy_rows} rows" if numpy_rows else "torch (numpy BLAS measured slower here)"
-    print(f"llmctl decode path chosen at load: {path}")
-    print(f"{'':28}{'batch 1 tok/s':>14}{'% of bound':>12}{f'batch {args.batch} tok/s':>16}")
-    for label, one, many in (("llmctl", ours_1, ours_b), ("transformers generate", hf_1, hf_b)):
-        print(f"{label:28}{one:>14.1f}{100 * one / bound:>11.0f}%{many:>16.1f}")
-    print(
-        f"ratio llmctl / transformers: batch 1 {ours_1 / hf_1:.2f}x, batch {args.batch} {ours_b / hf_b:.2f}x"
+    compiled = copy.deepcopy(ours)
+    started = time.perf_counter()
+    engine = Engine(compiled, max_batch=args.batch, compile=True).start()  # `llmctl serve --compile`
+    compile_seconds = time.perf_counter() - started
+    try:
+        rows["llmctl compiled"] = (
+            rate(lambda: list(generate_ids(compiled, prompt, greedy)), args.new_tokens),
+            rate(lambda: engine_generate(engine, prompts, greedy), batch_tokens),
+        )
+    finally:
+        engine.stop()
+    rows["transformers generate"] = (
+        rate(lambda: hf(1), args.new_tokens),
+        rate(lambda: hf(args.batch), batch_tokens),
     )
+    llama, why = llama_cpp_decode_speed(work / f"{name}.gguf")
+    if llama is not None:
+        rows["llama.cpp F32 (2 threads)"] = (llama, None)
+
+    bound = bandwidth / weight_bytes_per_step(config)
+    print(
+        f"\n{name}: {config.num_parameters() / 1e6:.1f}M parameters, fp32; bandwidth bound {bound:.1f} tokens/s "
+        f"at batch 1 ({weight_bytes_per_step(config) / 1e6:.0f} MB of weights read per step); "
+        f"compile + warm-up {compile_seconds:.0f} s"
+    )
+    print(
+        f"{'':28}{'batch 1 tok/s':>14}{'% of bound':>12}{f'batch {args.batch} tok/s':>16}{'batch ratio':>13}"
+    )
+    for label, (one, many) in rows.items():
+        many_text = f"{many:>16.1f}{many / one:>12.2f}x" if many else f"{'-':>16}{'-':>13}"
+        print(f"{label:28}{one:>14.1f}{100 * one / bound:>11.0f}%{many_text}")
+    best = rows["llmctl compiled"]
+    hf_1, hf_b = rows["transformers generate"]
+    print(
+        f"llmctl compiled / transformers: batch 1 {best[0] / hf_1:.2f}x, batch {args.batch} {best[1] / hf_b:.2f}x"
+    )
+    if llama is not None:
+        print(f"llmctl compiled / llama.cpp F32 at batch 1: {best[0] / llama:.2f}x (target >= 0.8x)")
+    else:
+        print(f"llama.cpp: {why}")
 
 
 if __name__ == "__main__":

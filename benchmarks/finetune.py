@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_shape_arguments, fake_tokens, machine, shape_config, timed_run_sections
+from benchmarks.common import (
+    add_shape_arguments,
+    fake_tokens,
+    machine,
+    sample_tokenizer,
+    shape_config,
+    timed_run_sections,
+)
 from llmctl.recipe import ALL_LINEAR
 
 METHODS = ("llmctl lora", "llmctl full", "peft + transformers lora")
@@ -103,15 +110,10 @@ def measure(base: Path, method: str, args) -> dict:
 def build_base(work: Path, args) -> Path:
     """A random base checkpoint with a sentencepiece tokenizer, and token files made for that tokenizer."""
     from llmctl.checkpoint import save_checkpoint
-    from llmctl.data.corpus import CorpusOptions, build_corpus
-    from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
     from llmctl.model import Transformer
     from llmctl.model.hf_format import export_state_dict
 
-    sample = Path(__file__).resolve().parent.parent / "data" / "sample"
-    build_corpus([str(sample / "train.jsonl")], work / "corpus", CorpusOptions())
-    train_tokenizer(work / "corpus", work / "tokenizer", args.vocab)
-    tokenizer = open_tokenizer(work / "tokenizer" / "tokenizer.model")
+    tokenizer = sample_tokenizer(work, args.vocab)
     torch.manual_seed(0)
     config = shape_config(args)
     base = save_checkpoint(work / "base", config, export_state_dict(Transformer(config)), tokenizer=tokenizer)

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, memory_bandwidth
+from benchmarks.common import machine, memory_bandwidth, sample_tokenizer
 from llmctl.checkpoint import open_checkpoint, save_checkpoint
 from llmctl.compress.gguf_export import write_gguf
 from llmctl.compress.measure import heldout_texts
 from llmctl.compress.quantize import QuantizationSettings
 from llmctl.compress.run import Calibration, measure_artefacts, measure_gguf, write_quantized
-from llmctl.data.corpus import CorpusOptions, build_corpus
-from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
 from llmctl.evaluate.runner import read_texts
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict
@@ -34,11 +32,9 @@ SHAPE = ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_se
 
 
 def random_134m(work: Path) -> Path:
-    build_corpus([str(SAMPLE / "train.jsonl")], work / "corpus", CorpusOptions())
-    train_tokenizer(work / "corpus", work / "tokenizer", 8000)
+    tokenizer = sample_tokenizer(work)
     torch.manual_seed(0)
     model = Transformer(SHAPE)
-    tokenizer = open_tokenizer(work / "tokenizer" / "tokenizer.model")
     return save_checkpoint(work / "fp32", SHAPE, export_state_dict(model), tokenizer=tokenizer)
 
 

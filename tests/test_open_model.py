@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from llmctl.infer import cpu_decode
 from llmctl.infer.beam import BeamParams, beam_search
-from llmctl.infer.cpu_decode import NumpyBlasLinear, numpy_blas_rows, use_numpy_blas
+from llmctl.infer.cpu_decode import DecodeLinear, use_decode_kernels
 from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_batch, generate_ids
 from llmctl.infer.sampling import SamplingParams
+from llmctl.kernels import MAX_ROWS
 from llmctl.model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(vocab_size=97, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=96, max_seq_len=64)
@@ -79,51 +79,44 @@ def test_the_serving_engine_goes_through_a_swapped_projection(recorded):
     assert recorder.calls == 5
 
 
-def test_numpy_blas_swap_keeps_wrappers_and_matches_torch(recorded):
+def test_decode_kernel_swap_keeps_wrappers_and_matches_torch(recorded):
     model, recorder = recorded
     ids = torch.randint(0, 97, (1, 7))
     with torch.inference_mode():
         reference = model(ids)
-    assert use_numpy_blas(model, calibrate=False) == 64
-    swapped = [m for m in model.modules() if isinstance(m, NumpyBlasLinear)]
+    assert use_decode_kernels(model) == 2 * 7 + 1
+    swapped = [m for m in model.modules() if isinstance(m, DecodeLinear)]
     assert len(swapped) == 2 * 7 + 1  # every projection (the wrapped one's inner linear too) and the head
-    assert type(model.model.layers[0].self_attn.k_proj) is NumpyBlasLinear
+    assert type(model.model.layers[0].self_attn.k_proj) is DecodeLinear
     assert model.model.layers[0].self_attn.q_proj is recorder  # the wrapper keeps its own forward
-    assert type(recorder.inner) is NumpyBlasLinear
+    assert type(recorder.inner) is DecodeLinear
     with torch.inference_mode():
         fast = model(ids)
     assert recorder.calls == 2
     assert torch.allclose(fast, reference, atol=1e-5)
 
 
-def test_numpy_blas_swap_keeps_a_tied_head_tied():
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, MAX_ROWS, MAX_ROWS + 1])
+@pytest.mark.parametrize("shape", [(8, 64), (21, 40), (200, 99)])  # out not a multiple of 8; in not of 8
+def test_the_fp32_decode_kernel_equals_torch_at_every_row_count(rows, shape):
+    torch.manual_seed(rows)
+    linear = nn.Linear(shape[1], shape[0], bias=False)
+    fast = DecodeLinear(shape[1], shape[0], bias=False, device="meta")
+    fast.weight = linear.weight
+    x = torch.randn(rows, shape[1])
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), linear(x), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(fast(x[None]), linear(x[None]), atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)  # with gradients torch's product runs and the input gets its gradient
+    fast(x).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, linear.weight.sum(0).expand_as(x), atol=1e-5)
+
+
+def test_decode_kernel_swap_keeps_a_tied_head_tied():
     model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layer=1, n_head=2, tie_embeddings=True))
-    use_numpy_blas(model, calibrate=False)
+    use_decode_kernels(model)
+    assert type(model.lm_head) is DecodeLinear
     assert model.lm_head.weight is model.model.embed_tokens.weight
-
-
-@pytest.mark.parametrize(("numpy_wins_at", "limit"), [((), 0), ((1,), 1), ((1, 8), 8), ((8,), 0)])
-def test_numpy_blas_is_kept_only_for_the_row_counts_where_it_measured_faster(
-    monkeypatch, numpy_wins_at, limit
-):
-    def fake_step_seconds(model, rows, *setups):
-        seconds = []
-        for setup in setups:
-            setup()
-            numpy_path = numpy_blas_rows(model) >= rows
-            seconds.append(1.0 if numpy_path == (rows in numpy_wins_at) else 2.0)
-        return seconds
-
-    monkeypatch.setattr(cpu_decode, "_decode_step_seconds", fake_step_seconds)
-    model = Transformer(CONFIG)
-    projections = {
-        name: module.weight for name, module in model.named_modules() if isinstance(module, nn.Linear)
-    }
-    assert use_numpy_blas(model) == limit
-    assert numpy_blas_rows(model) == limit
-    kinds = {type(module) for name, module in model.named_modules() if name in projections}
-    assert kinds == ({NumpyBlasLinear} if limit else {nn.Linear})
-    assert all(model.get_submodule(name).weight is weight for name, weight in projections.items())
 
 
 def test_an_adapted_head_trains_with_the_same_loss_as_the_fused_one():

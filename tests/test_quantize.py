@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from llmctl.checkpoint import latest_checkpoint, open_checkpoint
-from llmctl.compress.cpu_kernels import MAX_ROWS, weight_only_ops
 from llmctl.compress.gptq import gptq_weight
 from llmctl.compress.qlinear import Int4Linear, Int8Embedding, Int8Linear, int4_quantize
 from llmctl.compress.quantize import QuantizationSettings
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
+from llmctl.kernels import MAX_ROWS, decode_ops
 from llmctl.recipe import load_recipe
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.trainer import Trainer
@@ -34,7 +34,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, MAX_ROWS, MAX_ROWS + 1, 40])
 @pytest.mark.parametrize("shape", [(96, 64), (40, 192)])
 def test_the_quantized_products_equal_the_dequantized_weights_at_every_row_count(rows, shape):
-    assert weight_only_ops() is not None, "the CPU kernels must build on this machine (g++ and ninja)"
+    assert decode_ops() is not None, "the CPU kernels must build on this machine (g++ and ninja)"
     torch.manual_seed(rows)
     out_features, in_features = shape
     weight = torch.randn(out_features, in_features) * 0.05

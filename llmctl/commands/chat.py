@@ -24,14 +24,23 @@ def chat(
     system: str | None = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     max_tokens: int = typer.Option(256, min=1),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
+    ),
 ) -> None:
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
     from llmctl.commands.checkpoint_args import resolve_checkpoint
     from llmctl.infer.chat_session import ChatSession, chat_sampling
-    from llmctl.infer.decode import load_for_inference
+    from llmctl.infer.decode import compile_decode, load_for_inference, warm_up_decode
 
     path = resolve_checkpoint(checkpoint)
     model, tokenizer = load_for_inference(path, adapter)
+    if compile:
+        typer.echo("compiling the decode step (once per start; tens of seconds)...", err=True)
+        compile_decode(model)
+        warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))
     session = ChatSession(model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens))
     if plain or not sys.stdin.isatty():
         run_plain(session)

@@ -27,6 +27,11 @@ def serve(
         None,
         help="A LoRA adapter applied to the one checkpoint served (its base); or serve adapter directories.",
     ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
+    ),
 ) -> None:
     """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
     from llmctl.commands.checkpoint_args import parse_models
@@ -54,17 +59,22 @@ def serve(
         raise UserError(
             f"adapter name {', '.join(sorted(clash))} is also the base's name; name it: --adapter NAME=DIR"
         )
+    if adapters and compile:
+        raise UserError(
+            "--compile does not combine with --adapter (each mix of adapters in a batch would compile anew): "
+            "merge the adapter (llmctl finetune merge) and serve the merged checkpoint with --compile"
+        )
     routes = parse_routes(route, set(named) | set(adapters))
     if adapters:
         ((base_name, base),) = named.items()
-        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch)
+        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch, compile=compile)
         typer.echo(
             f"loaded {base_name} from {base} with adapters {', '.join(adapters)} (one copy of the base)"
         )
     else:
         served = {}
         for name, path in named.items():
-            served[name] = load_served_model(name, Path(path), max_batch=max_batch)
+            served[name] = load_served_model(name, Path(path), max_batch=max_batch, compile=compile)
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
     application = create_app(served, routes=routes, api_key=api_key, max_concurrency=max_concurrency)
     typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")

@@ -1,6 +1,6 @@
 """Weight-only quantized layers: int8 per output channel, int4 group-wise, and an int8 embedding.
 
-Decode-sized CPU products (a few rows) run in llmctl's own kernels (cpu_kernels.py): on this project's
+Decode-sized CPU products (a few rows) run in llmctl's own kernels (llmctl/kernels): on this project's
 machines torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`, torchao's and optimum-quanto's eager
 weight-only layers were all slower than the fp32 product (benchmarks/quant_kernels.py, docs/compression.md).
 Larger products, gradients and other devices dequantize the weight and use the float matmul: correct
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmctl.compress.cpu_kernels import kernel_rows, weight_only_ops
+from llmctl.kernels import kernel_rows
 
 
 def int4_quantize(
@@ -89,7 +89,7 @@ class Int8Linear(nn.Linear):
         rows = kernel_rows(x, self.in_features)
         if rows:
             flat = x.reshape(rows, self.in_features).contiguous()
-            out = weight_only_ops().int8_linear(flat, self.weight, self.weight_scale)
+            out = torch.ops.llmctl_decode.int8_linear(flat, self.weight, self.weight_scale)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
 
@@ -153,7 +153,7 @@ class Int4Linear(nn.Linear):
         rows = kernel_rows(x, self.in_features)
         if rows:
             flat = x.reshape(rows, self.in_features).contiguous()
-            out = weight_only_ops().int4_linear(
+            out = torch.ops.llmctl_decode.int4_linear(
                 flat, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size
             )
             return out.view(*x.shape[:-1], self.out_features)

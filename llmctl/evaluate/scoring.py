@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmctl.infer.cpu_decode import few_row_threads
 from llmctl.model import Transformer
 
 
@@ -18,8 +17,7 @@ def continuation_logprobs(
     `tokens` must fit the context; score_from >= 1 (the first token has nothing to be predicted from).
     """
     ids = torch.tensor([tokens[:-1]], device=model.device)
-    with few_row_threads(model, ids.numel()):
-        logits = model(ids)[0, score_from - 1 :].float()
+    logits = model(ids)[0, score_from - 1 :].float()
     targets = torch.tensor(tokens[score_from:], device=logits.device)
     log_probs = F.log_softmax(logits, dim=-1)
     chosen = log_probs.gather(1, targets[:, None]).squeeze(1)

@@ -1,18 +1,27 @@
 """The one prefill / decode-step path: greedy and sampled generation, batches, beam search and the serving
-engine all run the model through `prefill` and `decode_step`, and static batches through `PaddedBatch`."""
+engine all run the model through `prefill` and `decode_step`, and static batches through `PaddedBatch`.
+
+A decode step against a slot cache (one prompt's generation, the serving engine) can be compiled with
+`compile_decode`: torch.compile of that one step, with the batch and the attended span as symbolic sizes, so
+that one graph serves every batch size and length after a warm-up, as gpt-fast does. It removes the Python
+and operator-dispatch cost that dominates a small model's step on a CPU (benchmarks/decode.py).
+"""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from llmctl.checkpoint import is_adapter, open_checkpoint
 from llmctl.data.tokenizer import Tokenizer
-from llmctl.infer.cpu_decode import few_row_threads, use_numpy_blas
+from llmctl.infer.cpu_decode import use_decode_kernels
+from llmctl.kernels import decode_ops
 from llmctl.model import KVCache, Transformer
 from llmctl.model.hf_format import read_quantization_config
-from llmctl.model.kv_cache import SlotKVCache
+from llmctl.model.kv_cache import DecodeRows, SlotKVCache
 
 
 class PromptTooLong(ValueError):
@@ -45,8 +54,8 @@ def load_for_inference(path: Path, adapter: Path | None = None) -> tuple[Transfo
     else:
         model, tokenizer = open_checkpoint(path)
         if read_quantization_config(path) is not None:
-            return model, tokenizer  # its kernels run on torch's threads, which the numpy path would take
-    use_numpy_blas(model)
+            return model, tokenizer  # its quantized layers run in the decode kernels already
+    use_decode_kernels(model)
     return model, tokenizer
 
 
@@ -60,9 +69,47 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run prompts (B, T) into `cache`; the next-token logits (B, vocab)."""
-    with few_row_threads(model, ids.numel()):
-        logits = model(ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache)
+    logits = model(ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache)
     return logits[:, -1]
+
+
+StepFunction = Callable[..., torch.Tensor]
+_compiled_steps: weakref.WeakKeyDictionary[Transformer, StepFunction] = weakref.WeakKeyDictionary()
+
+
+def _rows_step(
+    model: Transformer,
+    next_ids: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    positions: torch.Tensor,
+    span: int,
+) -> torch.Tensor:
+    """One token per row for the first rows of a slot cache; the next-token logits (B, vocab)."""
+    rows = DecodeRows(keys, values, positions, span)
+    return model(next_ids[:, None], kv_cache=rows)[:, -1]
+
+
+def compile_decode(model: Transformer) -> None:
+    """Run this model's slot-cache decode steps through torch.compile from now on (inductor: C++ with a C++
+    wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each new batch size class (1 row, more rows) compile, which takes
+    tens of seconds; `warm_up_decode` does that before serving."""
+    decode_ops()  # built and loaded before tracing, which must not build it
+    if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
+        step = torch.compile(_rows_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+    else:  # CUDA graphs replay the whole step in one launch
+        step = torch.compile(_rows_step, dynamic=True, fullgraph=True, mode="reduce-overhead")
+    _compiled_steps[model] = step
+
+
+@torch.inference_mode()
+def warm_up_decode(model: Transformer, cache: SlotKVCache) -> None:
+    """Compile the decode step for one row and for several, on `cache` itself (so the shapes are those it
+    will serve), leaving the cache as empty as it was."""
+    for batch in sorted({1, min(2, len(cache.lengths))}):
+        cache.lengths[:batch] = 1
+        decode_step(model, torch.zeros(batch, dtype=torch.long, device=cache.lengths.device), cache)
+    cache.lengths.zero_()
 
 
 @torch.inference_mode()
@@ -74,11 +121,15 @@ def decode_step(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Feed one new token per row, (B,); the next-token logits (B, vocab)."""
-    with few_row_threads(model, next_ids.numel()):
-        logits = model(
-            next_ids[:, None], position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache
-        )
+    """Feed one new token per row, (B,); the next-token logits (B, vocab). Against a slot cache the rows are
+    its first B slots, each at its own length, and the step is the compiled one where `compile_decode` ran."""
+    if isinstance(cache, SlotKVCache):
+        rows = cache.rows(next_ids.shape[0])
+        step = _compiled_steps.get(model, _rows_step)
+        return step(model, next_ids, rows.keys, rows.values, rows.positions, rows.span)
+    logits = model(
+        next_ids[:, None], position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache
+    )
     return logits[:, -1]
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmctl.infer.decode import decode_step, fit_prompt, prefill
+from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill, warm_up_decode
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
 
@@ -54,9 +54,16 @@ class Request:
 
 class Engine:
     """Runs up to `max_batch` requests per decode step; the rest wait in order. Admission limits are the
-    caller's (the server answers 429 before a request reaches the engine)."""
+    caller's (the server answers 429 before a request reaches the engine). With `compile`, the decode step is
+    compiled here, before the first request, not during it."""
 
-    def __init__(self, model: Transformer, max_batch: int = 16, router: AdapterRouter | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int = 16,
+        router: AdapterRouter | None = None,
+        compile: bool = False,
+    ) -> None:
         self.model = model.eval()
         self.router = router
         self.device = model.device
@@ -70,6 +77,9 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.decode_steps = 0
         self.restarts = 0
+        if compile:
+            compile_decode(self.model)
+            warm_up_decode(self.model, self.cache)
 
     @property
     def context(self) -> int:
@@ -113,7 +123,7 @@ class Engine:
             request.error = "the engine stopped while serving this request"
             request.on_token(None, "error")
         self.slots.clear()
-        self.cache.active = 0
+        self.cache.lengths.zero_()
         self.restarts += 1
         self.start()
         return True
@@ -172,7 +182,6 @@ class Engine:
             self.cache.lengths[slot] = len(request.prompt_ids)
             request.history = ids
             self.slots.append(request)
-            self.cache.active = len(self.slots)
             self._sample_token(slot, logits)
             self._retire_finished()
 
@@ -232,4 +241,3 @@ class Engine:
                 self.cache.move(last, slot)
                 self.slots[slot] = self.slots[last]
             self.slots.pop()
-            self.cache.active = len(self.slots)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from llmctl.infer.decode import PaddedBatch
+from llmctl.infer.decode import PaddedBatch, decode_step, fit_prompt, prefill
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
 
@@ -27,19 +27,24 @@ def without_stop_ids(ids: list[int], stop_token_ids: Iterable[int]) -> list[int]
 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-    """Yield new token ids as they are produced; stops at a stop id, max_new_tokens or the context end."""
-    batch = PaddedBatch(model, [prompt_ids], params.max_new_tokens)
+    """Yield new token ids as they are produced; stops at a stop id, max_new_tokens or the context end.
+
+    One row of a slot cache, decoded like a serving engine's row (and compiled where `compile_decode` ran)."""
+    prompt_ids = fit_prompt(prompt_ids, model.config.max_seq_len)
+    budget = min(params.max_new_tokens, model.config.max_seq_len - len(prompt_ids))
+    cache = model.new_kv_cache(1, max_len=len(prompt_ids) + budget, slots=True)
+    history = torch.tensor([prompt_ids], device=model.device)
+    logits = prefill(model, history, cache.row(0))
+    cache.lengths[0] = len(prompt_ids)
     generator = _generator(params, model.device)
-    history = batch.history()
-    logits = batch.logits
-    for produced in range(batch.budget):
+    for produced in range(budget):
         next_id = sample_next(logits, params, history, generator)
         token = int(next_id)
         yield token
-        if token in params.stop_token_ids or produced == batch.budget - 1:
+        if token in params.stop_token_ids or produced == budget - 1:
             return
         history = torch.cat([history, next_id[:, None]], dim=1)
-        logits = batch.step(next_id)
+        logits = decode_step(model, next_id, cache)
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llmctl.data.chat import END
 from llmctl.data.tokenizer import Tokenizer
-from llmctl.infer.cpu_decode import use_numpy_blas
+from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
@@ -35,12 +35,13 @@ class ServedModel:
         return (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
 
 
-def load_served_model(name: str, path: Path, max_batch: int = 16) -> ServedModel:
-    """Load and start; a checkpoint that cannot be served is a UserError now, not at the first request. An
-    adapter directory is served merged into the base it records."""
+def load_served_model(name: str, path: Path, max_batch: int = 16, compile: bool = False) -> ServedModel:
+    """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
+    a UserError now, not at the first request. An adapter directory is served merged into the base it
+    records."""
     path = Path(path)
     model, tokenizer = load_for_inference(path)
-    engine = Engine(model, max_batch=max_batch).start()
+    engine = Engine(model, max_batch=max_batch, compile=compile).start()
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
 
 
@@ -52,7 +53,7 @@ def load_served_adapters(
     from llmctl.adapters import open_with_adapters
 
     model, tokenizer, router = open_with_adapters(Path(base), adapters)
-    use_numpy_blas(model)
+    use_decode_kernels(model)
     engine = Engine(model, max_batch=max_batch, router=router).start()
     served = {base_name: ServedModel(name=base_name, path=Path(base), engine=engine, tokenizer=tokenizer)}
     for name, path in adapters.items():

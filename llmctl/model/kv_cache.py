@@ -53,43 +53,27 @@ class KVCache:
 class SlotKVCache:
     """Per-row positions for continuous batching: each slot holds one request at its own length.
 
-    Active requests occupy slots [0, active); a finished request's slot is refilled by moving the last
+    Active requests occupy the first slots; a finished request's slot is refilled by moving the last
     active one into it, so a decode step always runs on a contiguous prefix of rows without copying.
-    Prefill goes through `row(slot)`, a one-row KVCache over the same storage.
+    Prefill goes through `row(slot)`, a one-row KVCache over the same storage; decode steps through
+    `rows(batch)`.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> None:
         self.keys, self.values, self.max_len = keys, values, max_len
         self.lengths = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)
-        self.active = 0
 
     def row(self, slot: int) -> KVCache:
         """A one-row KVCache over this slot's storage, starting empty (prefill writes through it)."""
         rows = slice(slot, slot + 1)
         return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.max_len)
 
-    def positions_and_mask(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids (batch, 1) and the keys each row may see, (batch, 1, 1, longest + 1)."""
-        lengths = self.lengths[:batch]
-        span = int(lengths.max()) + 1
+    def rows(self, batch: int) -> DecodeRows:
+        """The first `batch` slots for one decode step, attending over the longest row's positions."""
+        span = int(self.lengths[:batch].max()) + 1
         if span > self.max_len:
             raise ValueError(f"a request reached the cache's {self.max_len} positions")
-        keys = torch.arange(span, device=lengths.device)[None, :]
-        return lengths[:, None], (keys <= lengths[:, None])[:, None, None, :]
-
-    def update(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = keys.shape[0]
-        rows = torch.arange(batch, device=keys.device)
-        positions = self.lengths[:batch]
-        self.keys[layer][rows, :, positions] = keys[:, :, 0]
-        self.values[layer][rows, :, positions] = values[:, :, 0]
-        span = int(positions.max()) + 1
-        return self.keys[layer][:batch, :, :span], self.values[layer][:batch, :, :span]
-
-    def advance(self, n_tokens: int) -> None:
-        self.lengths[: self.active] += n_tokens
+        return DecodeRows(self.keys, self.values, self.lengths[:batch], span)
 
     def move(self, source: int, target: int) -> None:
         length = int(self.lengths[source])
@@ -97,3 +81,31 @@ class SlotKVCache:
             for layer in buffers:
                 layer[target, :, :length] = layer[source, :, :length]
         self.lengths[target] = length
+
+
+class DecodeRows:
+    """One decode step of the first rows of a `SlotKVCache`: one new token per row, each at its own position,
+    attending over the first `span` cached positions. Built from tensors and one int, so that a compiled
+    decode step (llmctl.infer.decode) takes the step's rows and span as inputs, not as constants."""
+
+    def __init__(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, span: int
+    ) -> None:
+        self.keys, self.values, self.positions, self.span = keys, values, positions, span
+
+    def positions_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (batch, 1) and the keys each row may see, (batch, 1, 1, span)."""
+        keys = torch.arange(self.span, device=self.positions.device)[None, :]
+        return self.positions[:, None], (keys <= self.positions[:, None])[:, None, None, :]
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = keys.shape[0]
+        rows = torch.arange(batch, device=keys.device)
+        self.keys[layer][rows, :, self.positions] = keys[:, :, 0]
+        self.values[layer][rows, :, self.positions] = values[:, :, 0]
+        return self.keys[layer][:batch, :, : self.span], self.values[layer][:batch, :, : self.span]
+
+    def advance(self, n_tokens: int) -> None:
+        self.positions += n_tokens  # a view of the slot cache's lengths

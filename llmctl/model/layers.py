@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.model.config import ModelConfig
-from llmctl.model.kv_cache import KVCache, SlotKVCache
+from llmctl.model.kv_cache import DecodeRows, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +47,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one query per row (a decode step) as two small products and a softmax: on a CPU, SDPA's
+    flash kernel spends ~90 us a call setting up for this, and under torch.compile these fuse."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, 1, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -63,7 +74,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        kv_cache: KVCache | SlotKVCache | None,
+        kv_cache: KVCache | DecodeRows | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape  # x: (B, T, d_model)
         q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
@@ -79,7 +90,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
             v = v.repeat_interleave(groups, dim=1)
         # mask: None (plain causal) or (B|1, 1, T, S) booleans, True where a query may see a key
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        if seq == 1 and q.device.type == "cpu":
+            out = one_query_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)  # (B, T, n_head * hd)
         return self.o_proj(out)  # (B, T, d_model)
 
@@ -110,7 +124,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        kv_cache: KVCache | SlotKVCache | None,
+        kv_cache: KVCache | DecodeRows | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.model.config import ModelConfig
-from llmctl.model.kv_cache import KVCache, SlotKVCache, layer_buffers
+from llmctl.model.kv_cache import DecodeRows, KVCache, SlotKVCache, layer_buffers
 from llmctl.model.layers import Block, RMSNorm, rotary_tables
 from llmctl.model.loss import linear_cross_entropy, logits_cross_entropy
 
@@ -104,7 +104,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | SlotKVCache | None = None,
+        kv_cache: KVCache | DecodeRows | None = None,
         targets: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
@@ -119,8 +119,8 @@ class Transformer(nn.Module):
         forward so that FSDP's hooks gather the LM head for it.
         """
         seq = input_ids.shape[1]
-        if isinstance(kv_cache, SlotKVCache):  # one decode step of a continuous batch
-            position_ids, mask = kv_cache.positions_and_mask(input_ids.shape[0])
+        if isinstance(kv_cache, DecodeRows):  # one decode step of a continuous batch
+            position_ids, mask = kv_cache.positions_and_mask()
         else:
             start = kv_cache.length if kv_cache is not None else 0
             if start + seq > self.config.max_seq_len:

@@ -1,10 +1,12 @@
-// Weight-only int8 / int4 products for a few activation rows on the CPU (decode), compiled on first use.
+// Products of a few activation rows (decode) with fp32, int8 or int4 weights on the CPU, compiled on first use.
 //
 // At decode a projection reads its whole weight for one or a few rows: the time is the weight's bytes over
-// the memory bandwidth. torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` are slower than the
-// fp32 product on AVX2 machines (benchmarks/quant_kernels.py), so these loops stream the int8 / int4 weight
-// once per call and multiply it in integers against the rows rounded to int16. Output channels are spread
-// over ATen's thread pool.
+// the memory bandwidth. torch's fp32 sgemv streams weights at well under the machine's read bandwidth, and its
+// few-row sgemm at a fraction of that (benchmarks/decode.py); its `_weight_int8pack_mm` and
+// `_weight_int4pack_mm_for_cpu` are slower than the fp32 product on AVX2 machines (benchmarks/quant_kernels.py).
+// These loops stream each weight once per call: fp32 with FMAs, int8 / int4 in integers against the rows
+// rounded to int16. Blocks of output channels are spread over ATen's thread pool; within a block every chunk
+// of rows is served while the block's weights are still in cache.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -115,15 +117,14 @@ void int4_dots(const int16_t* even, const int16_t* odd, const float* row_scales,
 #endif
 }
 
-// Calls f.template operator()<R>() with R = rows (1..kChunk) known at compile time.
-constexpr int kChunk = 4;
-template <typename F>
+// Calls f.template operator()<R>() with R = rows (1..Chunk, Chunk <= 4) known at compile time.
+template <int Chunk, typename F>
 void with_rows(int64_t rows, F&& f) {
   switch (rows) {
     case 1: f.template operator()<1>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 3: f.template operator()<3>(); break;
-    default: f.template operator()<4>(); break;
+    case 2: if constexpr (Chunk >= 2) f.template operator()<2>(); break;
+    case 3: if constexpr (Chunk >= 3) f.template operator()<3>(); break;
+    default: if constexpr (Chunk >= 4) f.template operator()<4>(); break;
   }
 }
 
@@ -132,25 +133,89 @@ void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.size(0) <= kMaxRows, "too many rows for the decode kernel");
 }
 
-// y (rows, out) from `dots_for.template operator()<R>(first, n, dots)`, which writes the R values of output
-// channel n for rows first..first+R-1: output channels spread over threads, rows in chunks of kChunk.
-template <typename DotsFor>
-at::Tensor by_output_channel(const at::Tensor& x, int64_t out, DotsFor&& dots_for) {
+constexpr int64_t kBlock = 64;  // output channels whose weights stay in cache while every row chunk uses them
+
+// y (rows, out), filled by `block.template operator()<R>(first, begin, end, y)`, which writes output channels
+// [begin, end) of rows first..first+R-1: blocks of channels spread over threads, rows in chunks of Chunk.
+template <int Chunk, typename Block>
+at::Tensor by_channel_block(const at::Tensor& x, int64_t out, Block&& block) {
   const int64_t rows = x.size(0);
   auto y = at::empty({rows, out}, x.options());
   float* ys = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t first = 0; first < rows; first += kChunk) {
-      with_rows(std::min<int64_t>(kChunk, rows - first), [&]<int R>() {
-        float dots[R];
-        for (int64_t n = begin; n < end; ++n) {
-          dots_for.template operator()<R>(first, n, dots);
-          for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
-        }
-      });
+  at::parallel_for(0, out, kBlock / 2, [&](int64_t begin, int64_t end) {
+    for (int64_t start = begin; start < end; start += kBlock) {
+      const int64_t stop = std::min(end, start + kBlock);
+      for (int64_t first = 0; first < rows; first += Chunk)
+        with_rows<Chunk>(std::min<int64_t>(Chunk, rows - first),
+                         [&]<int R>() { block.template operator()<R>(first, start, stop, ys); });
     }
   });
   return y;
+}
+
+// The same for kernels that compute one output channel at a time: `dots_for.template operator()<R>(first, n,
+// dots)` writes the R values of channel n for rows first..first+R-1.
+template <typename DotsFor>
+at::Tensor by_output_channel(const at::Tensor& x, int64_t out, DotsFor&& dots_for) {
+  const int64_t out_stride = out;
+  return by_channel_block<4>(x, out, [&]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
+    float dots[R];
+    for (int64_t n = begin; n < end; ++n) {
+      dots_for.template operator()<R>(first, n, dots);
+      for (int m = 0; m < R; ++m) ys[(first + m) * out_stride + n] = dots[m];
+    }
+  });
+}
+
+// R x C dot products: rows x (R, in) against C consecutive weight rows w (C, in), into dots[m * C + c].
+// R * C accumulators, R activation vectors and one weight vector fit AVX2's 16 registers for R * C <= 12.
+template <int R, int C>
+void fp32_dots(const float* x, int64_t in, const float* w, float* dots) {
+  int64_t k = 0;
+#ifdef LLMCTL_AVX2
+  __m256 acc[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm256_setzero_ps();
+  for (; k + 8 <= in; k += 8) {
+    __m256 xs[R];
+    for (int m = 0; m < R; ++m) xs[m] = _mm256_loadu_ps(x + m * in + k);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_loadu_ps(w + c * in + k);
+      for (int m = 0; m < R; ++m) acc[m][c] = _mm256_fmadd_ps(wv, xs[m], acc[m][c]);
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) dots[m * C + c] = horizontal_sum(acc[m][c]);
+#else
+  for (int m = 0; m < R * C; ++m) dots[m] = 0.f;
+#endif
+  for (; k < in; ++k)
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < C; ++c) dots[m * C + c] += x[m * in + k] * w[c * in + k];
+}
+
+// y (rows, out) = x (rows, in) @ w (out, in)^T: one row reads 8 weight rows at a time, more rows 4.
+at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_x(x);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2, "w: contiguous fp32 (out, in)");
+  const int64_t in = x.size(1), out = w.size(0);
+  TORCH_CHECK(w.size(1) == in, "w does not match x");
+  const float* xs = x.data_ptr<float>();
+  const float* ws = w.data_ptr<float>();
+  return by_channel_block<3>(x, out, [&]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
+    constexpr int C = R == 1 ? 8 : 4;
+    float dots[R * C];
+    int64_t n = begin;
+    for (; n + C <= end; n += C) {
+      fp32_dots<R, C>(xs + first * in, in, ws + n * in, dots);
+      for (int m = 0; m < R; ++m)
+        for (int c = 0; c < C; ++c) ys[(first + m) * out + n + c] = dots[m * C + c];
+    }
+    for (; n < end; ++n) {
+      fp32_dots<R, 1>(xs + first * in, in, ws + n * in, dots);
+      for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
+    }
+  });
 }
 
 // y (rows, out) = x (rows, in) @ (q (out, in) int8 * scale (out))^T
@@ -213,12 +278,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(llmctl_weight_only, m) {
+TORCH_LIBRARY(llmctl_decode, m) {
+  m.def("fp32_linear(Tensor x, Tensor w) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llmctl_weight_only, CPU, m) {
+TORCH_LIBRARY_IMPL(llmctl_decode, CPU, m) {
+  m.impl("fp32_linear", fp32_linear);
   m.impl("int8_linear", int8_linear);
   m.impl("int4_linear", int4_linear);
 }
