@@ -1,7 +1,11 @@
 """Serving throughput: 16 concurrent streaming clients vs 1 against `llmctl serve` (its own process) on
 localhost. Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
 
-    .venv/bin/python -m benchmarks.serve [--clients 16] [--requests 32] [--max-tokens 64]
+    .venv/bin/python -m benchmarks.serve [--clients 16] [--requests 32] [--max-tokens 64] [--compile]
+
+It also splits the many-client run's decode step into where the time went, from the server's own counters
+(/metrics `llmctl_time_seconds`): the engine thread's forward, sampling, token delivery and prefill, the event
+loop's detokenization and SSE encoding, and what is left of the wall time (waiting, the event loop, HTTP).
 """
 
 from __future__ import annotations
@@ -101,11 +105,39 @@ async def load(base: str, clients: int, requests: int, max_tokens: int) -> dict:
     }
 
 
+def phase_seconds(base: str) -> tuple[dict[str, float], float]:
+    """The server's cumulative seconds per phase and its decode steps, read from /metrics."""
+    seconds, steps = {}, 0.0
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("llmctl_time_seconds{"):
+            phase = line.split('phase="')[1].split('"')[0]
+            seconds[phase] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("llmctl_decode_steps{"):
+            steps = float(line.rsplit(" ", 1)[1])
+    return seconds, steps
+
+
+def print_profile(
+    before: tuple[dict[str, float], float], after: tuple[dict[str, float], float], wall: float
+) -> None:
+    steps = after[1] - before[1]
+    spent = {phase: after[0][phase] - before[0].get(phase, 0.0) for phase in after[0]}
+    print(f"\nwhere a decode step's time went ({steps:.0f} steps, {1000 * wall / steps:.2f} ms each):")
+    for phase, seconds in spent.items():
+        print(f"  {phase:12}{1000 * seconds / steps:>8.2f} ms  {100 * seconds / wall:>5.1f}%")
+    engine = sum(spent[phase] for phase in ("prefill", "forward", "sampling", "delivery"))
+    rest = wall - engine
+    print(
+        f"  {'engine idle':12}{1000 * rest / steps:>8.2f} ms  {100 * rest / wall:>5.1f}%  (waiting for requests, the GIL)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="serve with --compile")
     args = parser.parse_args()
     path = checkpoint(Path(tempfile.mkdtemp()))
     with socket.socket() as probe:
@@ -121,11 +153,12 @@ def main() -> None:
         str(port),
         "--max-batch",
         str(args.clients),
+        *(["--compile"] if args.compile else []),
     ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # compiling takes minutes on two cores
         while True:
             try:
                 if httpx.get(f"{base}/health").status_code == 200:
@@ -136,12 +169,15 @@ def main() -> None:
                 sys.exit("llmctl serve did not come up")
             time.sleep(0.2)
         single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens))
+        before, started = phase_seconds(base), time.perf_counter()
         many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens))
+        wall, after = time.perf_counter() - started, phase_seconds(base)
     finally:
         server.terminate()
         server.wait(timeout=60)
     print(
-        f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}"
+        f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}, "
+        f"decode step {'compiled' if args.compile else 'eager'}"
     )
     print(f"{'clients':>8}{'tokens/s':>12}{'p50 TTFT ms':>14}{'p99 TTFT ms':>14}{'failed':>8}")
     for clients, result in ((1, single), (args.clients, many)):
@@ -151,6 +187,7 @@ def main() -> None:
     print(
         f"throughput ratio {args.clients} clients / 1 client: {many['tokens_per_second'] / single['tokens_per_second']:.2f}x"
     )
+    print_profile(before, after, wall)
 
 
 if __name__ == "__main__":

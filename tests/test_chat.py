@@ -112,3 +112,34 @@ def test_plain_mode_reports_mistakes_and_keeps_the_conversation(tiny_checkpoint,
     assert lines[6].startswith(f"cannot save to {tmp_path}")
     record = json.loads((tmp_path / "chat.json").read_text())
     assert [m["content"] for m in record["messages"] if m["role"] == "user"] == ["hello"]
+
+
+def test_a_draft_model_gives_the_same_greedy_reply_and_a_foreign_one_is_refused(
+    tiny_checkpoint, sample_pipeline, tmp_path
+):
+    from llmctl.checkpoint import open_checkpoint, save_checkpoint
+    from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
+    from llmctl.model.hf_format import export_state_dict
+
+    expected = "".join(session_for(tiny_checkpoint).reply("hello"))
+    command = [sys.executable, "-m", "llmctl", "chat", str(tiny_checkpoint), "--temperature", "0"]
+    command += ["--max-tokens", "12", "--draft"]
+    result = subprocess.run(
+        [*command, str(tiny_checkpoint)], input="hello\n", capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+    train_tokenizer(sample_pipeline["corpus"], tmp_path / "tokenizer", vocab_size=600)
+    model, _ = open_checkpoint(tiny_checkpoint)  # the same shape, another tokenizer
+    foreign = save_checkpoint(
+        tmp_path / "foreign",
+        model.config,
+        export_state_dict(model),
+        tokenizer=open_tokenizer(tmp_path / "tokenizer" / "tokenizer.model"),
+    )
+    result = subprocess.run(
+        [*command, str(foreign)], input="hello\n", capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "different tokenizer" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -107,14 +107,17 @@ def test_a_request_that_fails_fails_alone_and_the_engine_serves_on(model):
 def test_a_request_failing_mid_batch_leaves_the_others_exact(model, monkeypatch):
     from llmctl.infer import engine as engine_module
 
-    real_sample_next = engine_module.sample_next
+    real_sample_rows = engine_module.sample_rows
+    calls_with_top_k_7 = []
 
-    def failing_for_top_k_7(logits, params, history, generator):
-        if params.top_k == 7 and history.shape[1] > 4:  # fails a few tokens in, mid-batch
-            raise RuntimeError("injected failure")
-        return real_sample_next(logits, params, history, generator)
+    def failing_for_top_k_7(logits, params, histories, generators):
+        if any(row.top_k == 7 for row in params):  # fails a few tokens in, mid-batch
+            calls_with_top_k_7.append(len(params))
+            if len(calls_with_top_k_7) > 3:
+                raise RuntimeError("injected failure")
+        return real_sample_rows(logits, params, histories, generators)
 
-    monkeypatch.setattr(engine_module, "sample_next", failing_for_top_k_7)
+    monkeypatch.setattr(engine_module, "sample_rows", failing_for_top_k_7)
     prompts = [[1, 2, 3], [9, 8], [4, 4, 4, 4]]
     solos = [
         list(generate_ids(model, p, SamplingParams(max_new_tokens=10, temperature=0.0))) for p in prompts
@@ -128,7 +131,31 @@ def test_a_request_failing_mid_batch_leaves_the_others_exact(model, monkeypatch)
         engine.submit([1, 2], SamplingParams(max_new_tokens=10, temperature=0.0, top_k=7), failing)
         engine.submit(prompts[2], SamplingParams(max_new_tokens=10, temperature=0.0), collectors[2])
         assert failing.done.wait(30) and failing.finish == "error" and 0 < len(failing.tokens) < 10
+        assert max(calls_with_top_k_7) > 1  # it failed inside a batch of several rows
         for collector, solo in zip(collectors, solos, strict=True):
             assert collector.done.wait(30) and collector.tokens == solo
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampled_requests_in_one_batch_get_what_they_get_alone(model):
+    """Rows sampled together (grouped by settings, each from its own generator) equal each row alone."""
+    settings = [
+        SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=1),
+        SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=2),  # same group as the first
+        SamplingParams(max_new_tokens=12, temperature=1.3, top_k=20, seed=3),
+        SamplingParams(max_new_tokens=12, temperature=0.8, repetition_penalty=1.5, seed=4),
+        SamplingParams(max_new_tokens=12, temperature=0.0),
+    ]
+    prompts = [[1, 2, 3], [1, 2, 3], [7, 8], [5, 5, 5], [9]]
+    engine = Engine(model, max_batch=len(prompts)).start()
+    try:
+        collectors = [Collector() for _ in prompts]
+        for prompt, params, collector in zip(prompts, settings, collectors, strict=True):
+            engine.submit(prompt, params, collector)
+        for prompt, params, collector in zip(prompts, settings, collectors, strict=True):
+            assert collector.done.wait(30)
+            assert collector.tokens == list(generate_ids(model, prompt, params))
+        assert collectors[0].tokens != collectors[1].tokens  # the seeds, not the batch, decide
     finally:
         engine.stop()

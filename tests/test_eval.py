@@ -27,6 +27,37 @@ def test_sliding_windows_score_every_position_once():
         assert all(first > begin for begin, _, first in spans)  # every scored token has context
 
 
+def test_batched_scores_equal_one_sequence_at_a_time(monkeypatch):
+    from llmctl.evaluate import scoring
+    from llmctl.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, max_seq_len=64)).eval()
+    generator = torch.Generator().manual_seed(1)
+    items = []
+    for _ in range(23):
+        length = int(torch.randint(2, 65, (1,), generator=generator))
+        tokens = torch.randint(0, 50, (length,), generator=generator).tolist()
+        items.append((tokens, int(torch.randint(1, length, (1,), generator=generator))))
+    alone = [scoring.batched_continuation_logprobs(model, [item], batch_size=1)[0] for item in items]
+    monkeypatch.setattr(scoring, "TOKENS_PER_BATCH", 200)  # long rows split into smaller batches too
+    together = scoring.batched_continuation_logprobs(model, items, batch_size=8)
+    for (tokens, score_from), (a, greedy_a), (b, greedy_b) in zip(items, alone, together, strict=True):
+        assert len(a) == len(tokens) - score_from
+        assert torch.allclose(a, b, atol=1e-5) and torch.equal(greedy_a, greedy_b)
+    texts = ["a b c d e " * n for n in range(1, 30)]
+
+    class Characters:  # a tokenizer stand-in: one id per character
+        bos_id = 1
+
+        def encode(self, text):
+            return [2 + ord(c) % 40 for c in text]
+
+    one = perplexity(model, Characters(), texts, window=16, stride=8, batch_size=1)
+    many = perplexity(model, Characters(), texts, window=16, stride=8, batch_size=8)
+    assert one.tokens == many.tokens and abs(one.nll - many.nll) < 1e-3
+
+
 def test_perplexity_equals_transformers_on_the_same_windows(tiny_checkpoint, sample_pipeline):
     from llmctl.checkpoint import open_checkpoint
 

@@ -282,14 +282,14 @@ def test_a_temperature_near_zero_is_greedy(client):
 def test_a_failing_request_gets_an_error_and_its_batch_neighbours_finish(tiny_checkpoint, monkeypatch):
     from llmctl.infer import engine as engine_module
 
-    real_sample_next = engine_module.sample_next
+    real_sample_rows = engine_module.sample_rows
 
-    def failing_for_top_k_7(logits, params, history, generator):
-        if params.top_k == 7:
+    def failing_for_top_k_7(logits, params, histories, generators):
+        if any(row.top_k == 7 for row in params):
             raise RuntimeError("injected failure")
-        return real_sample_next(logits, params, history, generator)
+        return real_sample_rows(logits, params, histories, generators)
 
-    monkeypatch.setattr(engine_module, "sample_next", failing_for_top_k_7)
+    monkeypatch.setattr(engine_module, "sample_rows", failing_for_top_k_7)
     app = create_app({"tiny": load_served_model("tiny", tiny_checkpoint, max_batch=4)})
     results: dict[str, list[str]] = {}
 

@@ -29,6 +29,10 @@ def chat(
         "--compile",
         help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
     ),
+    draft: str | None = typer.Option(
+        None,
+        help="A smaller checkpoint with the same tokenizer (a distilled student, say): speculative decoding.",
+    ),
 ) -> None:
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
     from llmctl.commands.checkpoint_args import resolve_checkpoint
@@ -42,6 +46,8 @@ def chat(
         compile_decode(model)
         warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))
     session = ChatSession(model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens))
+    if draft is not None:
+        session.draft = load_draft(resolve_checkpoint(draft), tokenizer, model)
     if plain or not sys.stdin.isatty():
         run_plain(session)
         return
@@ -54,6 +60,20 @@ def chat(
             f"the chat UI needs the tui extra ({error.name} is missing): pip install 'llmctl[tui]', or use --plain"
         ) from None
     ChatApp(session, str(path)).run()
+
+
+def load_draft(path: Path, tokenizer, model):
+    """The draft model for speculative decoding; it must speak the target's tokenizer."""
+    from llmctl.errors import UserError
+    from llmctl.infer.decode import load_for_inference
+
+    draft, draft_tokenizer = load_for_inference(path)
+    if draft_tokenizer.sha256() != tokenizer.sha256() or draft.config.vocab_size != model.config.vocab_size:
+        raise UserError(
+            f"the draft {path} has a different tokenizer from the model's; a draft must be trained on the "
+            "same tokenizer (a distilled student of the model, say)"
+        )
+    return draft
 
 
 def run_plain(session) -> None:

@@ -67,7 +67,7 @@ def serve(
     routes = parse_routes(route, set(named) | set(adapters))
     if adapters:
         ((base_name, base),) = named.items()
-        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch, compile=compile)
+        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch)
         typer.echo(
             f"loaded {base_name} from {base} with adapters {', '.join(adapters)} (one copy of the base)"
         )

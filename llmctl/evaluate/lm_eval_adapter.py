@@ -11,7 +11,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llmctl.evaluate.scoring import continuation_logprobs
+from llmctl.evaluate.scoring import batched_continuation_logprobs
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.generate import generate_batch, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
@@ -58,17 +58,18 @@ class LlmctlLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
-        results = []
+        """Scored `batch_size` requests per forward, longest first, as lm-eval's `hf` model does."""
+        items = []
         for _, context_enc, continuation_enc in requests:
             whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
-            score_from = len(whole) - len(continuation_enc)
-            log_probs, greedy = continuation_logprobs(self.model, whole, score_from)
-            results.append((float(log_probs.double().sum()), bool(greedy.all())))
-        return results
+            items.append((whole, len(whole) - len(continuation_enc)))
+        scored = batched_continuation_logprobs(self.model, items, self.batch_size)
+        return [(float(log_probs.double().sum()), bool(greedy.all())) for log_probs, greedy in scored]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        scores = []
-        for request in requests:
+        """Every window of every request in one batched pass; each request's score is its windows' sum."""
+        pairs, owners = [], []
+        for owner, request in enumerate(requests):
             (text,) = request.args
             windows = get_rolling_token_windows(
                 token_list=self.tok_encode(text, add_special_tokens=False),
@@ -76,8 +77,12 @@ class LlmctlLM(TemplateLM):
                 max_seq_len=self.max_length,
                 context_len=1,
             )
-            pairs = [(None, *make_disjoint_window(window)) for window in windows]
-            scores.append(sum(score for score, _ in self._loglikelihood_tokens(pairs)))
+            for window in windows:
+                pairs.append((None, *make_disjoint_window(window)))
+                owners.append(owner)
+        scores = [0.0] * len(requests)
+        for owner, (score, _) in zip(owners, self._loglikelihood_tokens(pairs), strict=True):
+            scores[owner] += score
         return scores
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
-from llmctl.evaluate.scoring import continuation_logprobs, sliding_windows
+from llmctl.evaluate.scoring import batched_continuation_logprobs, sliding_windows
 from llmctl.model import Transformer
 
 
@@ -31,12 +31,33 @@ class PerplexityResult:
         return asdict(self)
 
 
-def document_nll(model: Transformer, ids: list[int], window: int, stride: int) -> float:
-    total = 0.0
-    for begin, end, first_scored in sliding_windows(len(ids), window, stride):
-        log_probs, _ = continuation_logprobs(model, ids[begin:end], first_scored - begin)
-        total -= float(log_probs.double().sum())
-    return total
+WINDOWS_PER_PASS = 64  # windows gathered across documents before they are scored in batches
+DOCUMENTS_PER_GROUP = 256  # documents encoded and held at once
+
+
+def document_nlls(
+    model: Transformer, documents: list[list[int]], window: int, stride: int, batch_size: int
+) -> list[float]:
+    """Each document's total negative log-likelihood (nats) over its sliding windows, the windows of many
+    documents scored together in batches."""
+    nlls = [0.0] * len(documents)
+    pending: list[tuple[int, list[int], int]] = []
+
+    def score() -> None:
+        items = [(tokens, first_scored) for _, tokens, first_scored in pending]
+        for (owner, _, _), (log_probs, _) in zip(
+            pending, batched_continuation_logprobs(model, items, batch_size), strict=True
+        ):
+            nlls[owner] -= float(log_probs.double().sum())
+        pending.clear()
+
+    for owner, ids in enumerate(documents):
+        for begin, end, first_scored in sliding_windows(len(ids), window, stride):
+            pending.append((owner, ids[begin:end], first_scored - begin))
+            if len(pending) >= WINDOWS_PER_PASS:
+                score()
+    score()
+    return nlls
 
 
 def perplexity(
@@ -47,22 +68,30 @@ def perplexity(
     stride: int | None = None,
     seed: int = 0,
     bootstrap: int = 1000,
+    batch_size: int = 8,
 ) -> PerplexityResult:
-    """Each document is [bos] + its tokens, so its first real token is scored too."""
+    """Each document is [bos] + its tokens, so its first real token is scored too. Windows are scored
+    `batch_size` per forward; documents are encoded a group at a time, so memory stays flat."""
     context = model.config.max_seq_len
     window = window or context
     if window > context:
         raise UserError(f"--window {window} exceeds the model's context of {context} tokens")
     stride = stride or window // 2
-    nlls, token_counts, words, byte_count = [], [], 0, 0
+    nlls: list[float] = []
+    token_counts, words, byte_count = [], 0, 0
+    group: list[list[int]] = []
     for text in texts:
         ids = [tokenizer.bos_id, *tokenizer.encode(text)]
         if len(ids) < 2:
             continue
-        nlls.append(document_nll(model, ids, window, stride))
+        group.append(ids)
         token_counts.append(len(ids) - 1)
         words += len(text.split())
         byte_count += len(text.encode())
+        if len(group) == DOCUMENTS_PER_GROUP:
+            nlls += document_nlls(model, group, window, stride, batch_size)
+            group = []
+    nlls += document_nlls(model, group, window, stride, batch_size)
     if not nlls:
         raise UserError("no text to evaluate: the data is empty")
     nll, tokens = float(sum(nlls)), int(sum(token_counts))

@@ -1,4 +1,5 @@
-"""Token log-likelihoods of a checkpoint: the one primitive perplexity and the lm-eval adapter share."""
+"""Token log-likelihoods of a checkpoint: the one primitive perplexity and the lm-eval adapter share, one
+sequence at a time or many in length-sorted, right-padded batches."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch.nn.functional as F
 from llmctl.model import Transformer
 
 
-@torch.inference_mode()
 def continuation_logprobs(
     model: Transformer, tokens: list[int], score_from: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,12 +16,44 @@ def continuation_logprobs(
 
     `tokens` must fit the context; score_from >= 1 (the first token has nothing to be predicted from).
     """
-    ids = torch.tensor([tokens[:-1]], device=model.device)
-    logits = model(ids)[0, score_from - 1 :].float()
-    targets = torch.tensor(tokens[score_from:], device=logits.device)
-    log_probs = F.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
-    return chosen.cpu(), (log_probs.argmax(-1) == targets).cpu()
+    return batched_continuation_logprobs(model, [(tokens, score_from)], batch_size=1)[0]
+
+
+# logits of a batch are (rows, width, vocab) fp32: bound rows x width so that a long-context batch stays ~1 GB
+TOKENS_PER_BATCH = 8192
+
+
+@torch.inference_mode()
+def batched_continuation_logprobs(
+    model: Transformer, items: list[tuple[list[int], int]], batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`continuation_logprobs` of every (tokens, score_from), in the order given.
+
+    Sequences are sorted longest first and right-padded into batches of up to `batch_size` rows (fewer where
+    rows x width would pass TOKENS_PER_BATCH), as lm-eval's `hf` model does. Causal attention never lets a
+    real token see the padding after it, so each row's scores are its scores alone.
+    """
+    order = sorted(range(len(items)), key=lambda index: -len(items[index][0]))
+    results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(items)  # type: ignore[list-item]
+    start = 0
+    while start < len(order):
+        width = len(items[order[start]][0]) - 1
+        rows = max(1, min(batch_size, TOKENS_PER_BATCH // max(width, 1)))
+        chunk = order[start : start + rows]
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=model.device)
+        for row, index in enumerate(chunk):
+            tokens = items[index][0][:-1]
+            ids[row, : len(tokens)] = torch.tensor(tokens, device=model.device)
+        logits = model(ids)
+        for row, index in enumerate(chunk):
+            tokens, score_from = items[index]
+            scored = logits[row, score_from - 1 : len(tokens) - 1].float()
+            targets = torch.tensor(tokens[score_from:], device=scored.device)
+            log_probs = F.log_softmax(scored, dim=-1)
+            chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
+            results[index] = (chosen.cpu(), (log_probs.argmax(-1) == targets).cpu())
+        start += len(chunk)
+    return results
 
 
 def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:

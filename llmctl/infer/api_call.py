@@ -124,17 +124,19 @@ class ApiCall:
                     "finish_reason": None,
                     "logprobs": None,
                 }
-                yield _sse({**base, "choices": [first]})
+                yield _sse({**base, "choices": [first]}, self.served)
         try:
             async for index, text, finish in self.events():
                 if text or finish:
-                    yield _sse({**base, "choices": [self.choice(index, text, finish, stream=True)]})
+                    yield _sse(
+                        {**base, "choices": [self.choice(index, text, finish, stream=True)]}, self.served
+                    )
         except GenerationFailed as error:  # the stream ends with an error event, never silently
-            yield _sse(generation_error(error).body())
+            yield _sse(generation_error(error).body(), self.served)
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": self.usage()})
+            yield _sse({**base, "choices": [], "usage": self.usage()}, self.served)
         yield "data: [DONE]\n\n"
 
 
@@ -142,5 +144,8 @@ def generation_error(error: GenerationFailed) -> OpenAIError:
     return OpenAIError(500, f"generation failed: {error}", type_="server_error", code="generation_failed")
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+def _sse(payload: dict, served: ServedModel) -> str:
+    started = time.perf_counter()
+    event = f"data: {json.dumps(payload)}\n\n"
+    served.stream_seconds["encode"] += time.perf_counter() - started
+    return event

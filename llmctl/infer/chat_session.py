@@ -18,6 +18,7 @@ from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.speculative import speculative_generate_ids
 from llmctl.infer.text import stream_text
 from llmctl.model import Transformer
 
@@ -48,6 +49,7 @@ class ChatSession:
     settings: SamplingParams = field(default_factory=chat_sampling)
     history: list[Message] = field(default_factory=list)
     last_tokens_per_second: float = 0.0
+    draft: Transformer | None = None  # a smaller model with the same tokenizer: speculative decoding
 
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history
@@ -106,7 +108,10 @@ class ChatSession:
         stop_ids = (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
         params = replace(self.settings, stop_token_ids=stop_ids)
         started, produced, parts = time.perf_counter(), 0, []
-        ids = generate_ids(self.model, prompt_ids, params)
+        if self.draft is not None:
+            ids = speculative_generate_ids(self.model, self.draft, prompt_ids, params)
+        else:
+            ids = generate_ids(self.model, prompt_ids, params)
         for chunk in stream_text(self.tokenizer, prompt_ids, ids, stop_token_ids=stop_ids):
             produced += chunk.token_id is not None
             if chunk.text:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill, warm_up_decode
-from llmctl.infer.sampling import SamplingParams, sample_next
+from llmctl.infer.sampling import SamplingParams, sample_rows
 from llmctl.model import Transformer
 
 if TYPE_CHECKING:
@@ -77,6 +77,9 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.decode_steps = 0
         self.restarts = 0
+        # where the engine thread's time goes, cumulative: /metrics exposes it, benchmarks/serve.py --profile
+        # splits a step with it
+        self.seconds = dict.fromkeys(("prefill", "forward", "sampling", "delivery"), 0.0)
         if compile:
             compile_decode(self.model)
             warm_up_decode(self.model, self.cache)
@@ -172,8 +175,10 @@ class Engine:
                 ids = torch.tensor([request.prompt_ids], device=self.device)
                 if request.params.seed is not None:
                     request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+                started = time.perf_counter()
                 with self._routing([request]):
                     logits = prefill(self.model, ids, self.cache.row(slot))
+                self.seconds["prefill"] += time.perf_counter() - started
             except Exception as error:  # this request alone fails
                 log.exception("request %d failed at prefill", request.id)
                 request.error = f"{type(error).__name__}: {error}"
@@ -182,16 +187,17 @@ class Engine:
             self.cache.lengths[slot] = len(request.prompt_ids)
             request.history = ids
             self.slots.append(request)
-            self._sample_token(slot, logits)
+            self._sample_tokens([slot], logits)
             self._retire_finished()
 
     def _decode_step(self) -> None:
+        started = time.perf_counter()
         last = torch.tensor([request.generated[-1] for request in self.slots], device=self.device)
         with self._routing(self.slots):
             logits = decode_step(self.model, last, self.cache)
+        self.seconds["forward"] += time.perf_counter() - started
         self.decode_steps += 1
-        for slot in range(len(self.slots)):
-            self._sample_token(slot, logits[slot : slot + 1])
+        self._sample_tokens(list(range(len(self.slots))), logits)
 
     def _routing(self, rows: list[Request]) -> contextlib.AbstractContextManager:
         """Each row's own adapter, when the model carries several (continuous batching across adapters)."""
@@ -199,20 +205,49 @@ class Engine:
             return contextlib.nullcontext()
         return self.router.route([request.adapter for request in rows])
 
-    def _sample_token(self, slot: int, logits: torch.Tensor) -> None:
-        request = self.slots[slot]
-        if request.cancelled or request.error:
+    def _sample_tokens(self, slots: list[int], logits: torch.Tensor) -> None:
+        """Each slot's next token from its row of `logits`, all rows sampled together; a row whose
+        sampling fails fails its request alone."""
+        live = [(slot, row) for row, slot in enumerate(slots) if not self._stopped(self.slots[slot])]
+        if not live:
             return
+        started = time.perf_counter()
+        requests = [self.slots[slot] for slot, _ in live]
+        rows = logits[[row for _, row in live]]
         try:
-            token = sample_next(logits, request.params, request.history, request.generator)
-        except Exception as error:  # this request alone fails
-            log.exception("request %d failed while sampling", request.id)
-            request.error = f"{type(error).__name__}: {error}"
-            return
-        request.history = torch.cat([request.history, token[:, None]], dim=1)
-        token_id = int(token)
-        request.generated.append(token_id)
-        request.on_token(token_id, None)
+            tokens = self._sample(requests, rows)
+        except Exception:  # find the request at fault: sample each alone
+            tokens = []
+            for request, row in zip(requests, rows, strict=True):
+                try:
+                    tokens.extend(self._sample([request], row[None]))
+                except Exception as error:
+                    log.exception("request %d failed while sampling", request.id)
+                    request.error = f"{type(error).__name__}: {error}"
+                    tokens.append(None)
+        sampled = time.perf_counter()
+        for request, token in zip(requests, tokens, strict=True):
+            if token is None:
+                continue
+            if request.history is not None and request.params.penalised:
+                request.history = torch.cat([request.history, request.history.new_tensor([[token]])], dim=1)
+            request.generated.append(token)
+            request.on_token(token, None)
+        self.seconds["sampling"] += sampled - started
+        self.seconds["delivery"] += time.perf_counter() - sampled
+
+    @staticmethod
+    def _sample(requests: list[Request], logits: torch.Tensor) -> list[int]:
+        return sample_rows(
+            logits,
+            [request.params for request in requests],
+            [request.history for request in requests],
+            [request.generator for request in requests],
+        )
+
+    @staticmethod
+    def _stopped(request: Request) -> bool:
+        return request.cancelled or request.error is not None
 
     def _finish_reason(self, slot: int) -> str | None:
         request = self.slots[slot]

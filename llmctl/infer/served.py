@@ -26,6 +26,8 @@ class ServedModel:
     tokenizer: Tokenizer
     adapter: str | None = None  # a LoRA adapter on an engine shared with the base's other adapters
     created: int = field(default_factory=lambda: int(time.time()))
+    # event-loop time spent turning tokens into text and text into SSE events, cumulative (/metrics)
+    stream_seconds: dict[str, float] = field(default_factory=lambda: {"detokenize": 0.0, "encode": 0.0})
 
     @property
     def context(self) -> int:
@@ -100,7 +102,9 @@ async def stream_completion(
                 record.completion_tokens += 1
                 if record.first_token_at is None:
                     record.first_token_at = time.perf_counter()
+                started = time.perf_counter()
                 chunk = text.push(token)
+                served.stream_seconds["detokenize"] += time.perf_counter() - started
                 if chunk.finish_reason:
                     record.finish_reason = chunk.finish_reason
                     yield chunk

@@ -45,9 +45,22 @@ class ServerMetrics:
         active = Gauge(
             "llmctl_active_requests", "Requests in the running batch", ["model"], registry=self.registry
         )
+        steps = Gauge("llmctl_decode_steps", "Decode steps run", ["model"], registry=self.registry)
+        busy = Gauge(
+            "llmctl_time_seconds",
+            "Cumulative seconds by phase: the engine's prefill, forward, sampling and token delivery; the "
+            "event loop's detokenization and SSE encoding",
+            ["model", "phase"],
+            registry=self.registry,
+        )
         for name, served in models.items():
             queue.labels(name).set_function(served.engine.queue_depth)
             active.labels(name).set_function(served.engine.active)
+            steps.labels(name).set_function(lambda engine=served.engine: engine.decode_steps)
+            for phase in served.engine.seconds:
+                busy.labels(name, phase).set_function(lambda e=served.engine, p=phase: e.seconds[p])
+            for phase in served.stream_seconds:
+                busy.labels(name, phase).set_function(lambda m=served, p=phase: m.stream_seconds[p])
 
     def rejected(self, model: str) -> None:
         self.rejected_requests.labels(model).inc()

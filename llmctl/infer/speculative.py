@@ -1,0 +1,165 @@
+"""Speculative decoding: a small draft model proposes a few tokens, the target checks them all in one forward
+pass, and the standard accept/reject rule (Leviathan et al. 2023, Chen et al. 2023) keeps the output
+distribution exactly the target's. Greedy output is token-identical to decoding the target alone.
+
+Both models keep a static KV cache; tokens the target rejects are forgotten by moving its write position
+back, so nothing is copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llmctl.infer.decode import fit_prompt, prefill
+from llmctl.infer.sampling import SamplingParams, apply_penalties, filter_logits
+from llmctl.model import KVCache, Transformer
+
+DEFAULT_LOOKAHEAD = 4
+
+
+@dataclass
+class SpeculationStats:
+    """How well the draft guessed: accepted / proposed is the acceptance rate."""
+
+    proposed: int = 0
+    accepted: int = 0
+    target_passes: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def check_draft(target: Transformer, draft: Transformer) -> None:
+    """A draft must share the target's vocabulary: its ids are the target's ids."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+            f"({target.config.vocab_size}); a draft must use the target's tokenizer"
+        )
+
+
+def _probabilities(logits: torch.Tensor, params: SamplingParams, histories: list[list[int]]) -> torch.Tensor:
+    """The distribution `sample_next` draws from for each row, (rows, vocab), row i's penalties counting
+    `histories[i]`: one-hot at the argmax when greedy."""
+    logits = torch.cat(
+        [
+            apply_penalties(row[None].float(), torch.tensor([history], device=row.device), params)
+            for row, history in zip(logits, histories, strict=True)
+        ]
+    )
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits, params).softmax(-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One id from a distribution (vocab,), by inverse CDF as `sample_next` does."""
+    draw = torch.rand(1, generator=generator, device=probs.device)
+    return int(torch.searchsorted(probs.cumsum(-1), draw, right=True).clamp(max=probs.shape[-1] - 1))
+
+
+@torch.inference_mode()
+def speculative_generate_ids(
+    target: Transformer,
+    draft: Transformer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    lookahead: int = DEFAULT_LOOKAHEAD,
+    stats: SpeculationStats | None = None,
+) -> Iterator[int]:
+    """Yield new token ids as `generate_ids` does, up to `lookahead` draft tokens checked per target pass.
+
+    Each round the newest token (not yet in either cache) and the draft's proposals go through the target
+    together; proposal i is kept with probability min(1, p_i / q_i), the first one refused is replaced by a
+    draw from the residual max(0, p_i - q_i), and when all are kept a bonus token comes from the target's
+    next distribution. Penalties count, for each position, the tokens before it, proposals included.
+    """
+    check_draft(target, draft)
+    context = min(target.config.max_seq_len, draft.config.max_seq_len)
+    prompt_ids = fit_prompt(prompt_ids, context)
+    budget = min(params.max_new_tokens, context - len(prompt_ids))
+    stats = stats if stats is not None else SpeculationStats()
+    generator = (
+        torch.Generator(device=target.device).manual_seed(params.seed) if params.seed is not None else None
+    )
+    room = len(prompt_ids) + budget + lookahead + 1
+    target_cache, draft_cache = target.new_kv_cache(1, max_len=room), draft.new_kv_cache(1, max_len=room)
+    if len(prompt_ids) > 1:  # the last prompt token goes in with the first proposals
+        prefill(target, torch.tensor([prompt_ids[:-1]], device=target.device), target_cache)
+        prefill(draft, torch.tensor([prompt_ids[:-1]], device=draft.device), draft_cache)
+    newest, draft_pending = prompt_ids[-1], [prompt_ids[-1]]
+    history = list(prompt_ids)  # the prompt and every token emitted: what the penalties count
+    produced = 0
+    while True:
+        # proposals must leave room for the verifying pass within the context, and need not pass the budget
+        k = max(0, min(lookahead, budget - produced - 1, context - target_cache.length - 1))
+        proposals, draft_probs = _propose(draft, draft_cache, draft_pending, params, generator, k, history)
+        verify = torch.tensor([[newest, *proposals]], device=target.device)
+        histories = [history + proposals[:index] for index in range(k + 1)]
+        target_probs = _probabilities(target(verify, kv_cache=target_cache)[0], params, histories)
+        accepted, token = _accept(proposals, draft_probs, target_probs, generator)
+        stats.proposed, stats.accepted, stats.target_passes = (
+            stats.proposed + k,
+            stats.accepted + accepted,
+            stats.target_passes + 1,
+        )
+        for emitted in [*proposals[:accepted], token]:
+            yield emitted
+            history.append(emitted)
+            produced += 1
+            if emitted in params.stop_token_ids or produced == budget:
+                return
+        # forget what was refused: the target cached newest + k proposals, the draft its pending + k - 1
+        target_cache.length -= k - accepted
+        if k:
+            draft_cache.length -= (k - 1) - min(accepted, k - 1)
+            draft_pending = proposals[k - 1 :] if accepted == k else []
+        draft_pending = [*draft_pending, token]
+        newest = token
+
+
+def _propose(
+    draft: Transformer,
+    cache: KVCache,
+    pending: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    k: int,
+    history: list[int],
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Feed the draft the tokens it has not seen, then sample `k` proposals after `history`, each with the
+    distribution it was drawn from."""
+    proposals, probabilities = [], []
+    if not k:
+        return proposals, probabilities
+    logits = draft(torch.tensor([pending], device=draft.device), kv_cache=cache)[0, -1:]
+    pending.clear()
+    for step in range(k):
+        probs = _probabilities(logits, params, [history + proposals])[0]
+        proposals.append(_draw(probs, generator))
+        probabilities.append(probs)
+        if step < k - 1:
+            logits = draft(torch.tensor([[proposals[-1]]], device=draft.device), kv_cache=cache)[0, -1:]
+    return proposals, probabilities
+
+
+def _accept(
+    proposals: list[int],
+    draft_probs: list[torch.Tensor],
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """(how many proposals are kept, the token that follows them) by the accept/reject rule."""
+    for index, token in enumerate(proposals):
+        p, q = target_probs[index], draft_probs[index].to(target_probs.device)
+        ratio = float(p[token]) / max(float(q[token]), 1e-30)
+        if ratio >= 1.0 or float(torch.rand(1, generator=generator, device=p.device)) < ratio:
+            continue
+        residual = (p - q).clamp(min=0)
+        total = float(residual.sum())
+        return index, _draw(residual / total if total > 0 else p, generator)
+    return len(proposals), _draw(target_probs[len(proposals)], generator)
