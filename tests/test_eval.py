@@ -39,6 +39,8 @@ def test_batched_scores_equal_one_sequence_at_a_time(monkeypatch):
         length = int(torch.randint(2, 65, (1,), generator=generator))
         tokens = torch.randint(0, 50, (length,), generator=generator).tolist()
         items.append((tokens, int(torch.randint(1, length, (1,), generator=generator))))
+    # multiple-choice style: one context, four one-token answers (one forward row between them)
+    items += [([3, 4, 5, 6, answer], 4) for answer in (7, 8, 9, 10)]
     alone = [scoring.batched_continuation_logprobs(model, [item], batch_size=1)[0] for item in items]
     monkeypatch.setattr(scoring, "TOKENS_PER_BATCH", 200)  # long rows split into smaller batches too
     together = scoring.batched_continuation_logprobs(model, items, batch_size=8)

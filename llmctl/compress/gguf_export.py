@@ -16,6 +16,7 @@ import torch
 
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
+from llmctl.model.transformer import meta_without_init
 
 FILE_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # Q8_0 and Q4_0 blocks run along each row
@@ -216,7 +217,7 @@ def read_gguf_model(path: Path) -> Transformer:
         hf_name = by_gguf_name[tensor.name]
         weight = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy
         state[hf_name] = _rotary_rows(hf_name, weight, config, _rope_halves)
-    with torch.device("meta"):
+    with meta_without_init():
         model = Transformer(config)
     model.to_empty(device="cpu")
     model.tie_weights()

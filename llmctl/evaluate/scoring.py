@@ -29,29 +29,34 @@ def batched_continuation_logprobs(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`continuation_logprobs` of every (tokens, score_from), in the order given.
 
-    Sequences are sorted longest first and right-padded into batches of up to `batch_size` rows (fewer where
-    rows x width would pass TOKENS_PER_BATCH), as lm-eval's `hf` model does. Causal attention never lets a
-    real token see the padding after it, so each row's scores are its scores alone.
+    Items whose model input (all tokens but the last) is the same share one forward row: the choices of a
+    multiple-choice question with one-token answers cost one sequence, as in lm-eval's `hf` model. Inputs
+    are sorted longest first and right-padded into batches of up to `batch_size` rows (fewer where rows x
+    width would pass TOKENS_PER_BATCH). Causal attention never lets a real token see the padding after it,
+    so each row's scores are its scores alone.
     """
-    order = sorted(range(len(items)), key=lambda index: -len(items[index][0]))
+    sharing: dict[tuple[int, ...], list[int]] = {}
+    for index, (tokens, _) in enumerate(items):
+        sharing.setdefault(tuple(tokens[:-1]), []).append(index)
+    inputs = sorted(sharing, key=len, reverse=True)
     results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(items)  # type: ignore[list-item]
     start = 0
-    while start < len(order):
-        width = len(items[order[start]][0]) - 1
+    while start < len(inputs):
+        width = len(inputs[start])
         rows = max(1, min(batch_size, TOKENS_PER_BATCH // max(width, 1)))
-        chunk = order[start : start + rows]
+        chunk = inputs[start : start + rows]
         ids = torch.zeros((len(chunk), width), dtype=torch.long, device=model.device)
-        for row, index in enumerate(chunk):
-            tokens = items[index][0][:-1]
-            ids[row, : len(tokens)] = torch.tensor(tokens, device=model.device)
+        for row, sequence in enumerate(chunk):
+            ids[row, : len(sequence)] = torch.tensor(sequence, device=model.device)
         logits = model(ids)
-        for row, index in enumerate(chunk):
-            tokens, score_from = items[index]
-            scored = logits[row, score_from - 1 : len(tokens) - 1].float()
-            targets = torch.tensor(tokens[score_from:], device=scored.device)
-            log_probs = F.log_softmax(scored, dim=-1)
-            chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
-            results[index] = (chosen.cpu(), (log_probs.argmax(-1) == targets).cpu())
+        for row, sequence in enumerate(chunk):
+            for index in sharing[sequence]:
+                tokens, score_from = items[index]
+                scored = logits[row, score_from - 1 : len(tokens) - 1].float()
+                targets = torch.tensor(tokens[score_from:], device=scored.device)
+                log_probs = F.log_softmax(scored, dim=-1)
+                chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
+                results[index] = (chosen.cpu(), (log_probs.argmax(-1) == targets).cpu())
         start += len(chunk)
     return results
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmctl.model.config import ModelConfig
-from llmctl.model.transformer import Transformer
+from llmctl.model.transformer import Transformer, meta_without_init
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -175,7 +175,7 @@ def load_model(
     """`prepare` swaps layers of the (still empty) model before the weights load: quantized ones, say."""
     config = read_config(directory)
     state = with_tied_head(read_state_dict(directory), config)
-    with torch.device("meta"):
+    with meta_without_init():
         model = Transformer(config)
         if prepare is not None:
             model = prepare(model)
