@@ -159,3 +159,32 @@ def test_seeded_sampled_requests_in_one_batch_get_what_they_get_alone(model):
         assert collectors[0].tokens != collectors[1].tokens  # the seeds, not the batch, decide
     finally:
         engine.stop()
+
+
+def test_requests_waiting_together_are_prefilled_in_one_forward(model, monkeypatch):
+    """Prompts of different lengths, right-padded into one prefill, each get what they get alone."""
+    from llmctl.infer import engine as engine_module
+
+    groups = []
+    real_prefill_rows = engine_module.prefill_rows
+
+    def recording(model, prompts, cache):
+        groups.append(len(prompts))
+        return real_prefill_rows(model, prompts, cache)
+
+    monkeypatch.setattr(engine_module, "prefill_rows", recording)
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], [9, 10, 11, 12], [4]]
+    engine = Engine(model, max_batch=4)
+    collectors = [Collector() for _ in prompts]
+    for prompt, collector in zip(prompts, collectors, strict=True):
+        engine.submit(prompt, SamplingParams(max_new_tokens=8, temperature=0.0), collector)
+    engine.start()  # everything is waiting before the loop's first admission
+    try:
+        for prompt, collector in zip(prompts, collectors, strict=True):
+            assert collector.done.wait(30)
+            assert collector.tokens == list(
+                generate_ids(model, prompt, SamplingParams(max_new_tokens=8, temperature=0.0))
+            )
+        assert groups[0] == 4 and sum(groups) == 5
+    finally:
+        engine.stop()

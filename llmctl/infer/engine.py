@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill, warm_up_decode
+from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill_rows, warm_up_decode
 from llmctl.infer.sampling import SamplingParams, sample_rows
 from llmctl.model import Transformer
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # "error" (this request failed; `Request.error` says why, and the engine serves the others on).
 TokenCallback = Callable[[int | None, str | None], None]
 log = logging.getLogger("llmctl.engine")
+# prompt tokens (rows x the longest) prefilled in one forward: bounds its (rows, width, vocab) logits
+PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -162,33 +164,60 @@ class Engine:
             request.on_token(None, "cancelled")
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots, prefilling those that arrived together in one forward."""
         while len(self.slots) < self.max_batch:
-            with self.wakeup:
-                if not self.waiting:
-                    return
-                request = self.waiting.popleft()
-            if request.cancelled:
-                request.on_token(None, "cancelled")
-                continue
-            slot = len(self.slots)
+            group = self._take_waiting(self.max_batch - len(self.slots))
+            if not group:
+                return
+            first = len(self.slots)
+            started = time.perf_counter()
             try:
-                ids = torch.tensor([request.prompt_ids], device=self.device)
-                if request.params.seed is not None:
-                    request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-                started = time.perf_counter()
-                with self._routing([request]):
-                    logits = prefill(self.model, ids, self.cache.row(slot))
-                self.seconds["prefill"] += time.perf_counter() - started
-            except Exception as error:  # this request alone fails
-                log.exception("request %d failed at prefill", request.id)
-                request.error = f"{type(error).__name__}: {error}"
-                request.on_token(None, "error")
-                continue
-            self.cache.lengths[slot] = len(request.prompt_ids)
-            request.history = ids
-            self.slots.append(request)
-            self._sample_tokens([slot], logits)
+                logits = self._prefill(group, first)
+            except Exception:  # find the request at fault: prefill each alone
+                admitted = []
+                for request in group:
+                    try:
+                        admitted.append((request, self._prefill([request], first + len(admitted))))
+                    except Exception as error:  # this request alone fails
+                        log.exception("request %d failed at prefill", request.id)
+                        request.error = f"{type(error).__name__}: {error}"
+                        request.on_token(None, "error")
+                if not admitted:
+                    continue
+                group = [request for request, _ in admitted]
+                logits = torch.cat([row for _, row in admitted])
+            self.seconds["prefill"] += time.perf_counter() - started
+            for slot, request in enumerate(group, start=first):
+                self.cache.lengths[slot] = len(request.prompt_ids)
+                request.history = torch.tensor([request.prompt_ids], device=self.device)
+                self.slots.append(request)
+            self._sample_tokens(list(range(first, first + len(group))), logits)
             self._retire_finished()
+
+    def _take_waiting(self, room: int) -> list[Request]:
+        """Up to `room` waiting requests whose padded prompts fit PREFILL_TOKENS (always at least one)."""
+        group: list[Request] = []
+        with self.wakeup:
+            while self.waiting and len(group) < room:
+                request = self.waiting[0]
+                width = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in group)])
+                if group and width * (len(group) + 1) > PREFILL_TOKENS:
+                    break
+                self.waiting.popleft()
+                if request.cancelled:
+                    request.on_token(None, "cancelled")
+                    continue
+                group.append(request)
+        return group
+
+    def _prefill(self, group: list[Request], first: int) -> torch.Tensor:
+        """Prefill `group` into slots first.., right-padded in one forward; each row's next-token logits."""
+        for request in group:
+            if request.params.seed is not None:
+                request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        prompts = [request.prompt_ids for request in group]
+        with self._routing(group):
+            return prefill_rows(self.model, prompts, self.cache.rows_from(first, len(group)))
 
     def _decode_step(self) -> None:
         started = time.perf_counter()

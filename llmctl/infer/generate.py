@@ -43,7 +43,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingPara
         yield token
         if token in params.stop_token_ids or produced == budget - 1:
             return
-        history = torch.cat([history, next_id[:, None]], dim=1)
+        if params.penalised:  # only penalties look back at the tokens so far
+            history = torch.cat([history, next_id[:, None]], dim=1)
         logits = decode_step(model, next_id, cache)
 
 

@@ -65,7 +65,11 @@ class SlotKVCache:
 
     def row(self, slot: int) -> KVCache:
         """A one-row KVCache over this slot's storage, starting empty (prefill writes through it)."""
-        rows = slice(slot, slot + 1)
+        return self.rows_from(slot, 1)
+
+    def rows_from(self, first: int, count: int) -> KVCache:
+        """A KVCache over slots first..first+count-1, starting empty: prompts prefilled together."""
+        rows = slice(first, first + count)
         return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.max_len)
 
     def rows(self, batch: int) -> DecodeRows:
