@@ -6,13 +6,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import fake_tokens
+from llmctl.infer.decode import compile_decode
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.speculative import SpeculationStats, speculative_generate_ids
 from llmctl.model import ModelConfig, Transformer
 from llmctl.recipe import load_recipe, recipe_from_dict
 from llmctl.train.distributed import DistributedContext
@@ -100,25 +103,32 @@ def fsdp_row(work: Path) -> tuple[str, str]:
     )
 
 
-def decode_row(compiled: bool) -> tuple[str, str]:
+def decode_row(mode: str) -> tuple[str, str]:
+    """Batch-1 greedy decode of the 134M shape in bf16: eager, the compiled step (`compile_decode`: CUDA
+    graphs), or speculative with a 2-layer draft (`speculative_generate_ids`), checked against eager."""
+    config = ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_seq_len=1024)
     torch.manual_seed(0)
-    model = (
-        Transformer(ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_seq_len=1024))
-        .cuda()
-        .to(torch.bfloat16)
-        .eval()
-    )
-    if compiled:
-        model.forward = torch.compile(model.forward, dynamic=True)
+    model = Transformer(config).cuda().to(torch.bfloat16).eval()
     params = SamplingParams(max_new_tokens=128, temperature=0.0)
     prompt = list(range(10, 42))
-    list(generate_ids(model, prompt, params))
+    reference = list(generate_ids(model, prompt, params))
+    if mode == "compiled":
+        compile_decode(model)
+        generate = lambda: generate_ids(model, prompt, params)  # noqa: E731
+    elif mode == "speculative":
+        draft = Transformer(replace(config, n_layer=2)).cuda().to(torch.bfloat16).eval()
+        stats = SpeculationStats()
+        generate = lambda: speculative_generate_ids(model, draft, prompt, params, stats=stats)  # noqa: E731
+    else:
+        generate = lambda: generate_ids(model, prompt, params)  # noqa: E731
+    same = list(generate()) == reference  # also the warm-up (compiles)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    list(generate_ids(model, prompt, params))
+    produced = len(list(generate()))
     torch.cuda.synchronize()
-    label = "decode 134M bf16" + (" (torch.compile)" if compiled else " (eager)")
-    return label, f"{128 / (time.perf_counter() - started):,.0f} tok/s at batch 1"
+    rate = produced / (time.perf_counter() - started)
+    extra = f", acceptance {stats.acceptance_rate:.0%} (random draft)" if mode == "speculative" else ""
+    return f"decode 134M bf16 ({mode})", f"{rate:,.0f} tok/s at batch 1, same tokens as eager: {same}{extra}"
 
 
 def main() -> None:
@@ -134,8 +144,9 @@ def main() -> None:
         lambda: train_row("train 1.3B-shape, 8 layers, bf16, eager", work, 8, False),
         lambda: train_row("train 1.3B-shape, 8 layers, bf16, compiled", work, 8, True),
         lambda: fsdp_row(work),
-        lambda: decode_row(False),
-        lambda: decode_row(True),
+        lambda: decode_row("eager"),
+        lambda: decode_row("compiled"),
+        lambda: decode_row("speculative"),
     ):
         try:
             rows.append(check())

@@ -108,8 +108,8 @@ def compile_decode(model: Transformer) -> None:
     """Run this model's slot-cache decode steps through torch.compile from now on (inductor: C++ with a C++
     wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each new batch size class (1 row, more rows) compile, which takes
     tens of seconds; `warm_up_decode` does that before serving."""
-    decode_ops()  # built and loaded before tracing, which must not build it
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
+        decode_ops()  # built and loaded before tracing, which must not build it
         step = torch.compile(_rows_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
     else:  # CUDA graphs replay the whole step in one launch
         step = torch.compile(_rows_step, dynamic=True, fullgraph=True, mode="reduce-overhead")

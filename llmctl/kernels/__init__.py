@@ -60,6 +60,8 @@ def kernel_rows(x: torch.Tensor, in_features: int) -> int:
     """How many rows x has for the kernels, or 0 when they do not apply (grad, device, dtype or size)."""
     rows = x.numel() // in_features
     usable = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and rows <= MAX_ROWS
+    if not usable:
+        return 0
     # torch.compile traces this without building anything: `compile_decode` loads the kernels first
     loaded = _loaded if torch.compiler.is_compiling() else decode_ops() is not None
-    return rows if usable and loaded else 0
+    return rows if loaded else 0

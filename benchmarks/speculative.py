@@ -1,0 +1,73 @@
+"""Speculative decoding in one run: batch-1 greedy tokens/s of a target checkpoint alone and with a draft
+checkpoint (same tokenizer) at several lookaheads, with the acceptance rate measured on prompts cut from
+held-out text, and a check that every speculative output equals the target's own.
+
+    .venv/bin/python -m benchmarks.speculative --target CKPT --draft SMALL_CKPT --prompts DATA
+
+The speed-up depends on how often the draft agrees with the target, so it needs trained checkpoints: a
+target and a student distilled from it (`llmctl distill`) are the intended pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks.common import machine
+from llmctl.evaluate.runner import read_texts
+from llmctl.infer.decode import load_for_inference
+from llmctl.infer.generate import generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.speculative import SpeculationStats, speculative_generate_ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", type=Path, required=True)
+    parser.add_argument("--draft", type=Path, required=True)
+    parser.add_argument("--prompts", type=Path, required=True, help="held-out text (jsonl, txt or a corpus)")
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    args = parser.parse_args()
+    target, tokenizer = load_for_inference(args.target)
+    draft, _ = load_for_inference(args.draft)
+    prompts = []
+    for text in read_texts(args.prompts):
+        ids = tokenizer.encode(text)
+        if len(ids) >= args.prompt_tokens:
+            prompts.append(ids[: args.prompt_tokens])
+        if len(prompts) == args.count:
+            break
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+
+    def timed(generate) -> tuple[float, list[list[int]]]:
+        started = time.perf_counter()
+        outputs = [list(generate(prompt)) for prompt in prompts]
+        return sum(map(len, outputs)) / (time.perf_counter() - started), outputs
+
+    timed(lambda prompt: generate_ids(target, prompt[:8], params))  # warm-up
+    alone, expected = timed(lambda prompt: generate_ids(target, prompt, params))
+    print(f"machine: {machine()}")
+    print(
+        f"target {args.target} ({target.config.num_parameters() / 1e6:.1f}M), draft {args.draft} "
+        f"({draft.config.num_parameters() / 1e6:.1f}M); {len(prompts)} prompts of {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new, greedy"
+    )
+    print(f"{'':22}{'tokens/s':>10}{'speed-up':>10}{'accepted':>10}{'identical':>11}")
+    print(f"{'target alone':22}{alone:>10.1f}{1.0:>9.2f}x{'-':>10}{'-':>11}")
+    for lookahead in (2, 4, 6):
+        stats = SpeculationStats()
+        rate, outputs = timed(
+            lambda prompt, k=lookahead, s=stats: speculative_generate_ids(target, draft, prompt, params, k, s)
+        )
+        same = sum(a == b for a, b in zip(outputs, expected, strict=True))
+        print(
+            f"{f'draft, lookahead {lookahead}':22}{rate:>10.1f}{rate / alone:>9.2f}x"
+            f"{100 * stats.acceptance_rate:>9.0f}%{f'{same}/{len(prompts)}':>11}"
+        )
+
+
+if __name__ == "__main__":
+    main()
