@@ -2,6 +2,10 @@
 localhost. Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
 
     .venv/bin/python -m benchmarks.serve [--clients 16] [--requests 32] [--max-tokens 64] [--compile]
+        [--shared-prefix WORDS] [--prefix-cache-tokens N]
+
+`--shared-prefix` puts the same passage (a system prompt, say) before every prompt, to measure the prefix
+cache: run it with `--prefix-cache-tokens 0` and without.
 
 It also splits the many-client run's decode step into where the time went, from the server's own counters
 (/metrics `llmctl_time_seconds`): the engine thread's forward, sampling, token delivery and prefill, the event
@@ -56,10 +60,12 @@ def checkpoint(work: Path) -> Path:
     )
 
 
-async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) -> tuple[float, int] | None:
+async def one_request(
+    client: httpx.AsyncClient, index: int, max_tokens: int, prefix: str
+) -> tuple[float, int] | None:
     body = {
         "model": "bench",
-        "prompt": PROMPTS[index % len(PROMPTS)],
+        "prompt": prefix + PROMPTS[index % len(PROMPTS)],
         "max_tokens": max_tokens,
         "temperature": 0.8,
         "seed": index,
@@ -84,13 +90,13 @@ async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) ->
     return (first if first is not None else time.perf_counter() - started), tokens
 
 
-async def load(base: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def load(base: str, clients: int, requests: int, max_tokens: int, prefix: str = "") -> dict:
     semaphore = asyncio.Semaphore(clients)
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
 
         async def bounded(index: int):
             async with semaphore:
-                return await one_request(client, index, max_tokens)
+                return await one_request(client, index, max_tokens, prefix)
 
         started = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -109,7 +115,10 @@ def phase_seconds(base: str) -> tuple[dict[str, float], float]:
     """The server's cumulative seconds per phase and its decode steps, read from /metrics."""
     seconds, steps = {}, 0.0
     for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith("llmctl_time_seconds{"):
+        if line.startswith("llmctl_prefix_cache{"):
+            measure = line.split('measure="')[1].split('"')[0]
+            seconds[f"prefix cache {measure}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("llmctl_time_seconds{"):
             phase = line.split('phase="')[1].split('"')[0]
             seconds[phase] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("llmctl_decode_steps{"):
@@ -121,7 +130,12 @@ def print_profile(
     before: tuple[dict[str, float], float], after: tuple[dict[str, float], float], wall: float
 ) -> None:
     steps = after[1] - before[1]
-    spent = {phase: after[0][phase] - before[0].get(phase, 0.0) for phase in after[0]}
+    cache = {name: value for name, value in after[0].items() if name.startswith("prefix cache")}
+    spent = {
+        phase: seconds - before[0].get(phase, 0.0)
+        for phase, seconds in after[0].items()
+        if phase not in cache
+    }
     print(f"\nwhere a decode step's time went ({steps:.0f} steps, {1000 * wall / steps:.2f} ms each):")
     for phase, seconds in spent.items():
         print(f"  {phase:12}{1000 * seconds / steps:>8.2f} ms  {100 * seconds / wall:>5.1f}%")
@@ -138,6 +152,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="serve with --compile")
+    parser.add_argument("--shared-prefix", type=int, default=0, help="words of a passage before every prompt")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=4096)
     args = parser.parse_args()
     path = checkpoint(Path(tempfile.mkdtemp()))
     with socket.socket() as probe:
@@ -154,7 +170,11 @@ def main() -> None:
         "--max-batch",
         str(args.clients),
         *(["--compile"] if args.compile else []),
+        "--prefix-cache-tokens",
+        str(args.prefix_cache_tokens),
     ]
+    words = (REPO / "data" / "sample" / "val.jsonl").read_text().split()
+    prefix = " ".join(words[: args.shared_prefix]) + "\n\n" if args.shared_prefix else ""
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -168,16 +188,17 @@ def main() -> None:
             if time.time() > deadline or server.poll() is not None:
                 sys.exit("llmctl serve did not come up")
             time.sleep(0.2)
-        single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens))
+        single = asyncio.run(load(base, 1, max(4, args.requests // 4), args.max_tokens, prefix))
         before, started = phase_seconds(base), time.perf_counter()
-        many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens))
+        many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens, prefix))
         wall, after = time.perf_counter() - started, phase_seconds(base)
     finally:
         server.terminate()
         server.wait(timeout=60)
     print(
         f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}, "
-        f"decode step {'compiled' if args.compile else 'eager'}"
+        f"decode step {'compiled' if args.compile else 'eager'}, shared prefix {args.shared_prefix} words, "
+        f"prefix cache {args.prefix_cache_tokens} tokens"
     )
     print(f"{'clients':>8}{'tokens/s':>12}{'p50 TTFT ms':>14}{'p99 TTFT ms':>14}{'failed':>8}")
     for clients, result in ((1, single), (args.clients, many)):

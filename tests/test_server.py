@@ -22,7 +22,7 @@ API_KEY = "sk-test-key"
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     models = {
-        "tiny": load_served_model("tiny", tiny_checkpoint, max_batch=4),
+        "tiny": load_served_model("tiny", tiny_checkpoint, max_batch=4, prefix_cache_tokens=1024),
         "other": load_served_model("other", tiny_checkpoint, max_batch=2),
     }
     app = create_app(

@@ -32,6 +32,11 @@ def serve(
         "--compile",
         help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
     ),
+    prefix_cache_tokens: int = typer.Option(
+        4096,
+        min=0,
+        help="Positions of finished requests kept per model for prompts that begin the same way (0: off).",
+    ),
 ) -> None:
     """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
     from llmctl.commands.checkpoint_args import parse_models
@@ -74,7 +79,13 @@ def serve(
     else:
         served = {}
         for name, path in named.items():
-            served[name] = load_served_model(name, Path(path), max_batch=max_batch, compile=compile)
+            served[name] = load_served_model(
+                name,
+                Path(path),
+                max_batch=max_batch,
+                compile=compile,
+                prefix_cache_tokens=prefix_cache_tokens,
+            )
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
     application = create_app(served, routes=routes, api_key=api_key, max_concurrency=max_concurrency)
     typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")

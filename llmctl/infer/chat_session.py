@@ -17,6 +17,7 @@ from llmctl.data.chat import END, Message, render_chat
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids
+from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import speculative_generate_ids
 from llmctl.infer.text import stream_text
@@ -50,6 +51,7 @@ class ChatSession:
     history: list[Message] = field(default_factory=list)
     last_tokens_per_second: float = 0.0
     draft: Transformer | None = None  # a smaller model with the same tokenizer: speculative decoding
+    prefixes: PrefixCache | None = None  # the conversation so far, cached: each turn prefills only its news
 
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history
@@ -111,7 +113,9 @@ class ChatSession:
         if self.draft is not None:
             ids = speculative_generate_ids(self.model, self.draft, prompt_ids, params)
         else:
-            ids = generate_ids(self.model, prompt_ids, params)
+            if self.prefixes is None:
+                self.prefixes = PrefixCache(max_tokens=context)
+            ids = generate_ids(self.model, prompt_ids, params, self.prefixes)
         for chunk in stream_text(self.tokenizer, prompt_ids, ids, stop_token_ids=stop_ids):
             produced += chunk.token_id is not None
             if chunk.text:

@@ -15,11 +15,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill_rows, warm_up_decode
+from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
 from llmctl.infer.sampling import SamplingParams, sample_rows
 from llmctl.model import Transformer
 
@@ -57,7 +59,8 @@ class Request:
 class Engine:
     """Runs up to `max_batch` requests per decode step; the rest wait in order. Admission limits are the
     caller's (the server answers 429 before a request reaches the engine). With `compile`, the decode step is
-    compiled here, before the first request, not during it."""
+    compiled here, before the first request, not during it. With `prefix_cache_tokens`, up to that many
+    positions of finished requests are kept for later prompts that begin the same way."""
 
     def __init__(
         self,
@@ -65,6 +68,7 @@ class Engine:
         max_batch: int = 16,
         router: AdapterRouter | None = None,
         compile: bool = False,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.model = model.eval()
         self.router = router
@@ -82,6 +86,8 @@ class Engine:
         # where the engine thread's time goes, cumulative: /metrics exposes it, benchmarks/serve.py --profile
         # splits a step with it
         self.seconds = dict.fromkeys(("prefill", "forward", "sampling", "delivery"), 0.0)
+        # adapters change every key and value, so a prefix is only reused on a plain model
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and router is None else None
         if compile:
             compile_decode(self.model)
             warm_up_decode(self.model, self.cache)
@@ -164,35 +170,73 @@ class Engine:
             request.on_token(None, "cancelled")
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, prefilling those that arrived together in one forward."""
+        """Move waiting requests into free slots: those that begin like a recently served sequence start
+        from its cached keys and values; the rest, arrived together, are prefilled in one forward."""
         while len(self.slots) < self.max_batch:
             group = self._take_waiting(self.max_batch - len(self.slots))
             if not group:
                 return
+            reuse = {request.id: self._reusable(request) for request in group}
+            fresh = [request for request in group if reuse[request.id][0] is None]
             first = len(self.slots)
             started = time.perf_counter()
-            try:
-                logits = self._prefill(group, first)
-            except Exception:  # find the request at fault: prefill each alone
-                admitted = []
-                for request in group:
-                    try:
-                        admitted.append((request, self._prefill([request], first + len(admitted))))
-                    except Exception as error:  # this request alone fails
-                        log.exception("request %d failed at prefill", request.id)
-                        request.error = f"{type(error).__name__}: {error}"
-                        request.on_token(None, "error")
-                if not admitted:
-                    continue
-                group = [request for request, _ in admitted]
-                logits = torch.cat([row for _, row in admitted])
+            admitted = self._prefill_fresh(fresh, first)
+            for request in group:
+                entry, length = reuse[request.id]
+                if entry is not None:
+                    slot = first + len(admitted)
+                    admitted += self._isolated(
+                        request, partial(self._prefill_after, request, slot, entry, length)
+                    )
             self.seconds["prefill"] += time.perf_counter() - started
-            for slot, request in enumerate(group, start=first):
+            if not admitted:
+                continue
+            for slot, (request, _) in enumerate(admitted, start=first):
                 self.cache.lengths[slot] = len(request.prompt_ids)
                 request.history = torch.tensor([request.prompt_ids], device=self.device)
                 self.slots.append(request)
-            self._sample_tokens(list(range(first, first + len(group))), logits)
+            logits = torch.cat([row for _, row in admitted])
+            self._sample_tokens(list(range(first, first + len(admitted))), logits)
             self._retire_finished()
+
+    def _prefill_fresh(self, group: list[Request], first: int) -> list[tuple[Request, torch.Tensor]]:
+        """Prefill `group` into slots first.. in one forward; if that fails, each alone, so that only the
+        request at fault fails. (request, its next-token logits (1, vocab)) for each admitted."""
+        if not group:
+            return []
+        try:
+            logits = self._prefill(group, first)
+            return [(request, logits[row : row + 1]) for row, request in enumerate(group)]
+        except Exception:
+            admitted: list[tuple[Request, torch.Tensor]] = []
+            for request in group:
+                slot = first + len(admitted)
+                admitted += self._isolated(request, partial(self._prefill, [request], slot))
+            return admitted
+
+    def _isolated(
+        self, request: Request, prefill: Callable[[], torch.Tensor]
+    ) -> list[tuple[Request, torch.Tensor]]:
+        """[(request, its logits)], or [] with the request failed alone."""
+        try:
+            return [(request, prefill())]
+        except Exception as error:
+            log.exception("request %d failed at prefill", request.id)
+            request.error = f"{type(error).__name__}: {error}"
+            request.on_token(None, "error")
+            return []
+
+    def _reusable(self, request: Request) -> tuple[PrefixEntry | None, int]:
+        return self.prefixes.lookup(request.prompt_ids) if self.prefixes is not None else (None, 0)
+
+    def _prefill_after(self, request: Request, slot: int, entry: PrefixEntry, length: int) -> torch.Tensor:
+        """Copy a cached prefix into `slot` and prefill only the rest of the prompt after it."""
+        self._seed(request)
+        PrefixCache.restore(entry, length, self.cache, slot)
+        rest = self.cache.rows_from(slot, 1)
+        rest.length = length
+        with self._routing([request]):
+            return prefill_rows(self.model, [request.prompt_ids[length:]], rest)
 
     def _take_waiting(self, room: int) -> list[Request]:
         """Up to `room` waiting requests whose padded prompts fit PREFILL_TOKENS (always at least one)."""
@@ -210,11 +254,14 @@ class Engine:
                 group.append(request)
         return group
 
+    def _seed(self, request: Request) -> None:
+        if request.params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+
     def _prefill(self, group: list[Request], first: int) -> torch.Tensor:
         """Prefill `group` into slots first.., right-padded in one forward; each row's next-token logits."""
         for request in group:
-            if request.params.seed is not None:
-                request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+            self._seed(request)
         prompts = [request.prompt_ids for request in group]
         with self._routing(group):
             return prefill_rows(self.model, prompts, self.cache.rows_from(first, len(group)))
@@ -299,7 +346,11 @@ class Engine:
             if reason is None:
                 slot += 1
                 continue
-            self.slots[slot].on_token(None, reason)
+            request = self.slots[slot]
+            request.on_token(None, reason)
+            if self.prefixes is not None and reason in ("stop", "length"):
+                cached = int(self.cache.lengths[slot])  # the last token generated was never fed back
+                self.prefixes.store([*request.prompt_ids, *request.generated][:cached], self.cache, slot)
             last = len(self.slots) - 1
             if slot != last:  # keep active requests in a contiguous prefix of rows
                 self.cache.move(last, slot)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from llmctl.infer.decode import PaddedBatch, decode_step, fit_prompt, prefill
+from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
 
@@ -26,26 +27,40 @@ def without_stop_ids(ids: list[int], stop_token_ids: Iterable[int]) -> list[int]
 
 
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+def generate_ids(
+    model: Transformer, prompt_ids: list[int], params: SamplingParams, prefixes: PrefixCache | None = None
+) -> Iterator[int]:
     """Yield new token ids as they are produced; stops at a stop id, max_new_tokens or the context end.
 
-    One row of a slot cache, decoded like a serving engine's row (and compiled where `compile_decode` ran)."""
+    One row of a slot cache, decoded like a serving engine's row (and compiled where `compile_decode` ran).
+    With `prefixes`, a prompt that begins like an earlier sequence (the previous turns of a chat) prefills
+    only what follows it, and the finished sequence is kept for the next."""
     prompt_ids = fit_prompt(prompt_ids, model.config.max_seq_len)
     budget = min(params.max_new_tokens, model.config.max_seq_len - len(prompt_ids))
     cache = model.new_kv_cache(1, max_len=len(prompt_ids) + budget, slots=True)
-    history = torch.tensor([prompt_ids], device=model.device)
-    logits = prefill(model, history, cache.row(0))
+    entry, reused = prefixes.lookup(prompt_ids) if prefixes is not None else (None, 0)
+    if entry is not None:
+        PrefixCache.restore(entry, reused, cache, 0)
+    rest = cache.row(0)
+    rest.length = reused
+    logits = prefill(model, torch.tensor([prompt_ids[reused:]], device=model.device), rest)
     cache.lengths[0] = len(prompt_ids)
+    history = torch.tensor([prompt_ids], device=model.device)
     generator = _generator(params, model.device)
-    for produced in range(budget):
-        next_id = sample_next(logits, params, history, generator)
-        token = int(next_id)
-        yield token
-        if token in params.stop_token_ids or produced == budget - 1:
-            return
-        if params.penalised:  # only penalties look back at the tokens so far
-            history = torch.cat([history, next_id[:, None]], dim=1)
-        logits = decode_step(model, next_id, cache)
+    produced: list[int] = []
+    try:
+        for step in range(budget):
+            next_id = sample_next(logits, params, history, generator)
+            produced.append(int(next_id))
+            yield produced[-1]
+            if produced[-1] in params.stop_token_ids or step == budget - 1:
+                return
+            if params.penalised:  # only penalties look back at the tokens so far
+                history = torch.cat([history, next_id[:, None]], dim=1)
+            logits = decode_step(model, next_id, cache)
+    finally:  # also when the caller stops early: what is cached is valid
+        if prefixes is not None:
+            prefixes.store([*prompt_ids, *produced][: int(cache.lengths[0])], cache, 0)
 
 
 @torch.inference_mode()

@@ -37,13 +37,17 @@ class ServedModel:
         return (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
 
 
-def load_served_model(name: str, path: Path, max_batch: int = 16, compile: bool = False) -> ServedModel:
+def load_served_model(
+    name: str, path: Path, max_batch: int = 16, compile: bool = False, prefix_cache_tokens: int = 0
+) -> ServedModel:
     """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
     a UserError now, not at the first request. An adapter directory is served merged into the base it
     records."""
     path = Path(path)
     model, tokenizer = load_for_inference(path)
-    engine = Engine(model, max_batch=max_batch, compile=compile).start()
+    engine = Engine(
+        model, max_batch=max_batch, compile=compile, prefix_cache_tokens=prefix_cache_tokens
+    ).start()
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
 
 

@@ -53,7 +53,17 @@ class ServerMetrics:
             ["model", "phase"],
             registry=self.registry,
         )
+        prefix = Gauge(
+            "llmctl_prefix_cache",
+            "Prefix cache: prompts looked up, hits, prompt tokens reused instead of prefilled, hit rate",
+            ["model", "measure"],
+            registry=self.registry,
+        )
         for name, served in models.items():
+            if served.engine.prefixes is not None:
+                stats = served.engine.prefixes.stats
+                for measure in ("queries", "hits", "reused_tokens", "hit_rate"):
+                    prefix.labels(name, measure).set_function(lambda s=stats, m=measure: getattr(s, m))
             queue.labels(name).set_function(served.engine.queue_depth)
             active.labels(name).set_function(served.engine.active)
             steps.labels(name).set_function(lambda engine=served.engine: engine.decode_steps)
