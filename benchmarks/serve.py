@@ -144,6 +144,8 @@ def print_profile(
     print(
         f"  {'engine idle':12}{1000 * rest / steps:>8.2f} ms  {100 * rest / wall:>5.1f}%  (waiting for requests, the GIL)"
     )
+    if cache:
+        print("whole run: " + ", ".join(f"{name} {value:g}" for name, value in cache.items()))
 
 
 def main() -> None:
