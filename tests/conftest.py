@@ -106,6 +106,21 @@ def running_server(app, timeout: float = 30) -> Iterator[RunningServer]:
         assert not thread.is_alive(), "the server did not stop"
 
 
+def decisive_model(seed: int = 0, **shape):
+    """A small random model whose logits are decisive (a scaled head), so that a greedy choice never rests on
+    a near-tie that rounding could flip: what token-for-token comparisons of decode paths need."""
+    import torch
+
+    from llmctl.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    config = dict(vocab_size=128, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=48) | shape
+    model = Transformer(ModelConfig(**config)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
 def wait_until(condition, timeout: float = 30, message: str = "condition not reached") -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -8,13 +8,13 @@ import threading
 
 import pytest
 import torch
+from conftest import decisive_model
 
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import compile_decode
 from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_batch, generate_ids
 from llmctl.infer.sampling import SamplingParams
-from llmctl.model import ModelConfig, Transformer
 
 PROMPTS = [[1, 2, 3], [5] * 9, [7, 8], [9, 10, 11, 12], [4], [20, 21, 22, 23, 24, 25]]
 BUDGETS = [5, 12, 3, 9, 60, 7]  # 60 runs into the 48-token context
@@ -24,11 +24,7 @@ BUDGETS = [5, 12, 3, 9, 60, 7]  # 60 runs into the 48-token context
 def models():
     """(eager, compiled): the same weights, both on the CPU decode kernels; the compiled one warmed up by an
     engine, as `llmctl serve --compile` does."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=128, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=48)
-    eager = Transformer(config).eval()
-    with torch.no_grad():
-        eager.lm_head.weight.mul_(8)  # decisive logits: a greedy tie cannot hide behind rounding
+    eager = decisive_model()
     use_decode_kernels(eager)
     compiled = copy.deepcopy(eager)
     engine = Engine(compiled, max_batch=3, compile=True)

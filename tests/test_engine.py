@@ -5,24 +5,17 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
+from conftest import decisive_model
 
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
-from llmctl.model import ModelConfig, Transformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig(vocab_size=128, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=48)
-    ).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)
-    return model
+    return decisive_model()
 
 
 class Collector:

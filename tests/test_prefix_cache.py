@@ -7,13 +7,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
+from conftest import decisive_model
 
 from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams
-from llmctl.model import ModelConfig, Transformer
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
 SYSTEM = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
@@ -21,13 +20,7 @@ SYSTEM = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    built = Transformer(
-        ModelConfig(vocab_size=128, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=96)
-    ).eval()
-    with torch.no_grad():
-        built.lm_head.weight.mul_(8)
-    return built
+    return decisive_model(max_seq_len=96)
 
 
 def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:

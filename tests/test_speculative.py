@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import decisive_model
 
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import SpeculationStats, speculative_generate_ids
-from llmctl.model import ModelConfig, Transformer
+from llmctl.model import Transformer
 
 
 def model(seed: int, **shape) -> Transformer:
-    torch.manual_seed(seed)
-    config = dict(vocab_size=96, d_model=64, n_layer=2, n_head=4, max_seq_len=40) | shape
-    built = Transformer(ModelConfig(**config)).eval()
-    with torch.no_grad():
-        built.lm_head.weight.mul_(8)  # decisive logits: a greedy tie cannot hide behind rounding
-    return built
+    return decisive_model(seed, **({"vocab_size": 96, "n_kv_head": None, "max_seq_len": 40} | shape))
 
 
 @pytest.mark.parametrize("lookahead", [1, 3, 6])
