@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.infer.decode import fit_prompt, prefill
-from llmctl.infer.sampling import SamplingParams, apply_penalties, filter_logits
+from llmctl.infer.sampling import SamplingParams, apply_penalties, filter_logits, inverse_cdf
 from llmctl.model import KVCache, Transformer
 
 DEFAULT_LOOKAHEAD = 4
@@ -57,9 +57,9 @@ def _probabilities(logits: torch.Tensor, params: SamplingParams, histories: list
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One id from a distribution (vocab,), by inverse CDF as `sample_next` does."""
-    draw = torch.rand(1, generator=generator, device=probs.device)
-    return int(torch.searchsorted(probs.cumsum(-1), draw, right=True).clamp(max=probs.shape[-1] - 1))
+    """One id from a distribution (vocab,), drawn as `sample_next` draws."""
+    draw = torch.rand(1, 1, generator=generator, device=probs.device)
+    return int(inverse_cdf(probs[None], draw))
 
 
 @torch.inference_mode()
@@ -102,11 +102,9 @@ def speculative_generate_ids(
         histories = [history + proposals[:index] for index in range(k + 1)]
         target_probs = _probabilities(target(verify, kv_cache=target_cache)[0], params, histories)
         accepted, token = _accept(proposals, draft_probs, target_probs, generator)
-        stats.proposed, stats.accepted, stats.target_passes = (
-            stats.proposed + k,
-            stats.accepted + accepted,
-            stats.target_passes + 1,
-        )
+        stats.proposed += k
+        stats.accepted += accepted
+        stats.target_passes += 1
         for emitted in [*proposals[:accepted], token]:
             yield emitted
             history.append(emitted)
