@@ -95,6 +95,9 @@ class TrainSection(Section):
     z_loss: float = Field(0.0, ge=0)
     sample_prompts: list[str] = []
     sample_tokens: int = Field(64, ge=0)
+    sample_every: int = Field(
+        0, ge=0, description="also sample every N steps for the monitor (0: only at the end; not under FSDP)"
+    )
 
 
 REFERENCE_WIDTH, REFERENCE_LR = 2048, 2e-4

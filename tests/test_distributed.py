@@ -11,6 +11,7 @@ from conftest import tiny_recipe_dict
 
 from llmctl.checkpoint import list_checkpoints
 from llmctl.model.hf_format import read_state_dict
+from llmctl.train.run_log import RunLog
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +69,7 @@ def test_two_processes_match_one(sample_pipeline, single_run, tmp_path, llmctl, 
     assert json.loads((ours_ckpt / "config.json").read_text()) == json.loads(
         (reference_ckpt / "config.json").read_text()
     )
+    # each rank reported its own throughput; the monitor's run log shows one row per rank at the last step
+    log = RunLog(tmp_path / "run").read_all()
+    assert sorted(log.ranks) == [0, 1] and log.status() == "finished"
+    assert all(row.step == 6 and row.tokens_per_second > 0 for row in log.ranks.values())

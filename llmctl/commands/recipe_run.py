@@ -44,6 +44,9 @@ def add_recipe_command(
         rdzv_endpoint: str | None = typer.Option(
             None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous."
         ),
+        tui: bool = typer.Option(
+            False, "--tui", help="Watch the run in the Textual monitor; quitting it checkpoints and stops."
+        ),
     ) -> None:
         from llmctl.recipe import load_recipe
 
@@ -51,24 +54,34 @@ def add_recipe_command(
         if resolve is not None:
             recipe = resolve(recipe)
         world_size = nproc * nnodes
+        arguments = [*command_words, str(recipe_path), *(arg for o in overrides for arg in ("--set", o))]
         if dry_run:
             from llmctl.commands.train_report import print_plan
             from llmctl.train.plan import make_plan
 
             print_plan(recipe, make_plan(recipe, world_size=world_size))
             return
-        if world_size > 1:
-            from llmctl.train.distributed import launch_torchrun
+        if tui or world_size > 1:
             from llmctl.train.plan import make_plan
             from llmctl.train.run_dir import check_run_dir
 
             make_plan(recipe, world_size=world_size)  # a recipe the ranks would refuse fails here, once
             check_run_dir(recipe.run_dir, resume, overwrite)
-            forwarded = [*command_words, str(recipe_path), *(arg for o in overrides for arg in ("--set", o))]
-            if resume:
-                forwarded += ["--resume", resume]
-            if overwrite:
-                forwarded.append("--overwrite")
+        forwarded = [
+            *arguments,
+            *(["--resume", resume] if resume else []),
+            *(["--overwrite"] if overwrite else []),
+        ]
+        if tui:
+            from llmctl.commands.monitor import train_with_monitor
+
+            launch = ["--nproc", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank)]
+            launch += ["--rdzv-endpoint", rdzv_endpoint] if rdzv_endpoint else []
+            code = train_with_monitor(recipe.run_dir, [*forwarded, *launch], [*arguments, "--resume", "auto"])
+            raise typer.Exit(code)
+        if world_size > 1:
+            from llmctl.train.distributed import launch_torchrun
+
             raise typer.Exit(launch_torchrun(nproc, nnodes, node_rank, rdzv_endpoint, forwarded))
 
         from llmctl.train.distributed import init_distributed, shutdown_distributed

@@ -11,17 +11,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from llmctl.recipe import Recipe
-from llmctl.train.events import (
-    CheckpointRejected,
-    CheckpointSaved,
-    Evaluated,
-    Event,
-    Interrupted,
-    Resumed,
-    Started,
-    StepLogged,
-    StepSkipped,
-)
+from llmctl.train import events
 from llmctl.train.plan import GIB, TrainingPlan
 
 
@@ -60,13 +50,13 @@ class TrainingConsole:
         self.task = None
         self.total_steps = 0
 
-    def on_event(self, event: Event) -> None:
+    def on_event(self, event: events.Event) -> None:
         if not self.enabled:
             return
         match event:
-            case Started():
+            case events.Started():
                 self._start(event)
-            case StepLogged():
+            case events.StepLogged():
                 line = (
                     f"step {event.step:>6}/{self.total_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
                     f"grad {event.grad_norm:.3f}  {event.tokens_per_second:,.0f} tok/s"
@@ -77,29 +67,33 @@ class TrainingConsole:
                     status = f"loss {event.loss:.3f} · {event.tokens_per_second:,.0f} tok/s"
                     self.progress.update(self.task, completed=event.step, status=status)
                 self._print(line)
-            case Evaluated():
+            case events.Evaluated():
                 self._print(
                     f"step {event.step:>6}  val loss {event.val_loss:.4f}  val ppl {event.val_ppl:.2f}"
                 )
-            case StepSkipped():
+            case events.StepSkipped():
                 self._print(
                     f"step {event.step:>6}  [yellow]skipped: non-finite gradients (norm {event.grad_norm})[/]"
                 )
-            case CheckpointSaved():
+            case events.CheckpointSaved():
                 self._print(f"saved {escape(event.path)}")
-            case Resumed():
+            case events.Resumed():
                 self._print(f"resumed from {escape(event.checkpoint)} at step {event.step}")
-            case CheckpointRejected():
+            case events.CheckpointRejected():
                 self._print(
                     f"[yellow]warning: skipped the damaged checkpoint {escape(event.path)} "
                     f"({escape(event.reason)})[/]"
                 )
-            case Interrupted():
+            case events.Sampled():
+                self._print(
+                    f"step {event.step:>6}  [bold]sample[/] {escape(repr(event.prompt))} -> {escape(repr(event.text))}"
+                )
+            case events.Interrupted():
                 self._print(
                     f"[yellow]interrupted at step {event.step}; saved {escape(str(event.checkpoint))}[/]"
                 )
 
-    def _start(self, event: Started) -> None:
+    def _start(self, event: events.Started) -> None:
         self.total_steps = event.steps
         self.log_file = (Path(event.run_dir) / "train.log").open("a")
         if self.console.is_terminal:
@@ -129,8 +123,6 @@ class TrainingConsole:
             return
         if self.progress is not None:
             self.progress.stop()
-        for prompt, text in result.samples:
-            self._print(f"[bold]sample[/] {escape(repr(prompt))} -> {escape(repr(text))}")
         if result.val_loss is not None:
             self._print(
                 f"done: step {result.final_step}, val loss {result.val_loss:.4f}, "

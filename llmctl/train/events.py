@@ -85,4 +85,16 @@ class Interrupted(Event, kind="interrupted"):
     checkpoint: str | None  # saved at this step before stopping
 
 
+@dataclass(frozen=True)
+class Sampled(Event, kind="sample"):
+    prompt: str  # one of the recipe's train.sample_prompts
+    text: str  # the prompt and what the model as it stands at `step` wrote after it
+
+
+@dataclass(frozen=True)
+class Finished(Event, kind="finished"):
+    checkpoint: str | None  # saved at the last step, or when the wall-clock budget was spent
+    val_loss: float | None
+
+
 EventHandler = Callable[[Event], None]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-METRICS_FILE = "metrics.jsonl"
+from llmctl.train.run_log import METRICS_FILE, parse_record
+
 SCALAR_EVENTS = ("step", "eval")  # the events TensorBoard plots
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
@@ -73,8 +74,14 @@ class MetricsWriter:
     `resumed` record, and `read_metrics` drops what it supersedes. A line a crash left half-written is closed
     first, so it spoils only itself."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        file_name: str = METRICS_FILE,
+    ) -> None:
+        self.path = Path(run_dir) / file_name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         unterminated = self.path.exists() and _last_byte(self.path) not in (b"", b"\n")
         self.handle = self.path.open("a")
@@ -119,11 +126,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     records: list[dict] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
+        record = parse_record(line)
+        if record is None:
             continue
         if record.get("event") == "resumed":
             records = [r for r in records if r.get("step", 0) <= record.get("step", 0)]

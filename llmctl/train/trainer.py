@@ -43,8 +43,10 @@ from llmctl.train.events import (
     Evaluated,
     Event,
     EventHandler,
+    Finished,
     Interrupted,
     Resumed,
+    Sampled,
     Started,
     StepLogged,
     StepSkipped,
@@ -53,6 +55,7 @@ from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
 from llmctl.train.plan import grad_accum_steps, make_plan, resolve_strategy
 from llmctl.train.run_dir import check_resume_matches, claim_run_dir, resume_checkpoint
+from llmctl.train.run_log import RANKS_DIR
 from llmctl.train.state import (
     full_model_state,
     full_optimizer_state,
@@ -97,6 +100,7 @@ class Trainer:
         self.recipe, self.context = recipe, context
         self.on_event = on_event or (lambda event: None)
         self.metrics: MetricsWriter | None = None
+        self.rank_metrics: MetricsWriter | None = None  # under torchrun, every rank's own throughput
         self.run_dir = recipe.run_dir
         make_plan(recipe, context.world_size)  # the recipe's shape checks, before anything is built
         self.strategy = resolve_strategy(recipe, context.world_size)
@@ -210,6 +214,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
             self.metrics = MetricsWriter(self.run_dir, resume_step=start_step if checkpoint else None)
+        if self.context.is_distributed:
+            self.rank_metrics = MetricsWriter(
+                self.run_dir / RANKS_DIR, tensorboard=False, file_name=f"rank-{self.context.rank}.jsonl"
+            )
         total = self.recipe.train.steps
         self._emit(self._started(start_step))
         if checkpoint is not None:
@@ -231,12 +239,17 @@ class Trainer:
                     self._emit(StepSkipped(step=step, grad_norm=stats.grad_norm))
                 if step % self.recipe.train.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_started
-                    self._emit(self._step_logged(stats, window_tokens, elapsed))
+                    logged = self._step_logged(stats, window_tokens, elapsed)
+                    self._emit(logged)
+                    self._report_rank(logged)
                     window_started, window_tokens = time.perf_counter(), 0
                 eval_every = self.recipe.train.eval_every
                 if (eval_every and step % eval_every == 0) or last:
                     val_loss = self.evaluate()
                     self._emit(Evaluated(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
+                sample_every = self.recipe.train.sample_every
+                if sample_every and step % sample_every == 0 and not last and self.strategy != "fsdp":
+                    self._emit_samples(step, self.samples())
                 every = self.recipe.checkpoint.every
                 stopping = any_rank(self.stop_requested, self.context)
                 if (every and step % every == 0) or last or stopping:
@@ -244,10 +257,16 @@ class Trainer:
                 if stopping:
                     self._emit(Interrupted(step=step, checkpoint=str(last_saved) if last_saved else None))
                     break
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
         samples = [] if stopping else self.samples()
+        if not stopping:
+            self._emit_samples(step, samples)
+            self._emit(
+                Finished(step=step, checkpoint=str(last_saved) if last_saved else None, val_loss=val_loss)
+            )
+        for writer in (self.metrics, self.rank_metrics):
+            if writer is not None:
+                writer.close()
+        self.metrics = self.rank_metrics = None
         return TrainResult(self.run_dir, step, last_saved, val_loss, stopping, self.skipped_steps, samples)
 
     def train_step(self, step: int, time_fraction: float | None = None) -> StepStats:
@@ -442,6 +461,25 @@ class Trainer:
             memory_bytes=memory_in_use(self.context.device),
             elapsed_seconds=self.clock.elapsed(),
             mfu=mfu,
+        )
+
+    def _emit_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        for prompt, text in samples:
+            self._emit(Sampled(step=step, prompt=prompt, text=text))
+
+    def _report_rank(self, logged: StepLogged) -> None:
+        """Each rank's own share of the throughput and its memory, for the monitor's per-rank rows."""
+        if self.rank_metrics is None:
+            return
+        self.rank_metrics.write(
+            {
+                "event": "rank",
+                "step": logged.step,
+                "rank": self.context.rank,
+                "world_size": self.context.world_size,
+                "tokens_per_second": logged.tokens_per_second / self.context.world_size,
+                "memory_bytes": logged.memory_bytes,
+            }
         )
 
     def _emit(self, event: Event) -> None:

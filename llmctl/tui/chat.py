@@ -1,10 +1,13 @@
-"""The Textual chat app: history, streamed replies, a status line with tokens/s, slash commands."""
+"""The Textual chat screen (history, streamed replies, a status line with tokens/s, slash commands) and the
+`llmctl chat` app that shows it; the training monitor opens the same screen on a run's checkpoint."""
 
 from __future__ import annotations
 
 from textual import work
 from textual.app import App, ComposeResult
+from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
 from llmctl.infer.chat_session import HELP, ChatSession
@@ -20,14 +23,20 @@ class Bubble(Static):
     """
 
 
-class ChatApp(App):
-    TITLE = "llmctl chat"
-    BINDINGS = [("ctrl+l", "reset", "clear conversation")]
+class ChatScreen(Screen):
+    BINDINGS = [
+        ("ctrl+l", "reset", "clear conversation"),
+        Binding("escape", "close", "back", show=False),
+    ]
 
-    def __init__(self, session: ChatSession, checkpoint: str) -> None:
+    def __init__(self, session: ChatSession, checkpoint: str, closable: bool = False) -> None:
         super().__init__()
         self.session, self.checkpoint = session, checkpoint
+        self.closable = closable  # opened over another screen (the monitor): escape goes back to it
         self.busy = False
+
+    def check_action(self, action: str, parameters: tuple) -> bool:
+        return action != "close" or self.closable
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -64,17 +73,20 @@ class ChatApp(App):
         self.session.command("/reset")
         self.query_one("#history").remove_children()
 
+    def action_close(self) -> None:
+        self.dismiss()
+
     @work(thread=True, exclusive=True)
     def stream_reply(self, text: str, bubble: Bubble) -> None:
         reply = ""
         try:
             for delta in self.session.reply(text):
                 reply += delta
-                self.call_from_thread(bubble.update, reply)
+                self.app.call_from_thread(bubble.update, reply)
         except PromptTooLong as error:
             reply = f"error: {error}"
-            self.call_from_thread(bubble.update, reply)
-        self.call_from_thread(self.finish_reply, bubble, reply)
+            self.app.call_from_thread(bubble.update, reply)
+        self.app.call_from_thread(self.finish_reply, bubble, reply)
 
     def finish_reply(self, bubble: Bubble, reply: str) -> None:
         if not reply:
@@ -84,3 +96,14 @@ class ChatApp(App):
         )
         self.query_one("#history", VerticalScroll).scroll_end(animate=False)
         self.busy = False
+
+
+class ChatApp(App):
+    TITLE = "llmctl chat"
+
+    def __init__(self, session: ChatSession, checkpoint: str) -> None:
+        super().__init__()
+        self.session, self.checkpoint = session, checkpoint
+
+    def get_default_screen(self) -> Screen:
+        return ChatScreen(self.session, self.checkpoint)

@@ -1,0 +1,75 @@
+"""`llmctl monitor [RUN_DIR ...]`: follow training runs live in a Textual dashboard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+
+from llmctl.errors import UserError
+
+app = typer.Typer(add_completion=False)
+
+DEFAULT_ROOT = Path("runs")
+
+
+@app.command(name="monitor")
+def monitor(
+    run_dirs: list[Path] = typer.Argument(
+        None,
+        metavar="[RUN_DIR]...",
+        help="Run directories, or folders holding runs (default: every run under runs/).",
+    ),
+    poll_seconds: float = typer.Option(1.0, "--poll", min=0.1, help="Seconds between reads of the files."),
+) -> None:
+    """Follow runs as they train: curves, throughput, samples, events; enter opens chat on a checkpoint."""
+    from llmctl.train.run_log import find_runs
+
+    roots = list(run_dirs or [DEFAULT_ROOT])
+    for root in run_dirs or []:
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory; pass a run directory (checkpoint.dir of a recipe)")
+    if not run_dirs and not (DEFAULT_ROOT.is_dir() and find_runs(roots)):
+        raise UserError(
+            f"no runs under {DEFAULT_ROOT}/ (no metrics.jsonl); pass a run directory, or start one with "
+            "llmctl train RECIPE --tui"
+        )
+    monitor_class()(roots, poll_seconds).run()
+
+
+def monitor_class() -> type:
+    try:
+        from llmctl.tui.monitor import MonitorApp
+    except ImportError as error:
+        raise UserError(
+            f"the monitor needs the tui extra ({error.name} is missing): pip install 'llmctl[tui]'"
+        ) from None
+    return MonitorApp
+
+
+def train_with_monitor(run_dir: Path, arguments: list[str], resume_arguments: list[str]) -> int:
+    """`llmctl train RECIPE --tui`: the trainer runs as a child process (`llmctl ARGUMENTS`) while the monitor
+    follows its run directory; quitting the monitor asks the trainer to checkpoint and stop. Returns the
+    trainer's exit code; its console output is printed when it failed."""
+    monitor = monitor_class()  # a missing extra fails here, before training starts
+    with tempfile.TemporaryFile("w+") as output:
+        training = subprocess.Popen(
+            [sys.executable, "-m", "llmctl", *arguments], stdout=output, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            monitor([run_dir], training=training).run()
+        finally:
+            if training.poll() is None:
+                typer.echo(
+                    f"waiting for the trainer to checkpoint and stop (pid {training.pid}) ...", err=True
+                )
+            code = training.wait()
+        if code != 0:
+            output.seek(0)
+            sys.stderr.write(output.read()[-4000:])
+    if code == 130:
+        typer.echo(f"stopped; continue with: llmctl {' '.join(resume_arguments)}", err=True)
+    return code
