@@ -1,8 +1,8 @@
 """What watching costs: training tokens/s of recipes/tiny.toml with `llmctl monitor` following the run and
 without, alternating in one run so drift in the machine's load hits both. The monitor runs headless in its own
 process on a pseudo-terminal of 120 x 40 (the escape codes it draws are read and dropped, so a terminal
-emulator's own drawing is not counted), polling once a second as it does by default; its CPU seconds are read
-from /proc.
+emulator's own drawing is not counted), polling once a second and at the lowest CPU priority, as `llmctl
+monitor` runs by default; its CPU seconds are read from /proc.
 
     .venv/bin/python -m benchmarks.monitor_overhead [--pairs 2] [--steps 120]
 """

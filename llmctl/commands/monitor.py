@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from llmctl.errors import UserError
 app = typer.Typer(add_completion=False)
 
 DEFAULT_ROOT = Path("runs")
+MONITOR_NICENESS = 19  # the lowest CPU priority: on cores that training fills, the monitor takes idle time
 
 
 @app.command(name="monitor")
@@ -37,7 +39,9 @@ def monitor(
             f"no runs under {DEFAULT_ROOT}/ (no metrics.jsonl); pass a run directory, or start one with "
             "llmctl train RECIPE --tui"
         )
-    monitor_class()(roots, poll_seconds).run()
+    app = monitor_class()(roots, poll_seconds)
+    os.nice(MONITOR_NICENESS)
+    app.run()
 
 
 def monitor_class() -> type:
@@ -59,6 +63,7 @@ def train_with_monitor(run_dir: Path, arguments: list[str], resume_arguments: li
         training = subprocess.Popen(
             [sys.executable, "-m", "llmctl", *arguments], stdout=output, stderr=subprocess.STDOUT, text=True
         )
+        os.nice(MONITOR_NICENESS)  # after the trainer started, which keeps its own priority
         try:
             monitor([run_dir], training=training).run()
         finally:

@@ -37,6 +37,14 @@ def serve(
         min=0,
         help="Positions of finished requests kept per model for prompts that begin the same way (0: off).",
     ),
+    ab_log: Path | None = typer.Option(
+        None,
+        help="Append every served request (variant, user digest, latency, tokens) and POST /v1/feedback "
+        "scores to this JSONL file, for llmctl ab report.",
+    ),
+    log_prompts: bool = typer.Option(
+        False, "--log-prompts", help="Also keep prompt and reply text in --ab-log (off: no text is stored)."
+    ),
 ) -> None:
     """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
     from llmctl.commands.checkpoint_args import parse_models
@@ -55,6 +63,10 @@ def serve(
         raise UserError(
             "--api-key is empty (an unset variable?): pass a key, or leave the option out to serve without one"
         )
+    if log_prompts and ab_log is None:
+        raise UserError("--log-prompts needs --ab-log FILE, the log the text would go to")
+    if ab_log is not None and ab_log.is_dir():
+        raise UserError(f"--ab-log {ab_log} is a folder; give a file path such as {ab_log / 'ab.jsonl'}")
     named = parse_models(models)
     adapters = parse_models(adapter) if adapter else {}
     if adapters and len(named) != 1:
@@ -87,7 +99,14 @@ def serve(
                 prefix_cache_tokens=prefix_cache_tokens,
             )
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
-    application = create_app(served, routes=routes, api_key=api_key, max_concurrency=max_concurrency)
+    log = None
+    if ab_log is not None:
+        from llmctl.infer.ab_log import CompletionLog
+
+        log = CompletionLog(ab_log, log_prompts)
+    application = create_app(
+        served, routes=routes, api_key=api_key, max_concurrency=max_concurrency, ab_log=log
+    )
     typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 

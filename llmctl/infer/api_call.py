@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from llmctl.infer.ab_log import LoggedRequest
 from llmctl.infer.api_schema import Endpoint, OpenAIError
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import Completion, GenerationFailed, ServedModel, stream_completion
@@ -26,12 +27,16 @@ class ApiCall:
         prompt_ids: list[int],
         params: list[SamplingParams],
         metrics: ServerMetrics,
+        logged: LoggedRequest | None = None,
     ) -> None:
         self.served, self.endpoint, self.prompt_ids, self.params = served, endpoint, prompt_ids, params
         self.metrics = metrics
+        self.logged = logged  # with `serve --ab-log`: every request is recorded
         self.id = endpoint.id_prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.records = [Completion(prompt_tokens=len(prompt_ids)) for _ in params]
+        self.texts = [""] * len(params)
+        self.failed = False
         self.started = time.perf_counter()
 
     def usage(self) -> dict:
@@ -65,19 +70,38 @@ class ApiCall:
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, Exception):
+                    self.failed = True
                     raise item
                 else:
+                    self.texts[item[0]] += item[1]
                     yield item
         finally:
             for task in tasks:
                 task.cancel()
+            seconds = time.perf_counter() - self.started
             self.metrics.finished(
-                self.served.name,
-                self.endpoint,
-                self.records,
-                time.perf_counter() - self.started,
-                self.started,
+                self.served.name, self.endpoint, self.records, seconds, self.started, self.failed
             )
+            if self.logged is not None:
+                self._log(self.logged, seconds)
+
+    def _log(self, logged: LoggedRequest, seconds: float) -> None:
+        first = [r.first_token_at - self.started for r in self.records if r.first_token_at is not None]
+        record = {
+            "id": self.id,
+            "alias": logged.alias,
+            "user": logged.user,
+            "variant": self.served.name,
+            "endpoint": self.endpoint.value,
+            "latency_seconds": round(seconds, 6),
+            "first_token_seconds": round(min(first), 6) if first else None,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": sum(r.completion_tokens for r in self.records),
+            "finish_reasons": [
+                r.finish_reason or ("error" if self.failed else "cancelled") for r in self.records
+            ],
+        }
+        logged.log.completion(record, logged.prompt, self.texts)
 
     def choice(self, index: int, text: str | None, finish: str | None, stream: bool) -> dict:
         if self.endpoint is Endpoint.COMPLETION:
@@ -92,11 +116,9 @@ class ApiCall:
         }
 
     async def complete(self) -> dict:
-        texts = [""] * len(self.params)
         finishes: list[str | None] = [None] * len(self.params)
         try:
-            async for index, text, finish in self.events():
-                texts[index] += text
+            async for index, _, finish in self.events():
                 finishes[index] = finish or finishes[index]
         except GenerationFailed as error:
             raise generation_error(error) from None
@@ -105,7 +127,9 @@ class ApiCall:
             "object": self.endpoint.value,
             "created": self.created,
             "model": self.served.name,
-            "choices": [self.choice(i, texts[i], finishes[i], stream=False) for i in range(len(self.params))],
+            "choices": [
+                self.choice(i, self.texts[i], finishes[i], stream=False) for i in range(len(self.params))
+            ],
             "usage": self.usage(),
         }
 

@@ -76,6 +76,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    user: str | None = Field(None, max_length=256)  # OpenAI's end-user id: keeps an A/B user on one variant
 
     def check_supported(self) -> None:
         for name in UNSUPPORTED:
@@ -126,3 +127,17 @@ class ChatRequest(SamplingFields):
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a score for a served completion, in [0, 1] or as thumbs."""
+
+    id: str = Field(min_length=1, max_length=128)
+    score: Literal["up", "down"] | float = Field(union_mode="left_to_right")
+
+    def value(self) -> float:
+        if self.score in ("up", "down"):
+            return 1.0 if self.score == "up" else 0.0
+        if not 0.0 <= self.score <= 1.0:
+            raise OpenAIError(400, "score: a number from 0 to 1, or 'up' / 'down'", param="score")
+        return float(self.score)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,8 +21,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl.data.chat import Message, render_chat
+from llmctl.infer.ab_log import CompletionLog, LoggedRequest, UnknownCompletion, choose_variant, user_digest
 from llmctl.infer.api_call import ApiCall
-from llmctl.infer.api_schema import ChatRequest, CompletionRequest, Endpoint, OpenAIError, SamplingFields
+from llmctl.infer.api_schema import (
+    ChatRequest,
+    CompletionRequest,
+    Endpoint,
+    FeedbackRequest,
+    OpenAIError,
+    SamplingFields,
+)
 from llmctl.infer.decode import PromptTooLong, fit_prompt
 from llmctl.infer.served import ServedModel
 from llmctl.infer.server_metrics import ServerMetrics
@@ -31,6 +38,8 @@ from llmctl.infer.server_metrics import ServerMetrics
 Routes = dict[str, list[tuple[str, float]]]
 log = logging.getLogger("llmctl.server")
 PROTECTED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json")
+USER_HEADER = "x-llmctl-user"  # the A/B user when the body names none
+VARIANT_HEADER = "x-llmctl-variant"  # the model that served a request (a route's chosen variant)
 MAX_BODY_BYTES = 4 << 20
 # A token is at most this many characters (sentencepiece's default piece length is 16): a longer prompt cannot
 # fit the context, and is refused before it is tokenized.
@@ -64,13 +73,13 @@ class ServerState:
     api_key: str | None
     metrics: ServerMetrics
     admission: Admission
+    ab_log: CompletionLog | None = None
     watchdog_seconds: float = 1.0
 
-    def resolve(self, name: str) -> ServedModel:
-        """A model by name, or by a weighted alias drawn per request."""
+    def resolve(self, name: str, user: str | None = None) -> ServedModel:
+        """A model by name, or a variant of a weighted alias: the same one for every request of a user."""
         if name in self.routes:
-            targets, weights = zip(*self.routes[name], strict=True)
-            name = random.choices(targets, weights=weights)[0]
+            name = choose_variant(name, self.routes[name], user)
         if name not in self.models:
             known = ", ".join([*self.models, *self.routes])
             raise OpenAIError(
@@ -85,8 +94,10 @@ class ServerState:
 class AdmittedStream(StreamingResponse):
     """A streaming response that gives its admission back however the stream ends (done, error, hang-up)."""
 
-    def __init__(self, content: AsyncIterator[str], admission: Admission, choices: int) -> None:
-        super().__init__(content, media_type="text/event-stream")
+    def __init__(
+        self, content: AsyncIterator[str], admission: Admission, choices: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
         self.admission, self.choices = admission, choices
 
     async def __call__(self, scope, receive, send) -> None:
@@ -118,6 +129,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     guard_task.cancel()
     for served in app.state.llmctl.models.values():  # uvicorn has drained in-flight requests by now
         served.engine.stop()
+    if app.state.llmctl.ab_log is not None:
+        app.state.llmctl.ab_log.close()
 
 
 async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
@@ -228,22 +241,27 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": data}
 
 
+def request_user(body: SamplingFields, request: Request) -> str | None:
+    return body.user or request.headers.get(USER_HEADER)
+
+
 async def completions(body: CompletionRequest, request: Request):
-    served = state_of(request).resolve(body.model)
+    served = state_of(request).resolve(body.model, request_user(body, request))
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
     if not prompts[0]:
         raise OpenAIError(400, "prompt is empty", param="prompt")
     prompt_ids = await tokenize(served, prompts[0], Endpoint.COMPLETION)
-    return await respond(request, served, body, Endpoint.COMPLETION, prompt_ids, (served.tokenizer.eos_id,))
+    stop_ids = (served.tokenizer.eos_id,)
+    return await respond(request, served, body, Endpoint.COMPLETION, prompts[0], prompt_ids, stop_ids)
 
 
 async def chat_completions(body: ChatRequest, request: Request):
-    served = state_of(request).resolve(body.model)
+    served = state_of(request).resolve(body.model, request_user(body, request))
     text = render_chat([Message(m.role, m.content) for m in body.messages])
     prompt_ids = await tokenize(served, text, Endpoint.CHAT)
-    return await respond(request, served, body, Endpoint.CHAT, prompt_ids, served.chat_stop_ids())
+    return await respond(request, served, body, Endpoint.CHAT, text, prompt_ids, served.chat_stop_ids())
 
 
 async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[int]:
@@ -263,26 +281,48 @@ async def respond(
     served: ServedModel,
     body: CompletionRequest | ChatRequest,
     endpoint: Endpoint,
+    prompt: str,
     prompt_ids: list[int],
     stop_ids: tuple[int, ...],
 ):
     state = state_of(request)
     body.check_supported()
     max_new_tokens = generation_budget(served, prompt_ids, body, endpoint)
-    call = ApiCall(
-        served, endpoint, prompt_ids, body.sampling_params(max_new_tokens, stop_ids), state.metrics
-    )
+    logged = None
+    if state.ab_log is not None:
+        user = request_user(body, request)
+        logged = LoggedRequest(state.ab_log, body.model, user_digest(user) if user else None, prompt)
+    params = body.sampling_params(max_new_tokens, stop_ids)
+    call = ApiCall(served, endpoint, prompt_ids, params, state.metrics, logged)
+    headers = {VARIANT_HEADER: served.name}
     try:
         state.admission.admit(body.n)
     except OpenAIError:
         state.metrics.rejected(served.name)
         raise
     if body.stream:
-        return AdmittedStream(call.sse(body.include_usage), state.admission, body.n)
+        return AdmittedStream(call.sse(body.include_usage), state.admission, body.n, headers)
     try:
-        return await call.complete()
+        return JSONResponse(await call.complete(), headers=headers)
     finally:
         state.admission.release(body.n)
+
+
+async def feedback(body: FeedbackRequest, request: Request) -> dict:
+    """A score for a served completion, appended to the A/B log beside it."""
+    log = state_of(request).ab_log
+    if log is None:
+        raise OpenAIError(404, "feedback needs a completion log: start llmctl serve with --ab-log FILE")
+    score = body.value()
+    try:
+        variant = log.feedback(body.id, score)
+    except UnknownCompletion:
+        raise OpenAIError(
+            404,
+            f"no completion {body.id!r} was served here (or it is older than the log remembers)",
+            param="id",
+        ) from None
+    return {"id": body.id, "object": "feedback", "variant": variant, "score": score}
 
 
 def generation_budget(
@@ -314,10 +354,11 @@ def create_app(
     api_key: str | None = None,
     max_concurrency: int = 64,
     max_body_bytes: int = MAX_BODY_BYTES,
+    ab_log: CompletionLog | None = None,
 ) -> FastAPI:
     app = FastAPI(title="llmctl", lifespan=lifespan)
     app.state.llmctl = ServerState(
-        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency)
+        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency), ab_log
     )
     app.add_exception_handler(OpenAIError, openai_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
@@ -329,4 +370,5 @@ def create_app(
     app.get("/v1/models")(list_models)
     app.post("/v1/completions")(completions)
     app.post("/v1/chat/completions")(chat_completions)
+    app.post("/v1/feedback")(feedback)
     return app

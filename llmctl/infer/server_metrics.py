@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API server, labelled by served model."""
+"""Prometheus metrics of the API server, labelled by served model (an A/B route's variant is its model)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ class ServerMetrics:
             "Completed API requests",
             ["model", "endpoint", "finish_reason"],
             registry=self.registry,
+        )
+        self.errors = Counter(
+            "llmctl_errors", "Requests whose generation failed", ["model"], registry=self.registry
         )
         self.rejected_requests = Counter(
             "llmctl_rejected_requests", "Requests refused with 429", ["model"], registry=self.registry
@@ -75,7 +78,11 @@ class ServerMetrics:
     def rejected(self, model: str) -> None:
         self.rejected_requests.labels(model).inc()
 
-    def finished(self, model: str, endpoint: str, records: list, seconds: float, started: float) -> None:
+    def finished(
+        self, model: str, endpoint: str, records: list, seconds: float, started: float, failed: bool = False
+    ) -> None:
+        if failed:
+            self.errors.labels(model).inc()
         for record in records:
             self.requests.labels(model, endpoint, record.finish_reason or "cancelled").inc()
             self.prompt_tokens.labels(model).inc(record.prompt_tokens)

@@ -1,0 +1,115 @@
+"""A/B serving: sticky assignment of a user to one variant of a weighted alias, and the log of served
+completions and their feedback that `llmctl ab report` reads."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmctl.train.run_log import parse_record
+
+REMEMBERED_COMPLETIONS = 100_000  # the newest completions that accept feedback
+
+
+def user_digest(user: str) -> str:
+    """What the log keeps of a user: enough to count distinct users, never the name itself."""
+    return hashlib.sha256(user.encode()).hexdigest()[:16]
+
+
+def choose_variant(alias: str, variants: list[tuple[str, float]], user: str | None) -> str:
+    """A variant of `alias`, drawn by weight. With a user, the draw is a hash of the alias and the user, so
+    the user lands on the same variant on every request while the weights stay; without one, a fresh draw."""
+    names, weights = zip(*variants, strict=True)
+    if user is None:
+        return random.choices(names, weights=weights)[0]
+    digest = hashlib.sha256(f"{alias}\n{user}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(weights)
+    for name, bound in zip(names, itertools.accumulate(weights), strict=True):
+        if point < bound:
+            return name
+    return names[-1]
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """What the log records of a request besides its timings: where it goes, for whom, and its prompt."""
+
+    log: CompletionLog
+    alias: str  # the model name the client asked for: a route, or the variant itself
+    user: str | None  # user_digest of the client's user, if it named one
+    prompt: str
+
+
+class UnknownCompletion(KeyError):
+    """Feedback named a completion id this server has not served (or no longer remembers)."""
+
+
+class CompletionLog:
+    """Append-only JSONL: a `completion` line per served request, a `feedback` line per score. Each line is
+    one write() on an O_APPEND descriptor, so a crash loses at most the line in flight, and readers skip a
+    torn line. Prompt and reply text are kept only with `log_prompts`."""
+
+    def __init__(self, path: Path, log_prompts: bool = False) -> None:
+        self.path, self.log_prompts = Path(path), log_prompts
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.variants: OrderedDict[str, str] = OrderedDict()  # completion id -> variant, newest last
+        if self.path.is_file():
+            for record in read_log(self.path):
+                if record.get("event") == "completion":
+                    self._remember(str(record.get("id")), str(record.get("variant")))
+        self.descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self.descriptor).st_size
+        if size and os.pread(self.descriptor, 1, size - 1) != b"\n":
+            os.write(self.descriptor, b"\n")  # close a line a crash left open, so it spoils only itself
+        self.lock = threading.Lock()
+
+    def _remember(self, completion_id: str, variant: str) -> None:
+        self.variants[completion_id] = variant
+        if len(self.variants) > REMEMBERED_COMPLETIONS:
+            self.variants.popitem(last=False)
+
+    def _append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with self.lock:
+            os.write(self.descriptor, line)
+
+    def completion(self, record: dict, prompt: str | None = None, replies: list[str] | None = None) -> None:
+        """Record one served request (its id, alias, variant, user digest, latency, tokens, finish)."""
+        if self.log_prompts:
+            record = {**record, "prompt": prompt, "replies": replies}
+        with self.lock:
+            self._remember(record["id"], record["variant"])
+        self._append({"event": "completion", "time": time.time(), **record})
+
+    def feedback(self, completion_id: str, score: float) -> str:
+        """Record a score in [0, 1] for a served completion; returns its variant."""
+        variant = self.variants.get(completion_id)
+        if variant is None:
+            raise UnknownCompletion(completion_id)
+        self._append(
+            {
+                "event": "feedback",
+                "time": time.time(),
+                "id": completion_id,
+                "variant": variant,
+                "score": score,
+            }
+        )
+        return variant
+
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+
+def read_log(path: Path) -> list[dict]:
+    """Every whole JSON-object line of a completion log (a torn last line is skipped)."""
+    with open(path, "rb") as handle:
+        return [record for line in handle if (record := parse_record(line)) is not None]
