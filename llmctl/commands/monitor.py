@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,10 +65,12 @@ def train_with_monitor(run_dir: Path, arguments: list[str], resume_arguments: li
             [sys.executable, "-m", "llmctl", *arguments], stdout=output, stderr=subprocess.STDOUT, text=True
         )
         os.nice(MONITOR_NICENESS)  # after the trainer started, which keeps its own priority
+        app = monitor([run_dir], training=training)
         try:
-            monitor([run_dir], training=training).run()
+            app.run()
         finally:
-            if training.poll() is None:
+            if training.poll() is None and not app.stop_requested:  # the monitor failed before asking
+                training.send_signal(signal.SIGINT)
                 typer.echo(
                     f"waiting for the trainer to checkpoint and stop (pid {training.pid}) ...", err=True
                 )

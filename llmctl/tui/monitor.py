@@ -85,6 +85,7 @@ class MonitorApp(App):
         self.poll_seconds = poll_seconds
         self.training = training  # `llmctl train --tui`: the trainer this monitor started
         self.training_ended = False
+        self.stop_requested = False  # whether quitting asked the trainer to stop
         self.logs: dict[Path, RunLog] = {}
         self.selected: Path | None = None
         self.marked: set[Path] = set()
@@ -311,4 +312,5 @@ class MonitorApp(App):
         --resume auto)."""
         if self.training is not None and self.training.poll() is None:
             self.training.send_signal(signal.SIGINT)
+            self.stop_requested = True
         self.exit()
