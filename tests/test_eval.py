@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,32 @@ def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, 
     llmctl("eval", str(tiny_checkpoint), "--data", str(text_file), "--out", str(second), check=True)
     table = llmctl("eval", "compare", str(first), str(second), check=True).stdout
     assert "difference" in table and "token_perplexity" in table
+    assert "paired bootstrap" not in table  # different documents: nothing to pair
+    same = llmctl("eval", "compare", str(first), str(first), check=True).stdout
+    documents = len(record["results"]["heldout"]["per_document"]["nll"])
+    assert "heldout: bits per byte, second - first = +0.0000" in same
+    assert f"paired bootstrap over {documents} documents): no significant difference" in same
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_not_a_random_one():
+    from llmctl.evaluate.perplexity import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(500, 5000, 300)
+    first = sizes * math.log(2) * rng.normal(2.0, 0.3, 300)  # nats, ~2 bits per byte, varying by document
+    result = lambda nll: {"per_document": {"nll": nll.tolist(), "bytes": sizes.tolist()}}  # noqa: E731
+    better = first - sizes * math.log(2) * rng.normal(0.02, 0.05, 300)  # 0.02 bits per byte better, noisily
+    tested = paired_bootstrap(result(first), result(better))
+    assert tested.significant and tested.ci95[1] < 0 and tested.difference == pytest.approx(-0.02, abs=0.008)
+    jitter = rng.normal(0.0, 0.05, 300)
+    jitter -= (jitter * sizes).sum() / sizes.sum()  # no difference overall, only per-document noise
+    noise = first + sizes * math.log(2) * jitter
+    tested = paired_bootstrap(result(first), result(noise))
+    assert not tested.significant and tested.p_value > 0.05
+    # unpaired: the spread between documents (0.3 bits) would hide the 0.02; paired, it cancels out
+    assert tested.ci95[1] - tested.ci95[0] < 0.03
+    other_documents = {"per_document": {"nll": first.tolist(), "bytes": (sizes + 1).tolist()}}
+    assert paired_bootstrap(result(first), other_documents) is None
 
 
 def test_include_path_task_runs_offline_from_the_cli(tiny_checkpoint, domain_suite, llmctl):

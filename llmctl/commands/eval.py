@@ -116,10 +116,13 @@ def compare(
     first: Path = typer.Argument(..., help="A results JSON from `llmctl eval --out`."),
     second: Path = typer.Argument(..., help="Another results JSON."),
 ) -> None:
-    """Two result files side by side, with the differences."""
-    from llmctl.commands.eval_report import print_comparison, read_results
+    """Two result files side by side, with the differences, and for perplexity on the same documents a paired
+    bootstrap saying whether the difference is significant."""
+    from llmctl.commands.eval_report import print_comparison, print_paired_tests, read_results
 
-    print_comparison(first, read_results(first), second, read_results(second))
+    a, b = read_results(first), read_results(second)
+    print_comparison(first, a, second, b)
+    print_paired_tests(a, b)
 
 
 @suite_app.command("build")

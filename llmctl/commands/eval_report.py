@@ -27,6 +27,29 @@ def print_results(record: dict) -> None:
     console.print(table)
 
 
+def print_paired_tests(first: dict, second: dict) -> None:
+    """For each perplexity task both results ran on the same documents: is the second's bits per byte
+    really different from the first's, or within the noise of the document sample?"""
+    from llmctl.evaluate.perplexity import paired_bootstrap
+
+    for task in sorted(set(first["results"]) & set(second["results"])):
+        tested = paired_bootstrap(first["results"][task], second["results"][task])
+        if tested is None:
+            continue
+        low, high = tested.ci95
+        verdict = (
+            ("the second is better" if tested.difference < 0 else "the second is worse")
+            if tested.significant
+            else "no significant difference"
+        )
+        console.print(
+            f"{task}: bits per byte, second - first = {tested.difference:+.4f} (95% CI {low:+.4f} to "
+            f"{high:+.4f}, p = {tested.p_value:.3g}, paired bootstrap over {tested.documents} documents): "
+            f"{verdict}",
+            markup=False,
+        )
+
+
 def write_results(path: Path, record: dict) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     console.print(f"results written to {path}", markup=False)

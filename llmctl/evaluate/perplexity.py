@@ -1,11 +1,12 @@
 """Perplexity over whole documents with a sliding window, per token, per word and per byte, with a bootstrap
-confidence interval over documents."""
+confidence interval over documents; and a paired bootstrap that says whether two models' bits per byte on
+the same documents differ."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -26,9 +27,49 @@ class PerplexityResult:
     word_perplexity: float
     bits_per_byte: float
     ci95: tuple[float, float]  # token perplexity, bootstrap over documents
+    # each document's nll (nats) and UTF-8 bytes: what `eval compare` pairs two results by
+    per_document: dict[str, list[float] | list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Bits per byte of the second result minus the first, on the same documents."""
+
+    difference: float
+    ci95: tuple[float, float]
+    p_value: float  # two-sided, from the bootstrap distribution
+    documents: int
+
+    @property
+    def significant(self) -> bool:
+        return not self.ci95[0] <= 0.0 <= self.ci95[1]
+
+
+def paired_bootstrap(
+    first: dict, second: dict, samples: int = 2000, seed: int = 0
+) -> PairedDifference | None:
+    """Resample documents (the same picks for both models) and recompute each one's bits per byte: the
+    spread of the difference is the noise of the document sample, paired so that what both models find hard
+    cancels out. None when the two results were not measured on the same documents."""
+    a, b = first.get("per_document") or {}, second.get("per_document") or {}
+    if (
+        not a.get("bytes")
+        or a.get("bytes") != b.get("bytes")
+        or len(a.get("nll", ())) != len(b.get("nll", ()))
+    ):
+        return None
+    sizes = np.asarray(a["bytes"], dtype=np.float64)
+    gap = (np.asarray(b["nll"]) - np.asarray(a["nll"])) / math.log(2)  # bits, per document
+    picks = np.random.default_rng(seed).integers(0, len(sizes), size=(samples, len(sizes)))
+    resampled = gap[picks].sum(1) / sizes[picks].sum(1)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    tail = min(float((resampled <= 0).mean()), float((resampled >= 0).mean()))
+    return PairedDifference(
+        float(gap.sum() / sizes.sum()), (float(low), float(high)), min(1.0, 2 * tail), len(sizes)
+    )
 
 
 WINDOWS_PER_PASS = 64  # windows gathered across documents before they are scored in batches
@@ -78,7 +119,7 @@ def perplexity(
         raise UserError(f"--window {window} exceeds the model's context of {context} tokens")
     stride = stride or window // 2
     nlls: list[float] = []
-    token_counts, words, byte_count = [], 0, 0
+    token_counts, words, document_bytes = [], 0, []
     group: list[list[int]] = []
     for text in texts:
         ids = [tokenizer.bos_id, *tokenizer.encode(text)]
@@ -87,14 +128,14 @@ def perplexity(
         group.append(ids)
         token_counts.append(len(ids) - 1)
         words += len(text.split())
-        byte_count += len(text.encode())
+        document_bytes.append(len(text.encode()))
         if len(group) == DOCUMENTS_PER_GROUP:
             nlls += document_nlls(model, group, window, stride, batch_size)
             group = []
     nlls += document_nlls(model, group, window, stride, batch_size)
     if not nlls:
         raise UserError("no text to evaluate: the data is empty")
-    nll, tokens = float(sum(nlls)), int(sum(token_counts))
+    nll, tokens, byte_count = float(sum(nlls)), int(sum(token_counts)), sum(document_bytes)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(nlls), size=(bootstrap, len(nlls)))
     resampled = np.exp(np.asarray(nlls)[picks].sum(1) / np.asarray(token_counts)[picks].sum(1))
@@ -109,4 +150,5 @@ def perplexity(
         word_perplexity=math.exp(nll / max(words, 1)),
         bits_per_byte=nll / math.log(2) / max(byte_count, 1),
         ci95=(float(low), float(high)),
+        per_document={"nll": nlls, "bytes": document_bytes},
     )
