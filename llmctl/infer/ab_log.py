@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class CompletionLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.variants: OrderedDict[str, str] = OrderedDict()  # completion id -> variant, newest last
         if self.path.is_file():
-            for record in read_log(self.path):
+            for record in iter_log(self.path):
                 if record.get("event") == "completion":
                     self._remember(str(record.get("id")), str(record.get("variant")))
         self.descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -109,7 +110,14 @@ class CompletionLog:
         os.close(self.descriptor)
 
 
-def read_log(path: Path) -> list[dict]:
-    """Every whole JSON-object line of a completion log (a torn last line is skipped)."""
+def iter_log(path: Path) -> Iterator[dict]:
+    """Every whole JSON-object line of a completion log, streamed (a torn last line is skipped)."""
     with open(path, "rb") as handle:
-        return [record for line in handle if (record := parse_record(line)) is not None]
+        for line in handle:
+            record = parse_record(line)
+            if record is not None:
+                yield record
+
+
+def read_log(path: Path) -> list[dict]:
+    return list(iter_log(path))

@@ -130,7 +130,6 @@ class RunLog:
         self.events: deque[dict] = deque(maxlen=self.events_kept)
         self.samples: list[dict] = []  # the latest step's generations
         self.ranks: dict[int, RankRow] = {}
-        self.records = 0
 
     @property
     def name(self) -> str:
@@ -166,7 +165,6 @@ class RunLog:
         return self
 
     def _apply(self, record: dict) -> None:
-        self.records += 1
         kind, step = record.get("event"), record.get("step", 0)
         if not isinstance(step, int):
             return

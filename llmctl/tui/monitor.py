@@ -34,19 +34,27 @@ def progress_bar(step: int, total: int | None) -> str:
 
 
 def describe_event(record: dict) -> str:
-    kind, step = record.get("event"), record.get("step", 0)
-    text = {
-        "started": lambda: (
-            f"started: {record.get('world_size')} x {record.get('device')}, {record.get('steps')} steps"
-        ),
-        "checkpoint": lambda: f"checkpoint saved: {Path(str(record.get('path'))).name}",
-        "skipped": lambda: f"non-finite step skipped (grad norm {record.get('grad_norm')})",
-        "resumed": lambda: f"resumed from {record.get('checkpoint')}",
-        "checkpoint_rejected": lambda: f"damaged checkpoint passed over: {record.get('path')}",
-        "interrupted": lambda: f"interrupted; saved {Path(str(record.get('checkpoint'))).name}",
-        "finished": lambda: f"finished; saved {Path(str(record.get('checkpoint'))).name}",
-    }[kind]()
-    return f"{step:>7}  {text}"
+    def saved(key: str) -> str:
+        return Path(str(record.get(key))).name
+
+    match record.get("event"):
+        case "started":
+            text = (
+                f"started: {record.get('world_size')} x {record.get('device')}, {record.get('steps')} steps"
+            )
+        case "checkpoint":
+            text = f"checkpoint saved: {saved('path')}"
+        case "skipped":
+            text = f"non-finite step skipped (grad norm {record.get('grad_norm')})"
+        case "resumed":
+            text = f"resumed from {saved('checkpoint')}"
+        case "checkpoint_rejected":
+            text = f"damaged checkpoint passed over: {saved('path')}"
+        case "interrupted":
+            text = f"interrupted; saved {saved('checkpoint')}"
+        case _:
+            text = f"finished; saved {saved('checkpoint')}"
+    return f"{record.get('step', 0):>7}  {text}"
 
 
 class RunsTable(DataTable):
