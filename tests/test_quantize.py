@@ -124,11 +124,13 @@ def quantize(llmctl, source: Path, out: Path, *options: str, heldout: Path) -> d
         "quantize", str(source), "--out", str(out), "--heldout", str(heldout), "--heldout-tokens", "4000",
         *options, check=True,
     )  # fmt: skip
-    rows = {}
+    rows, column = {}, None
     for line in result.stdout.splitlines():
-        cells = [cell.strip() for cell in re.split(r"[│┃]", line) if cell.strip()]
-        if cells and cells[0] in ("source", "int8", "int4"):
-            rows[cells[0]] = float(cells[4])
+        cells = [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]  # empty cells keep their place
+        if "perplexity" in cells:
+            column = cells.index("perplexity")
+        elif cells and cells[0] in ("source", "int8", "int4"):
+            rows[cells[0]] = float(cells[column])
     assert set(rows) == {"source", out.name.split("-")[0]}, result.stdout
     return rows
 
@@ -145,6 +147,7 @@ def test_on_the_demo_model_int8_and_calibrated_int4_cost_little_and_reload_to_ge
         "--calibrate", str(corpus), "--calibration-windows", "64", heldout=corpus,
     )  # fmt: skip
     source = int8["source"]
+    assert rtn["source"] == gptq["source"] == source  # one model, one held-out set: one figure
     assert int8["int8"] <= source * 1.01
     assert gptq["int4"] <= source * 1.05
     assert gptq["int4"] < rtn["int4"], (gptq, rtn)
