@@ -116,8 +116,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def model_directory(path: Path) -> Path:
-    """A checkpoint as given, or the newest checkpoint of a run directory."""
-    path = Path(path)
+    """A checkpoint as given, a registered NAME@VERSION / NAME@ALIAS (its weights checked), or the newest
+    checkpoint of a run directory."""
+    from llmctl.registry.reference import resolve_model_path
+
+    path = resolve_model_path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         return latest_checkpoint(path) or path
     return path

@@ -45,3 +45,16 @@ def digest_problem(directory: Path) -> str | None:
         if file_sha256(path) != expected:
             return f"{name} does not match its digest (truncated or altered)"
     return None
+
+
+def weights_sha256(directory: Path) -> str:
+    """One digest for a checkpoint's weights, whatever their sharding: a single safetensors file's own
+    SHA-256 (the figure `llmctl eval --out` records as checkpoint_sha256), else the SHA-256 of the
+    `sha256sum`-style lines of all of them."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no .safetensors weights")
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{file_sha256(path)}  {path.name}\n" for path in files)
+    return hashlib.sha256(lines.encode()).hexdigest()

@@ -98,6 +98,11 @@ class TrainSection(Section):
     sample_every: int = Field(
         0, ge=0, description="also sample every N steps for the monitor (0: only at the end; not under FSDP)"
     )
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="where step and eval numbers go besides metrics.jsonl; mlflow: MLFLOW_TRACKING_URI or "
+        "runs/mlflow.db, the store `llmctl models` uses",
+    )
 
 
 REFERENCE_WIDTH, REFERENCE_LR = 2048, 2e-4

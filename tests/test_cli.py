@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO
 
 BUILTINS = [
-    "corpus", "tokenize", "train", "finetune", "quantize", "prune", "export", "distill", "eval", "chat", "serve"
+    "corpus", "tokenize", "train", "finetune", "quantize", "prune", "export", "distill", "eval", "chat", "serve",
+    "models",
 ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False)
 @app.command(name="chat")
 def chat(
     checkpoint: str | None = typer.Argument(
-        None, help="Checkpoint directory (default: the newest under runs/)."
+        None, help="Checkpoint directory or registered NAME@VERSION|ALIAS (default: the newest under runs/)."
     ),
     plain: bool = typer.Option(
         False, "--plain", help="Line-based REPL (automatic when stdin is not a terminal)."

@@ -1,4 +1,5 @@
-"""Checkpoint arguments of chat, serve and eval: a path, NAME=PATH, or the newest checkpoint under runs/."""
+"""Checkpoint arguments of chat, serve and eval: a path or a registered NAME@VERSION / NAME@ALIAS, NAME=that,
+or the newest checkpoint under runs/."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from llmctl.checkpoint import newest_checkpoint_under
 from llmctl.errors import UserError
+from llmctl.registry.reference import registered_reference, resolve_model_path
 
 
 def default_name(path: Path) -> str:
@@ -16,7 +18,7 @@ def default_name(path: Path) -> str:
 
 def resolve_checkpoint(path: str | None) -> Path:
     if path:
-        return Path(path)
+        return resolve_model_path(path)
     found = newest_checkpoint_under(Path("runs"))
     print(f"using the newest checkpoint: {found}", file=sys.stderr)
     return found
@@ -28,9 +30,11 @@ def parse_models(arguments: list[str] | None) -> dict[str, Path]:
         return {default_name(path): path}
     named: dict[str, Path] = {}
     for argument in arguments:
-        name, sep, path = argument.partition("=")
-        path = Path(path if sep else name)
-        name = name if sep else default_name(path)
+        name, sep, spec = argument.partition("=")
+        spec = spec if sep else name
+        path = resolve_model_path(spec)
+        if not sep:  # a registered model is served under its reference, demo@prod
+            name = spec if registered_reference(spec) else default_name(path)
         if name in named:
             raise UserError(f"model name {name!r} is used twice; name them: A=PATH B=PATH")
         named[name] = path

@@ -22,7 +22,7 @@ app.add_typer(suite_app, name="suite")
 @app.command()
 def run(
     checkpoint: str | None = typer.Argument(
-        None, help="Checkpoint directory (default: the newest under runs/)."
+        None, help="Checkpoint directory or registered NAME@VERSION|ALIAS (default: the newest under runs/)."
     ),
     adapter: Path | None = typer.Option(None, help="A LoRA adapter to apply to the checkpoint (its base)."),
     data: Path | None = typer.Option(
@@ -118,7 +118,8 @@ def compare(
 ) -> None:
     """Two result files side by side, with the differences, and for perplexity on the same documents a paired
     bootstrap saying whether the difference is significant."""
-    from llmctl.commands.eval_report import print_comparison, print_paired_tests, read_results
+    from llmctl.commands.eval_report import print_comparison, print_paired_tests
+    from llmctl.evaluate.results import read_results
 
     a, b = read_results(first), read_results(second)
     print_comparison(first, a, second, b)

@@ -9,8 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmctl.atomic import atomic_write_text
-from llmctl.errors import UserError
-from llmctl.evaluate.runner import flatten
+from llmctl.evaluate.results import flatten
 
 console = Console()
 
@@ -53,18 +52,6 @@ def print_paired_tests(first: dict, second: dict) -> None:
 def write_results(path: Path, record: dict) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     console.print(f"results written to {path}", markup=False)
-
-
-def read_results(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"results file not found: {path}") from None
-    except ValueError:  # not JSON, or not UTF-8
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("results"), dict):
-        raise UserError(f"{path} is not an `llmctl eval --out` results file")
-    return record
 
 
 def print_comparison(first_path: Path, first: dict, second_path: Path, second: dict) -> None:

@@ -14,7 +14,8 @@ app = typer.Typer(add_completion=False)
 @app.command(name="export")
 def export(
     checkpoint: Path = typer.Argument(
-        ..., help="A checkpoint, run directory (its newest), LoRA adapter (merged) or quantized checkpoint."
+        ...,
+        help="A checkpoint, run directory (its newest), NAME@VERSION|ALIAS, LoRA adapter (merged) or quantized checkpoint.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write."),
     format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)."),

@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False)
 @app.command(name="prune")
 def prune(
     checkpoint: Path = typer.Argument(
-        ..., help="A float checkpoint, run directory (its newest) or LoRA adapter."
+        ..., help="A float checkpoint, run directory (its newest), NAME@VERSION|ALIAS or LoRA adapter."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="The pruned checkpoint directory to write."),
     method: str = typer.Option("magnitude", help="magnitude (unstructured, --sparsity) or 2:4."),

@@ -14,7 +14,8 @@ app = typer.Typer(add_completion=False)
 @app.command(name="quantize")
 def quantize(
     checkpoint: Path = typer.Argument(
-        ..., help="The float checkpoint, run directory (its newest) or LoRA adapter (merged first)."
+        ...,
+        help="The float checkpoint, run directory (its newest), NAME@VERSION|ALIAS or LoRA adapter (merged first).",
     ),
     method: str = typer.Option(..., help="int8 (per output channel) or int4 (group-wise)."),
     out: Path = typer.Option(..., "--out", "-o", help="The quantized checkpoint directory to write."),

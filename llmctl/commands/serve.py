@@ -13,7 +13,8 @@ app = typer.Typer(add_completion=False)
 @app.command(name="serve")
 def serve(
     models: list[str] = typer.Argument(
-        None, help="Checkpoints, optionally named: A=runs/a/... (default: newest under runs/)."
+        None,
+        help="Checkpoints or NAME@VERSION|ALIAS, optionally named: A=runs/a/... (default: newest under runs/).",
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, min=1, max=65535),

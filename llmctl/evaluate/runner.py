@@ -122,21 +122,3 @@ class Evaluator:
             "config": config,
             "results": results,
         }
-
-
-def flatten(results: dict) -> dict[tuple[str, str], float]:
-    """{(task, metric): value} for numbers, lm-eval's nested task dictionaries included."""
-    flat = {}
-    for task, metrics in results.items():
-        if not isinstance(metrics, dict):
-            continue
-        for key, value in metrics.items():
-            if isinstance(value, dict):
-                for inner, number in value.items():
-                    if isinstance(number, int | float):
-                        flat[(f"{task}/{key}", inner)] = float(number)
-            elif isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
-                flat.update({(task, f"{key}[{i}]"): float(v) for i, v in enumerate(value)})
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                flat[(task, key)] = float(value)
-    return flat

@@ -1,5 +1,5 @@
-"""Training metrics: `metrics.jsonl` (the single source for the TUI and plots), TensorBoard when installed,
-and the device peak that MFU is measured against."""
+"""Training metrics: `metrics.jsonl` (the single source for the TUI and plots), copied to the recipe's
+loggers (TensorBoard, MLflow), and the device peak that MFU is measured against."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import functools
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from llmctl.train.run_log import METRICS_FILE, parse_record
 
-SCALAR_EVENTS = ("step", "eval")  # the events TensorBoard plots
+SCALAR_EVENTS = ("step", "eval")  # the events whose numbers go to the loggers
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
 GPU_BF16_PEAKS = {
@@ -69,17 +71,21 @@ def memory_in_use(device: torch.device) -> float:
         return float("nan")
 
 
+class ScalarLogger(Protocol):
+    """Somewhere besides metrics.jsonl that a run's numbers go (TensorBoard, MLflow)."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None: ...
+
+    def close(self, finished: bool) -> None: ...
+
+
 class MetricsWriter:
     """Appends one JSON object per record, never rewriting what is there: a resumed run appends after a
     `resumed` record, and `read_metrics` drops what it supersedes. A line a crash left half-written is closed
-    first, so it spoils only itself."""
+    first, so it spoils only itself. Step and eval numbers are copied to `loggers`."""
 
     def __init__(
-        self,
-        run_dir: Path,
-        resume_step: int | None = None,
-        tensorboard: bool = True,
-        file_name: str = METRICS_FILE,
+        self, run_dir: Path, loggers: Sequence[ScalarLogger] = (), file_name: str = METRICS_FILE
     ) -> None:
         self.path = Path(run_dir) / file_name
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,27 +93,26 @@ class MetricsWriter:
         self.handle = self.path.open("a")
         if unterminated:
             self.handle.write("\n")
-        self.tensorboard = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass  # TensorBoard is optional; metrics.jsonl always has everything
-            else:
-                self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+        self.loggers = list(loggers)
+        self.finished = False
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
-        if self.tensorboard is not None and record.get("event") in SCALAR_EVENTS:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+        self.finished = self.finished or record.get("event") == "finished"
+        if self.loggers and record.get("event") in SCALAR_EVENTS:
+            scalars = {
+                key: float(value)
+                for key, value in record.items()
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+            }
+            for logger in self.loggers:
+                logger.log(record["step"], scalars)
 
     def close(self) -> None:
         self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for logger in self.loggers:
+            logger.close(self.finished)
 
 
 def _last_byte(path: Path) -> bytes:

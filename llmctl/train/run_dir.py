@@ -21,9 +21,17 @@ from llmctl.checkpoint import (
 )
 from llmctl.errors import UserError
 from llmctl.recipe import Recipe, recipe_from_dict
+from llmctl.registry.mlflow_client import TRAINING_RUN_FILE
 from llmctl.train.run_log import METRICS_FILE, RANKS_DIR
 
-RUN_OUTPUTS = ("checkpoints", METRICS_FILE, RANKS_DIR, "tensorboard", "train.log")  # recipe.toml is rewritten
+RUN_OUTPUTS = (
+    "checkpoints",
+    METRICS_FILE,
+    RANKS_DIR,
+    "tensorboard",
+    "train.log",
+    TRAINING_RUN_FILE,
+)  # recipe.toml is rewritten
 
 
 def holds_a_run(run_dir: Path) -> bool:

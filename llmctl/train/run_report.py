@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.errors import UserError
-from llmctl.evaluate.runner import flatten
+from llmctl.evaluate.results import flatten
 from llmctl.train.run_log import METRICS_FILE, RunLog, summary
 
 PLOTS = {  # file stem: (title, y label, [(curve, legend suffix)], log scale)

@@ -51,6 +51,7 @@ from llmctl.train.events import (
     StepLogged,
     StepSkipped,
 )
+from llmctl.train.loggers import open_loggers
 from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
 from llmctl.train.plan import grad_accum_steps, make_plan, resolve_strategy
@@ -213,10 +214,17 @@ class Trainer:
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
-            self.metrics = MetricsWriter(self.run_dir, resume_step=start_step if checkpoint else None)
+            loggers = open_loggers(
+                self.recipe.train.loggers,
+                self.run_dir,
+                self.recipe.name,
+                self.recipe.model_dump(mode="json", exclude_none=True),
+                resume_step=start_step if checkpoint else None,
+            )
+            self.metrics = MetricsWriter(self.run_dir, loggers)
         if self.context.is_distributed:
             self.rank_metrics = MetricsWriter(
-                self.run_dir / RANKS_DIR, tensorboard=False, file_name=f"rank-{self.context.rank}.jsonl"
+                self.run_dir / RANKS_DIR, file_name=f"rank-{self.context.rank}.jsonl"
             )
         total = self.recipe.train.steps
         self._emit(self._started(start_step))

@@ -1,0 +1,225 @@
+"""`llmctl models`: register checkpoints as immutable versions with their lineage, alias them, attach eval
+results and compare versions, in MLflow's model registry (runs/mlflow.db unless MLFLOW_TRACKING_URI or
+--registry names another)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmctl.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+console = Console(soft_wrap=True)  # digests and paths stay whole on one line
+
+
+def registry_option() -> str | None:
+    return typer.Option(
+        None,
+        "--registry",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow.db).",
+        show_default=False,
+    )
+
+
+def _registry(uri: str | None):
+    from llmctl.registry.store import ModelRegistry
+
+    return ModelRegistry(uri)
+
+
+@app.callback()
+def models() -> None:
+    """Model versions: register, list, show, alias, attach eval results, diff. Use NAME@VERSION or NAME@ALIAS
+    wherever a checkpoint path is taken (chat, serve, eval, finetune, quantize, prune, export)."""
+
+
+@app.command()
+def register(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint directory (or a run directory: its newest)."),
+    name: str = typer.Option(..., "--name", help="The registered model's name, e.g. legal."),
+    alias: str | None = typer.Option(None, help="Point this alias (prod, staging, ...) at the new version."),
+    note: str | None = typer.Option(None, help="A description kept with the version."),
+    registry: str | None = registry_option(),
+) -> None:
+    """Give a checkpoint the next version number of NAME, recording its weights, tokenizer and corpus
+    digests, recipe and parent."""
+    from llmctl.checkpoint import model_directory
+
+    path = model_directory(checkpoint)
+    if path != checkpoint:
+        console.print(f"registering the newest checkpoint of {checkpoint}: {path}", markup=False)
+    version = _registry(registry).register(path, name, alias, note)
+    console.print(f"registered {version.reference}" + _aliases(version), markup=False)
+    _print_version(version)
+
+
+@app.command("list")
+def list_versions(
+    name: str | None = typer.Argument(None, help="One model's versions (default: every model)."),
+    registry: str | None = registry_option(),
+) -> None:
+    """Registered versions, oldest first, with their aliases and weights digest."""
+    versions = _registry(registry).versions(name)
+    if not versions:
+        raise UserError(f"no versions of {name!r} are registered" if name else "no models are registered yet")
+    table = Table(title="registered models")
+    for column in ("version", "aliases", "created", "kind", "weights", "parent", "source", "note"):
+        table.add_column(column)
+    for version in versions:
+        table.add_row(
+            version.reference,
+            ", ".join(version.aliases),
+            _time(version.created),
+            version.lineage("kind") or "",
+            (version.lineage("weights_sha256") or "")[:12],
+            version.lineage("parent_version") or version.lineage("parent") or "",
+            str(version.source),
+            version.note,
+        )
+    console.print(table)
+
+
+@app.command()
+def show(
+    reference: str = typer.Argument(..., help="NAME@VERSION or NAME@ALIAS."),
+    registry: str | None = registry_option(),
+) -> None:
+    """One version: where it is, its lineage, recipe and attached evaluation results."""
+    version = _registry(registry).get(reference)
+    console.print(f"{version.reference}{_aliases(version)}", markup=False)
+    _print_version(version)
+    recipe = version.lineage("recipe")
+    if recipe:
+        console.print("recipe:", markup=False)
+        console.print(recipe.rstrip(), markup=False, highlight=False)
+
+
+@app.command()
+def alias(
+    reference: str = typer.Argument(..., help="NAME@VERSION (or NAME@ALIAS) to point the alias at."),
+    name: str = typer.Argument(..., help="The alias, e.g. prod."),
+    registry: str | None = registry_option(),
+) -> None:
+    """Point an alias at a version (moving it from the version that had it)."""
+    version = _registry(registry).set_alias(reference, name)
+    console.print(f"{version.name}@{name} -> {version.reference}", markup=False)
+
+
+@app.command()
+def attach(
+    reference: str = typer.Argument(..., help="NAME@VERSION or NAME@ALIAS."),
+    results: Path = typer.Argument(..., help="A results file from `llmctl eval --out`."),
+    label: str | None = typer.Option(None, help="Name of this evaluation (default: the file's name)."),
+    force: bool = typer.Option(False, "--force", help="Attach results measured on other weights."),
+    registry: str | None = registry_option(),
+) -> None:
+    """Keep an evaluation's numbers with a version, for `models show` and `models diff`."""
+    from llmctl.evaluate.results import read_results
+
+    record = read_results(results)
+    version = _registry(registry).attach(reference, record, results, label or results.stem, force)
+    metrics = version.evals()[label or results.stem]["metrics"]
+    console.print(f"attached {len(metrics)} metrics from {results} to {version.reference}", markup=False)
+
+
+@app.command()
+def diff(
+    first: str = typer.Argument(..., help="NAME@VERSION or NAME@ALIAS."),
+    second: str = typer.Argument(..., help="Another."),
+    all_keys: bool = typer.Option(False, "--all", help="List recipe keys that are the same too."),
+    registry: str | None = registry_option(),
+) -> None:
+    """Two versions side by side: lineage, the recipe keys that differ, and every attached metric."""
+    from llmctl.registry.lineage import recipe_keys
+
+    store = _registry(registry)
+    a, b = store.get(first), store.get(second)
+    table = Table(title=f"{a.reference} vs {b.reference}")
+    for column, justify in (
+        ("", "left"),
+        (a.reference, "right"),
+        (b.reference, "right"),
+        ("change", "right"),
+    ):
+        table.add_column(column, justify=justify)
+    lineage_keys = ("kind", "weights_sha256", "tokenizer_sha256", "corpus_manifest_sha256", "parent_version")
+    for key in (*lineage_keys, "quantization"):
+        left, right = a.lineage(key) or "", b.lineage(key) or ""
+        if left or right:
+            short = 12 if key.endswith("sha256") else None
+            table.add_row(key, left[:short], right[:short], "" if left == right else "differs")
+    table.add_section()
+    recipe_a, recipe_b = recipe_keys(a.lineage("recipe")), recipe_keys(b.lineage("recipe"))
+    if (
+        not recipe_a or not recipe_b
+    ):  # a quantized or downloaded model records no recipe: one row, not every key
+        table.add_row("recipe", "recorded" if recipe_a else "—", "recorded" if recipe_b else "—", "")
+        recipe_a = recipe_b = {}
+    for key in sorted(set(recipe_a) | set(recipe_b)):
+        left, right = recipe_a.get(key, "—"), recipe_b.get(key, "—")
+        if left != right or all_keys:
+            table.add_row(key, left, right, "" if left == right else "differs")
+    table.add_section()
+    metrics_a, metrics_b = _metrics(a), _metrics(b)
+    for key in sorted(set(metrics_a) | set(metrics_b)):
+        left, right = metrics_a.get(key), metrics_b.get(key)
+        change = f"{right - left:+,.4f}" if left is not None and right is not None else ""
+        table.add_row(key, _number(left), _number(right), change)
+    console.print(table)
+
+
+def _print_version(version) -> None:
+    rows = [
+        ("source", str(version.source)),
+        ("created", _time(version.created)),
+        ("kind", version.lineage("kind")),
+        ("weights sha256", version.lineage("weights_sha256")),
+        ("tokenizer sha256", version.lineage("tokenizer_sha256")),
+        ("corpus manifest sha256", version.lineage("corpus_manifest_sha256")),
+        ("parent", _parent(version)),
+        ("quantization", version.lineage("quantization")),
+        ("training run", version.run_id),
+        ("note", version.note),
+    ]
+    for label, value in rows:
+        if value:
+            console.print(f"  {label}: {value}", markup=False, highlight=False)
+    for label, attached in version.evals().items():
+        console.print(f"  eval {label} ({attached['file']}):", markup=False, highlight=False)
+        for metric, number in attached["metrics"].items():
+            console.print(f"    {metric} = {number:,.4f}", markup=False, highlight=False)
+
+
+def _parent(version) -> str | None:
+    parent = version.lineage("parent")
+    if parent is None:
+        return None
+    registered = version.lineage("parent_version")
+    return f"{parent} ({version.lineage('parent_role')}" + (
+        f", registered as {registered})" if registered else ")"
+    )
+
+
+def _aliases(version) -> str:
+    return f" (alias {', '.join(version.aliases)})" if version.aliases else ""
+
+
+def _time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.4f}"
+
+
+def _metrics(version) -> dict[str, float]:
+    return {
+        f"{label}: {metric}": number
+        for label, attached in version.evals().items()
+        for metric, number in attached["metrics"].items()
+    }

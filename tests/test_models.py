@@ -1,0 +1,224 @@
+"""`llmctl models`: versions in MLflow's registry (a real SQLite store, offline), their lineage, and
+NAME@VERSION / NAME@ALIAS accepted wherever a checkpoint path is, with the weights checked on loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import free_port, tiny_recipe_dict, wait_until
+from safetensors.torch import load_file, save_file
+
+from llmctl.checkpoint import model_directory
+from llmctl.digests import write_digest_manifest
+from llmctl.errors import UserError
+from llmctl.model.hf_format import WEIGHTS_FILE
+from llmctl.recipe import recipe_from_dict
+from llmctl.registry.mlflow_client import TRAINING_RUN_FILE
+from llmctl.registry.store import ModelRegistry
+from llmctl.train.distributed import DistributedContext
+from llmctl.train.trainer import Trainer
+
+CPU = DistributedContext(0, 0, 1, torch.device("cpu"))
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch) -> ModelRegistry:
+    """A fresh SQLite registry, also what every `llmctl` subprocess of the test opens (the env var)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return ModelRegistry()
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tmp_path) -> Path:
+    """The session's tiny checkpoint, copied so that a test may alter it."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "tiny"))
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+@pytest.mark.slow
+def test_a_registered_alias_resolves_in_eval_chat_and_serve(
+    llmctl, registry, checkpoint, sample_pipeline, tmp_path
+):
+    registered = llmctl(
+        "models", "register", str(checkpoint), "--name", "legal", "--alias", "prod", check=True
+    )
+    assert "registered legal@1 (alias prod)" in registered.stdout
+
+    results = tmp_path / "eval.json"
+    corpus = sample_pipeline["corpus"]
+    llmctl("eval", "legal@prod", "--data", str(corpus), "--out", str(results), check=True)
+    record = json.loads(results.read_text())
+    assert Path(record["checkpoint"]) == checkpoint.resolve()
+    llmctl("models", "attach", "legal@prod", str(results), check=True)
+    shown = llmctl("models", "show", "legal@1", check=True).stdout
+    assert "perplexity/token_perplexity" in shown and str(checkpoint.resolve()) in shown
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "llmctl", "chat", "legal@prod", "--plain", "--max-tokens", "4"],
+        input="Hello\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmctl", "serve", "legal@prod", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _ready(base), timeout=180, message="the server never became ready")
+        models = httpx.get(f"{base}/v1/models").json()["data"]
+        assert [model["id"] for model in models] == ["legal@prod"]
+        completion = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": "legal@prod", "prompt": "The", "max_tokens": 3},
+            timeout=60,
+        )
+        assert completion.status_code == 200 and completion.json()["model"] == "legal@prod"
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_changed_or_moved_weights_are_refused_with_one_line(llmctl, registry, checkpoint, sample_pipeline):
+    registry.register(checkpoint, "legal", alias="prod")
+    assert model_directory(Path("legal@prod")) == checkpoint.resolve()
+
+    weights = load_file(str(checkpoint / WEIGHTS_FILE))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(checkpoint / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_digest_manifest(checkpoint)  # a whole, consistent checkpoint: only the registry knows it changed
+    line = one_error_line(llmctl("eval", "legal@prod", "--data", str(sample_pipeline["corpus"])))
+    assert line.startswith("error: legal@prod (version 1): the weights in") and "changed since" in line
+    with pytest.raises(UserError, match="changed since they were registered"):
+        model_directory(Path("legal@1"))
+
+    shutil.rmtree(checkpoint)
+    with pytest.raises(UserError, match="no longer exists"):
+        registry.resolve("legal@prod")
+    with pytest.raises(UserError, match="no registered model version legal@staging"):
+        registry.resolve("legal@staging")
+
+
+def test_versions_are_numbered_aliases_move_and_bad_input_is_one_line(llmctl, registry, checkpoint, tmp_path):
+    first = registry.register(checkpoint, "legal", note="random init")
+    other = Path(shutil.copytree(checkpoint, tmp_path / "other"))
+    weights = load_file(str(other / WEIGHTS_FILE))
+    weights["lm_head.weight" if "lm_head.weight" in weights else "model.norm.weight"] += 1.0
+    save_file(weights, str(other / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_digest_manifest(other)
+    second = registry.register(other, "legal", alias="prod")
+    assert (first.version, second.version) == (1, 2) and first.note == "random init"
+    assert registry.resolve("legal@latest") == other.resolve()
+
+    registry.set_alias("legal@1", "prod")
+    assert [(v.version, v.aliases) for v in registry.versions("legal")] == [(1, ("prod",)), (2, ())]
+    assert registry.resolve("legal@prod") == checkpoint.resolve()
+    listed = llmctl("models", "list", "legal", check=True).stdout
+    assert "legal@1" in listed and "legal@2" in listed and "prod" in listed
+
+    cases = [
+        (["models", "register", str(checkpoint), "--name", "legal"], "these weights are already legal@1"),
+        (["models", "register", str(tmp_path / "none"), "--name", "x"], "it is not a directory"),
+        (["models", "register", str(checkpoint), "--name", "a/b"], "model name 'a/b' is not usable"),
+        (["models", "alias", "legal@1", "7"], "alias '7' is not usable"),
+        (["models", "show", "legal@9"], "no registered model version legal@9"),
+        (["models", "show", "legal"], "is not a model reference"),
+    ]
+    for command, message in cases:
+        assert message in one_error_line(llmctl(*command)), command
+
+
+def test_lineage_of_a_quantized_version_names_its_registered_source(
+    llmctl, registry, checkpoint, sample_pipeline, tmp_path
+):
+    registry.register(checkpoint, "legal", alias="prod")
+    out = tmp_path / "int8"
+    llmctl(
+        "quantize", "legal@prod", "--method", "int8", "--out", str(out),
+        "--heldout", str(sample_pipeline["corpus"]), "--heldout-tokens", "300", check=True,
+    )  # fmt: skip
+    version = registry.register(out, "legal-int8")
+    assert version.lineage("kind") == "quantized"
+    assert version.lineage("parent") == str(checkpoint.resolve())
+    assert version.lineage("parent_role") == "quantization source"
+    assert version.lineage("parent_version") == "legal@1"
+    assert json.loads(version.lineage("quantization"))["method"] == "int8"
+    shown = llmctl("models", "show", "legal-int8@1", check=True).stdout
+    assert "(quantization source, registered as legal@1)" in shown
+
+
+def test_training_logs_to_mlflow_resumes_its_run_and_versions_link_to_it(
+    llmctl, registry, sample_pipeline, tmp_path
+):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe_dict(sample_pipeline, run_dir, steps=4, loggers=["mlflow"])
+    recipe["data"]["corpus"] = str(sample_pipeline["corpus"])
+    Trainer(recipe_from_dict(recipe), CPU).fit()
+    run_id = (run_dir / TRAINING_RUN_FILE).read_text().strip()
+    Trainer(recipe_from_dict({**recipe, "train": {**recipe["train"], "steps": 8}}), CPU).fit(resume="auto")
+    assert (run_dir / TRAINING_RUN_FILE).read_text().strip() == run_id  # the same MLflow run continued
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.d_model"] == "64"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 9))
+
+    early = registry.register(run_dir / "checkpoints" / "step-00000004", "legal")
+    late = registry.register(run_dir / "checkpoints" / "step-00000008", "legal")
+    assert early.run_id == late.run_id == run_id
+    assert late.lineage("corpus_manifest_sha256") and late.lineage("tokenizer_sha256")
+    results = tmp_path / "late.json"
+    llmctl("eval", "legal@2", "--data", str(sample_pipeline["corpus"]), "--out", str(results), check=True)
+    refused = one_error_line(llmctl("models", "attach", "legal@1", str(results)))
+    assert "was measured on other weights than legal@1" in refused
+    registry.attach("legal@2", json.loads(results.read_text()), results, "val")
+    with pytest.raises(UserError, match="already has results labelled 'val'"):
+        registry.attach("legal@2", json.loads(results.read_text()), results, "val")
+
+    diff = llmctl("models", "diff", "legal@1", "legal@2", check=True).stdout
+    steps = next(line for line in diff.splitlines() if "train.steps" in line)
+    assert "4" in steps and "8" in steps and "differs" in steps
+    assert "model.d_model" not in diff  # equal keys only with --all
+    assert "val: perplexity/bits_per_byte" in diff
+
+
+def test_without_mlflow_models_and_references_name_the_extra(llmctl, tmp_path):
+    stub = tmp_path / "stub" / "mlflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ImportError("No module named mlflow")\n')
+    for command in (["models", "list"], ["eval", "legal@prod", "--data", str(tmp_path)]):
+        line = one_error_line(llmctl(*command, pythonpath=[stub.parent]))
+        assert (
+            line
+            == "error: MLflow is not installed; install the registry extra: pip install 'llmctl[registry]'"
+        )
+
+
+def test_a_path_that_looks_like_a_reference_is_still_a_path(tmp_path, monkeypatch, checkpoint):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(checkpoint, tmp_path / "legal@prod")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # never asked: the path exists
+    assert model_directory(Path("legal@prod")) == Path("legal@prod")
