@@ -3,8 +3,13 @@ extension builder: the fp32, int8 and int4 projections of up to `MAX_ROWS` rows 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,17 +26,20 @@ def decode_ops():
     speed, so it is said once."""
     from torch.utils import cpp_extension
 
-    capability = torch.backends.cpu.get_cpu_capability().lower()
+    name = f"llmctl_decode_{torch.backends.cpu.get_cpu_capability().lower()}"
+    build_directory = kernel_build_directory(name)
     try:
-        cpp_extension.load(
-            name=f"llmctl_decode_{capability}",
-            sources=[str(SOURCE)],
-            # OpenMP makes ATen's parallel_for parallel; the process already holds torch's libgomp.so.1
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with _sole_builder(build_directory):
+            cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                # OpenMP makes ATen's parallel_for parallel; the process already holds torch's libgomp.so.1
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_directory),
+                is_python_module=False,
+                verbose=False,
+            )
     except (RuntimeError, OSError, ImportError) as error:
         warnings.warn(
             f"llmctl's CPU decode kernels could not be compiled ({str(error).splitlines()[0]}); decoding "
@@ -44,6 +52,38 @@ def decode_ops():
     global _loaded
     _loaded = True
     return torch.ops.llmctl_decode
+
+
+def kernel_build_directory(name: str) -> Path:
+    """Where the kernels are compiled and cached: torch's extensions root (TORCH_EXTENSIONS_DIR where set),
+    one folder per CPU capability, Python and torch version."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    directory = Path(root) / f"{name}-{python}-torch{torch.__version__}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@contextlib.contextmanager
+def _sole_builder(build_directory: Path) -> Iterator[None]:
+    """Hold an OS lock on the build while torch builds or loads it. torch's own `lock` file outlives a build
+    that was killed, and every later load then waits on it forever; the OS lock dies with its holder, so a
+    `lock` file found while holding it was left by a dead build and is removed (said once)."""
+    with (build_directory.parent / f"{build_directory.name}.llmctl-lock").open("w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = build_directory / "lock"
+            if stale.exists():
+                stale.unlink()
+                warnings.warn(
+                    f"removed {stale}, left by a kernel build that was interrupted; building again",
+                    stacklevel=3,
+                )
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def _register_fake_kernels() -> None:
