@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmctl.append_log import open_append_log
 from llmctl.train.run_log import parse_record
 
 REMEMBERED_COMPLETIONS = 100_000  # the newest completions that accept feedback
@@ -66,10 +67,7 @@ class CompletionLog:
             for record in iter_log(self.path):
                 if record.get("event") == "completion":
                     self._remember(str(record.get("id")), str(record.get("variant")))
-        self.descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        size = os.fstat(self.descriptor).st_size
-        if size and os.pread(self.descriptor, 1, size - 1) != b"\n":
-            os.write(self.descriptor, b"\n")  # close a line a crash left open, so it spoils only itself
+        self.descriptor = open_append_log(self.path)
         self.lock = threading.Lock()
 
     def _remember(self, completion_id: str, variant: str) -> None:

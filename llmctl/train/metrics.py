@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from llmctl.append_log import open_append_log
 from llmctl.train.run_log import METRICS_FILE, parse_record
 
 SCALAR_EVENTS = ("step", "eval")  # the events whose numbers go to the loggers
@@ -89,10 +90,7 @@ class MetricsWriter:
     ) -> None:
         self.path = Path(run_dir) / file_name
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        unterminated = self.path.exists() and _last_byte(self.path) not in (b"", b"\n")
-        self.handle = self.path.open("a")
-        if unterminated:
-            self.handle.write("\n")
+        self.handle = os.fdopen(open_append_log(self.path), "a", encoding="utf-8")
         self.loggers = list(loggers)
         self.finished = False
 
@@ -113,15 +111,6 @@ class MetricsWriter:
         self.handle.close()
         for logger in self.loggers:
             logger.close(self.finished)
-
-
-def _last_byte(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() == 0:
-            return b""
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,0 +1,16 @@
+"""Append-only JSONL files that several readers follow while one process writes (metrics.jsonl, the A/B
+completion log): opened so that a line a crash left half-written spoils only itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def open_append_log(path: Path) -> int:
+    """An O_APPEND descriptor on `path` (created if missing), its last line closed first if it was left open."""
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(descriptor).st_size
+    if size and os.pread(descriptor, 1, size - 1) != b"\n":
+        os.write(descriptor, b"\n")
+    return descriptor
