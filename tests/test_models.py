@@ -222,3 +222,27 @@ def test_a_path_that_looks_like_a_reference_is_still_a_path(tmp_path, monkeypatc
     shutil.copytree(checkpoint, tmp_path / "legal@prod")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # never asked: the path exists
     assert model_directory(Path("legal@prod")) == Path("legal@prod")
+
+
+def test_an_uploaded_version_is_downloaded_once_checked_and_used_without_its_source(
+    llmctl, registry, checkpoint, sample_pipeline, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LLMCTL_MODEL_CACHE", str(tmp_path / "cache"))
+    (checkpoint / "trainer_state.pt").write_bytes(b"optimizer state")  # kept for resuming, never uploaded
+    write_digest_manifest(checkpoint)
+    version = registry.register(checkpoint, "legal", alias="prod", upload=True)
+    assert version.source.startswith("runs:/") and version.source.endswith("/checkpoint")
+    shutil.rmtree(checkpoint)  # what a tracking server's client machine has: only the store
+
+    path = registry.resolve("legal@prod")
+    assert (tmp_path / "cache") in path.parents and not (path / "trainer_state.pt").exists()
+    assert registry.resolve("legal@1") == path  # downloaded once
+    results = tmp_path / "eval.json"
+    llmctl("eval", "legal@prod", "--data", str(sample_pipeline["corpus"]), "--out", str(results), check=True)
+    assert Path(json.loads(results.read_text())["checkpoint"]) == path
+
+    weights = load_file(str(path / WEIGHTS_FILE))
+    weights["model.norm.weight"] += 1.0
+    save_file(weights, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="changed since they were registered"):
+        registry.resolve("legal@prod")

@@ -44,6 +44,12 @@ def register(
     name: str = typer.Option(..., "--name", help="The registered model's name, e.g. legal."),
     alias: str | None = typer.Option(None, help="Point this alias (prod, staging, ...) at the new version."),
     note: str | None = typer.Option(None, help="A description kept with the version."),
+    upload: bool | None = typer.Option(
+        None,
+        "--upload/--no-upload",
+        help="Copy the checkpoint into the store's artefacts (default: only for a tracking server).",
+        show_default=False,
+    ),
     registry: str | None = registry_option(),
 ) -> None:
     """Give a checkpoint the next version number of NAME, recording its weights, tokenizer and corpus
@@ -53,7 +59,7 @@ def register(
     path = model_directory(checkpoint)
     if path != checkpoint:
         console.print(f"registering the newest checkpoint of {checkpoint}: {path}", markup=False)
-    version = _registry(registry).register(path, name, alias, note)
+    version = _registry(registry).register(path, name, alias, note, upload)
     console.print(f"registered {version.reference}" + _aliases(version), markup=False)
     _print_version(version)
 
@@ -78,7 +84,7 @@ def list_versions(
             version.lineage("kind") or "",
             (version.lineage("weights_sha256") or "")[:12],
             version.lineage("parent_version") or version.lineage("parent") or "",
-            str(version.source),
+            version.source,
             version.note,
         )
     console.print(table)
@@ -183,7 +189,7 @@ def _print_version(version) -> None:
         ("corpus manifest sha256", version.lineage("corpus_manifest_sha256")),
         ("parent", _parent(version)),
         ("quantization", version.lineage("quantization")),
-        ("training run", version.run_id),
+        ("training run", version.lineage("training_run")),
         ("note", version.note),
     ]
     for label, value in rows:

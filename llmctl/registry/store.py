@@ -16,8 +16,9 @@ from pathlib import Path
 from llmctl.digests import digest_problem, file_sha256, weights_sha256
 from llmctl.errors import UserError
 from llmctl.evaluate.results import flatten
+from llmctl.registry.artifacts import cached_copy, is_local_source, is_tracking_server, upload_checkpoint
 from llmctl.registry.lineage import TAG_PREFIX, Lineage, read_lineage
-from llmctl.registry.mlflow_client import TRAINING_RUN_FILE, mlflow_client
+from llmctl.registry.mlflow_client import TRAINING_RUN_FILE, mlflow_client, tracking_uri
 from llmctl.registry.reference import LATEST, NAME, ModelReference, parse_reference
 
 EVAL_TAG = TAG_PREFIX + "eval."
@@ -27,7 +28,7 @@ EVAL_TAG = TAG_PREFIX + "eval."
 class ModelVersion:
     name: str
     version: int
-    source: Path
+    source: str  # a local path, or a `runs:/` artefact URI for an uploaded checkpoint
     aliases: tuple[str, ...]
     created: float  # seconds since the epoch
     note: str
@@ -52,16 +53,24 @@ class ModelVersion:
 
 class ModelRegistry:
     def __init__(self, uri: str | None = None) -> None:
-        self.client = mlflow_client(uri)  # first: it says so when MLflow is not installed
+        self.uri = tracking_uri(uri)
+        self.client = mlflow_client(self.uri)  # first: it says so when MLflow is not installed
         from mlflow.exceptions import MlflowException
 
         self._mlflow_error = MlflowException
 
     def register(
-        self, checkpoint: Path, name: str, alias: str | None = None, note: str | None = None
+        self,
+        checkpoint: Path,
+        name: str,
+        alias: str | None = None,
+        note: str | None = None,
+        upload: bool | None = None,
     ) -> ModelVersion:
         """A new version of `name` for the checkpoint directory, with its lineage; refused for a directory
-        that is not a complete checkpoint, and for weights `name` already has as a version."""
+        that is not a complete checkpoint, and for weights `name` already has as a version. `upload` copies
+        the checkpoint into the store's artefacts (default: only for a tracking server, which refuses local
+        paths); otherwise the version points at the directory where it is."""
         checkpoint = Path(checkpoint).resolve()
         _check_name(name)
         if alias is not None:
@@ -79,15 +88,19 @@ class ModelRegistry:
         tags = lineage.tags()
         if parent_version := self._parent_version(lineage):
             tags[TAG_PREFIX + "parent_version"] = parent_version
+        training_run = self._training_run_id(checkpoint)
+        if training_run:
+            tags[TAG_PREFIX + "training_run"] = training_run
         with self._errors():
+            source, run_id = str(checkpoint), training_run
+            if upload or (upload is None and is_tracking_server(self.uri)):
+                run_id, source = upload_checkpoint(
+                    self.client, checkpoint, self.uri, f"{name} {checkpoint.name}"
+                )
             if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
                 self.client.create_registered_model(name)
             created = self.client.create_model_version(
-                name,
-                source=str(checkpoint),
-                run_id=self._training_run_id(checkpoint),
-                tags=tags,
-                description=note or "",
+                name, source=source, run_id=run_id, tags=tags, description=note or ""
             )
             if alias is not None:
                 self.client.set_registered_model_alias(name, alias, created.version)
@@ -168,23 +181,28 @@ class ModelRegistry:
         """The checkpoint a version points at, after checking that its weights are the ones registered."""
         version = self.get(reference)
         asked = str(_as_reference(reference))
-        if not version.source.is_dir():
-            raise UserError(
-                f"{asked} (version {version.version}) points at {version.source}, which no longer exists; "
-                "restore it or register the checkpoint's new location as a new version"
-            )
+        if is_local_source(version.source):
+            path = Path(version.source.removeprefix("file://"))
+            if not path.is_dir():
+                raise UserError(
+                    f"{asked} (version {version.version}) points at {path}, which no longer exists; "
+                    "restore it or register the checkpoint's new location as a new version"
+                )
+        else:
+            with self._errors():
+                path = cached_copy(version.source, self.uri, version.name, version.version)
         expected = version.lineage("weights_sha256")
         try:
-            actual = weights_sha256(version.source)
+            actual = weights_sha256(path)
         except FileNotFoundError:
             actual = None
         if expected is None or actual != expected:
             raise UserError(
-                f"{asked} (version {version.version}): the weights in {version.source} changed since they were "
+                f"{asked} (version {version.version}): the weights in {path} changed since they were "
                 f"registered (sha256 {str(actual)[:12]}… vs {str(expected)[:12]}…); register them as a new "
                 "version, or restore the registered files"
             )
-        return version.source
+        return path
 
     def _versions_with_weights(self, digest: str, name: str | None = None) -> list[ModelVersion]:
         filter_string = f"tags.`{TAG_PREFIX}weights_sha256` = '{digest}'"
@@ -278,7 +296,7 @@ def _version(found) -> ModelVersion:
     return ModelVersion(
         name=found.name,
         version=int(found.version),
-        source=Path(found.source),
+        source=found.source,
         aliases=tuple(sorted(found.aliases or ())),
         created=(found.creation_timestamp or 0) / 1000,
         note=found.description or "",
