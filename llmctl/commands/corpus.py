@@ -17,7 +17,10 @@ def build(
         None,
         help="Take filter thresholds and cleaning rules from this recipe's [data.filters], [data.cleaning].",
     ),
-    text_field: str = typer.Option("text", help="JSONL field that holds the document text."),
+    text_field: str = typer.Option("text", help="JSONL field, or Parquet/CSV column, holding the text."),
+    html: str = typer.Option(
+        "main", help="HTML: main (the main content, trafilatura; the html extra) or all (all visible text)."
+    ),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phones, IPs, card numbers."),
     exact_dedup: bool = typer.Option(True, "--exact-dedup/--no-exact-dedup"),
     near_dedup: bool = typer.Option(
@@ -67,6 +70,7 @@ def build(
         filters=filters,
         cleaning=cleaning,
         text_field=text_field,
+        html=html,
         scrub_pii=scrub_pii,
         exact_dedup=exact_dedup,
         near_dup_threshold=near_dup_threshold if near_dedup else None,

@@ -22,7 +22,8 @@ from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_s
 from llmctl.data.filters import FilterRules, failed_filter
 from llmctl.data.jsonl import read_jsonl, string_field
 from llmctl.data.pii import scrub_pii
-from llmctl.data.sources import Document, SourceProblem, expand_sources, read_documents
+from llmctl.data.documents import Document, SourceProblem
+from llmctl.data.sources import expand_sources, read_documents
 from llmctl.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -36,6 +37,7 @@ class CorpusOptions:
     filters: FilterRules = field(default_factory=FilterRules)
     cleaning: CleaningRules = field(default_factory=CleaningRules)
     text_field: str = "text"
+    html: str = "main"  # main: the page's main content (trafilatura); all: every visible text block
     scrub_pii: bool = False
     exact_dedup: bool = True
     near_dup_threshold: float | None = 0.8  # Jaccard; None turns near-duplicate removal off
@@ -157,7 +159,7 @@ def build_corpus(
     near = NearDuplicateIndex(options.near_dup_threshold) if options.near_dup_threshold is not None else None
 
     def documents() -> Iterator[Document]:
-        for item in itertools.chain(unsupported, read_documents(paths, options.text_field)):
+        for item in itertools.chain(unsupported, read_documents(paths, options.text_field, options.html)):
             if isinstance(item, SourceProblem):
                 if options.strict:
                     raise UserError(f"{item.location}: {item.reason} (without --strict such inputs are skipped)")
@@ -226,6 +228,7 @@ def build_corpus(
                 "filters": options.filters.model_dump(),
                 "cleaning": options.cleaning.model_dump(),
                 "text_field": options.text_field,
+                "html": options.html,
                 "scrub_pii": options.scrub_pii,
                 "exact_dedup": options.exact_dedup,
                 "near_dup_threshold": options.near_dup_threshold,

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmctl.data.compression import open_input
 from llmctl.errors import UserError
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[str, Any, str | None]]:
     """(location "file:line", record, problem) per non-blank line; record is None where problem says why."""
-    with Path(path).open("rb") as handle:
+    with open_input(path) as handle:  # notes.jsonl.gz and .zst too
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue

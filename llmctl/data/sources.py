@@ -1,6 +1,7 @@
-"""Reading documents from files, folders and globs of .txt, .md, .rst, .jsonl and .html, one at a time.
+"""Reading documents from files, folders and globs, one at a time: text (.txt, .md, .rst), .jsonl, .html,
+PDF, DOCX, Parquet and CSV, each optionally gzip- or zstd-compressed (notes.jsonl.gz).
 
-A file named on the command line is read as text whatever its suffix; in a folder or glob, a file of
+A file named on the command line with an unknown suffix is read as text; in a folder or glob, a file of
 another format is reported as unsupported (and counted), never silently left out. Hidden files and folders
 (.git, .venv) are not inputs.
 """
@@ -8,32 +9,23 @@ another format is reported as unsupported (and counted), never silently left out
 from __future__ import annotations
 
 import glob
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from bs4 import BeautifulSoup
 
+from llmctl.data.compression import format_suffix, open_input
+from llmctl.data.documents import Document, SourceProblem
+from llmctl.data.formats import read_csv, read_docx, read_parquet, read_pdf
 from llmctl.data.jsonl import jsonl_lines
 from llmctl.errors import UserError
 
-SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".jsonl", ".html", ".htm"}
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
+HTML_SUFFIXES = {".html", ".htm"}
+SUFFIXES = {*TEXT_SUFFIXES, *HTML_SUFFIXES, ".jsonl", ".pdf", ".docx", ".parquet", ".csv"}
 BINARY_SNIFF_BYTES = 8192
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    source: str
-    text: str
-
-
-@dataclass(frozen=True)
-class SourceProblem:
-    """A file or line that could not be read: reported with its location and skipped (or fatal if strict)."""
-
-    location: str
-    reason: str
+HTML_MODES = ("main", "all")
 
 
 def expand_sources(sources: list[str]) -> tuple[list[Path], list[SourceProblem]]:
@@ -52,13 +44,15 @@ def expand_sources(sources: list[str]) -> tuple[list[Path], list[SourceProblem]]
             if not matches:
                 raise UserError(f"source not found: {source} (give files, folders or quoted globs)")
             found.update(p for p in matches if p.is_file())
-    files.update(p for p in found if p.suffix.lower() in SUFFIXES)
+    files.update(p for p in found if format_suffix(p) in SUFFIXES)
     unsupported = [
         SourceProblem(str(p), f"unsupported format {p.suffix or '(no suffix)'}; name the file to read it as text")
         for p in sorted(found - files)
     ]
     if not files:
-        raise UserError(f"no .txt, .md, .rst, .jsonl or .html files in {' '.join(sources)}")
+        raise UserError(
+            f"no .txt, .md, .rst, .jsonl, .html, .pdf, .docx, .parquet or .csv files in {' '.join(sources)}"
+        )
     return sorted(files), unsupported
 
 
@@ -66,30 +60,51 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def read_documents(paths: list[Path], text_field: str = "text") -> Iterator[Document | SourceProblem]:
-    """Stream documents; whole-file formats hold one document, JSONL one per line."""
+def read_documents(
+    paths: list[Path], text_field: str = "text", html: str = "main"
+) -> Iterator[Document | SourceProblem]:
+    """Stream documents: a text, HTML, PDF or DOCX file is one, a JSONL line or a table row one each.
+    `html`: "main" keeps a page's main content (trafilatura), "all" every visible text block."""
+    if html not in HTML_MODES:
+        raise UserError(f"unknown HTML mode {html!r}; use main (the main content) or all (all visible text)")
     for path in paths:
-        suffix = path.suffix.lower()
         try:
-            with path.open("rb") as handle:
-                head = handle.read(BINARY_SNIFF_BYTES)
-        except OSError as error:
-            yield SourceProblem(str(path), f"unreadable: {error.strerror or error}")
-            continue
-        if b"\x00" in head:
-            yield SourceProblem(str(path), "binary file (contains NUL bytes)")
-            continue
-        if suffix == ".jsonl":
-            yield from _read_jsonl(path, text_field)
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            yield SourceProblem(str(path), f"invalid UTF-8 at byte {error.start}")
-            continue
-        if suffix in (".html", ".htm"):
-            text = html_to_text(text)
-        yield Document(id=str(path), source=str(path), text=text)
+            yield from _read_file(path, format_suffix(path), text_field, html)
+        except (OSError, EOFError, zlib.error) as error:  # unreadable, or a corrupt compressed stream
+            yield SourceProblem(str(path), f"unreadable: {getattr(error, 'strerror', None) or error}")
+
+
+def _read_file(path: Path, suffix: str, text_field: str, html: str) -> Iterator[Document | SourceProblem]:
+    if suffix == ".pdf":
+        yield from read_pdf(path)
+    elif suffix == ".docx":
+        yield from read_docx(path)
+    elif suffix == ".parquet":
+        yield from read_parquet(path, text_field)
+    elif suffix == ".csv":
+        yield from read_csv(path, text_field)
+    elif suffix == ".jsonl":
+        yield from _read_jsonl(path, text_field)
+    else:
+        yield from _read_text(path, html if suffix in HTML_SUFFIXES else None)
+
+
+def _read_text(path: Path, html: str | None) -> Iterator[Document | SourceProblem]:
+    with open_input(path) as handle:
+        data = handle.read()
+    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
+        yield SourceProblem(str(path), "binary file (contains NUL bytes)")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        yield SourceProblem(str(path), f"invalid UTF-8 at byte {error.start}")
+        return
+    if html == "main":
+        text = html_main_text(text)
+    elif html == "all":
+        text = html_to_text(text)
+    yield Document(id=str(path), source=str(path), text=text)
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document | SourceProblem]:
@@ -110,3 +125,15 @@ def html_to_text(html: str) -> str:
     for tag in soup(["script", "style", "noscript", "nav", "header", "footer", "template"]):
         tag.decompose()
     return soup.get_text(separator="\n")
+
+
+def html_main_text(html: str) -> str:
+    """A page's main content (article text, tables kept), without navigation, footers and boilerplate."""
+    try:
+        import trafilatura
+    except ImportError:
+        raise UserError(
+            "reading the main content of HTML pages needs the html extra (trafilatura): pip install "
+            "'llmctl[html]', or pass --html all for all visible text"
+        ) from None
+    return trafilatura.extract(html, include_tables=True, include_comments=False, favor_recall=True) or ""
