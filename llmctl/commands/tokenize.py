@@ -63,6 +63,9 @@ def encode(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory; default CORPUS/../tokens."),
     threads: int = typer.Option(0, min=0, help="Encoding threads (0: all cores)."),
+    per_shard: bool = typer.Option(
+        False, "--per-shard", help="One token file per corpus shard, read by training as one stream."
+    ),
     overwrite: bool = typer.Option(
         False, help="Replace an existing output directory that is not up to date."
     ),
@@ -78,7 +81,9 @@ def encode(
     manifest = read_manifest(corpus)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress("tokenize encode", total) as advance:
-        meta = encode_corpus(corpus, tokenizer, out, threads, on_progress=advance, overwrite=overwrite)
+        meta = encode_corpus(
+            corpus, tokenizer, out, threads, on_progress=advance, overwrite=overwrite, per_shard=per_shard
+        )
     state = "up to date" if meta["up_to_date"] else f"{meta['mb_per_second']:.2f} MB/s"
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["tokens"].items())
     Console().print(

@@ -301,5 +301,10 @@ def split_files(corpus: Path, split: str) -> list[Path]:
 
 def iter_texts(corpus: Path, split: str) -> Iterator[str]:
     for path in split_files(corpus, split):
-        for location, record in read_jsonl(path):
-            yield string_field(location, record, "text")
+        yield from iter_texts_of(path)
+
+
+def iter_texts_of(shard: Path) -> Iterator[str]:
+    """The texts of one corpus shard file, in order."""
+    for location, record in read_jsonl(shard):
+        yield string_field(location, record, "text")

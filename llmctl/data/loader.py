@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llmctl.data.instructions import IGNORE, PackedWindows
-from llmctl.data.token_files import read_meta, split_file_problem
+from llmctl.data.token_files import read_meta, split_file_problem, split_token_files
 from llmctl.errors import UserError
 
 
@@ -27,21 +27,32 @@ def micro_batch_samples(
 
 
 class TokenFile:
-    """One split's tokens, memory-mapped: nothing is read until a window is sliced."""
+    """One split's tokens as one stream, memory-mapped: a single file, or the shard files in the order meta.json
+    lists them (a window may span two). Nothing is read until a window is sliced."""
 
     def __init__(self, tokens_dir: Path, split: str) -> None:
         self.meta = read_meta(tokens_dir)
-        path = Path(tokens_dir) / f"{split}.bin"
         problem = split_file_problem(tokens_dir, split, self.meta)
         if problem:
             raise UserError(f"{problem}; re-run llmctl tokenize encode --overwrite")
-        self.tokens = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r")
+        dtype = np.dtype(self.meta["dtype"])
+        files = [(path, count) for path, count in split_token_files(tokens_dir, split, self.meta) if count]
+        self.parts = [np.memmap(path, dtype=dtype, mode="r") for path, _ in files]
+        self.ends = np.cumsum([count for _, count in files], dtype=np.int64)  # stream offset after each part
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def window(self, start: int, seq_len: int) -> np.ndarray:
-        return np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64)
+        stop = start + seq_len + 1
+        part = int(np.searchsorted(self.ends, start, side="right"))
+        pieces = []
+        while start < stop and part < len(self.parts):
+            offset = int(self.ends[part]) - len(self.parts[part])
+            pieces.append(self.parts[part][start - offset : stop - offset])
+            start = int(self.ends[part])
+            part += 1
+        return np.concatenate(pieces).astype(np.int64) if len(pieces) > 1 else np.asarray(pieces[0], np.int64)
 
 
 class WindowSampler:

@@ -1,4 +1,6 @@
-"""`tokenize encode`: corpus JSONL -> one flat, memory-mappable token file per split, plus meta.json."""
+"""`tokenize encode`: corpus JSONL -> flat, memory-mappable token files plus meta.json: one file per split, or
+with `per_shard` one per corpus shard (train-00000.bin, ...) listed in order in meta.json's `shards`, which
+the loader reads as one stream identical to the single file."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmctl.atomic import atomic_directory, check_output
-from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, read_manifest
+from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, iter_texts_of, read_manifest, split_files
 from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.errors import UserError
 
@@ -26,12 +28,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def input_fingerprint(corpus: Path, tokenizer: Tokenizer) -> str:
-    """Identifies (corpus content, tokenizer, format): equal fingerprints mean the token files are up to date."""
+def input_fingerprint(corpus: Path, tokenizer: Tokenizer, per_shard: bool = False) -> str:
+    """Identifies (corpus content, tokenizer, format, layout): equal fingerprints mean the token files are up to
+    date. The layout does not change the token stream, so it is not part of what training checks (`stream`)."""
     digest = hashlib.sha256()
     digest.update((Path(corpus) / MANIFEST).read_bytes())
     digest.update(tokenizer.sha256().encode())
     digest.update(f"format={FORMAT_VERSION}".encode())
+    if per_shard:
+        digest.update(b"layout=shards")
     return digest.hexdigest()
 
 
@@ -48,14 +53,27 @@ def read_meta(tokens_dir: Path) -> dict:
     return meta
 
 
+def token_stream_fingerprint(meta: dict) -> str:
+    """What identifies the token stream training reads, whichever layout holds it."""
+    return meta.get("stream", meta["fingerprint"])
+
+
+def split_token_files(tokens_dir: Path, split: str, meta: dict) -> list[tuple[Path, int]]:
+    """A split's token files in stream order, with the tokens each holds."""
+    shards = meta.get("shards", {}).get(split)
+    if shards is None:
+        return [(Path(tokens_dir) / f"{split}.bin", meta["tokens"][split])]
+    return [(Path(tokens_dir) / shard["file"], shard["tokens"]) for shard in shards]
+
+
 def split_file_problem(tokens_dir: Path, split: str, meta: dict) -> str | None:
-    """Why a split's token file does not hold what its meta promises (missing, truncated, grown), or None."""
-    path = Path(tokens_dir) / f"{split}.bin"
-    if not path.is_file():
-        return f"{path} is missing"
-    expected = meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize
-    if path.stat().st_size != expected:
-        return f"{path} has {path.stat().st_size:,} bytes where {META_FILE} promises {expected:,}"
+    """Why a split's token files do not hold what its meta promises (missing, truncated, grown), or None."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for path, tokens in split_token_files(tokens_dir, split, meta):
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != tokens * itemsize:
+            return f"{path} has {path.stat().st_size:,} bytes where {META_FILE} promises {tokens * itemsize:,}"
     return None
 
 
@@ -66,60 +84,87 @@ def encode_corpus(
     threads: int = 0,
     on_progress: Callable[[int], None] | None = None,
     overwrite: bool = False,
+    per_shard: bool = False,
 ) -> dict:
-    """Encode every split; a no-op returning the existing meta when inputs are unchanged."""
+    """Encode every split; a no-op returning the existing meta when inputs are unchanged. `per_shard` writes
+    one token file per corpus shard (what many encoders can write side by side) instead of one per split."""
     corpus, out = Path(corpus), Path(out)
     read_manifest(corpus)
     tokenizer = open_tokenizer(tokenizer_path)
-    fingerprint = input_fingerprint(corpus, tokenizer)
+    fingerprint = input_fingerprint(corpus, tokenizer, per_shard)
     if (out / META_FILE).is_file():
         existing = json.loads((out / META_FILE).read_text())
         intact = not any(split_file_problem(out, split, existing) for split in SPLITS)
         if existing.get("fingerprint") == fingerprint and intact:
             return {**existing, "up_to_date": True}
     check_output(out, [corpus, tokenizer_path], overwrite)
-    dtype = token_dtype(tokenizer.vocab_size)
+    encoder = _Encoder(tokenizer, token_dtype(tokenizer.vocab_size), threads, on_progress)
     started = time.perf_counter()
     tokens: dict[str, int] = {}
     documents: dict[str, int] = {}
-    text_bytes = 0
+    shards: dict[str, list[dict]] = {}
     with atomic_directory(out) as staging:
         for split in SPLITS:
-            tokens[split] = documents[split] = 0
-            with (staging / f"{split}.bin").open("wb") as sink:
-                for texts in _text_batches(iter_texts(corpus, split)):
-                    encoded = tokenizer.encode_batch(texts, threads)
-                    for ids in encoded:
-                        ids.append(tokenizer.eos_id)  # documents are separated by eos
-                    count = sum(len(ids) for ids in encoded)
-                    array = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=count)
-                    sink.write(array.tobytes())
+            if per_shard:
+                shards[split], tokens[split], documents[split] = [], 0, 0
+                for source in split_files(corpus, split):
+                    name = source.with_suffix(".bin").name  # train-00003.jsonl -> train-00003.bin
+                    count, texts = encoder.encode(iter_texts_of(source), staging / name)
+                    shards[split].append({"file": name, "tokens": count, "source": source.name})
                     tokens[split] += count
-                    documents[split] += len(texts)
-                    size = sum(len(text.encode()) for text in texts)
-                    text_bytes += size
-                    if on_progress is not None:
-                        on_progress(size)
+                    documents[split] += texts
+            else:
+                tokens[split], documents[split] = encoder.encode(iter_texts(corpus, split), staging / f"{split}.bin")
         seconds = time.perf_counter() - started
         meta = {
             "format_version": FORMAT_VERSION,
-            "dtype": dtype.name,
+            "dtype": encoder.dtype.name,
             "vocab_size": tokenizer.vocab_size,
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
             "pad_id": tokenizer.pad_id,
             "tokens": tokens,
             "documents": documents,
-            "text_bytes": text_bytes,
+            **({"shards": shards} if per_shard else {}),
+            "text_bytes": encoder.text_bytes,
             "tokenizer": str(tokenizer.path),
             "tokenizer_sha256": tokenizer.sha256(),
             "corpus": str(corpus),
             "fingerprint": fingerprint,
+            "stream": input_fingerprint(corpus, tokenizer),
             "seconds": round(seconds, 3),
-            "mb_per_second": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
+            "mb_per_second": round(encoder.text_bytes / 1e6 / max(seconds, 1e-9), 3),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "up_to_date": False}
+
+
+class _Encoder:
+    """Texts -> one token file, each document followed by eos; counts what it wrote."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, dtype: np.dtype, threads: int, on_progress: Callable[[int], None] | None
+    ) -> None:
+        self.tokenizer, self.dtype, self.threads, self.on_progress = tokenizer, dtype, threads, on_progress
+        self.text_bytes = 0
+
+    def encode(self, texts: Iterator[str], path: Path) -> tuple[int, int]:
+        """(tokens, documents) written to `path`."""
+        tokens = documents = 0
+        with path.open("wb") as sink:
+            for batch in _text_batches(texts):
+                encoded = self.tokenizer.encode_batch(batch, self.threads)
+                for ids in encoded:
+                    ids.append(self.tokenizer.eos_id)  # documents are separated by eos
+                count = sum(len(ids) for ids in encoded)
+                sink.write(np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=count).tobytes())
+                tokens += count
+                documents += len(batch)
+                size = sum(len(text.encode()) for text in batch)
+                self.text_bytes += size
+                if self.on_progress is not None:
+                    self.on_progress(size)
+        return tokens, documents
 
 
 def _text_batches(texts: Iterator[str]) -> Iterator[list[str]]:

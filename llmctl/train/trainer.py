@@ -20,7 +20,7 @@ from llmctl.atomic import atomic_write_text
 from llmctl.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint, step_directory
 from llmctl.data.instructions import IGNORE
 from llmctl.data.loader import TokenFile, WindowSampler, validation_batches
-from llmctl.data.token_files import read_meta
+from llmctl.data.token_files import read_meta, token_stream_fingerprint
 from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.generate import generate_ids, without_stop_ids
@@ -204,7 +204,7 @@ class Trainer:
         )
         if checkpoint is not None:
             state = read_trainer_state(checkpoint)
-            check_resume_matches(checkpoint, self.recipe, self.meta["fingerprint"], state)
+            check_resume_matches(checkpoint, self.recipe, token_stream_fingerprint(self.meta), state)
             self._load_weights(checkpoint)
             restore_trainer_state(self.model, self.optimizer, state, self.context.is_main)
             self.scaler.load_state_dict(state["scaler"])
@@ -364,7 +364,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "elapsed_seconds": elapsed,
             "world_size": self.context.world_size,
-            "data_fingerprint": self.meta["fingerprint"],
+            "data_fingerprint": token_stream_fingerprint(self.meta),
         }
         path = self._write_checkpoint(step_directory(self.run_dir, step), model_state, trainer_state)
         prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last, newest_step=step)

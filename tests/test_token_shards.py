@@ -1,0 +1,103 @@
+"""Token files per corpus shard (`tokenize encode --per-shard`): the loader reads them as one stream, so
+training sees bitwise the batches of the single concatenated file, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE, tiny_recipe_dict
+
+from llmctl.checkpoint import list_checkpoints
+from llmctl.data.corpus import CorpusOptions, build_corpus
+from llmctl.data.loader import TokenFile, WindowSampler
+from llmctl.data.token_files import encode_corpus
+from llmctl.errors import UserError
+from llmctl.model.hf_format import read_state_dict
+from llmctl.recipe import recipe_from_dict
+from llmctl.train.distributed import DistributedContext
+from llmctl.train.events import StepLogged
+from llmctl.train.trainer import Trainer
+
+CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def two_layouts(sample_pipeline, tmp_path_factory) -> dict:
+    """The sample corpus in many small shards, encoded as one file per split and as one file per shard."""
+    root = tmp_path_factory.mktemp("layouts")
+    corpus = root / "corpus"
+    options = CorpusOptions(val_fraction=0.1, shard_bytes=96 << 10)
+    build_corpus([str(SAMPLE / "train.jsonl"), str(SAMPLE / "val.jsonl")], corpus, options)
+    tokenizer = sample_pipeline["tokenizer"]
+    encode_corpus(corpus, tokenizer, root / "single")
+    meta = encode_corpus(corpus, tokenizer, root / "sharded", per_shard=True)
+    return {"single": root / "single", "sharded": root / "sharded", "meta": meta, "root": root}
+
+
+def test_the_shard_files_are_the_single_file_cut_at_shard_boundaries(two_layouts):
+    meta = two_layouts["meta"]
+    assert len(meta["shards"]["train"]) >= 10  # a window often spans two
+    single = np.fromfile(two_layouts["single"] / "train.bin", dtype=meta["dtype"])
+    pieces = [
+        np.fromfile(two_layouts["sharded"] / s["file"], dtype=meta["dtype"]) for s in meta["shards"]["train"]
+    ]
+    assert np.array_equal(np.concatenate(pieces), single)
+    assert [len(piece) for piece in pieces] == [s["tokens"] for s in meta["shards"]["train"]]
+    assert meta["tokens"]["train"] == len(single)
+
+    sharded = TokenFile(two_layouts["sharded"], "train")
+    assert len(sharded) == len(single)
+    boundaries = np.cumsum([len(piece) for piece in pieces])[:-1]
+    for start in [0, *(boundaries - 5), *(boundaries - 64), len(single) - 65]:
+        assert np.array_equal(sharded.window(int(start), 64), single[start : start + 65].astype(np.int64))
+
+
+def test_training_batches_are_bitwise_those_of_the_single_file(two_layouts):
+    samplers = [
+        WindowSampler(TokenFile(two_layouts[layout], "train"), 64, 8, seed=3)
+        for layout in ("single", "sharded")
+    ]
+    windows = len(samplers[0].tokens) // 64
+    for step in range(0, 3 * windows // 8, 7):  # across epochs, whose offsets shift the windows
+        a, b = (sampler.micro_batch(step, 1, 1, 2, 2) for sampler in samplers)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_run_on_shard_files_resumes_exactly_and_matches_the_single_file_run(two_layouts, sample_pipeline):
+    root = two_layouts["root"]
+
+    def recipe(layout: str, run: str):
+        values = tiny_recipe_dict(sample_pipeline, root / run, steps=8)
+        values["data"]["tokens"] = str(two_layouts[layout])
+        return recipe_from_dict(values)
+
+    Trainer(recipe("single", "single-run"), CPU).fit()
+    first = Trainer(recipe("sharded", "sharded-run"), CPU)
+
+    def stop_at_half(event):
+        if isinstance(event, StepLogged) and event.step == 4:
+            first.stop_requested = True
+
+    first.on_event = stop_at_half
+    assert first.fit().interrupted
+    Trainer(recipe("sharded", "sharded-run"), CPU).fit(resume="auto")
+    final = read_state_dict(list_checkpoints(root / "sharded-run")[-1][1])
+    reference = read_state_dict(list_checkpoints(root / "single-run")[-1][1])
+    assert all(torch.equal(final[name], reference[name]) for name in reference)
+
+
+def test_a_missing_or_truncated_shard_file_is_one_clear_error(two_layouts, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(two_layouts["sharded"], tmp_path / "tokens")
+    meta = json.loads((copy / "meta.json").read_text())
+    victim = copy / meta["shards"]["train"][3]["file"]
+    victim.write_bytes(victim.read_bytes()[:-2])
+    with pytest.raises(UserError, match=f"{victim.name} has .* bytes where meta.json promises"):
+        TokenFile(copy, "train")
+    victim.unlink()
+    with pytest.raises(UserError, match=f"{victim.name} is missing"):
+        TokenFile(copy, "train")
