@@ -101,3 +101,30 @@ def test_a_missing_or_truncated_shard_file_is_one_clear_error(two_layouts, tmp_p
     victim.unlink()
     with pytest.raises(UserError, match=f"{victim.name} is missing"):
         TokenFile(copy, "train")
+
+
+def test_corpus_plan_scales_the_measured_rates_to_the_token_budget(sample_pipeline, llmctl, tmp_path):
+    from llmctl.data.plan import plan_corpus
+
+    corpus, tokens_dir = sample_pipeline["corpus"], sample_pipeline["tokens"]
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    one = plan_corpus(105e9, corpus, tokens_dir, nodes=1, vocab_size=None)
+    kept = sum(split["bytes"] for split in manifest["splits"].values())
+    per_token = meta["text_bytes"] / sum(meta["tokens"].values())
+    assert one.raw_text_bytes == pytest.approx(105e9 * per_token * manifest["input_bytes"] / kept)
+    assert one.build_hours_per_node == pytest.approx(
+        one.raw_text_bytes / 1e6 / manifest["mb_per_second"] / 3600
+    )
+    assert one.token_disk_bytes == 105e9 * 2  # vocabulary 1024: uint16
+    eight = plan_corpus(105e9, corpus, tokens_dir, nodes=8, vocab_size=100_000)
+    assert eight.encode_hours_per_node == pytest.approx(one.encode_hours_per_node / 8)
+    assert eight.token_disk_bytes == 105e9 * 4
+
+    shown = llmctl("corpus", "plan", "--tokens", "105e9", "--corpus", str(corpus), "--tokens-dir", str(tokens_dir),
+                   check=True).stdout  # fmt: skip
+    assert "raw text needed" in shown and "h per node" in shown
+    missing = llmctl(
+        "corpus", "plan", "--tokens", "1e9", "--corpus", str(corpus), "--tokens-dir", str(tmp_path)
+    )
+    assert missing.returncode == 2 and "has no meta.json" in missing.stderr

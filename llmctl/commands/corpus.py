@@ -1,4 +1,5 @@
-"""`llmctl corpus build|stats`: turn a folder of documents into a clean, deduplicated train/val corpus."""
+"""`llmctl corpus build|stats|plan`: turn a folder of documents into a clean, deduplicated train/val corpus,
+and size the data for a token budget."""
 
 from __future__ import annotations
 
@@ -144,3 +145,69 @@ def instructions(
         examples = random.Random(seed).sample(examples, limit)
     atomic_write_text(out, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples))
     typer.echo(f"wrote {len(examples):,} examples to {out}")
+
+
+@app.command()
+def plan(
+    tokens: float = typer.Option(..., "--tokens", min=1, help="Training tokens to plan for, e.g. 105e9."),
+    corpus: Path = typer.Option(..., help="A corpus built on this machine: its build rate and kept share."),
+    tokens_dir: Path = typer.Option(
+        ..., "--tokens-dir", help="Its `tokenize encode` output: encode rate and bytes per token."
+    ),
+    nodes: int = typer.Option(1, min=1, help="Nodes like this one sharing the build and the encode."),
+    vocab_size: int | None = typer.Option(
+        None, help="The run's vocabulary (token file width); default: measured."
+    ),
+) -> None:
+    """Raw text, build and encode hours per node, and disk for a token budget, at the measured rates."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmctl.data.plan import plan_corpus
+
+    result = plan_corpus(tokens, corpus, tokens_dir, nodes, vocab_size)
+    table = Table(title=f"data for {tokens:,.0f} tokens on {nodes} node{'s' * (nodes > 1)}")
+    table.add_column("")
+    table.add_column("estimate", justify="right")
+    table.add_column("from", justify="left")
+    rows = [
+        (
+            "raw text needed",
+            _bytes(result.raw_text_bytes),
+            f"{result.kept_share:.1%} of input kept by the build",
+        ),
+        ("text kept", _bytes(result.kept_text_bytes), f"{result.bytes_per_token:.2f} bytes per token"),
+        (
+            "corpus build",
+            f"{result.build_hours_per_node:,.1f} h per node",
+            f"{result.build_mb_per_second:.2f} MB/s measured",
+        ),
+        (
+            "tokenize encode",
+            f"{result.encode_hours_per_node:,.1f} h per node",
+            f"{result.encode_mb_per_second:.2f} MB/s measured",
+        ),
+        (
+            "disk: corpus",
+            _bytes(result.corpus_disk_bytes),
+            f"JSONL is {result.corpus_overhead:.3f}x its text",
+        ),
+        ("disk: token files", _bytes(result.token_disk_bytes), f"{result.token_bytes} bytes per token"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"Rates come from {corpus} ({result.measured_on_mb:.1f} MB of input) and {tokens_dir}; they scale with "
+        "nodes only while storage keeps up, and a small measuring build under-states them (start-up time).",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count:,.0f} B"
