@@ -24,11 +24,11 @@ from llmctl.data.jsonl import read_jsonl, string_field
 from llmctl.data.pii import scrub_pii
 from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.sources import expand_sources, read_documents
+from llmctl.data.tally import CorpusTally
 from llmctl.errors import UserError
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-MAX_REPORTED_PROBLEMS = 100
 BATCH_BYTES = 1 << 20
 
 
@@ -149,23 +149,14 @@ def build_corpus(
     paths, unsupported = expand_sources(sources)
     check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)
     started = time.perf_counter()
-    stats: Counter = Counter()
-    filtered: Counter = Counter()
-    pii: Counter = Counter()
-    cleaned: Counter = Counter()
-    per_source: Counter = Counter()
-    problems: list[dict] = []
+    tally = CorpusTally()
     exact_seen: set[str] = set()
     near = NearDuplicateIndex(options.near_dup_threshold) if options.near_dup_threshold is not None else None
 
     def documents() -> Iterator[Document]:
         for item in itertools.chain(unsupported, read_documents(paths, options.text_field, options.html)):
             if isinstance(item, SourceProblem):
-                if options.strict:
-                    raise UserError(f"{item.location}: {item.reason} (without --strict such inputs are skipped)")
-                stats["skipped_inputs"] += 1
-                if len(problems) < MAX_REPORTED_PROBLEMS:
-                    problems.append({"location": item.location, "reason": item.reason})
+                skip_problem(item, tally, options.strict)
                 continue
             yield item
 
@@ -173,73 +164,88 @@ def build_corpus(
         writers = {split: ShardWriter(staging, split, options.shard_bytes) for split in SPLITS}
         with WorkerPool(options) as run:
             for document in run(_batches(documents())):
-                stats["documents_read"] += 1
-                stats["input_bytes"] += document.input_bytes
-                cleaned.update(document.cleaned)
                 if on_progress is not None:
                     on_progress(document.input_bytes)
-                if document.rejected_by is not None:
-                    filtered[document.rejected_by] += 1
+                if not tally.read(document.input_bytes, document.cleaned, document.rejected_by):
                     continue
                 if options.exact_dedup and document.exact in exact_seen:
-                    stats["exact_duplicates"] += 1
+                    tally.exact_duplicates += 1
                     continue
                 exact_seen.add(document.exact)
                 if near is not None and near.is_duplicate_then_add(document.exact, document.signature):
-                    stats["near_duplicates"] += 1
+                    tally.near_duplicates += 1
                     continue
-                pii.update(document.pii)
-                per_source[document.source] += 1
+                tally.kept(document.source, document.pii)
                 writers[assign_split(document.exact, options.seed, options.val_fraction)].write(document)
-        for writer in writers.values():
-            writer.close()
-        if not any(writer.documents for writer in writers.values()):
-            rules = ", ".join(f"{rule} {count}" for rule, count in filtered.items())
-            raise UserError(
-                f"no documents kept: {stats['documents_read']} read, {filtered.total()} filtered"
-                f"{f' ({rules})' if rules else ''}, {stats['exact_duplicates'] + stats['near_duplicates']} "
-                f"duplicates, {stats['skipped_inputs']} inputs skipped{_first_reason(problems)}; "
-                "nothing was written"
-            )
-        seconds = time.perf_counter() - started
-        manifest = {
-            "llmctl_version": __version__,
-            "sources": [str(path) for path in paths],
-            "documents_read": stats["documents_read"],
-            "input_bytes": stats["input_bytes"],
-            "skipped_inputs": stats["skipped_inputs"],
-            "problems": problems,
-            "filtered": dict(filtered),
-            "exact_duplicates": stats["exact_duplicates"],
-            "near_duplicates": stats["near_duplicates"],
-            "characters_cleaned": {name: cleaned[name] for name, _ in cleaning_steps(options.cleaning)},
-            "pii_replaced": dict(pii),
-            "top_sources": dict(per_source.most_common(20)),
-            "splits": {
-                split: {
-                    "documents": writer.documents,
-                    "characters": writer.characters,
-                    "bytes": writer.bytes,
-                    "shards": writer.index + 1,
-                }
-                for split, writer in writers.items()
-            },
-            "options": {
-                "filters": options.filters.model_dump(),
-                "cleaning": options.cleaning.model_dump(),
-                "text_field": options.text_field,
-                "html": options.html,
-                "scrub_pii": options.scrub_pii,
-                "exact_dedup": options.exact_dedup,
-                "near_dup_threshold": options.near_dup_threshold,
-                "minhash_num_perm": NUM_PERM,
-                "val_fraction": options.val_fraction,
-                "seed": options.seed,
-            },
-            "seconds": round(seconds, 3),
-            "mb_per_second": round(stats["input_bytes"] / 1e6 / max(seconds, 1e-9), 3),
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = finish_corpus(staging, writers, tally, paths, options, time.perf_counter() - started)
+    return manifest
+
+
+def skip_problem(item: SourceProblem, tally: CorpusTally, strict: bool) -> None:
+    if strict:
+        raise UserError(f"{item.location}: {item.reason} (without --strict such inputs are skipped)")
+    tally.problem(item)
+
+
+def finish_corpus(
+    staging: Path,
+    writers: dict[str, ShardWriter],
+    tally: CorpusTally,
+    paths: list[Path],
+    options: CorpusOptions,
+    seconds: float,
+    engine: dict | None = None,
+) -> dict:
+    """Close the shards and write the manifest; refused (nothing written) when no document was kept."""
+    for writer in writers.values():
+        writer.close()
+    if not any(writer.documents for writer in writers.values()):
+        rules = ", ".join(f"{rule} {count}" for rule, count in tally.filtered.items())
+        raise UserError(
+            f"no documents kept: {tally.documents_read} read, {tally.filtered.total()} filtered"
+            f"{f' ({rules})' if rules else ''}, {tally.exact_duplicates + tally.near_duplicates} "
+            f"duplicates, {tally.skipped_inputs} inputs skipped{_first_reason(tally.problems)}; "
+            "nothing was written"
+        )
+    manifest = {
+        "llmctl_version": __version__,
+        "sources": [str(path) for path in paths],
+        "documents_read": tally.documents_read,
+        "input_bytes": tally.input_bytes,
+        "skipped_inputs": tally.skipped_inputs,
+        "problems": tally.problems,
+        "filtered": dict(tally.filtered),
+        "exact_duplicates": tally.exact_duplicates,
+        "near_duplicates": tally.near_duplicates,
+        "characters_cleaned": {name: tally.cleaned[name] for name, _ in cleaning_steps(options.cleaning)},
+        "pii_replaced": dict(tally.pii),
+        "top_sources": dict(tally.per_source.most_common(20)),
+        "splits": {
+            split: {
+                "documents": writer.documents,
+                "characters": writer.characters,
+                "bytes": writer.bytes,
+                "shards": writer.index + 1,
+            }
+            for split, writer in writers.items()
+        },
+        "options": {
+            "filters": options.filters.model_dump(),
+            "cleaning": options.cleaning.model_dump(),
+            "text_field": options.text_field,
+            "html": options.html,
+            "scrub_pii": options.scrub_pii,
+            "exact_dedup": options.exact_dedup,
+            "near_dup_threshold": options.near_dup_threshold,
+            "minhash_num_perm": NUM_PERM,
+            "val_fraction": options.val_fraction,
+            "seed": options.seed,
+        },
+        **({"engine": engine} if engine else {}),
+        "seconds": round(seconds, 3),
+        "mb_per_second": round(tally.input_bytes / 1e6 / max(seconds, 1e-9), 3),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
