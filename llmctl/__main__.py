@@ -1,3 +1,4 @@
 from llmctl.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned or forkserver process imports the main module
+    main()

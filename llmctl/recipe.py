@@ -68,6 +68,11 @@ class DataSection(Section):
     tokenizer: str | None = Field(None, description="a sentencepiece .model file")
     filters: FilterRules = FilterRules()
     cleaning: CleaningRules = CleaningRules()
+    executor_settings: dict[str, str | int | float | bool] = Field(
+        {},
+        description="`corpus build --executor`: passed to datatrove's executor as is (Slurm: partition, time, "
+        "cpus_per_task, ...; local: start_method)",
+    )
 
 
 class TrainSection(Section):

@@ -3,6 +3,7 @@ and size the data for a token budget."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -42,6 +43,11 @@ def build(
     ),
     strict: bool = typer.Option(False, help="Stop at the first unreadable file or malformed line."),
     workers: int = typer.Option(0, min=0, help="Worker processes (0: one per core)."),
+    executor: str | None = typer.Option(
+        None,
+        help="Run on datatrove: local, slurm or ray (the distributed extra); default: the embedded build.",
+    ),
+    tasks: int = typer.Option(2, min=1, help="With --executor: input shards of the per-document stages."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Clean, filter, scrub, deduplicate and split documents into JSONL shards with a manifest."""
@@ -52,12 +58,12 @@ def build(
     from llmctl.data.filters import FilterRules
     from llmctl.data.sources import expand_sources
 
-    filters, cleaning = FilterRules(), CleaningRules()
+    filters, cleaning, executor_settings = FilterRules(), CleaningRules(), {}
     if recipe:
         from llmctl.recipe import load_recipe
 
         data = load_recipe(recipe).data
-        filters, cleaning = data.filters, data.cleaning
+        filters, cleaning, executor_settings = data.filters, data.cleaning, data.executor_settings
     thresholds = {
         "min_chars": min_chars,
         "max_chars": max_chars,
@@ -80,9 +86,18 @@ def build(
         strict=strict,
         workers=workers,
     )
-    total = sum(path.stat().st_size for path in expand_sources(sources)[0])
-    with byte_progress("corpus build", total) as advance:
-        manifest = build_corpus(sources, out, options, on_progress=advance, overwrite=overwrite)
+    if executor is not None:
+        from llmctl.errors import require_extra
+
+        require_extra("datatrove", "distributed", "corpus build --executor")
+        from llmctl.data.distributed import EngineSettings, build_corpus_distributed
+
+        engine = EngineSettings(executor, tasks, workers or os.cpu_count() or 1, executor_settings)
+        manifest = build_corpus_distributed(sources, out, options, engine, overwrite=overwrite)
+    else:
+        total = sum(path.stat().st_size for path in expand_sources(sources)[0])
+        with byte_progress("corpus build", total) as advance:
+            manifest = build_corpus(sources, out, options, on_progress=advance, overwrite=overwrite)
     print_build_summary(out, manifest)
 
 

@@ -103,8 +103,12 @@ def _init_worker(options: CorpusOptions) -> None:
 
 
 def _process(document: Document) -> ProcessedDocument:
-    options = _worker_options
-    assert options is not None
+    assert _worker_options is not None
+    return process_document(document, _worker_options)
+
+
+def process_document(document: Document, options: CorpusOptions) -> ProcessedDocument:
+    """Clean, filter and (when kept) scrub one document, with its exact key and MinHash signature."""
     text, cleaned = clean_text(document.text, options.cleaning)
     pii: Counter = Counter()
     rejected_by = failed_filter(text, options.filters)

@@ -4,7 +4,7 @@ duplicate, cleaned and kept. The tasks of a distributed build each keep one, and
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from llmctl.data.documents import SourceProblem
 
@@ -50,7 +50,8 @@ class CorpusTally:
             getattr(self, name).update(getattr(other, name))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Plain values (dataclasses.asdict would rebuild each Counter from its (key, count) pairs)."""
+        return {name: dict(value) if isinstance(value, Counter) else value for name, value in vars(self).items()}
 
     @classmethod
     def from_json(cls, values: dict) -> CorpusTally:

@@ -1,0 +1,298 @@
+"""`corpus build --executor local|slurm|ray`: the same build as data/corpus.py, run as datatrove stages so it
+spreads over processes, Slurm jobs or a Ray cluster with bounded memory per worker.
+
+1. process (N tasks): read the inputs (task r takes files r, r+N, ...), clean, filter, scrub; kept candidates
+   go to processed/r.jsonl with their global order (file index, document index) and exact key.
+2. exact duplicates (K tasks): task r takes the exact keys that hash to r and keeps each key's first document
+   by global order, which is the one the embedded build keeps, reading in the same order.
+3-6. near duplicates: datatrove's MinHash stages (signatures, buckets, clusters, filter) over what survived.
+7. merge (1 task): the survivors, merged back into global order, assigned to splits by content as the
+   embedded build does, and written as the same shards and manifest.
+
+Exact-duplicate decisions, the kept documents and the split equal the embedded build's; near duplicates are
+datatrove's clusters (one kept per cluster) rather than the embedded index's greedy pass, so on chains of
+similar documents the two may keep different members.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+from datatrove.data import Document as EngineDocument
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from llmctl.atomic import atomic_directory, check_output
+from llmctl.data.corpus import (
+    SPLITS,
+    CorpusOptions,
+    ShardWriter,
+    assign_split,
+    finish_corpus,
+    process_document,
+    skip_problem,
+)
+from llmctl.data.documents import SourceProblem
+from llmctl.data.sources import expand_sources, read_documents
+from llmctl.data.tally import CorpusTally
+from llmctl.errors import UserError, require_extra
+
+EXECUTORS = ("local", "slurm", "ray")
+HASHES_PER_BUCKET = 8
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    executor: str = "local"
+    tasks: int = 2  # shards of the input for the per-document stages
+    workers: int = 2  # tasks running at once (local executor)
+    settings: dict | None = None  # passed to the executor as is: Slurm's partition, time, ...; Ray's options
+
+
+def minhash_buckets(threshold: float) -> int:
+    """Bands of 8 hashes whose LSH curve turns at about `threshold` Jaccard similarity: (1/b)^(1/8) = t."""
+    return max(1, round(threshold**-HASHES_PER_BUCKET))
+
+
+def build_corpus_distributed(
+    sources: list[str], out: Path, options: CorpusOptions, engine: EngineSettings, overwrite: bool = False
+) -> dict:
+    """Build the corpus at `out` through datatrove; its working files live beside it until the build ends."""
+    if engine.executor not in EXECUTORS:
+        raise UserError(f"unknown executor {engine.executor!r}; use one of {', '.join(EXECUTORS)}")
+    out = Path(out)
+    paths, unsupported = expand_sources(sources)
+    check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)
+    from loguru import logger  # datatrove's: its per-stage progress stays in work/logs, warnings still show
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    work = out.parent / f".{out.name}.datatrove"
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    stages = _stages(paths, options, engine, work)
+    for name, pipeline, tasks in stages:
+        _run(name, pipeline, tasks, engine, work)
+    tally = CorpusTally()
+    for item in unsupported:
+        skip_problem(item, tally, options.strict)
+    for path in sorted((work / "tallies").glob("*.json")):
+        tally.add(CorpusTally.from_json(json.loads(path.read_text())))
+    if options.strict and tally.problems:
+        first = tally.problems[0]
+        raise UserError(f"{first['location']}: {first['reason']} (without --strict such inputs are skipped)")
+    passed = tally.documents_read - tally.filtered.total()
+    with atomic_directory(out) as staging:
+        writers = {split: ShardWriter(staging, split, options.shard_bytes) for split in SPLITS}
+        survivors = 0
+        for record in heapq.merge(*map(_records, sorted((work / "survivors").glob("*.jsonl"))), key=_order):
+            tally.kept(record["source"], Counter(record["pii"]))
+            writers[assign_split(record["exact"], options.seed, options.val_fraction)].write(_Kept(record))
+            survivors += 1
+        tally.near_duplicates = passed - tally.exact_duplicates - survivors
+        described = {"executor": engine.executor, "tasks": engine.tasks, "engine": "datatrove"}
+        manifest = finish_corpus(
+            staging, writers, tally, paths, options, time.perf_counter() - started, described
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _stages(paths: list[Path], options: CorpusOptions, engine: EngineSettings, work: Path) -> list:
+    stages = [("process", [partial(process_inputs, paths=paths, options=options, work=work)], engine.tasks)]
+    if options.exact_dedup:
+        stages.append(("exact", [partial(find_exact_duplicates, work=work)], engine.tasks))
+    kept = partial(read_kept, work=work, exact=options.exact_dedup)
+    survivors = partial(write_survivors, work=work)
+    if options.near_dup_threshold is None:
+        return [*stages, ("survivors", [kept, survivors], engine.tasks)]
+    config = MinhashConfig(
+        num_buckets=minhash_buckets(options.near_dup_threshold), hashes_per_bucket=HASHES_PER_BUCKET
+    )
+    minhash = work / "minhash"
+    signatures = MinhashDedupSignature(
+        output_folder=str(minhash / "signatures"), config=config, language=WhitespaceWords()
+    )
+    buckets = MinhashDedupBuckets(
+        input_folder=str(minhash / "signatures"), output_folder=str(minhash / "buckets"), config=config
+    )
+    clusters = MinhashDedupCluster(
+        input_folder=str(minhash / "buckets"), output_folder=str(minhash / "remove"), config=config
+    )
+    near_filter = MinhashDedupFilter(input_folder=str(minhash / "remove"))
+    return [
+        *stages,
+        ("signatures", [kept, signatures], engine.tasks),
+        ("buckets", [buckets], config.num_buckets),
+        ("clusters", [clusters], 1),
+        ("survivors", [kept, near_filter, survivors], engine.tasks),
+    ]
+
+
+def _run(name: str, pipeline: list, tasks: int, engine: EngineSettings, work: Path) -> None:
+    logs = str(work / "logs" / name)
+    settings = dict(engine.settings or {})
+    if engine.executor == "local":
+        settings.setdefault("start_method", "fork")  # as the embedded build's pool: no re-import of __main__
+        executor = LocalPipelineExecutor(
+            pipeline, tasks=tasks, workers=min(engine.workers, tasks), logging_dir=logs, **settings
+        )
+    elif engine.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        executor = SlurmPipelineExecutor(
+            pipeline, tasks=tasks, logging_dir=logs, job_name=f"llmctl-{name}", **settings
+        )
+    else:
+        require_extra("ray", "ray", "corpus build --executor ray")
+        from datatrove.executor import RayPipelineExecutor
+
+        executor = RayPipelineExecutor(
+            pipeline, tasks=tasks, workers=engine.workers, logging_dir=logs, **settings
+        )
+    executor.run()
+    incomplete = executor.get_incomplete_ranks(range(tasks))
+    if incomplete:
+        raise UserError(
+            f"corpus build stage {name!r}: {len(incomplete)} of {tasks} tasks did not finish; see {logs} "
+            "(the working files stay there)"
+        )
+
+
+def process_inputs(
+    data, rank: int, world_size: int, paths: list[Path], options: CorpusOptions, work: Path
+) -> Iterator:
+    """Stage 1: this task's share of the input files, processed as the embedded build processes them."""
+    tally = CorpusTally()
+    plain = replace(options, near_dup_threshold=None, strict=False)  # datatrove computes its own signatures
+    out = _task_file(work / "processed", rank)
+    with out.open("w", encoding="utf-8") as sink:
+        for file_index in range(rank, len(paths), world_size):
+            position = 0
+            for item in read_documents([paths[file_index]], options.text_field, options.html):
+                if isinstance(item, SourceProblem):
+                    tally.problem(item)
+                    continue
+                document = process_document(item, plain)
+                if tally.read(document.input_bytes, document.cleaned, document.rejected_by):
+                    record = {
+                        "order": [file_index, position],
+                        "id": document.id,
+                        "source": document.source,
+                        "text": document.text,
+                        "exact": document.exact,
+                        "pii": dict(document.pii),
+                    }
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                position += 1
+    _write_tally(work, f"process-{rank:05d}", tally)
+    yield from ()
+
+
+def find_exact_duplicates(data, rank: int, world_size: int, work: Path) -> Iterator:
+    """Stage 2: for the exact keys that hash to this task, every document but the first in global order."""
+    first: dict[str, list[int]] = {}
+    duplicates: list[list[int]] = []
+    for path in sorted((work / "processed").glob("*.jsonl")):
+        for record in _records(path):
+            if _key_bucket(record["exact"], world_size) != rank:
+                continue
+            seen = first.get(record["exact"])
+            if seen is None:
+                first[record["exact"]] = record["order"]
+            else:
+                duplicates.append(max(seen, record["order"]))
+                first[record["exact"]] = min(seen, record["order"])
+    _task_file(work / "exact", rank).write_text(json.dumps(duplicates))
+    _write_tally(work, f"exact-{rank:05d}", CorpusTally(exact_duplicates=len(duplicates)))
+    yield from ()
+
+
+def read_kept(data, rank: int, world_size: int, work: Path, exact: bool) -> Iterator:
+    """This task's processed documents without the exact duplicates, as datatrove documents in order."""
+    dropped: set[tuple[int, int]] = set()
+    if exact:
+        for path in (work / "exact").glob("*.jsonl"):
+            dropped.update(tuple(order) for order in json.loads(path.read_text()))
+    for record in _records(_task_file(work / "processed", rank)):
+        if tuple(record["order"]) not in dropped:
+            yield EngineDocument(
+                text=record["text"], id=json.dumps(record["order"]), metadata={"record": record}
+            )
+
+
+def write_survivors(data, rank: int, world_size: int, work: Path) -> Iterator:
+    """The documents that survived deduplication, in this task's order."""
+    with _task_file(work / "survivors", rank).open("w", encoding="utf-8") as sink:
+        for document in data:
+            sink.write(json.dumps(document.metadata["record"], ensure_ascii=False) + "\n")
+    yield from ()
+
+
+class WhitespaceWords(WordTokenizer):
+    """Words for datatrove's MinHash shingles: its own text normalisation, then whitespace. Its default
+    tokenizers are language models (NLTK, spaCy) that this build neither needs nor can download offline."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.splitlines()
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for line in text.splitlines(keepends=True):
+            spans.append((start, start + len(line)))
+            start += len(line)
+        return spans
+
+
+class _Kept:
+    """A merged survivor in the shape ShardWriter writes."""
+
+    def __init__(self, record: dict) -> None:
+        self.id, self.source, self.text = record["id"], record["source"], record["text"]
+
+
+def _records(path: Path) -> Iterator[dict]:
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _order(record: dict) -> list[int]:
+    return record["order"]
+
+
+def _key_bucket(key: str, buckets: int) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % buckets
+
+
+def _task_file(directory: Path, rank: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{rank:05d}.jsonl"
+
+
+def _write_tally(work: Path, name: str, tally: CorpusTally) -> None:
+    directory = work / "tallies"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(tally.to_json()))
