@@ -3,8 +3,8 @@ spreads over processes, Slurm jobs or a Ray cluster with bounded memory per work
 
 1. process (N tasks): read the inputs (task r takes files r, r+N, ...), clean, filter, scrub; kept candidates
    go to processed/r.jsonl with their global order (file index, document index) and exact key.
-2. exact duplicates (K tasks): task r takes the exact keys that hash to r and keeps each key's first document
-   by global order, which is the one the embedded build keeps, reading in the same order.
+2. exact duplicates (N tasks): stage 1 files each exact key (with its order) under the task its hash names;
+   task r keeps each of its keys' first document by global order, the one the embedded build keeps.
 3-6. near duplicates: datatrove's MinHash stages (signatures, buckets, clusters, filter) over what survived.
 7. merge (1 task): the survivors, merged back into global order, assigned to splits by content as the
    embedded build does, and written as the same shards and manifest.
@@ -183,6 +183,7 @@ def process_inputs(
     tally = CorpusTally()
     plain = replace(options, near_dup_threshold=None, strict=False)  # datatrove computes its own signatures
     out = _task_file(work / "processed", rank)
+    keys = [_task_file(work / "keys" / f"{bucket:05d}", rank).open("w") for bucket in range(world_size)]
     with out.open("w", encoding="utf-8") as sink:
         for file_index in range(rank, len(paths), world_size):
             position = 0
@@ -201,26 +202,33 @@ def process_inputs(
                         "pii": dict(document.pii),
                     }
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    bucket = _key_bucket(document.exact, world_size)  # what stage 2's task `bucket` reads
+                    keys[bucket].write(json.dumps([document.exact, record["order"]]) + "\n")
                 position += 1
+    for handle in keys:
+        handle.close()
     _write_tally(work, f"process-{rank:05d}", tally)
     yield from ()
 
 
 def find_exact_duplicates(data, rank: int, world_size: int, work: Path) -> Iterator:
-    """Stage 2: for the exact keys that hash to this task, every document but the first in global order."""
+    """Stage 2: for the exact keys that hash to this task (written by every stage-1 task into this task's
+    bucket), every document but the first in global order."""
     first: dict[str, list[int]] = {}
     duplicates: list[list[int]] = []
-    for path in sorted((work / "processed").glob("*.jsonl")):
-        for record in _records(path):
-            if _key_bucket(record["exact"], world_size) != rank:
-                continue
-            seen = first.get(record["exact"])
+    for path in sorted((work / "keys" / f"{rank:05d}").glob("*.jsonl")):
+        for key, order in _records(path):
+            seen = first.get(key)
             if seen is None:
-                first[record["exact"]] = record["order"]
+                first[key] = order
             else:
-                duplicates.append(max(seen, record["order"]))
-                first[record["exact"]] = min(seen, record["order"])
-    _task_file(work / "exact", rank).write_text(json.dumps(duplicates))
+                duplicates.append(max(seen, order))
+                first[key] = min(seen, order)
+    by_owner: dict[int, list[list[int]]] = {}
+    for order in duplicates:  # filed under the stage-1 task that read the file, which reads them back
+        by_owner.setdefault(order[0] % world_size, []).append(order)
+    for owner in range(world_size):
+        _task_file(work / "exact" / f"{owner:05d}", rank).write_text(json.dumps(by_owner.get(owner, [])))
     _write_tally(work, f"exact-{rank:05d}", CorpusTally(exact_duplicates=len(duplicates)))
     yield from ()
 
@@ -229,7 +237,7 @@ def read_kept(data, rank: int, world_size: int, work: Path, exact: bool) -> Iter
     """This task's processed documents without the exact duplicates, as datatrove documents in order."""
     dropped: set[tuple[int, int]] = set()
     if exact:
-        for path in (work / "exact").glob("*.jsonl"):
+        for path in (work / "exact" / f"{rank:05d}").glob("*.jsonl"):
             dropped.update(tuple(order) for order in json.loads(path.read_text()))
     for record in _records(_task_file(work / "processed", rank)):
         if tuple(record["order"]) not in dropped:
