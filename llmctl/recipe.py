@@ -70,8 +70,7 @@ class DataSection(Section):
     cleaning: CleaningRules = CleaningRules()
     executor_settings: dict[str, str | int | float | bool] = Field(
         {},
-        description="`corpus build --executor`: passed to datatrove's executor as is (Slurm: partition, time, "
-        "cpus_per_task, ...; local: start_method)",
+        description="`corpus build --executor`: passed to datatrove's executor as is (e.g. start_method)",
     )
 
 

@@ -79,6 +79,8 @@ def test_the_executor_from_the_cli_and_its_bad_input(llmctl, sample_pipeline, tm
         wrong.returncode == 2
         and wrong.stderr.strip() == "error: unknown executor 'spark'; use one of local, slurm, ray"
     )
+    later = llmctl("corpus", "build", *shards, "--out", str(tmp_path / "z"), "--executor", "slurm")
+    assert later.returncode == 2 and "--executor slurm is not supported yet" in later.stderr
     stub = tmp_path / "stub" / "datatrove"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text('raise ImportError("No module named datatrove")\n')

@@ -45,7 +45,7 @@ def build(
     workers: int = typer.Option(0, min=0, help="Worker processes (0: one per core)."),
     executor: str | None = typer.Option(
         None,
-        help="Run on datatrove: local, slurm or ray (the distributed extra); default: the embedded build.",
+        help="Run as datatrove stages: local (the distributed extra; slurm and ray not yet); default: embedded.",
     ),
     tasks: int = typer.Option(2, min=1, help="With --executor: input shards of the per-document stages."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),

@@ -1,5 +1,5 @@
-"""`corpus build --executor local|slurm|ray`: the same build as data/corpus.py, run as datatrove stages so it
-spreads over processes, Slurm jobs or a Ray cluster with bounded memory per worker.
+"""`corpus build --executor local`: the same build as data/corpus.py, run as datatrove stages (processes now;
+datatrove's Slurm and Ray executors take the same stages, not wired yet) with bounded memory per task.
 
 1. process (N tasks): read the inputs (task r takes files r, r+N, ...), clean, filter, scrub; kept candidates
    go to processed/r.jsonl with their global order (file index, document index) and exact key.
@@ -52,9 +52,10 @@ from llmctl.data.corpus import (
 from llmctl.data.documents import SourceProblem
 from llmctl.data.sources import expand_sources, read_documents
 from llmctl.data.tally import CorpusTally
-from llmctl.errors import UserError, require_extra
+from llmctl.errors import UserError
 
 EXECUTORS = ("local", "slurm", "ray")
+NOT_YET = ("slurm", "ray")  # datatrove has both executors; llmctl does not submit and await them yet
 HASHES_PER_BUCKET = 8
 
 
@@ -63,7 +64,7 @@ class EngineSettings:
     executor: str = "local"
     tasks: int = 2  # shards of the input for the per-document stages
     workers: int = 2  # tasks running at once (local executor)
-    settings: dict | None = None  # passed to the executor as is: Slurm's partition, time, ...; Ray's options
+    settings: dict | None = None  # passed to datatrove's executor as is
 
 
 def minhash_buckets(threshold: float) -> int:
@@ -77,6 +78,12 @@ def build_corpus_distributed(
     """Build the corpus at `out` through datatrove; its working files live beside it until the build ends."""
     if engine.executor not in EXECUTORS:
         raise UserError(f"unknown executor {engine.executor!r}; use one of {', '.join(EXECUTORS)}")
+    if engine.executor in NOT_YET:
+        raise UserError(
+            f"--executor {engine.executor} is not supported yet (the stages would have to be submitted as "
+            "dependent jobs and awaited, which is untested without a cluster); use --executor local on each "
+            "machine's share of the inputs, or the embedded build"
+        )
     out = Path(out)
     paths, unsupported = expand_sources(sources)
     check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)
@@ -149,24 +156,10 @@ def _stages(paths: list[Path], options: CorpusOptions, engine: EngineSettings, w
 def _run(name: str, pipeline: list, tasks: int, engine: EngineSettings, work: Path) -> None:
     logs = str(work / "logs" / name)
     settings = dict(engine.settings or {})
-    if engine.executor == "local":
-        settings.setdefault("start_method", "fork")  # as the embedded build's pool: no re-import of __main__
-        executor = LocalPipelineExecutor(
-            pipeline, tasks=tasks, workers=min(engine.workers, tasks), logging_dir=logs, **settings
-        )
-    elif engine.executor == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
-
-        executor = SlurmPipelineExecutor(
-            pipeline, tasks=tasks, logging_dir=logs, job_name=f"llmctl-{name}", **settings
-        )
-    else:
-        require_extra("ray", "ray", "corpus build --executor ray")
-        from datatrove.executor import RayPipelineExecutor
-
-        executor = RayPipelineExecutor(
-            pipeline, tasks=tasks, workers=engine.workers, logging_dir=logs, **settings
-        )
+    settings.setdefault("start_method", "fork")  # as the embedded build's pool: no re-import of __main__
+    executor = LocalPipelineExecutor(
+        pipeline, tasks=tasks, workers=min(engine.workers, tasks), logging_dir=logs, **settings
+    )
     executor.run()
     incomplete = executor.get_incomplete_ranks(range(tasks))
     if incomplete:
