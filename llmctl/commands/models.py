@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from llmctl.errors import UserError
+
+if TYPE_CHECKING:  # the registry imports MLflow: only when a command runs
+    from llmctl.registry.store import ModelRegistry, ModelVersion
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 console = Console(soft_wrap=True)  # digests and paths stay whole on one line
@@ -26,7 +30,7 @@ def registry_option() -> str | None:
     )
 
 
-def _registry(uri: str | None):
+def _registry(uri: str | None) -> ModelRegistry:
     from llmctl.registry.store import ModelRegistry
 
     return ModelRegistry(uri)
@@ -179,7 +183,7 @@ def diff(
     console.print(table)
 
 
-def _print_version(version) -> None:
+def _print_version(version: ModelVersion) -> None:
     rows = [
         ("source", str(version.source)),
         ("created", _time(version.created)),
@@ -201,7 +205,7 @@ def _print_version(version) -> None:
             console.print(f"    {metric} = {number:,.4f}", markup=False, highlight=False)
 
 
-def _parent(version) -> str | None:
+def _parent(version: ModelVersion) -> str | None:
     parent = version.lineage("parent")
     if parent is None:
         return None
@@ -211,7 +215,7 @@ def _parent(version) -> str | None:
     )
 
 
-def _aliases(version) -> str:
+def _aliases(version: ModelVersion) -> str:
     return f" (alias {', '.join(version.aliases)})" if version.aliases else ""
 
 
@@ -223,7 +227,7 @@ def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:,.4f}"
 
 
-def _metrics(version) -> dict[str, float]:
+def _metrics(version: ModelVersion) -> dict[str, float]:
     return {
         f"{label}: {metric}": number
         for label, attached in version.evals().items()
