@@ -7,13 +7,11 @@ import json
 import random
 
 import pytest
-from conftest import REPO
+from conftest import SHARED_TECHDOCS as TECHDOCS
 from test_corpus import WORDS, prose
 
 from llmctl.data.corpus import CorpusOptions, build_corpus, iter_texts
 from llmctl.data.distributed import EngineSettings, build_corpus_distributed
-
-TECHDOCS = REPO.parent / "shared" / "data" / "techdocs"
 
 
 def both(sources: list[str], tmp_path, **options) -> tuple[dict, dict]:

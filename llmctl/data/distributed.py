@@ -49,7 +49,7 @@ from llmctl.data.corpus import (
     process_document,
     skip_problem,
 )
-from llmctl.data.documents import SourceProblem
+from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.sources import expand_sources, read_documents
 from llmctl.data.tally import CorpusTally
 from llmctl.errors import UserError
@@ -111,7 +111,8 @@ def build_corpus_distributed(
         survivors = 0
         for record in heapq.merge(*map(_records, sorted((work / "survivors").glob("*.jsonl"))), key=_order):
             tally.kept(record["source"], Counter(record["pii"]))
-            writers[assign_split(record["exact"], options.seed, options.val_fraction)].write(_Kept(record))
+            split = assign_split(record["exact"], options.seed, options.val_fraction)
+            writers[split].write(Document(record["id"], record["source"], record["text"]))
             survivors += 1
         tally.near_duplicates = passed - tally.exact_duplicates - survivors
         described = {"executor": engine.executor, "tasks": engine.tasks, "engine": "datatrove"}
@@ -263,13 +264,6 @@ class WhitespaceWords(WordTokenizer):
             spans.append((start, start + len(line)))
             start += len(line)
         return spans
-
-
-class _Kept:
-    """A merged survivor in the shape ShardWriter writes."""
-
-    def __init__(self, record: dict) -> None:
-        self.id, self.source, self.text = record["id"], record["source"], record["text"]
 
 
 def _records(path: Path) -> Iterator[dict]:
