@@ -1,6 +1,7 @@
 """Quantization against llama.cpp on the same weights, one run: size on disk, held-out perplexity and batch-1
-greedy decode tokens/s of llmctl fp32 / int8 / int4 (group 64) and of llama.cpp on GGUF f32 / q8_0 / q4_0
-exports, with this machine's memory-bandwidth bound.
+greedy decode tokens/s of llmctl fp32 / int8 / int4 (group 64), eager and with the compiled decode step
+(`serve --compile`), of llama.cpp on GGUF f32 / q8_0 / q4_0 exports and of onnxruntime on the ONNX export,
+with this machine's memory-bandwidth bound.
 
     .venv/bin/python -m benchmarks.quantize [--checkpoint CKPT] [--heldout DATA] [--calibrate DATA]
 
@@ -21,8 +22,9 @@ from benchmarks.common import machine, memory_bandwidth, sample_tokenizer
 from llmctl.checkpoint import open_checkpoint, save_checkpoint
 from llmctl.compress.gguf_export import write_gguf
 from llmctl.compress.measure import heldout_texts
+from llmctl.compress.onnx_export import write_onnx
 from llmctl.compress.quantize import QuantizationSettings
-from llmctl.compress.run import Calibration, measure_artefacts, measure_gguf, write_quantized
+from llmctl.compress.run import Calibration, measure_artefacts, measure_gguf, measure_onnx, write_quantized
 from llmctl.evaluate.runner import read_texts
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict
@@ -87,15 +89,17 @@ def main() -> None:
             file_type,
             "bench",
         )
+    write_onnx(work / "onnx", model, tokenizer)
     config = model.config
     del model
 
     bandwidth = memory_bandwidth()
-    reports = measure_artefacts(
-        [("llmctl fp32", Path(source)), ("llmctl int8", work / "int8"), ("llmctl int4 g64", work / "int4")],
-        texts,
-        print,
+    llmctl_artefacts = [("fp32", Path(source)), ("int8", work / "int8"), ("int4 g64", work / "int4")]
+    reports = measure_artefacts([(f"llmctl {label}", path) for label, path in llmctl_artefacts], texts, print)
+    reports += measure_artefacts(
+        [(f"compiled {label}", path) for label, path in llmctl_artefacts], texts, print, compile=True
     )
+    reports += [measure_onnx(work / "onnx", "onnxruntime fp32", tokenizer, texts, print)]
     reports += [
         measure_gguf(work / f"{kind}.gguf", f"llama.cpp {kind}", tokenizer, texts, print)
         for kind in ("f32", "q8_0", "q4_0")
@@ -123,12 +127,16 @@ def main() -> None:
 
     print(greedy_agreement(Path(source), work / "f32.gguf"))
     fp32, int8, int4 = (by_label[label] for label in ("llmctl fp32", "llmctl int8", "llmctl int4 g64"))
+    for step in ("llmctl", "compiled"):
+        print(
+            f"{step}: int8 / fp32 decode: {ratio(f'{step} int8', f'{step} fp32')} (target >= 1.8x); "
+            f"int8 / llama.cpp q8_0: {ratio(f'{step} int8', 'llama.cpp q8_0')} (target >= 0.6x); "
+            f"int4 / int8: {ratio(f'{step} int4 g64', f'{step} int8')} (target > 1x)"
+        )
     print(
-        f"int8 / fp32 decode: {ratio('llmctl int8', 'llmctl fp32')} (target >= 1.8x); "
-        f"int8 / llama.cpp q8_0: {ratio('llmctl int8', 'llama.cpp q8_0')} (target >= 0.6x); "
-        f"int4 / int8: {ratio('llmctl int4 g64', 'llmctl int8')} (target > 1x); "
         f"fp32 / int4 size: {fp32.size_bytes / int4.size_bytes:.2f}x (target >= 3.5x); "
-        f"int8 perplexity {int8.change_against(fp32):+.2%}, int4 {int4.change_against(fp32):+.2%}"
+        f"int8 perplexity {int8.change_against(fp32):+.2%}, int4 {int4.change_against(fp32):+.2%}; "
+        f"onnxruntime fp32 / llmctl compiled fp32 decode: {ratio('onnxruntime fp32', 'compiled fp32')}"
     )
 
 

@@ -190,6 +190,12 @@ class DistillSection(Section):
         0.5, ge=0, le=1, description="loss = alpha x T^2 x KL(teacher || student) + (1 - alpha) x CE"
     )
     temperature: float = Field(2.0, gt=0, description="T: both distributions are softened by it")
+    teacher_cache: str | None = Field(
+        None,
+        description="offline mode: a directory of the teacher's top-k logits for the training split, built "
+        "on the first run and reused after, so training never runs the teacher",
+    )
+    top_k: int = Field(32, ge=1, description="offline mode: how many of the teacher's largest logits to keep")
 
 
 class Recipe(Section):

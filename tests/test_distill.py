@@ -68,3 +68,90 @@ def test_distill_refuses_a_teacher_it_cannot_use(sample_pipeline, tiny_checkpoin
     wider["model"]["vocab_size"] = 2048
     with pytest.raises(UserError, match="the teacher has 1024 embeddings, the student 2048"):
         DistillTrainer(recipe_from_dict(wider), CPU)
+
+
+def test_the_top_k_loss_over_every_token_is_the_full_loss():
+    from llmctl.train.distill import top_k_distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[1, 3] = -100
+    full = distillation_loss(student, teacher, targets, alpha=0.3, temperature=2.0)
+    normalizer = torch.logsumexp(teacher / 2.0, dim=-1)
+    top = teacher.topk(11, dim=-1)
+    every = top_k_distillation_loss(student, top.values, top.indices, normalizer, targets, 0.3, 2.0)
+    torch.testing.assert_close(every, full)
+
+    # three tokens and the rest: the KL of those four outcomes, as computed by hand
+    top = teacher.topk(3, dim=-1)
+    three, ce = top_k_distillation_loss(student, top.values, top.indices, normalizer, targets, 1.0, 2.0)
+    kept = targets != -100
+    p = torch.softmax(teacher[kept] / 2, -1).gather(1, top.indices[kept])
+    q = torch.softmax(student[kept] / 2, -1).gather(1, top.indices[kept])
+    p, q = torch.cat((p, 1 - p.sum(-1, keepdim=True)), -1), torch.cat((q, 1 - q.sum(-1, keepdim=True)), -1)
+    torch.testing.assert_close(three, 4 * (p * (p / q).log()).sum(-1).mean())
+    assert torch.equal(ce, full[1]) and float(three) < float(full[0] - 0.7 * full[1]) / 0.3  # a lower bound
+
+
+def offline_dict(pipeline, teacher, run_dir, cache, top_k=16, steps=6) -> dict:
+    raw = student_dict(
+        pipeline, run_dir, distill={"teacher": str(teacher), "teacher_cache": str(cache), "top_k": top_k}
+    )
+    raw["train"].update(steps=steps, log_every=1, eval_batches=2)
+    return raw
+
+
+def test_offline_distillation_reads_the_teachers_top_k_for_each_window(
+    sample_pipeline, tiny_checkpoint, tmp_path
+):
+    from llmctl.train.distill import top_k_distillation_loss
+    from llmctl.train.teacher_cache import META_FILE
+
+    cache = tmp_path / "cache"
+    raw = offline_dict(sample_pipeline, tiny_checkpoint, tmp_path / "run", cache)
+    trainer = DistillTrainer(recipe_from_dict(raw), CPU)
+    events = []
+    trainer.on_event = events.append
+    trainer._before_training(0)
+    assert (cache / META_FILE).is_file() and not (tmp_path / ".cache.partial").exists()
+    (built,) = events
+    assert built.build_seconds is not None and built.rows == len(trainer.sampler.tokens) - 1
+
+    # the rows read for a micro-batch are what the teacher says about those windows, to fp16 precision
+    for step in (0, 3):
+        inputs, targets = trainer._micro_batch(step, 1)
+        values, indices, normalizer = trainer._cached_teacher
+        with torch.no_grad():
+            logits = trainer.teacher(inputs, document_ids=trainer._document_ids(inputs))
+            top = logits.topk(16, dim=-1)
+            student = torch.randn(*inputs.shape, 1024)
+        assert torch.equal(indices[..., :4], top.indices[..., :4])  # the clear leaders: ties only lower down
+        torch.testing.assert_close(values.float(), top.values, atol=1e-2, rtol=1e-3)
+        torch.testing.assert_close(normalizer, torch.logsumexp(logits / 2.0, dim=-1), atol=1e-4, rtol=1e-5)
+        exact = torch.logsumexp(logits / 2.0, dim=-1)
+        online = top_k_distillation_loss(student, top.values, top.indices, exact, targets, 0.5, 2.0)
+        offline = top_k_distillation_loss(student, values, indices, normalizer, targets, 0.5, 2.0)
+        torch.testing.assert_close(offline, online, atol=1e-3, rtol=1e-3)
+
+
+def test_offline_training_never_runs_the_teacher_and_reuses_or_refuses_its_cache(
+    sample_pipeline, tiny_checkpoint, tmp_path
+):
+    import json
+
+    cache = tmp_path / "cache"
+    trainer = DistillTrainer(
+        recipe_from_dict(offline_dict(sample_pipeline, tiny_checkpoint, tmp_path / "a", cache)), CPU
+    )
+    trainer._before_training(0)  # built here; from now on the teacher must not run
+    trainer.teacher.forward = lambda *args, **kwargs: pytest.fail("the teacher ran during offline training")
+    result = trainer.fit()
+    assert math.isfinite(result.val_loss)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [record for record in records if record["event"] == "teacher_cache"]
+    assert event["build_seconds"] is None and event["top_k"] == 16  # fit reused the cache built above
+
+    stale = offline_dict(sample_pipeline, tiny_checkpoint, tmp_path / "b", cache, top_k=8)
+    with pytest.raises(UserError, match="was built for another top_k; remove it"):
+        DistillTrainer(recipe_from_dict(stale), CPU)._before_training(0)

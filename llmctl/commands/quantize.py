@@ -37,6 +37,11 @@ def quantize(
     embeddings: bool = typer.Option(
         True, "--embeddings/--skip-embeddings", help="Hold the token embedding int8 per row."
     ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Time decoding with the compiled step that serve/chat --compile use (about a minute more).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
 ) -> None:
     """Quantize every projection's weights, write a checkpoint chat/serve/eval open directly, and compare
@@ -61,6 +66,12 @@ def quantize(
             read_texts(calibrate, split="train"), calibration_windows, calibration_length
         )
     reports = quantize_checkpoint(
-        checkpoint, out, settings, texts, calibration, progress=lambda message: typer.echo(message, err=True)
+        checkpoint,
+        out,
+        settings,
+        texts,
+        calibration,
+        progress=lambda message: typer.echo(message, err=True),
+        compile=compile,
     )
     print_artefacts(reports)

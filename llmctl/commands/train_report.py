@@ -84,6 +84,12 @@ class TrainingConsole:
                     f"[yellow]warning: skipped the damaged checkpoint {escape(event.path)} "
                     f"({escape(event.reason)})[/]"
                 )
+            case events.TeacherCached():
+                how = "reused" if event.build_seconds is None else f"built in {event.build_seconds:.1f} s"
+                self._print(
+                    f"teacher cache {escape(event.path)} ({how}): top {event.top_k} logits of "
+                    f"{event.rows:,} positions; training does not run the teacher"
+                )
             case events.Sampled():
                 self._print(
                     f"step {event.step:>6}  [bold]sample[/] {escape(repr(event.prompt))} -> {escape(repr(event.text))}"

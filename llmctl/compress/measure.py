@@ -16,6 +16,7 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.model import Transformer
 
 DECODE_TOKENS = 64
+WEIGHT_FILES = ("*.safetensors", "*.onnx", "*.onnx.data")
 
 
 @dataclass
@@ -35,11 +36,11 @@ class ArtefactReport:
 
 
 def weights_size(path: Path) -> int:
-    """Bytes of a checkpoint's weight files, or of a single exported file."""
+    """Bytes of a checkpoint's weight files (an ONNX export's graph and weights), or of a single file."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(file.stat().st_size for file in path.glob("*.safetensors"))
+    return sum(file.stat().st_size for pattern in WEIGHT_FILES for file in path.glob(pattern))
 
 
 def heldout_texts(texts: list[str], tokens: int) -> list[str]:

@@ -15,13 +15,14 @@ from llmctl.compress.gptq import gptq_layers
 from llmctl.compress.measure import DECODE_TOKENS, ArtefactReport, measure_model
 from llmctl.compress.quantize import (
     QuantizationSettings,
+    dequantize_model,
     dequantized_state,
     quantize_model,
     quantized_linear_names,
 )
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
-from llmctl.infer.decode import load_for_inference
+from llmctl.infer.decode import compile_decode, load_for_inference
 from llmctl.model import Transformer
 from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
 
@@ -49,12 +50,15 @@ def open_source(path: Path, quantized: bool = False) -> tuple[Transformer, Token
 
 
 def measure_artefacts(
-    artefacts: list[tuple[str, Path]], heldout: list[str], progress: Progress
+    artefacts: list[tuple[str, Path]], heldout: list[str], progress: Progress, compile: bool = False
 ) -> list[ArtefactReport]:
-    """Each artefact loaded as chat and serve load it, measured, and freed before the next."""
+    """Each artefact loaded as chat and serve load it (`compile`: with `--compile`'s decode step), measured,
+    and freed before the next."""
     reports = []
     for label, path in artefacts:
         model, tokenizer = load_for_inference(path)
+        if compile:
+            compile_decode(model)
         reports.append(measure_model(label, path, model, tokenizer, heldout, progress))
         del model
         gc.collect()
@@ -100,11 +104,13 @@ def quantize_checkpoint(
     heldout: list[str],
     calibration: Calibration | None = None,
     progress: Progress = lambda message: None,
+    compile: bool = False,
 ) -> list[ArtefactReport]:
-    """`write_quantized`, then the source's and the result's reports."""
+    """`write_quantized`, then the source's and the result's reports (decode timed compiled with `compile`)."""
     write_quantized(source, out, settings, calibration, progress)
     gc.collect()
-    return measure_artefacts([("source", Path(source)), (settings.method, Path(out))], heldout, progress)
+    artefacts = [("source", Path(source)), (settings.method, Path(out))]
+    return measure_artefacts(artefacts, heldout, progress, compile)
 
 
 def export_gguf(
@@ -141,6 +147,45 @@ def measure_gguf(
 
     report = measure_model(label, path, read_gguf_model(path), tokenizer, heldout, progress, decode=False)
     report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(path)
+    return report
+
+
+def export_onnx(
+    source: Path, out: Path, heldout: list[str], progress: Progress = lambda message: None
+) -> list[ArtefactReport]:
+    """Write `source` (float, adapter or quantized: exported from its dequantized weights) as an ONNX
+    directory with KV-cache inputs and outputs; the source's and the export's reports."""
+    from llmctl.compress.onnx_export import write_onnx
+
+    model, tokenizer = open_source(source, quantized=True)
+    progress("exporting to ONNX with torch.onnx (tens of seconds)")
+    write_onnx(out, dequantize_model(model), tokenizer)
+    progress(f"wrote {out}")
+    del model
+    gc.collect()
+    source_report = measure_artefacts([("source", Path(source))], heldout, progress)
+    return [*source_report, measure_onnx(out, "onnx", tokenizer, heldout, progress)]
+
+
+def measure_onnx(
+    path: Path,
+    label: str,
+    tokenizer: Tokenizer,
+    heldout: list[str],
+    progress: Progress = lambda message: None,
+) -> ArtefactReport:
+    """Perplexity of the export's own logits from onnxruntime with llmctl's evaluation, and batch-1 greedy
+    decode speed through its cache inputs, timed like llmctl's (16-token prompt, best of two after a warm-up)."""
+    from llmctl.compress.onnx_export import OnnxCausalLM
+
+    model = OnnxCausalLM(path)
+    report = measure_model(label, path, model, tokenizer, heldout, progress, decode=False)
+    prompt, best = list(range(3, 19)), float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        produced = len(model.greedy(prompt, DECODE_TOKENS))
+        best = min(best, (time.perf_counter() - started) / produced)
+    report.decode_tokens_per_second, report.note = 1 / best, "decode speed: onnxruntime"
     return report
 
 

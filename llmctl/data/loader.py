@@ -81,12 +81,18 @@ class WindowSampler:
             starts[position] = int(order[within]) * self.seq_len + offset
         return starts
 
+    def micro_batch_starts(
+        self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
+    ) -> np.ndarray:
+        """Where in the token stream each window of a micro-batch begins."""
+        samples = micro_batch_samples(step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size)
+        return self.sample_starts(samples)
+
     def micro_batch(
         self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch_size, seq_len) int64."""
-        samples = micro_batch_samples(step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size)
-        starts = self.sample_starts(samples)
+        starts = self.micro_batch_starts(step, micro_step, rank, world_size, micro_batch_size)
         windows = torch.from_numpy(np.stack([self.tokens.window(int(s), self.seq_len) for s in starts]))
         return windows[:, :-1], windows[:, 1:]
 

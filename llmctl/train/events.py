@@ -86,6 +86,14 @@ class Interrupted(Event, kind="interrupted"):
 
 
 @dataclass(frozen=True)
+class TeacherCached(Event, kind="teacher_cache"):
+    path: str  # distillation's offline top-k logits, used from here on in place of the teacher
+    rows: int
+    top_k: int
+    build_seconds: float | None  # None when an existing cache was reused
+
+
+@dataclass(frozen=True)
 class Sampled(Event, kind="sample"):
     prompt: str  # one of the recipe's train.sample_prompts
     text: str  # the prompt and what the model as it stands at `step` wrote after it

@@ -30,6 +30,7 @@ EVENT_KINDS = (
     "checkpoint_rejected",
     "interrupted",
     "finished",
+    "teacher_cache",
 )
 
 

@@ -232,6 +232,7 @@ class Trainer:
             self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
         for path, reason in rejected:
             self._emit(CheckpointRejected(step=start_step, path=str(path), reason=reason))
+        self._before_training(start_step)
         last_saved, val_loss, stopping = None, None, False
         with self._stop_on_signals():
             step = start_step
@@ -289,13 +290,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.context.device)
         for micro_step in range(self.accum):
-            inputs, targets = self.sampler.micro_batch(
-                step,
-                micro_step,
-                self.context.rank,
-                self.context.world_size,
-                self.recipe.train.micro_batch_size,
-            )
+            inputs, targets = self._micro_batch(step, micro_step)
             documents = self._document_ids(inputs)
             inputs = inputs.to(self.context.device, non_blocking=True)
             targets = targets.to(self.context.device, non_blocking=True)
@@ -321,6 +316,15 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return stats
+
+    def _before_training(self, start_step: int) -> None:
+        """Work a subclass needs done once the run has started and before its first step (every rank)."""
+
+    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, targets) for one micro-step of an optimizer step."""
+        return self.sampler.micro_batch(
+            step, micro_step, self.context.rank, self.context.world_size, self.recipe.train.micro_batch_size
+        )
 
     def _loss(
         self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None

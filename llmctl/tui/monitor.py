@@ -52,6 +52,8 @@ def describe_event(record: dict) -> str:
             text = f"damaged checkpoint passed over: {saved('path')}"
         case "interrupted":
             text = f"interrupted; saved {saved('checkpoint')}"
+        case "teacher_cache":
+            text = f"teacher cache {saved('path')}: top {record.get('top_k')} logits, teacher no longer run"
         case _:
             text = f"finished; saved {saved('checkpoint')}"
     return f"{record.get('step', 0):>7}  {text}"
