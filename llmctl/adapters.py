@@ -63,12 +63,23 @@ def add_lora(model: Transformer, config: LoraConfig, name: str = DEFAULT_ADAPTER
         raise UserError(f"LoRA targets {config.target_modules}: {error}".splitlines()[0]) from None
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as one piece on the host: an FSDP shard (DTensor) is gathered from every rank first."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
 def adapter_state(model: torch.nn.Module, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under the names PEFT writes to adapter_model.safetensors."""
+    """The adapter's tensors under the names PEFT writes to adapter_model.safetensors. Under FSDP every rank
+    must call it: the adapter's shards are gathered (only those, never the frozen base)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)  # never resized
-    return {PEFT_PREFIX + key: tensor.detach().contiguous() for key, tensor in state.items()}
+    adapter = {key: _whole(tensor) for key, tensor in model.state_dict().items() if "lora_" in key}
+    state = get_peft_model_state_dict(
+        model, state_dict=adapter, adapter_name=name, save_embedding_layers=False
+    )  # the embeddings are never resized
+    return {PEFT_PREFIX + key: tensor for key, tensor in state.items()}
 
 
 def read_adapter_config(path: Path) -> LoraConfig:
@@ -97,10 +108,29 @@ def load_adapter_weights(model: torch.nn.Module, path: Path, name: str = DEFAULT
     except (FileNotFoundError, SafetensorError) as error:
         raise UserError(f"cannot read adapter weights in {path}: {error}") from None
     state = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in state.items()}
+    if any(hasattr(param, "full_tensor") for param in model.parameters()):
+        _load_sharded(model, path, state, name)
+        return
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"adapter {path} does not fit its base: unexpected weights {unexpected[:3]}")
+
+
+def _load_sharded(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor], name: str) -> None:
+    """FSDP: whole adapter tensors go through torch's distributed state-dict API, which keeps each rank's
+    shard. PEFT's file names lack the adapter name that the model's own names carry."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    named = {}
+    for key, tensor in state.items():
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.", f".{part}.{name}.")
+        named[key] = tensor
+    unexpected = sorted(set(named) - set(model.state_dict()))
+    if unexpected:
+        raise UserError(f"adapter {path} does not fit its base: unexpected weights {unexpected[:3]}")
+    set_model_state_dict(model, named, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 BASE_ROW = "__base__"  # PEFT's name for a row of a mixed batch that no adapter touches

@@ -73,3 +73,53 @@ def test_two_processes_match_one(sample_pipeline, single_run, tmp_path, llmctl, 
     log = RunLog(tmp_path / "run").read_all()
     assert sorted(log.ranks) == [0, 1] and log.status() == "finished"
     assert all(row.step == 6 and row.tokens_per_second > 0 for row in log.ranks.values())
+
+
+def test_lora_under_fsdp_matches_one_process_and_resumes(tiny_checkpoint, tmp_path, llmctl):
+    """Two FSDP ranks shard the frozen base and the adapter; the adapter they save (gathered from its shards)
+    equals one process's, and a run resumed from a sharded checkpoint ends where the uninterrupted one did."""
+    from safetensors.torch import load_file
+    from test_finetune import CPU, finetune_dict, write_examples
+
+    from llmctl.checkpoint import ADAPTER_WEIGHTS_FILE
+    from llmctl.recipe import recipe_from_dict
+    from llmctl.train.finetune import FinetuneTrainer, finetune_recipe
+
+    examples = write_examples(tmp_path / "examples.jsonl")
+
+    def recipe(run_dir, strategy):
+        raw = finetune_dict(tiny_checkpoint, examples, run_dir, global_batch_size=4, micro_batch_size=2)
+        raw["finetune"] |= {"lora": {"dropout": 0.0}, "packing": False}  # two held-out windows, one per rank
+        raw["checkpoint"]["every"] = 3
+        raw["distributed"] = {"strategy": strategy, "backend": "gloo"}
+        return raw
+
+    single = tmp_path / "single"
+    FinetuneTrainer(finetune_recipe(recipe_from_dict(recipe(single, "none"))), CPU).fit()
+    path = tmp_path / "fsdp.toml"
+    path.write_text(tomli_w.dumps(recipe(tmp_path / "fsdp", "fsdp")))
+    result = llmctl("finetune", str(path), "--nproc", "2", check=True)
+    assert "on 2 x cpu (fsdp, fp32)" in result.stdout
+    ours, reference = metrics(tmp_path / "fsdp", "step", "loss"), metrics(single, "step", "loss")
+    assert sorted(ours) == list(range(1, 7))
+    assert all(abs(ours[step] - loss) <= 1e-4 * loss for step, loss in reference.items())
+
+    def adapter(run_dir, step):
+        return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / ADAPTER_WEIGHTS_FILE))
+
+    expected = adapter(single, 6)
+    assert expected and all("lora_" in name for name in expected)
+    for saved in (adapter(tmp_path / "fsdp", 3), adapter(tmp_path / "fsdp", 6)):
+        assert saved.keys() == expected.keys()
+    for name, tensor in adapter(tmp_path / "fsdp", 6).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-4)
+
+    # drop the last checkpoint and resume from step 3's sharded adapter and optimizer state
+    final = tmp_path / "fsdp" / "checkpoints" / "step-00000006"
+    for file in final.iterdir():
+        file.unlink()
+    final.rmdir()
+    result = llmctl("finetune", str(path), "--nproc", "2", "--resume", "auto", check=True)
+    assert "resumed from" in result.stdout
+    for name, tensor in adapter(tmp_path / "fsdp", 6).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-4)

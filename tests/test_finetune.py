@@ -513,6 +513,10 @@ def test_qlora_trains_lora_over_an_int4_base_and_merges_into_its_dequantized_wei
         finetune(base, examples, tmp_path / "lora")
     with pytest.raises(UserError, match="trains LoRA over a quantized base and .* is not one"):
         finetune(tiny_checkpoint, examples, tmp_path / "float", method="qlora")
+    sharded = finetune_dict(base, examples, tmp_path / "fsdp", "qlora")
+    sharded["distributed"] = {"strategy": "fsdp"}
+    with pytest.raises(UserError, match='QLoRA trains with distributed.strategy "ddp" or "none"'):
+        FinetuneTrainer(finetune_recipe(recipe_from_dict(sharded)), CPU)
 
     recipe = finetune_recipe(
         recipe_from_dict(finetune_dict(base, examples, tmp_path / "run", "qlora", steps=12))

@@ -110,9 +110,10 @@ class FinetuneTrainer(Trainer):
             raise UserError(
                 'finetune.keep_sparsity applies to method = "full" with distributed.strategy "ddp" or "none"'
             )
-        if spec.method in ("lora", "qlora") and recipe.distributed.strategy == "fsdp":
+        if spec.method == "qlora" and recipe.distributed.strategy == "fsdp":
             raise UserError(
-                'LoRA trains with distributed.strategy "ddp" or "none"; the frozen base is not sharded'
+                'QLoRA trains with distributed.strategy "ddp" or "none": FSDP shards parameters, and a '
+                "quantized base is held in buffers it would copy whole to every rank"
             )
         if spec.examples and spec.packing and not recipe.train.document_masking:
             raise UserError(

@@ -397,10 +397,16 @@ class Trainer:
         if not self.context.is_main or self.tokenizer is None or not self.recipe.train.sample_prompts:
             return []
         model = self.model
-        if self.strategy == "fsdp":
-            from llmctl.checkpoint import open_model
+        if self.strategy == "fsdp":  # the newest checkpoint, whole (an adapter merged into its base)
+            from llmctl.checkpoint import is_adapter, open_model
 
-            model = open_model(latest_checkpoint(self.run_dir), device=self.context.device)
+            saved = latest_checkpoint(self.run_dir)
+            if is_adapter(saved):
+                from llmctl.adapters import open_adapted
+
+                model = open_adapted(saved)[0].to(self.context.device)
+            else:
+                model = open_model(saved, device=self.context.device)
         model.eval()
         params = SamplingParams(
             max_new_tokens=self.recipe.train.sample_tokens,
