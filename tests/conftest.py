@@ -133,6 +133,24 @@ def llmctl():
     return run_llmctl
 
 
+@pytest.fixture
+def llmctl_in_process(monkeypatch, capsys):
+    """`llmctl ARGS` through the CLI's own entry point, in this process: for bad input, which fails before any
+    work, so each case does not pay a fresh interpreter's few seconds of imports."""
+    from llmctl.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["llmctl", *args])
+        monkeypatch.setenv("COLUMNS", "200")
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main()
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, exited.value.code, captured.out, captured.err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def sample_pipeline(tmp_path_factory) -> dict[str, Path]:
     """The bundled sample corpus built, tokenized (vocab 1024) and encoded once for the whole session."""

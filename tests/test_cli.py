@@ -133,11 +133,12 @@ def test_misspelt_recipe_key_is_one_line_exit_2(llmctl, tmp_path):
     ],
 )
 def test_a_recipe_the_trainer_would_refuse_is_one_line_before_anything_starts(
-    llmctl, tmp_path, args, message
+    llmctl_in_process, tmp_path, monkeypatch, args, message
 ):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'extends = "{REPO / "recipes" / "tiny.toml"}"\n[data]\ntokens = "{tmp_path}/none"\n')
-    result = llmctl("train", str(recipe), *args, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = llmctl_in_process("train", str(recipe), *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert message in line, line

@@ -232,7 +232,7 @@ def test_include_path_task_runs_offline_from_the_cli(tiny_checkpoint, domain_sui
         (["eval", "compare", "TMP/no_results.json", "TMP/no_results.json"], "is not an `llmctl eval"),
     ],
 )
-def test_user_errors_are_one_line(tiny_checkpoint, domain_suite, tmp_path, llmctl, args, message):
+def test_user_errors_are_one_line(tiny_checkpoint, domain_suite, tmp_path, llmctl_in_process, args, message):
     bad_suite = tmp_path / "bad.toml"
     bad_suite.write_text('name = "x"\n[[tasks]]\nname = "t"\ntype = "quiz"\n')
     (tmp_path / "empty.txt").write_text("")
@@ -247,7 +247,7 @@ def test_user_errors_are_one_line(tiny_checkpoint, domain_suite, tmp_path, llmct
         .replace("TMP", str(tmp_path))
         for a in args
     ]
-    result = llmctl(*args)
+    result = llmctl_in_process(*args)
     message = message.replace("TMP", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()

@@ -82,7 +82,7 @@ def test_greedy_decoding_through_the_cache_inputs_matches_llmctl(exported, tiny_
     assert OnnxCausalLM(out).greedy(prompt, 24) == ours
 
 
-def test_onnx_export_refuses_bad_input_with_one_line(llmctl, tiny_checkpoint, tmp_path):
+def test_onnx_export_refuses_bad_input_with_one_line(llmctl_in_process, tiny_checkpoint, tmp_path):
     held = heldout_file(tmp_path)
     out = tmp_path / "onnx"
     for options, message in (
@@ -92,7 +92,7 @@ def test_onnx_export_refuses_bad_input_with_one_line(llmctl, tiny_checkpoint, tm
         arguments = ["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out), *options]
         if "--heldout" not in options:
             arguments += ["--heldout", str(held)]
-        result = llmctl(*arguments)
+        result = llmctl_in_process(*arguments)
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not out.exists()

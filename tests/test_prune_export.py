@@ -166,14 +166,16 @@ def test_an_f32_export_reads_back_to_the_same_logits_and_q4_0_close(tiny_checkpo
             assert float((logits - reference).norm() / reference.norm()) <= tolerance, file_type
 
 
-def test_export_refuses_bad_input_with_one_line(llmctl, tiny_checkpoint, tmp_path):
+def test_export_refuses_bad_input_with_one_line(llmctl_in_process, tiny_checkpoint, tmp_path):
     held = heldout_file(tmp_path)
     out = tmp_path / "x.gguf"
     for options, message in (
         (["--type", "q3_k"], "unknown GGUF type 'q3_k'"),
         (["--format", "tflite"], "unknown export format 'tflite'"),
     ):
-        result = llmctl("export", str(tiny_checkpoint), "--out", str(out), "--heldout", str(held), *options)
+        result = llmctl_in_process(
+            "export", str(tiny_checkpoint), "--out", str(out), "--heldout", str(held), *options
+        )
         assert result.returncode == 2 and message in result.stderr
         assert not out.exists()
 

@@ -137,7 +137,7 @@ def test_cli_pipeline_end_to_end(tmp_path, llmctl):
 
 @pytest.mark.parametrize("command", ["corpus build", "tokenize train", "tokenize encode", "eval suite build"])
 def test_writing_commands_never_replace_an_input_or_an_unrelated_folder(
-    command, sample_pipeline, tmp_path, llmctl
+    command, sample_pipeline, tmp_path, llmctl_in_process
 ):
     corpus, tokenizer = sample_pipeline["corpus"], sample_pipeline["tokenizer"]
     before = {path: path.read_bytes() for path in corpus.iterdir()}
@@ -155,7 +155,7 @@ def test_writing_commands_never_replace_an_input_or_an_unrelated_folder(
     }[command]
     inputs = docs if command == "corpus build" else corpus
     for out, extra in ((inputs, ["--overwrite"]), (inputs / "out", ["--overwrite"]), (mine, [])):
-        result = llmctl(*command.split(), *arguments, "--out", str(out), *extra)
+        result = llmctl_in_process(*command.split(), *arguments, "--out", str(out), *extra)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         message = result.stderr.strip()
         assert ("overlaps the input" in message) if out != mine else ("pass --overwrite" in message)

@@ -22,7 +22,7 @@ def print_comparison(trainer, result) -> None:
     teacher = trainer.teacher_val_loss
     typer.echo(
         f"held-out perplexity: student {math.exp(result.val_loss):.2f}, teacher {math.exp(teacher):.2f} "
-        f"({trainer.model.config.num_parameters():,} vs {trainer.teacher.config.num_parameters():,} parameters)"
+        f"({trainer.model.config.num_parameters():,} vs {trainer.teacher_parameters:,} parameters)"
     )
 
 

@@ -17,6 +17,7 @@ from llmctl.data.token_files import token_stream_fingerprint
 from llmctl.data.tokenizer import open_tokenizer
 from llmctl.digests import weights_sha256
 from llmctl.errors import UserError
+from llmctl.model import Transformer
 from llmctl.recipe import Recipe
 from llmctl.train.distributed import DistributedContext, all_reduce_sum
 from llmctl.train.events import EventHandler, TeacherCached
@@ -93,13 +94,15 @@ class DistillTrainer(Trainer):
                 f"the teacher {teacher_path} uses another tokenizer than {recipe.data.tokens} was encoded with; "
                 "teacher and student must share one"
             )
-        self.teacher = open_model(teacher_path, device=context.device).eval().requires_grad_(False)
+        self.teacher: Transformer | None = open_model(teacher_path, device=context.device).eval()
+        self.teacher.requires_grad_(False)
         if self.teacher.config.vocab_size != self.model.config.vocab_size:
             raise UserError(
                 f"the teacher has {self.teacher.config.vocab_size} embeddings, the student {self.model.config.vocab_size}; "
                 f"set model.vocab_size = {self.teacher.config.vocab_size}"
             )
         self.teacher_path = teacher_path
+        self.teacher_parameters = self.teacher.config.num_parameters()
         self.teacher_val_loss = self._teacher_val_loss()  # every rank, now: it is a collective under torchrun
         self.cache: TeacherCache | None = None
         self._cached_teacher: tuple[torch.Tensor, ...] | None = None  # the micro-batch's rows
@@ -125,6 +128,7 @@ class DistillTrainer(Trainer):
                 directory, self.teacher, tokens, key, self.meta["eos_id"], self.context
             )
         self.cache = TeacherCache(directory, key)
+        self.teacher = None  # never run again: its memory goes back
         self._emit(
             TeacherCached(
                 step=start_step,

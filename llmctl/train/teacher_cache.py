@@ -2,8 +2,9 @@
 computed once into files aligned with the token stream, so that training never runs the teacher.
 
 Row p holds the k largest logits (fp16) and their token ids of the teacher's prediction after stream token
-p, and the log of its normaliser at the distillation temperature (fp32), computed over the consecutive windows the first epoch trains on (starts 0, L, 2L, ...), so the first
-epoch sees exactly what the online teacher would give. Later epochs shift their windows by up to L - 1
+p, and the log of its normaliser at the distillation temperature (fp32), computed over the consecutive
+windows the first epoch trains on (starts 0, L, 2L, ...), so the first epoch sees exactly what the online
+teacher would give. Later epochs shift their windows by up to L - 1
 tokens: a position's cached distribution then comes from its first-epoch window's context (with document
 masking, this differs only for a window's first document). Under torchrun every rank computes every
 world_size-th window into the same files, which must therefore sit on a file system all ranks share.
