@@ -24,7 +24,7 @@ from llmctl.compress.gguf_export import write_gguf
 from llmctl.compress.measure import heldout_texts
 from llmctl.compress.onnx_export import write_onnx
 from llmctl.compress.quantize import QuantizationSettings
-from llmctl.compress.run import Calibration, measure_artefacts, measure_gguf, measure_onnx, write_quantized
+from llmctl.compress.run import Calibration, measure_artefacts, measure_export, write_quantized
 from llmctl.evaluate.runner import read_texts
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict
@@ -99,9 +99,9 @@ def main() -> None:
     reports += measure_artefacts(
         [(f"compiled {label}", path) for label, path in llmctl_artefacts], texts, print, compile=True
     )
-    reports += [measure_onnx(work / "onnx", "onnxruntime fp32", tokenizer, texts, print)]
+    reports += [measure_export(work / "onnx", "onnxruntime fp32", tokenizer, texts, print)]
     reports += [
-        measure_gguf(work / f"{kind}.gguf", f"llama.cpp {kind}", tokenizer, texts, print)
+        measure_export(work / f"{kind}.gguf", f"llama.cpp {kind}", tokenizer, texts, print)
         for kind in ("f32", "q8_0", "q4_0")
     ]
     print(f"\nmachine: {machine()}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")

@@ -4,7 +4,6 @@ write the artefact atomically, then measure source and artefact the same way for
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +11,13 @@ from pathlib import Path
 from llmctl.checkpoint import is_adapter, open_checkpoint, save_checkpoint
 from llmctl.compress.calibration import calibration_windows
 from llmctl.compress.gptq import gptq_layers
-from llmctl.compress.measure import DECODE_TOKENS, ArtefactReport, measure_model
+from llmctl.compress.measure import (
+    DECODE_PROMPT,
+    DECODE_TOKENS,
+    ArtefactReport,
+    best_tokens_per_second,
+    measure_model,
+)
 from llmctl.compress.quantize import (
     QuantizationSettings,
     dequantize_model,
@@ -131,23 +136,7 @@ def export_gguf(
     del model
     gc.collect()
     source_report = measure_artefacts([("source", Path(source))], heldout, progress)
-    return [*source_report, measure_gguf(out, f"gguf {file_type}", tokenizer, heldout, progress)]
-
-
-def measure_gguf(
-    path: Path,
-    label: str,
-    tokenizer: Tokenizer,
-    heldout: list[str],
-    progress: Progress = lambda message: None,
-) -> ArtefactReport:
-    """Perplexity of the file's own (dequantized) tensors with llmctl's evaluation; decode speed from
-    llama.cpp itself where llama-cpp-python is installed."""
-    from llmctl.compress.gguf_export import read_gguf_model
-
-    report = measure_model(label, path, read_gguf_model(path), tokenizer, heldout, progress, decode=False)
-    report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(path)
-    return report
+    return [*source_report, measure_export(out, f"gguf {file_type}", tokenizer, heldout, progress)]
 
 
 def export_onnx(
@@ -164,28 +153,33 @@ def export_onnx(
     del model
     gc.collect()
     source_report = measure_artefacts([("source", Path(source))], heldout, progress)
-    return [*source_report, measure_onnx(out, "onnx", tokenizer, heldout, progress)]
+    return [*source_report, measure_export(out, "onnx", tokenizer, heldout, progress)]
 
 
-def measure_onnx(
+def measure_export(
     path: Path,
     label: str,
     tokenizer: Tokenizer,
     heldout: list[str],
     progress: Progress = lambda message: None,
 ) -> ArtefactReport:
-    """Perplexity of the export's own logits from onnxruntime with llmctl's evaluation, and batch-1 greedy
-    decode speed through its cache inputs, timed like llmctl's (16-token prompt, best of two after a warm-up)."""
-    from llmctl.compress.onnx_export import OnnxCausalLM
+    """An export measured on its own weights in its own runtime: perplexity (with llmctl's evaluation) of a
+    GGUF file's dequantized tensors or of onnxruntime's logits for an ONNX directory, and batch-1 decode
+    speed of llama.cpp (where llama-cpp-python is installed) or onnxruntime, timed as llmctl's is."""
+    if Path(path).is_dir():
+        from llmctl.compress.onnx_export import OnnxCausalLM
 
-    model = OnnxCausalLM(path)
-    report = measure_model(label, path, model, tokenizer, heldout, progress, decode=False)
-    prompt, best = list(range(3, 19)), float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        produced = len(model.greedy(prompt, DECODE_TOKENS))
-        best = min(best, (time.perf_counter() - started) / produced)
-    report.decode_tokens_per_second, report.note = 1 / best, "decode speed: onnxruntime"
+        model = OnnxCausalLM(path)
+        report = measure_model(label, path, model, tokenizer, heldout, progress, decode=False)
+        report.decode_tokens_per_second = best_tokens_per_second(
+            lambda: len(model.greedy(DECODE_PROMPT, DECODE_TOKENS))
+        )
+        report.note = "decode speed: onnxruntime"
+        return report
+    from llmctl.compress.gguf_export import read_gguf_model
+
+    report = measure_model(label, path, read_gguf_model(path), tokenizer, heldout, progress, decode=False)
+    report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(path)
     return report
 
 
@@ -196,20 +190,20 @@ def llama_cpp_decode_speed(path: Path) -> tuple[float | None, str]:
     except ImportError:
         return None, "decode speed: install llama-cpp-python (pip install 'llmctl[llama]') to measure it"
     llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+
+    def decode() -> int:
+        llm.reset()
+        produced = 0
+        for _token in llm.generate(DECODE_PROMPT, top_k=1, temp=0.0):
+            produced += 1
+            if produced == DECODE_TOKENS:
+                break
+        return produced
+
     try:
-        prompt = list(range(3, 19))
-        best = float("inf")
-        for _ in range(3):
-            llm.reset()
-            started, produced = time.perf_counter(), 0
-            for _token in llm.generate(prompt, top_k=1, temp=0.0):
-                produced += 1
-                if produced == DECODE_TOKENS:
-                    break
-            best = min(best, (time.perf_counter() - started) / produced)
+        return best_tokens_per_second(decode), "decode speed: llama.cpp"
     finally:
         llm.close()
-    return 1 / best, "decode speed: llama.cpp"
 
 
 def prune_checkpoint(
