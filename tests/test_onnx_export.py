@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_checkpoint, tmp_path_factory, request):
+def exported(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint exported once through the CLI, and what the command printed."""
     from conftest import run_llmctl
 
