@@ -128,3 +128,32 @@ def test_corpus_plan_scales_the_measured_rates_to_the_token_budget(sample_pipeli
         "corpus", "plan", "--tokens", "1e9", "--corpus", str(corpus), "--tokens-dir", str(tmp_path)
     )
     assert missing.returncode == 2 and "has no meta.json" in missing.stderr
+
+
+def test_encoding_on_the_datatrove_engine_writes_the_same_files_and_index(
+    two_layouts, sample_pipeline, llmctl
+):
+    pytest.importorskip("datatrove", reason="the distributed extra")
+    corpus, out = two_layouts["root"] / "corpus", two_layouts["root"] / "engine"
+    command = ["tokenize", "encode", str(corpus), "-t", str(sample_pipeline["tokenizer"]), "--out", str(out)]
+    result = llmctl(*command, "--per-shard", "--executor", "local", "--tasks", "3", check=True)
+    assert "up to date" not in result.stdout
+    meta, reference = json.loads((out / "meta.json").read_text()), two_layouts["meta"]
+    for key in ("shards", "tokens", "documents", "text_bytes", "fingerprint", "stream", "dtype"):
+        assert meta[key] == reference[key], key
+    for split in ("train", "val"):
+        for shard in meta["shards"][split]:
+            assert (out / shard["file"]).read_bytes() == (two_layouts["sharded"] / shard["file"]).read_bytes()
+    assert (
+        sorted(path.name for path in out.parent.iterdir() if "datatrove" in path.name) == []
+    )  # work removed
+    assert "up to date" in llmctl(*command, "--per-shard", check=True).stdout  # the same layout, either way
+
+    refused = llmctl(*command[:-1], str(out.parent / "x"), "--executor", "local")
+    assert (
+        refused.returncode == 2
+        and "--executor writes one token file per shard: add --per-shard" in refused.stderr
+    )
+    refused = llmctl(*command[:-1], str(out.parent / "x"), "--per-shard", "--executor", "slurm")
+    assert refused.returncode == 2 and "--executor slurm is not supported yet" in refused.stderr
+    assert not (out.parent / "x").exists()

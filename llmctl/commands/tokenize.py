@@ -66,11 +66,21 @@ def encode(
     per_shard: bool = typer.Option(
         False, "--per-shard", help="One token file per corpus shard, read by training as one stream."
     ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="Encode the shards as datatrove tasks: local (needs --per-shard and llmctl[distributed]).",
+    ),
+    tasks: int = typer.Option(
+        2, min=1, help="With --executor: encoding tasks (each takes every N-th shard)."
+    ),
     overwrite: bool = typer.Option(
         False, help="Replace an existing output directory that is not up to date."
     ),
 ) -> None:
     """Encode every split into a flat uint16/uint32 token file plus meta.json (a no-op when up to date)."""
+    import os
+
     from rich.console import Console
 
     from llmctl.commands.progress import byte_progress
@@ -78,11 +88,26 @@ def encode(
     from llmctl.data.token_files import encode_corpus
 
     out = out or corpus.parent / "tokens"
+    engine = None
+    if executor is not None:
+        from llmctl.errors import require_extra
+
+        require_extra("datatrove", "distributed", "tokenize encode --executor")
+        from llmctl.data.distributed import EngineSettings
+
+        engine = EngineSettings(executor, tasks, os.cpu_count() or 1)
     manifest = read_manifest(corpus)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress("tokenize encode", total) as advance:
         meta = encode_corpus(
-            corpus, tokenizer, out, threads, on_progress=advance, overwrite=overwrite, per_shard=per_shard
+            corpus,
+            tokenizer,
+            out,
+            threads,
+            on_progress=advance,
+            overwrite=overwrite,
+            per_shard=per_shard,
+            engine=engine,
         )
     state = "up to date" if meta["up_to_date"] else f"{meta['mb_per_second']:.2f} MB/s"
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["tokens"].items())

@@ -1,5 +1,6 @@
 """`corpus build --executor local`: the same build as data/corpus.py, run as datatrove stages (processes now;
-datatrove's Slurm and Ray executors take the same stages, not wired yet) with bounded memory per task.
+datatrove's Slurm and Ray executors take the same stages, not wired yet) with bounded memory per task; and
+`tokenize encode --per-shard --executor local`, one stage whose tasks encode every N-th corpus shard.
 
 1. process (N tasks): read the inputs (task r takes files r, r+N, ...), clean, filter, scrub; kept candidates
    go to processed/r.jsonl with their global order (file index, document index) and exact key.
@@ -48,8 +49,11 @@ from llmctl.data.corpus import (
     finish_corpus,
     process_document,
     skip_problem,
+    split_files,
 )
 from llmctl.data.documents import Document, SourceProblem
+from llmctl.data.token_files import TokenEncoder, encode_shard, token_dtype
+from llmctl.data.tokenizer import open_tokenizer
 from llmctl.data.sources import expand_sources, read_documents
 from llmctl.data.tally import CorpusTally
 from llmctl.errors import UserError
@@ -67,6 +71,54 @@ class EngineSettings:
     settings: dict | None = None  # passed to datatrove's executor as is
 
 
+def check_executor(engine: EngineSettings) -> None:
+    if engine.executor not in EXECUTORS:
+        raise UserError(f"unknown executor {engine.executor!r}; use one of {', '.join(EXECUTORS)}")
+    if engine.executor in NOT_YET:
+        raise UserError(
+            f"--executor {engine.executor} is not supported yet (the stages would have to be submitted as "
+            "dependent jobs and awaited, which is untested without a cluster); use --executor local on each "
+            "machine's share of the inputs, or the embedded build"
+        )
+
+
+def encode_shards_distributed(
+    corpus: Path, tokenizer_path: Path, directory: Path, engine: EngineSettings, threads: int
+) -> dict[str, list[dict]]:
+    """`tokenize encode --per-shard` as one datatrove stage: task r encodes shards r, r + N, ... of all splits
+    into `directory`; each split's meta.json entries come back in shard order."""
+    check_executor(engine)
+    sources = [(split, path) for split in SPLITS for path in split_files(corpus, split)]
+    work = directory.parent / f".{directory.name}.datatrove"
+    shutil.rmtree(work, ignore_errors=True)
+    tasks = max(1, min(engine.tasks, len(sources)))
+    per_task_threads = threads if engine.workers == 1 else 1  # the tasks share the cores
+    step = partial(
+        encode_task, sources=sources, tokenizer_path=tokenizer_path, directory=directory, threads=per_task_threads, work=work
+    )
+    _run("encode", [step], tasks, engine, work)
+    entries = {}
+    for path in sorted((work / "encoded").glob("*.json")):
+        entries.update({(entry["split"], entry["source"]): entry for entry in json.loads(path.read_text())})
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        split: [{k: v for k, v in entries[(split, path.name)].items() if k != "split"} for path in split_files(corpus, split)]
+        for split in SPLITS
+    }
+
+
+def encode_task(
+    data, rank: int, world_size: int, sources: list, tokenizer_path: Path, directory: Path, threads: int, work: Path
+) -> Iterator:
+    """One encode task: its share of the shards, each to its own token file; its entries to work/encoded."""
+    tokenizer = open_tokenizer(tokenizer_path)
+    encoder = TokenEncoder(tokenizer, token_dtype(tokenizer.vocab_size), threads, None)
+    done = [{"split": split, **encode_shard(encoder, path, directory)} for split, path in sources[rank::world_size]]
+    target = _task_file(work / "encoded", rank).with_suffix(".json")
+    target.write_text(json.dumps(done))
+    yield from ()
+
+
 def minhash_buckets(threshold: float) -> int:
     """Bands of 8 hashes whose LSH curve turns at about `threshold` Jaccard similarity: (1/b)^(1/8) = t."""
     return max(1, round(threshold**-HASHES_PER_BUCKET))
@@ -76,14 +128,7 @@ def build_corpus_distributed(
     sources: list[str], out: Path, options: CorpusOptions, engine: EngineSettings, overwrite: bool = False
 ) -> dict:
     """Build the corpus at `out` through datatrove; its working files live beside it until the build ends."""
-    if engine.executor not in EXECUTORS:
-        raise UserError(f"unknown executor {engine.executor!r}; use one of {', '.join(EXECUTORS)}")
-    if engine.executor in NOT_YET:
-        raise UserError(
-            f"--executor {engine.executor} is not supported yet (the stages would have to be submitted as "
-            "dependent jobs and awaited, which is untested without a cluster); use --executor local on each "
-            "machine's share of the inputs, or the embedded build"
-        )
+    check_executor(engine)
     out = Path(out)
     paths, unsupported = expand_sources(sources)
     check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, iter_texts_of, read_manifest, split_files
 from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.errors import UserError
+
+if TYPE_CHECKING:  # datatrove is an optional extra
+    from llmctl.data.distributed import EngineSettings
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -85,9 +89,13 @@ def encode_corpus(
     on_progress: Callable[[int], None] | None = None,
     overwrite: bool = False,
     per_shard: bool = False,
+    engine: EngineSettings | None = None,
 ) -> dict:
     """Encode every split; a no-op returning the existing meta when inputs are unchanged. `per_shard` writes
-    one token file per corpus shard (what many encoders can write side by side) instead of one per split."""
+    one token file per corpus shard (what many encoders can write side by side) instead of one per split;
+    with an `engine`, datatrove's tasks write those files (llmctl.data.distributed), the same bytes."""
+    if engine is not None and not per_shard:
+        raise UserError("tokenize encode --executor writes one token file per shard: add --per-shard")
     corpus, out = Path(corpus), Path(out)
     read_manifest(corpus)
     tokenizer = open_tokenizer(tokenizer_path)
@@ -98,23 +106,25 @@ def encode_corpus(
         if existing.get("fingerprint") == fingerprint and intact:
             return {**existing, "up_to_date": True}
     check_output(out, [corpus, tokenizer_path], overwrite)
-    encoder = _Encoder(tokenizer, token_dtype(tokenizer.vocab_size), threads, on_progress)
+    encoder = TokenEncoder(tokenizer, token_dtype(tokenizer.vocab_size), threads, on_progress)
     started = time.perf_counter()
     tokens: dict[str, int] = {}
     documents: dict[str, int] = {}
     shards: dict[str, list[dict]] = {}
     with atomic_directory(out) as staging:
+        if engine is not None:
+            from llmctl.data.distributed import encode_shards_distributed
+
+            shards = encode_shards_distributed(corpus, Path(tokenizer_path), staging, engine, threads)
+        elif per_shard:
+            shards = {split: [encode_shard(encoder, source, staging) for source in split_files(corpus, split)] for split in SPLITS}
         for split in SPLITS:
             if per_shard:
-                shards[split], tokens[split], documents[split] = [], 0, 0
-                for source in split_files(corpus, split):
-                    name = source.with_suffix(".bin").name  # train-00003.jsonl -> train-00003.bin
-                    count, texts = encoder.encode(iter_texts_of(source), staging / name)
-                    shards[split].append({"file": name, "tokens": count, "source": source.name})
-                    tokens[split] += count
-                    documents[split] += texts
+                tokens[split] = sum(entry["tokens"] for entry in shards[split])
+                documents[split] = sum(entry["documents"] for entry in shards[split])
             else:
                 tokens[split], documents[split] = encoder.encode(iter_texts(corpus, split), staging / f"{split}.bin")
+        text_bytes = sum(entry["text_bytes"] for entries in shards.values() for entry in entries) if per_shard else encoder.text_bytes
         seconds = time.perf_counter() - started
         meta = {
             "format_version": FORMAT_VERSION,
@@ -126,20 +136,35 @@ def encode_corpus(
             "tokens": tokens,
             "documents": documents,
             **({"shards": shards} if per_shard else {}),
-            "text_bytes": encoder.text_bytes,
+            "text_bytes": text_bytes,
             "tokenizer": str(tokenizer.path),
             "tokenizer_sha256": tokenizer.sha256(),
             "corpus": str(corpus),
             "fingerprint": fingerprint,
             "stream": input_fingerprint(corpus, tokenizer),
             "seconds": round(seconds, 3),
-            "mb_per_second": round(encoder.text_bytes / 1e6 / max(seconds, 1e-9), 3),
+            "mb_per_second": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "up_to_date": False}
 
 
-class _Encoder:
+def encode_shard(encoder: TokenEncoder, source: Path, directory: Path) -> dict:
+    """One corpus shard -> its token file in `directory` (train-00003.jsonl -> train-00003.bin); its meta.json
+    entry."""
+    name = source.with_suffix(".bin").name
+    before = encoder.text_bytes
+    count, texts = encoder.encode(iter_texts_of(source), directory / name)
+    return {
+        "file": name,
+        "tokens": count,
+        "documents": texts,
+        "text_bytes": encoder.text_bytes - before,
+        "source": source.name,
+    }
+
+
+class TokenEncoder:
     """Texts -> one token file, each document followed by eos; counts what it wrote."""
 
     def __init__(
