@@ -77,6 +77,14 @@ def test_the_executor_from_the_cli_and_its_bad_input(llmctl, sample_pipeline, tm
         wrong.returncode == 2
         and wrong.stderr.strip() == "error: unknown executor 'spark'; use one of local, slurm, ray"
     )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "A line that parses."}\n{"text": unquoted}\n')
+    strict = llmctl(
+        "corpus", "build", *shards, str(bad), "--out", str(tmp_path / "s"), "--executor", "local", "--strict"
+    )
+    assert strict.returncode == 2 and f"{bad}:2" in strict.stderr and "without --strict" in strict.stderr
+    assert len(strict.stderr.strip().splitlines()) == 1, strict.stderr
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".*datatrove"))
     later = llmctl("corpus", "build", *shards, "--out", str(tmp_path / "z"), "--executor", "slurm")
     assert later.returncode == 2 and "--executor slurm is not supported yet" in later.stderr
     stub = tmp_path / "stub" / "datatrove"

@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import os
 import shutil
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -132,24 +134,18 @@ def build_corpus_distributed(
     out = Path(out)
     paths, unsupported = expand_sources(sources)
     check_output(out, [*paths, *(Path(source) for source in sources if Path(source).exists())], overwrite)
-    from loguru import logger  # datatrove's: its per-stage progress stays in work/logs, warnings still show
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    work = out.parent / f".{out.name}.datatrove"
-    shutil.rmtree(work, ignore_errors=True)
-    started = time.perf_counter()
-    stages = _stages(paths, options, engine, work)
-    for name, pipeline, tasks in stages:
-        _run(name, pipeline, tasks, engine, work)
     tally = CorpusTally()
     for item in unsupported:
         skip_problem(item, tally, options.strict)
+    work = out.parent / f".{out.name}.datatrove"
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    for name, pipeline, tasks in _stages(paths, options, engine, work):
+        _run(name, pipeline, tasks, engine, work)
+        if name == "process" and options.strict:  # --strict stops before any deduplication stage runs
+            _stop_at_a_problem(work)
     for path in sorted((work / "tallies").glob("*.json")):
         tally.add(CorpusTally.from_json(json.loads(path.read_text())))
-    if options.strict and tally.problems:
-        first = tally.problems[0]
-        raise UserError(f"{first['location']}: {first['reason']} (without --strict such inputs are skipped)")
     passed = tally.documents_read - tally.filtered.total()
     with atomic_directory(out) as staging:
         writers = {split: ShardWriter(staging, split, options.shard_bytes) for split in SPLITS}
@@ -199,6 +195,34 @@ def _stages(paths: list[Path], options: CorpusOptions, engine: EngineSettings, w
     ]
 
 
+@contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send this process's and its task processes' stderr to `path` while a stage runs: datatrove logs every
+    task's progress to stderr (its own per-task logs keep the same lines), which would bury llmctl's output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with path.open("w") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _stop_at_a_problem(work: Path) -> None:
+    """Under --strict: an unreadable input or malformed line the process stage met (the lowest task's first)
+    as the error, its working files removed: the embedded build leaves nothing behind either."""
+    for path in sorted((work / "tallies").glob("process-*.json")):
+        problems = CorpusTally.from_json(json.loads(path.read_text())).problems
+        if problems:
+            shutil.rmtree(work, ignore_errors=True)
+            first = problems[0]
+            raise UserError(f"{first['location']}: {first['reason']} (without --strict such inputs are skipped)")
+
+
 def _run(name: str, pipeline: list, tasks: int, engine: EngineSettings, work: Path) -> None:
     logs = str(work / "logs" / name)
     settings = dict(engine.settings or {})
@@ -206,7 +230,8 @@ def _run(name: str, pipeline: list, tasks: int, engine: EngineSettings, work: Pa
     executor = LocalPipelineExecutor(
         pipeline, tasks=tasks, workers=min(engine.workers, tasks), logging_dir=logs, **settings
     )
-    executor.run()
+    with _stderr_to(work / "logs" / f"{name}.stderr"):
+        executor.run()
     incomplete = executor.get_incomplete_ranks(range(tasks))
     if incomplete:
         raise UserError(
