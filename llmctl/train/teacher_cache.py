@@ -145,7 +145,11 @@ def build_teacher_cache(
     if context.is_main:
         meta = {**asdict(key), "rows": rows, "index_dtype": index_dtype.name}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)
+        if (
+            directory.exists()
+        ):  # another run finished one first: never replace it (TeacherCache checks its key)
+            shutil.rmtree(staging)
+        else:
+            staging.rename(directory)
     _barrier(context)
     return time.perf_counter() - started
