@@ -50,7 +50,9 @@ class CleaningRules(BaseModel):
     fix_line_breaks: bool = True  # \r\n, \r, U+2028, U+2029 and U+0085 become \n
     remove_control_chars: bool = True  # C0/C1 controls other than tab and newline, byte-order marks
     normalization: Literal["NFC", "NFKC", "none"] = "NFC"  # NFC: canonically equivalent text, composed
-    trim_document: bool = True  # blank lines before and whitespace after the text (an eos separates documents)
+    trim_document: bool = (
+        True  # blank lines before and whitespace after the text (an eos separates documents)
+    )
     # rewrites of valid text, off unless asked for
     unescape_html: bool = False  # "&amp;" -> "&" (wrong for documents that quote HTML or code)
     uncurl_quotes: bool = False  # ‘ ’ “ ” -> ' "
@@ -93,7 +95,11 @@ def cleaning_steps(rules: CleaningRules) -> list[tuple[str, Step]]:
     """The enabled rules, in the order they run (repairs first: a rewrite must see repaired text)."""
     form = rules.normalization
     candidates: list[tuple[str, bool, Step]] = [
-        ("fix_mojibake", rules.fix_mojibake, _measured(lambda text: ftfy.fix_text(text, config=MOJIBAKE_ONLY))),
+        (
+            "fix_mojibake",
+            rules.fix_mojibake,
+            _measured(lambda text: ftfy.fix_text(text, config=MOJIBAKE_ONLY)),
+        ),
         ("remove_terminal_escapes", rules.remove_terminal_escapes, _substitution(ftfy.fixes.ANSI_RE, "")),
         ("fix_line_breaks", rules.fix_line_breaks, _measured(ftfy.fixes.fix_line_breaks)),
         ("remove_control_chars", rules.remove_control_chars, _substitution(CONTROL, "")),
@@ -104,9 +110,17 @@ def cleaning_steps(rules: CleaningRules) -> list[tuple[str, Step]]:
         ("fix_latin_ligatures", rules.fix_latin_ligatures, _measured(ftfy.fixes.fix_latin_ligatures)),
         ("nbsp_to_space", rules.nbsp_to_space, _substitution(NO_BREAK_SPACES, " ")),
         ("remove_zero_width", rules.remove_zero_width, _substitution(ZERO_WIDTH, "")),
-        ("strip_trailing_spaces", rules.strip_trailing_spaces, _substitution(TRAILING_SPACE_BEFORE_NEWLINE, "")),
+        (
+            "strip_trailing_spaces",
+            rules.strip_trailing_spaces,
+            _substitution(TRAILING_SPACE_BEFORE_NEWLINE, ""),
+        ),
         ("collapse_blank_lines", rules.collapse_blank_lines, _substitution(EXTRA_BLANK_LINES, "")),
-        ("trim_document", rules.trim_document, _measured(lambda text: LEADING_BLANK_LINES.sub("", text).rstrip())),
+        (
+            "trim_document",
+            rules.trim_document,
+            _measured(lambda text: LEADING_BLANK_LINES.sub("", text).rstrip()),
+        ),
     ]
     return [(name, step) for name, enabled, step in candidates if enabled]
 

@@ -19,10 +19,10 @@ from llmctl import __version__
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.clean import CleaningRules, clean_text, cleaning_steps
 from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_signature
+from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.filters import FilterRules, failed_filter
 from llmctl.data.jsonl import read_jsonl, string_field
 from llmctl.data.pii import scrub_pii
-from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.sources import expand_sources, read_documents
 from llmctl.data.tally import CorpusTally
 from llmctl.errors import UserError
@@ -70,7 +70,9 @@ class ShardWriter:
         self.documents, self.characters, self.bytes = 0, 0, 0
 
     def write(self, document: ProcessedDocument) -> None:
-        line = json.dumps({"id": document.id, "source": document.source, "text": document.text}, ensure_ascii=False)
+        line = json.dumps(
+            {"id": document.id, "source": document.source, "text": document.text}, ensure_ascii=False
+        )
         data = (line + "\n").encode()
         if self.handle is None or self.size + len(data) > self.shard_bytes and self.size:
             self._roll()
@@ -300,7 +302,9 @@ class WorkerPool:
 def read_manifest(corpus: Path) -> dict:
     path = Path(corpus) / MANIFEST
     if not path.is_file():
-        raise UserError(f"not a corpus directory: {corpus} has no {MANIFEST} (build one with llmctl corpus build)")
+        raise UserError(
+            f"not a corpus directory: {corpus} has no {MANIFEST} (build one with llmctl corpus build)"
+        )
     return json.loads(path.read_text())
 
 

@@ -113,4 +113,3 @@ def _row_document(path: Path, row: int, value: object, text_field: str) -> Itera
 
 def _no_column(text_field: str, columns: list[str]) -> str:
     return f"no column {text_field!r} (columns: {', '.join(columns) or 'none'}; set --text-field)"
-

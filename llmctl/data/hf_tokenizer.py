@@ -72,7 +72,11 @@ class HFTokenizer:
                 token_id = configured[0] if isinstance(configured, list) else configured
             if token_id is None:
                 token_id = next(
-                    (found for name in CONVENTIONAL.get(role, ()) if (found := self.backend.token_to_id(name)) is not None),
+                    (
+                        found
+                        for name in CONVENTIONAL.get(role, ())
+                        if (found := self.backend.token_to_id(name)) is not None
+                    ),
                     None,
                 )
             special[role] = token_id

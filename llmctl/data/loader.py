@@ -57,7 +57,12 @@ class TokenFile:
 
 class WindowSampler:
     def __init__(self, tokens: TokenFile, seq_len: int, global_batch_size: int, seed: int) -> None:
-        self.tokens, self.seq_len, self.global_batch_size, self.seed = tokens, seq_len, global_batch_size, seed
+        self.tokens, self.seq_len, self.global_batch_size, self.seed = (
+            tokens,
+            seq_len,
+            global_batch_size,
+            seed,
+        )
         self.windows_per_epoch = (len(tokens) - seq_len) // seq_len
         if self.windows_per_epoch < 1:
             raise UserError(
@@ -85,7 +90,9 @@ class WindowSampler:
         self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
     ) -> np.ndarray:
         """Where in the token stream each window of a micro-batch begins."""
-        samples = micro_batch_samples(step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size)
+        samples = micro_batch_samples(
+            step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size
+        )
         return self.sample_starts(samples)
 
     def micro_batch(
@@ -120,7 +127,9 @@ class ExampleSampler:
     def micro_batch(
         self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        samples = micro_batch_samples(step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size)
+        samples = micro_batch_samples(
+            step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size
+        )
         rows = [self._epoch_order(int(i) // len(self.windows))[int(i) % len(self.windows)] for i in samples]
         return window_batch(self.windows, np.array(rows))
 
@@ -134,7 +143,9 @@ def example_validation_batches(
     if total < 1:
         raise UserError(f"{len(windows)} held-out windows cannot be split over {world_size} ranks")
     mine = np.arange(rank, total, world_size)
-    return [window_batch(windows, mine[first : first + batch_size]) for first in range(0, len(mine), batch_size)]
+    return [
+        window_batch(windows, mine[first : first + batch_size]) for first in range(0, len(mine), batch_size)
+    ]
 
 
 def validation_batches(
@@ -144,7 +155,9 @@ def validation_batches(
     total = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
     total -= total % world_size  # every rank runs the same number of forwards (FSDP needs all ranks in each)
     if total < 1:
-        raise UserError(f"the validation split has {len(tokens)} tokens, too few for one window of {seq_len} + 1")
+        raise UserError(
+            f"the validation split has {len(tokens)} tokens, too few for one window of {seq_len} + 1"
+        )
     mine = list(range(rank, total, world_size))
     batches = []
     for first in range(0, len(mine), batch_size):

@@ -9,7 +9,9 @@ EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Z
 CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
-PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){1,3}(?![\w.])")
+PHONE = re.compile(
+    r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){1,3}(?![\w.])"
+)
 MIN_PHONE_DIGITS = 9
 
 
@@ -40,5 +42,7 @@ def scrub_pii(text: str) -> tuple[str, Counter]:
     text = CARD.sub(replace("CREDIT_CARD", lambda m: luhn_valid(re.sub(r"\D", "", m.group(0)))), text)
     text = IPV4.sub(replace("IP_ADDRESS"), text)
     text = IPV6.sub(replace("IP_ADDRESS"), text)
-    text = PHONE.sub(replace("PHONE", lambda m: sum(c.isdigit() for c in m.group(0)) >= MIN_PHONE_DIGITS), text)
+    text = PHONE.sub(
+        replace("PHONE", lambda m: sum(c.isdigit() for c in m.group(0)) >= MIN_PHONE_DIGITS), text
+    )
     return text, counts

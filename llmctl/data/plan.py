@@ -48,13 +48,19 @@ class CorpusPlan:
         return self.tokens * self.token_bytes
 
 
-def plan_corpus(tokens: float, corpus: Path, tokens_dir: Path, nodes: int, vocab_size: int | None) -> CorpusPlan:
+def plan_corpus(
+    tokens: float, corpus: Path, tokens_dir: Path, nodes: int, vocab_size: int | None
+) -> CorpusPlan:
     manifest, meta = read_manifest(corpus), read_meta(tokens_dir)
     kept_bytes = sum(split["bytes"] for split in manifest["splits"].values())
-    corpus_file_bytes = sum(path.stat().st_size for split in manifest["splits"] for path in split_files(corpus, split))
+    corpus_file_bytes = sum(
+        path.stat().st_size for split in manifest["splits"] for path in split_files(corpus, split)
+    )
     encoded_tokens = sum(meta["tokens"].values())
     if not encoded_tokens or not manifest["input_bytes"]:
-        raise UserError(f"{corpus} and {tokens_dir} hold no text to measure rates from; build a real corpus first")
+        raise UserError(
+            f"{corpus} and {tokens_dir} hold no text to measure rates from; build a real corpus first"
+        )
     return CorpusPlan(
         tokens=tokens,
         nodes=nodes,

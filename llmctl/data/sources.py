@@ -46,7 +46,9 @@ def expand_sources(sources: list[str]) -> tuple[list[Path], list[SourceProblem]]
             found.update(p for p in matches if p.is_file())
     files.update(p for p in found if format_suffix(p) in SUFFIXES)
     unsupported = [
-        SourceProblem(str(p), f"unsupported format {p.suffix or '(no suffix)'}; name the file to read it as text")
+        SourceProblem(
+            str(p), f"unsupported format {p.suffix or '(no suffix)'}; name the file to read it as text"
+        )
         for p in sorted(found - files)
     ]
     if not files:

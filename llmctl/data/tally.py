@@ -43,7 +43,13 @@ class CorpusTally:
         self.per_source[source] += 1
 
     def add(self, other: CorpusTally) -> None:
-        for name in ("documents_read", "input_bytes", "skipped_inputs", "exact_duplicates", "near_duplicates"):
+        for name in (
+            "documents_read",
+            "input_bytes",
+            "skipped_inputs",
+            "exact_duplicates",
+            "near_duplicates",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.problems = (self.problems + other.problems)[:MAX_REPORTED_PROBLEMS]
         for name in ("filtered", "cleaned", "pii", "per_source"):
@@ -51,7 +57,9 @@ class CorpusTally:
 
     def to_json(self) -> dict:
         """Plain values (dataclasses.asdict would rebuild each Counter from its (key, count) pairs)."""
-        return {name: dict(value) if isinstance(value, Counter) else value for name, value in vars(self).items()}
+        return {
+            name: dict(value) if isinstance(value, Counter) else value for name, value in vars(self).items()
+        }
 
     @classmethod
     def from_json(cls, values: dict) -> CorpusTally:

@@ -231,7 +231,9 @@ def byte_fallback_report(processor: spm.SentencePieceProcessor, sentences: list[
         counts.update(sentence)
     unk = processor.unk_id()
     missing = {
-        char: count for char, count in counts.items() if processor.piece_to_id(char.replace(" ", "\u2581")) == unk
+        char: count
+        for char, count in counts.items()
+        if processor.piece_to_id(char.replace(" ", "\u2581")) == unk
     }
     total = sum(counts.values())
     ranked = sorted(missing.items(), key=lambda item: -item[1])
@@ -288,7 +290,9 @@ def train_tokenizer(
     }
     if terms:
         baseline = spm.SentencePieceProcessor(
-            model_proto=train_sentencepiece(sentences, vocab_size, model_type, [], seed, threads, split_digits)
+            model_proto=train_sentencepiece(
+                sentences, vocab_size, model_type, [], seed, threads, split_digits
+            )
         )
         report["fertility_without_domain_terms"] = fertility(baseline, validation)
         whole = [term for term in terms if term in processor.encode(term, out_type=str)]
