@@ -61,7 +61,8 @@ def run_build(sources: list[str], out: Path, executor: str | None, workers: int)
     if executor is None:
         manifest = build_corpus(sources, out, options)
     else:
-        from llmctl.data.distributed import EngineSettings, build_corpus_distributed
+        from llmctl.data.distributed import build_corpus_distributed
+        from llmctl.data.executors import EngineSettings
 
         manifest = build_corpus_distributed(
             sources, out, options, EngineSettings(executor, len(sources), workers)

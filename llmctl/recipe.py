@@ -70,7 +70,8 @@ class DataSection(Section):
     cleaning: CleaningRules = CleaningRules()
     executor_settings: dict[str, str | int | float | bool] = Field(
         {},
-        description="`corpus build --executor`: passed to datatrove's executor as is (e.g. start_method)",
+        description="`--executor`: datatrove's executor settings (start_method; partition, time; cpus_per_task...), "
+        "and llmctl's own: address (ray), poll_seconds (slurm)",
     )
 
 

@@ -11,7 +11,8 @@ from conftest import SHARED_TECHDOCS as TECHDOCS
 from test_corpus import WORDS, prose
 
 from llmctl.data.corpus import CorpusOptions, build_corpus, iter_texts
-from llmctl.data.distributed import EngineSettings, build_corpus_distributed
+from llmctl.data.distributed import build_corpus_distributed
+from llmctl.data.executors import EngineSettings
 
 
 def both(sources: list[str], tmp_path, **options) -> tuple[dict, dict]:
@@ -86,7 +87,7 @@ def test_the_executor_from_the_cli_and_its_bad_input(llmctl, sample_pipeline, tm
     assert len(strict.stderr.strip().splitlines()) == 1, strict.stderr
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".*datatrove"))
     later = llmctl("corpus", "build", *shards, "--out", str(tmp_path / "z"), "--executor", "slurm")
-    assert later.returncode == 2 and "--executor slurm is not supported yet" in later.stderr
+    assert later.returncode == 2 and "--executor slurm needs partition and time" in later.stderr
     stub = tmp_path / "stub" / "datatrove"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text('raise ImportError("No module named datatrove")\n')

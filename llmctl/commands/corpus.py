@@ -17,7 +17,7 @@ def build(
     out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory (written atomically)."),
     recipe: Path | None = typer.Option(
         None,
-        help="Take filter thresholds and cleaning rules from this recipe's [data.filters], [data.cleaning].",
+        help="Take filter thresholds, cleaning rules and executor settings from this recipe's [data] section.",
     ),
     text_field: str = typer.Option("text", help="JSONL field, or Parquet/CSV column, holding the text."),
     html: str = typer.Option(
@@ -42,10 +42,12 @@ def build(
         None, help="Filter: keep only this language (ISO code; needs py3langid)."
     ),
     strict: bool = typer.Option(False, help="Stop at the first unreadable file or malformed line."),
-    workers: int = typer.Option(0, min=0, help="Worker processes (0: one per core)."),
+    workers: int = typer.Option(
+        0, min=0, help="Worker processes, or with --executor tasks at once (0: one per core)."
+    ),
     executor: str | None = typer.Option(
         None,
-        help="Run as datatrove stages: local (the distributed extra; slurm and ray not yet); default: embedded.",
+        help="Run as datatrove stages: local, ray or slurm (the distributed extra); default: embedded.",
     ),
     tasks: int = typer.Option(2, min=1, help="With --executor: input shards of the per-document stages."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
@@ -90,7 +92,8 @@ def build(
         from llmctl.errors import require_extra
 
         require_extra("datatrove", "distributed", "corpus build --executor")
-        from llmctl.data.distributed import EngineSettings, build_corpus_distributed
+        from llmctl.data.distributed import build_corpus_distributed
+        from llmctl.data.executors import EngineSettings
 
         engine = EngineSettings(executor, tasks, workers or os.cpu_count() or 1, executor_settings)
         manifest = build_corpus_distributed(sources, out, options, engine, overwrite=overwrite)

@@ -69,8 +69,9 @@ def encode(
     executor: str | None = typer.Option(
         None,
         "--executor",
-        help="Encode the shards as datatrove tasks: local (needs --per-shard and llmctl[distributed]).",
+        help="Encode the shards as datatrove tasks: local, ray or slurm (needs --per-shard, llmctl[distributed]).",
     ),
+    recipe: Path | None = typer.Option(None, help="With --executor: the recipe's [data.executor_settings]."),
     tasks: int = typer.Option(
         2, min=1, help="With --executor: encoding tasks (each takes every N-th shard)."
     ),
@@ -93,9 +94,11 @@ def encode(
         from llmctl.errors import require_extra
 
         require_extra("datatrove", "distributed", "tokenize encode --executor")
-        from llmctl.data.distributed import EngineSettings
+        from llmctl.data.executors import EngineSettings
+        from llmctl.recipe import load_recipe
 
-        engine = EngineSettings(executor, tasks, os.cpu_count() or 1)
+        settings = load_recipe(recipe).data.executor_settings if recipe else {}
+        engine = EngineSettings(executor, tasks, os.cpu_count() or 1, settings)
     manifest = read_manifest(corpus)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress("tokenize encode", total) as advance:

@@ -1,6 +1,6 @@
-"""`corpus build --executor local`: the same build as data/corpus.py, run as datatrove stages (processes now;
-datatrove's Slurm and Ray executors take the same stages, not wired yet) with bounded memory per task; and
-`tokenize encode --per-shard --executor local`, one stage whose tasks encode every N-th corpus shard.
+"""`corpus build --executor local|ray|slurm`: the same build as data/corpus.py, run as datatrove stages
+(data/executors.py runs each on the chosen executor) with bounded memory per task; and `tokenize encode
+--per-shard --executor ...`, one stage whose tasks encode every N-th corpus shard.
 
 1. process (N tasks): read the inputs (task r takes files r, r+N, ...), clean, filter, scrub; kept candidates
    go to processed/r.jsonl with their global order (file index, document index) and exact key.
@@ -20,19 +20,15 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from datatrove.data import Document as EngineDocument
-from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup import (
     MinhashConfig,
     MinhashDedupBuckets,
@@ -54,34 +50,14 @@ from llmctl.data.corpus import (
     split_files,
 )
 from llmctl.data.documents import Document, SourceProblem
-from llmctl.data.token_files import TokenEncoder, encode_shard, token_dtype
-from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.executors import EngineSettings, check_executor, engine_session, run_stage
 from llmctl.data.sources import expand_sources, read_documents
 from llmctl.data.tally import CorpusTally
+from llmctl.data.token_files import TokenEncoder, encode_shard, token_dtype
+from llmctl.data.tokenizer import open_tokenizer
 from llmctl.errors import UserError
 
-EXECUTORS = ("local", "slurm", "ray")
-NOT_YET = ("slurm", "ray")  # datatrove has both executors; llmctl does not submit and await them yet
 HASHES_PER_BUCKET = 8
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    executor: str = "local"
-    tasks: int = 2  # shards of the input for the per-document stages
-    workers: int = 2  # tasks running at once (local executor)
-    settings: dict | None = None  # passed to datatrove's executor as is
-
-
-def check_executor(engine: EngineSettings) -> None:
-    if engine.executor not in EXECUTORS:
-        raise UserError(f"unknown executor {engine.executor!r}; use one of {', '.join(EXECUTORS)}")
-    if engine.executor in NOT_YET:
-        raise UserError(
-            f"--executor {engine.executor} is not supported yet (the stages would have to be submitted as "
-            "dependent jobs and awaited, which is untested without a cluster); use --executor local on each "
-            "machine's share of the inputs, or the embedded build"
-        )
 
 
 def encode_shards_distributed(
@@ -96,26 +72,45 @@ def encode_shards_distributed(
     tasks = max(1, min(engine.tasks, len(sources)))
     per_task_threads = threads if engine.workers == 1 else 1  # the tasks share the cores
     step = partial(
-        encode_task, sources=sources, tokenizer_path=tokenizer_path, directory=directory, threads=per_task_threads, work=work
+        encode_task,
+        sources=sources,
+        tokenizer_path=tokenizer_path,
+        directory=directory,
+        threads=per_task_threads,
+        work=work,
     )
-    _run("encode", [step], tasks, engine, work)
+    with engine_session(engine, work / "logs"):
+        run_stage("encode", [step], tasks, engine, work)
     entries = {}
     for path in sorted((work / "encoded").glob("*.json")):
         entries.update({(entry["split"], entry["source"]): entry for entry in json.loads(path.read_text())})
     shutil.rmtree(work, ignore_errors=True)
     return {
-        split: [{k: v for k, v in entries[(split, path.name)].items() if k != "split"} for path in split_files(corpus, split)]
+        split: [
+            {k: v for k, v in entries[(split, path.name)].items() if k != "split"}
+            for path in split_files(corpus, split)
+        ]
         for split in SPLITS
     }
 
 
 def encode_task(
-    data, rank: int, world_size: int, sources: list, tokenizer_path: Path, directory: Path, threads: int, work: Path
+    data,
+    rank: int,
+    world_size: int,
+    sources: list,
+    tokenizer_path: Path,
+    directory: Path,
+    threads: int,
+    work: Path,
 ) -> Iterator:
     """One encode task: its share of the shards, each to its own token file; its entries to work/encoded."""
     tokenizer = open_tokenizer(tokenizer_path)
     encoder = TokenEncoder(tokenizer, token_dtype(tokenizer.vocab_size), threads, None)
-    done = [{"split": split, **encode_shard(encoder, path, directory)} for split, path in sources[rank::world_size]]
+    done = [
+        {"split": split, **encode_shard(encoder, path, directory)}
+        for split, path in sources[rank::world_size]
+    ]
     target = _task_file(work / "encoded", rank).with_suffix(".json")
     target.write_text(json.dumps(done))
     yield from ()
@@ -140,10 +135,11 @@ def build_corpus_distributed(
     work = out.parent / f".{out.name}.datatrove"
     shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
-    for name, pipeline, tasks in _stages(paths, options, engine, work):
-        _run(name, pipeline, tasks, engine, work)
-        if name == "process" and options.strict:  # --strict stops before any deduplication stage runs
-            _stop_at_a_problem(work)
+    with engine_session(engine, work / "logs"):
+        for name, pipeline, tasks in _stages(paths, options, engine, work):
+            run_stage(name, pipeline, tasks, engine, work)
+            if name == "process" and options.strict:  # --strict stops before any deduplication stage runs
+                _stop_at_a_problem(work)
     for path in sorted((work / "tallies").glob("*.json")):
         tally.add(CorpusTally.from_json(json.loads(path.read_text())))
     passed = tally.documents_read - tally.filtered.total()
@@ -195,23 +191,6 @@ def _stages(paths: list[Path], options: CorpusOptions, engine: EngineSettings, w
     ]
 
 
-@contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
-    """Send this process's and its task processes' stderr to `path` while a stage runs: datatrove logs every
-    task's progress to stderr (its own per-task logs keep the same lines), which would bury llmctl's output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with path.open("w") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def _stop_at_a_problem(work: Path) -> None:
     """Under --strict: an unreadable input or malformed line the process stage met (the lowest task's first)
     as the error, its working files removed: the embedded build leaves nothing behind either."""
@@ -220,24 +199,9 @@ def _stop_at_a_problem(work: Path) -> None:
         if problems:
             shutil.rmtree(work, ignore_errors=True)
             first = problems[0]
-            raise UserError(f"{first['location']}: {first['reason']} (without --strict such inputs are skipped)")
-
-
-def _run(name: str, pipeline: list, tasks: int, engine: EngineSettings, work: Path) -> None:
-    logs = str(work / "logs" / name)
-    settings = dict(engine.settings or {})
-    settings.setdefault("start_method", "fork")  # as the embedded build's pool: no re-import of __main__
-    executor = LocalPipelineExecutor(
-        pipeline, tasks=tasks, workers=min(engine.workers, tasks), logging_dir=logs, **settings
-    )
-    with _stderr_to(work / "logs" / f"{name}.stderr"):
-        executor.run()
-    incomplete = executor.get_incomplete_ranks(range(tasks))
-    if incomplete:
-        raise UserError(
-            f"corpus build stage {name!r}: {len(incomplete)} of {tasks} tasks did not finish; see {logs} "
-            "(the working files stay there)"
-        )
+            raise UserError(
+                f"{first['location']}: {first['reason']} (without --strict such inputs are skipped)"
+            )
 
 
 def process_inputs(

@@ -20,11 +20,20 @@ from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.errors import UserError
 
 if TYPE_CHECKING:  # datatrove is an optional extra
-    from llmctl.data.distributed import EngineSettings
+    from llmctl.data.executors import EngineSettings
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-REQUIRED_META = {"dtype", "tokens", "vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer_sha256", "fingerprint"}
+REQUIRED_META = {
+    "dtype",
+    "tokens",
+    "vocab_size",
+    "bos_id",
+    "eos_id",
+    "pad_id",
+    "tokenizer_sha256",
+    "fingerprint",
+}
 BATCH_BYTES = 8 << 20
 
 
@@ -47,12 +56,14 @@ def input_fingerprint(corpus: Path, tokenizer: Tokenizer, per_shard: bool = Fals
 def read_meta(tokens_dir: Path) -> dict:
     path = Path(tokens_dir) / META_FILE
     if not path.is_file():
-        raise UserError(f"not a token directory: {tokens_dir} has no {META_FILE} (run llmctl tokenize encode)")
+        raise UserError(
+            f"not a token directory: {tokens_dir} has no {META_FILE} (run llmctl tokenize encode)"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         meta = None
-    if not isinstance(meta, dict) or not REQUIRED_META <= meta.keys():
+    if not isinstance(meta, dict) or not meta.keys() >= REQUIRED_META:
         raise UserError(f"{path} is damaged; re-run llmctl tokenize encode --overwrite")
     return meta
 
@@ -77,7 +88,9 @@ def split_file_problem(tokens_dir: Path, split: str, meta: dict) -> str | None:
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != tokens * itemsize:
-            return f"{path} has {path.stat().st_size:,} bytes where {META_FILE} promises {tokens * itemsize:,}"
+            return (
+                f"{path} has {path.stat().st_size:,} bytes where {META_FILE} promises {tokens * itemsize:,}"
+            )
     return None
 
 
@@ -117,14 +130,23 @@ def encode_corpus(
 
             shards = encode_shards_distributed(corpus, Path(tokenizer_path), staging, engine, threads)
         elif per_shard:
-            shards = {split: [encode_shard(encoder, source, staging) for source in split_files(corpus, split)] for split in SPLITS}
+            shards = {
+                split: [encode_shard(encoder, source, staging) for source in split_files(corpus, split)]
+                for split in SPLITS
+            }
         for split in SPLITS:
             if per_shard:
                 tokens[split] = sum(entry["tokens"] for entry in shards[split])
                 documents[split] = sum(entry["documents"] for entry in shards[split])
             else:
-                tokens[split], documents[split] = encoder.encode(iter_texts(corpus, split), staging / f"{split}.bin")
-        text_bytes = sum(entry["text_bytes"] for entries in shards.values() for entry in entries) if per_shard else encoder.text_bytes
+                tokens[split], documents[split] = encoder.encode(
+                    iter_texts(corpus, split), staging / f"{split}.bin"
+                )
+        text_bytes = (
+            sum(entry["text_bytes"] for entries in shards.values() for entry in entries)
+            if per_shard
+            else encoder.text_bytes
+        )
         seconds = time.perf_counter() - started
         meta = {
             "format_version": FORMAT_VERSION,
@@ -182,7 +204,11 @@ class TokenEncoder:
                 for ids in encoded:
                     ids.append(self.tokenizer.eos_id)  # documents are separated by eos
                 count = sum(len(ids) for ids in encoded)
-                sink.write(np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=count).tobytes())
+                sink.write(
+                    np.fromiter(
+                        itertools.chain.from_iterable(encoded), dtype=self.dtype, count=count
+                    ).tobytes()
+                )
                 tokens += count
                 documents += len(batch)
                 size = sum(len(text.encode()) for text in batch)
