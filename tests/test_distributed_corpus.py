@@ -104,3 +104,34 @@ def test_the_executor_from_the_cli_and_its_bad_input(llmctl, sample_pipeline, tm
     assert missing.stderr.strip() == (
         "error: corpus build --executor needs the distributed extra (datatrove): pip install 'llmctl[distributed]'"
     )
+
+
+def test_one_large_jsonl_file_is_shared_between_tasks_and_builds_as_the_embedded_build(tmp_path):
+    rng = random.Random(9)
+    originals = [prose(seed, 300) for seed in range(40)]
+    lines = [json.dumps({"text": text}) for text in originals]  # no "id": documents are named file:line
+    lines[5:5] = [
+        json.dumps({"text": originals[30]}),
+        "{broken",
+        json.dumps({"text": near_copy(originals[2], rng)}),
+    ]
+    source = tmp_path / "one.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    settings = CorpusOptions(workers=2, val_fraction=0.2)
+    embedded = build_corpus([str(source)], tmp_path / "embedded", settings)
+    engine = EngineSettings(tasks=2, workers=2, settings={"span_bytes": 4096})
+    shared = build_corpus_distributed([str(source)], tmp_path / "datatrove", settings, engine)
+    for key in ("documents_read", "filtered", "exact_duplicates", "near_duplicates", "splits", "problems"):
+        assert shared[key] == embedded[key], key
+    assert shared["exact_duplicates"] == 1 and shared["near_duplicates"] == 1
+    assert [problem["location"] for problem in shared["problems"]] == [f"{source}:7"]
+    for split in ("train", "val"):
+        ours, theirs = (
+            [
+                json.loads(line)
+                for path in sorted((tmp_path / name).glob(f"{split}-*.jsonl"))
+                for line in path.open()
+            ]
+            for name in ("datatrove", "embedded")
+        )
+        assert ours == theirs  # ids (file:line), sources, texts and order

@@ -2,8 +2,9 @@
 (data/executors.py runs each on the chosen executor) with bounded memory per task; and `tokenize encode
 --per-shard --executor ...`, one stage whose tasks encode every N-th corpus shard.
 
-1. process (N tasks): read the inputs (task r takes files r, r+N, ...), clean, filter, scrub; kept candidates
-   go to processed/r.jsonl with their global order (file index, document index) and exact key.
+1. process (N tasks): read the inputs (task r takes spans r, r+N, ...: whole files, and large JSONL files cut
+   at lines, data/spans.py), clean, filter, scrub; kept candidates go to processed/r.jsonl with their global
+   order (span index, document index) and exact key.
 2. exact duplicates (N tasks): stage 1 files each exact key (with its order) under the task its hash names;
    task r keeps each of its keys' first document by global order, the one the embedded build keeps.
 3-6. near duplicates: datatrove's MinHash stages (signatures, buckets, clusters, filter) over what survived.
@@ -51,7 +52,8 @@ from llmctl.data.corpus import (
 )
 from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.executors import EngineSettings, check_executor, engine_session, run_stage
-from llmctl.data.sources import expand_sources, read_documents
+from llmctl.data.sources import expand_sources, read_span
+from llmctl.data.spans import Span, input_spans
 from llmctl.data.tally import CorpusTally
 from llmctl.data.token_files import TokenEncoder, encode_shard, token_dtype
 from llmctl.data.tokenizer import open_tokenizer
@@ -161,7 +163,8 @@ def build_corpus_distributed(
 
 
 def _stages(paths: list[Path], options: CorpusOptions, engine: EngineSettings, work: Path) -> list:
-    stages = [("process", [partial(process_inputs, paths=paths, options=options, work=work)], engine.tasks)]
+    spans = input_spans(paths, engine.span_bytes)
+    stages = [("process", [partial(process_inputs, spans=spans, options=options, work=work)], engine.tasks)]
     if options.exact_dedup:
         stages.append(("exact", [partial(find_exact_duplicates, work=work)], engine.tasks))
     kept = partial(read_kept, work=work, exact=options.exact_dedup)
@@ -205,24 +208,25 @@ def _stop_at_a_problem(work: Path) -> None:
 
 
 def process_inputs(
-    data, rank: int, world_size: int, paths: list[Path], options: CorpusOptions, work: Path
+    data, rank: int, world_size: int, spans: list[Span], options: CorpusOptions, work: Path
 ) -> Iterator:
-    """Stage 1: this task's share of the input files, processed as the embedded build processes them."""
+    """Stage 1: this task's share of the inputs (spans r, r + N, ...), processed as the embedded build
+    processes them; a document's order is (span, position in the span), which sorts as the inputs do."""
     tally = CorpusTally()
     plain = replace(options, near_dup_threshold=None, strict=False)  # datatrove computes its own signatures
     out = _task_file(work / "processed", rank)
     keys = [_task_file(work / "keys" / f"{bucket:05d}", rank).open("w") for bucket in range(world_size)]
     with out.open("w", encoding="utf-8") as sink:
-        for file_index in range(rank, len(paths), world_size):
+        for unit in range(rank, len(spans), world_size):
             position = 0
-            for item in read_documents([paths[file_index]], options.text_field, options.html):
+            for item in read_span(spans[unit], options.text_field, options.html):
                 if isinstance(item, SourceProblem):
                     tally.problem(item)
                     continue
                 document = process_document(item, plain)
                 if tally.read(document.input_bytes, document.cleaned, document.rejected_by):
                     record = {
-                        "order": [file_index, position],
+                        "order": [unit, position],
                         "id": document.id,
                         "source": document.source,
                         "text": document.text,
@@ -253,7 +257,7 @@ def find_exact_duplicates(data, rank: int, world_size: int, work: Path) -> Itera
                 duplicates.append(max(seen, order))
                 first[key] = min(seen, order)
     by_owner: dict[int, list[list[int]]] = {}
-    for order in duplicates:  # filed under the stage-1 task that read the file, which reads them back
+    for order in duplicates:  # filed under the stage-1 task that read the span, which reads them back
         by_owner.setdefault(order[0] % world_size, []).append(order)
     for owner in range(world_size):
         _task_file(work / "exact" / f"{owner:05d}", rank).write_text(json.dumps(by_owner.get(owner, [])))

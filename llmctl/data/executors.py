@@ -22,10 +22,13 @@ from llmctl.errors import UserError, require_extra
 
 EXECUTORS = ("local", "slurm", "ray")
 SLURM_REQUIRED = ("partition", "time")  # datatrove's SlurmPipelineExecutor has no defaults for these
+SPAN_BYTES = 64 << 20  # a JSONL file above this is shared between tasks (data/spans.py)
+COMMON_KEYS = ("span_bytes",)  # settings llmctl reads itself; the rest go to datatrove's executor
 LLMCTL_KEYS = {
-    "ray": ("address",),
-    "slurm": ("poll_seconds",),
-}  # settings llmctl reads; the rest go to datatrove
+    "local": COMMON_KEYS,
+    "ray": (*COMMON_KEYS, "address"),
+    "slurm": (*COMMON_KEYS, "poll_seconds"),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class EngineSettings:
 
     def setting(self, key: str, default: object = None) -> object:
         return (self.settings or {}).get(key, default)
+
+    @property
+    def span_bytes(self) -> int:
+        return int(self.setting("span_bytes", SPAN_BYTES))
 
 
 def check_executor(engine: EngineSettings) -> None:

@@ -12,10 +12,20 @@ from llmctl.data.compression import open_input
 from llmctl.errors import UserError
 
 
-def jsonl_lines(path: Path) -> Iterator[tuple[str, Any, str | None]]:
-    """(location "file:line", record, problem) per non-blank line; record is None where problem says why."""
+def jsonl_lines(
+    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[tuple[str, Any, str | None]]:
+    """(location "file:line", record, problem) per non-blank line; record is None where problem says why.
+    `start`, `end`, `first_line`: only the lines of an uncompressed file that begin in [start, end), where
+    the line at `start` is line `first_line` (one share of a large file, data/spans.py)."""
     with open_input(path) as handle:  # notes.jsonl.gz and .zst too
-        for number, raw in enumerate(handle, start=1):
+        if start:
+            handle.seek(start)
+        position = start
+        for number, raw in enumerate(handle, start=first_line):
+            if end is not None and position >= end:
+                break
+            position += len(raw)
             if not raw.strip():
                 continue
             location = f"{path}:{number}"

@@ -19,6 +19,7 @@ from llmctl.data.compression import format_suffix, open_input
 from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.formats import read_csv, read_docx, read_parquet, read_pdf
 from llmctl.data.jsonl import jsonl_lines
+from llmctl.data.spans import Span
 from llmctl.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
@@ -76,6 +77,18 @@ def read_documents(
             yield SourceProblem(str(path), f"unreadable: {getattr(error, 'strerror', None) or error}")
 
 
+def read_span(span: Span, text_field: str = "text", html: str = "main") -> Iterator[Document | SourceProblem]:
+    """The documents of one span of the inputs (data/spans.py): a whole file, or the lines of a JSONL file's
+    share, named by the file's own line numbers."""
+    if span.whole:
+        yield from read_documents([span.path], text_field, html)
+        return
+    try:
+        yield from _read_jsonl(span.path, text_field, span)
+    except OSError as error:
+        yield SourceProblem(str(span.path), f"unreadable: {error.strerror or error}")
+
+
 def _read_file(path: Path, suffix: str, text_field: str, html: str) -> Iterator[Document | SourceProblem]:
     if suffix == ".pdf":
         yield from read_pdf(path)
@@ -109,8 +122,9 @@ def _read_text(path: Path, html: str | None) -> Iterator[Document | SourceProble
     yield Document(id=str(path), source=str(path), text=text)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document | SourceProblem]:
-    for where, record, problem in jsonl_lines(path):
+def _read_jsonl(path: Path, text_field: str, span: Span | None = None) -> Iterator[Document | SourceProblem]:
+    lines = jsonl_lines(path) if span is None else jsonl_lines(path, span.start, span.end, span.first_line)
+    for where, record, problem in lines:
         if problem is not None:
             yield SourceProblem(where, problem)
             continue
