@@ -1,11 +1,11 @@
-"""Corpus build at scale: the embedded build against the datatrove build (local executor, 1 and 2 workers)
-on N copies of the techdocs corpus, each copy perturbed (a word changed per paragraph, so the copies are
+"""Corpus build at scale: the embedded build against the datatrove build (local executor, 1 and 2 workers;
+Ray, 2 workers; local, 2 workers, on the same bytes as one file) on N copies of the techdocs corpus, each copy perturbed (a word changed per paragraph, so the copies are
 near duplicates, not exact ones), with the peak memory of the largest process; `tokenize encode` as one file
 and per shard; and the projected hours for 400 GB on N nodes from those rates.
 
 Each configuration runs in a fresh process, so its peak resident memory is its own.
 
-    .venv/bin/python -m benchmarks.data_scale [--copies 10] [--nodes 1 8 64]
+    .venv/bin/python -m benchmarks.data_scale [--copies 10] [--nodes 1 8 64] [--builds embedded ray2 ...]
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ def perturbed_copies(corpus: Path, copies: int, out: Path) -> list[str]:
     return files
 
 
+BUILDS = {  # name: (label, executor, workers, one file)
+    "embedded": ("embedded, 2 workers", "embedded", 2, False),
+    "local1": ("datatrove local, 1 worker", "local", 1, False),
+    "local2": ("datatrove local, 2 workers", "local", 2, False),
+    "ray2": ("datatrove ray, 2 workers", "ray", 2, False),
+    "onefile": ("local, 2 workers, one file", "local", 2, True),
+}
+
+
 def run_build(sources: list[str], out: Path, executor: str | None, workers: int) -> dict:
     """One build in this (fresh) process; its rate, decisions and peak memory of self and children."""
     from llmctl.data.corpus import CorpusOptions, build_corpus
@@ -65,7 +74,7 @@ def run_build(sources: list[str], out: Path, executor: str | None, workers: int)
         from llmctl.data.executors import EngineSettings
 
         manifest = build_corpus_distributed(
-            sources, out, options, EngineSettings(executor, len(sources), workers)
+            sources, out, options, EngineSettings(executor, max(len(sources), 2 * workers), workers)
         )
     seconds = time.perf_counter() - started
     return {
@@ -103,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--builds", nargs="+", choices=list(BUILDS), default=list(BUILDS))
+    parser.add_argument("--no-encode", action="store_true", help="Only the builds.")
     parser.add_argument("--run", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -126,20 +137,23 @@ def main() -> None:
         f"input: techdocs x {args.copies} ({sum(Path(s).stat().st_size for s in sources) / 1e6:,.0f} MB, copies perturbed)"
     )
     results = {}
-    for label, executor, workers in (
-        ("embedded, 2 workers", "embedded", 2),
-        ("datatrove local, 1 worker", "local", 1),
-        ("datatrove local, 2 workers", "local", 2),
-    ):
-        results[label] = in_fresh_process(
-            "build", str(work / label.replace(" ", "_").replace(",", "")), executor, str(workers), *sources
-        )
-        r = results[label]
+    for name in args.builds:
+        label, executor, workers, one_file = BUILDS[name]
+        inputs = sources
+        if one_file:  # the same bytes as one JSONL file: shared between tasks in spans
+            inputs = [str(work / "all.jsonl")]
+            with open(inputs[0], "wb") as sink:
+                for source in sources:
+                    sink.write(Path(source).read_bytes())
+        results[name] = r = in_fresh_process("build", str(work / name), executor, str(workers), *inputs)
+        worker_peak = "n/a (Ray's processes)" if executor == "ray" else f"{r['peak_child_mb']:6.0f} MB"
         print(
             f"{label:28s} {r['mb_per_second']:6.2f} MB/s  {r['seconds']:7.1f} s  kept {r['kept']:6d}  exact {r['exact_duplicates']:5d}  "
-            f"near {r['near_duplicates']:6d}  peak memory: main {r['peak_self_mb']:6.0f} MB, largest worker {r['peak_child_mb']:6.0f} MB"
+            f"near {r['near_duplicates']:6d}  peak memory: main {r['peak_self_mb']:6.0f} MB, largest worker {worker_peak}"
         )
-    corpus = work / "embedded_2_workers"
+    if args.no_encode or not {"embedded", "local2"} <= results.keys():
+        return
+    corpus = work / "embedded"
     for per_shard in (False, True):
         encoded = in_fresh_process(
             "encode", str(corpus), str(work / f"tokens-{int(per_shard)}"), str(int(per_shard))
@@ -148,7 +162,7 @@ def main() -> None:
             f"tokenize encode {'per shard' if per_shard else 'one file '}  {encoded['mb_per_second']:6.2f} MB/s  {encoded['tokens']:,} tokens"
         )
         results[f"encode per_shard={per_shard}"] = encoded
-    build_rate = results["datatrove local, 2 workers"]["mb_per_second"]
+    build_rate = results["local2"]["mb_per_second"]
     encode_rate = results["encode per_shard=True"]["mb_per_second"]
     for nodes in args.nodes:
         hours = TARGET_BYTES / 1e6 / (build_rate * nodes) / 3600
