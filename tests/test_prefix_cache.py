@@ -1,5 +1,5 @@
-"""Reused prefixes: a prompt that begins like a finished request's sequence (a shared system prompt, the
-earlier turns of a chat) starts from its cached keys and values, with exactly the tokens a full prefill
+"""Reused prefixes: a prompt that begins like an admitted prompt or a finished request's sequence (a shared
+system prompt, the earlier turns of a chat) starts from its cached keys and values, with exactly the tokens a full prefill
 gives; the cache stays within its token budget."""
 
 from __future__ import annotations
@@ -119,3 +119,38 @@ def test_one_conversation_reuses_its_earlier_turns_in_generate_ids(model):
     assert list(generate_ids(model, SYSTEM + [70, 71], GREEDY, prefixes)) == list(
         generate_ids(model, SYSTEM + [70, 71], GREEDY)
     )
+
+
+def test_a_request_arriving_while_another_decodes_reuses_that_ones_prompt(model):
+    """The prompt is stored at admission: a request sharing the system prompt need not wait for the first
+    to finish. The second is submitted from the first's first token, so the first is still decoding."""
+    engine = Engine(model, max_batch=2, prefix_cache_tokens=512).start()
+    first, second = SYSTEM + [30, 31], SYSTEM + [40, 41, 42]
+    long = SamplingParams(max_new_tokens=60, temperature=0.0)
+    tokens: dict[str, list[int]] = {"first": [], "second": []}
+    finished = {"first": threading.Event(), "second": threading.Event()}
+    order: list[str] = []
+
+    def collector(name: str):
+        def collect(token, finish):
+            if token is not None:
+                tokens[name].append(token)
+                if name == "first" and len(tokens[name]) == 1:
+                    engine.submit(second, GREEDY, collector("second"))
+            if finish is not None:
+                order.append(name)
+                finished[name].set()
+
+        return collect
+
+    try:
+        engine.submit(first, long, collector("first"))
+        assert finished["first"].wait(30) and finished["second"].wait(30)
+        stats = engine.prefixes.stats
+    finally:
+        engine.stop()
+    assert order == ["second", "first"]  # the first was still decoding when the second came and went
+    assert stats.hits == 1 and stats.reused_tokens == len(SYSTEM)
+    assert tokens["second"] == list(generate_ids(model, second, GREEDY))
+    assert tokens["first"] == list(generate_ids(model, first, long))
+    assert [len(entry) for entry in engine.prefixes.entries] == [len(second) + 9, len(first) + 59]

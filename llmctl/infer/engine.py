@@ -195,6 +195,8 @@ class Engine:
                 self.cache.lengths[slot] = len(request.prompt_ids)
                 request.history = torch.tensor([request.prompt_ids], device=self.device)
                 self.slots.append(request)
+                if self.prefixes is not None:  # reusable now, by requests that arrive while this one decodes
+                    self.prefixes.store(request.prompt_ids, self.cache, slot)
             logits = torch.cat([row for _, row in admitted])
             self._sample_tokens(list(range(first, first + len(admitted))), logits)
             self._retire_finished()

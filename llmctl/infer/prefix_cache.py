@@ -1,4 +1,4 @@
-"""Reused prefixes: the keys and values of recently served sequences, so that a new prompt that begins the
+"""Reused prefixes: the keys and values of recently admitted prompts and served sequences, so that a new prompt that begins the
 same way (a shared system prompt, the earlier turns of a chat) starts from them instead of prefilling them
 again. Least recently used entries go first once the cache holds more than its token budget."""
 
@@ -67,11 +67,15 @@ class PrefixCache:
         return best, length
 
     def store(self, tokens: list[int], cache: SlotKVCache, slot: int) -> None:
-        """Keep the first len(tokens) cached positions of `slot` (a copy) under `tokens`."""
+        """Keep the first len(tokens) cached positions of `slot` (a copy) under `tokens`; an entry that this
+        one extends (the prompt stored at admission, now with its reply) is dropped: this one serves it."""
         key = tuple(tokens)
         if len(key) < self.min_tokens or len(key) > self.max_tokens or key in self.entries:
             return
         length = len(key)
+        for extended in [entry for entry in self.entries if key[: len(entry)] == entry]:
+            del self.entries[extended]
+            self.tokens -= len(extended)
         keys = [layer[slot, :, :length].clone() for layer in cache.keys]
         values = [layer[slot, :, :length].clone() for layer in cache.values]
         self.entries[key] = PrefixEntry(key, keys, values)
