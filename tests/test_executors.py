@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,27 +61,44 @@ def assert_same_build(manifest: dict, corpus: Path, local: tuple[list[str], Path
     assert texts(corpus) == texts(local_corpus)
 
 
-@pytest.mark.slow
-def test_the_ray_executor_on_a_local_two_cpu_cluster_builds_and_encodes_as_local(
-    local_build, sample_pipeline, tmp_path
-):
+@pytest.fixture
+def ray_cluster():
+    """A 2-CPU Ray cluster started by `ray start` from another directory, as a user's cluster would be."""
     ray = pytest.importorskip("ray")
-    engine = EngineSettings("ray", tasks=2, workers=2)
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "2"]
+    subprocess.run([*command, "--include-dashboard=false", "--disable-usage-stats"], cwd="/", check=True)
     try:
-        manifest = build(local_build[0], tmp_path / "corpus", engine)
+        yield ray
     finally:
-        assert not ray.is_initialized()  # the cluster llmctl started is shut down
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop"], check=True)
+
+
+@pytest.mark.slow
+def test_the_ray_executor_joins_a_cluster_or_starts_one_and_builds_and_encodes_as_local(
+    local_build, sample_pipeline, ray_cluster, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(
+        tmp_path
+    )  # inputs and output named relative to here, where the cluster's workers are not
+    sources = []
+    for source in map(Path, local_build[0]):
+        shutil.copyfile(source, source.name)
+        sources.append(source.name)
+    manifest = build(sources, Path("corpus"), EngineSettings("ray", 2, 2, {"address": "auto"}))
     assert_same_build(manifest, tmp_path / "corpus", local_build)
     assert manifest["engine"]["executor"] == "ray" and not list(tmp_path.glob(".*datatrove"))
+    assert not ray_cluster.is_initialized()  # left, not stopped: the cluster is the user's
 
     corpus, tokenizer = sample_pipeline["corpus"], sample_pipeline["tokenizer"]
     (tmp_path / "ray-tokens").mkdir()
     (tmp_path / "tokens").mkdir()
+    engine = EngineSettings("ray", tasks=2, workers=2)  # no address: llmctl starts Ray here and stops it
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     on_ray = encode_shards_distributed(corpus, tokenizer, tmp_path / "ray-tokens", engine, threads=1)
     locally = encode_shards_distributed(
         corpus, tokenizer, tmp_path / "tokens", EngineSettings(tasks=3, workers=2), threads=1
     )
-    assert on_ray == locally
+    assert on_ray == locally and not ray_cluster.is_initialized()
     for entry in on_ray["train"]:
         assert (tmp_path / "ray-tokens" / entry["file"]).read_bytes() == (
             tmp_path / "tokens" / entry["file"]

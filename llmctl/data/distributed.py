@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -68,6 +69,7 @@ def encode_shards_distributed(
     """`tokenize encode --per-shard` as one datatrove stage: task r encodes shards r, r + N, ... of all splits
     into `directory`; each split's meta.json entries come back in shard order."""
     check_executor(engine)
+    corpus, tokenizer_path, directory = corpus.resolve(), tokenizer_path.resolve(), directory.resolve()
     sources = [(split, path) for split in SPLITS for path in split_files(corpus, split)]
     work = directory.parent / f".{directory.name}.datatrove"
     shutil.rmtree(work, ignore_errors=True)
@@ -134,7 +136,7 @@ def build_corpus_distributed(
     tally = CorpusTally()
     for item in unsupported:
         skip_problem(item, tally, options.strict)
-    work = out.parent / f".{out.name}.datatrove"
+    work = out.resolve().parent / f".{out.name}.datatrove"  # absolute: tasks may run in another directory
     shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
     with engine_session(engine, work / "logs"):
@@ -164,7 +166,13 @@ def build_corpus_distributed(
 
 def _stages(paths: list[Path], options: CorpusOptions, engine: EngineSettings, work: Path) -> list:
     spans = input_spans(paths, engine.span_bytes)
-    stages = [("process", [partial(process_inputs, spans=spans, options=options, work=work)], engine.tasks)]
+    stages = [
+        (
+            "process",
+            [partial(process_inputs, spans=spans, options=options, work=work, directory=Path.cwd())],
+            engine.tasks,
+        )
+    ]
     if options.exact_dedup:
         stages.append(("exact", [partial(find_exact_duplicates, work=work)], engine.tasks))
     kept = partial(read_kept, work=work, exact=options.exact_dedup)
@@ -208,10 +216,13 @@ def _stop_at_a_problem(work: Path) -> None:
 
 
 def process_inputs(
-    data, rank: int, world_size: int, spans: list[Span], options: CorpusOptions, work: Path
+    data, rank: int, world_size: int, spans: list[Span], options: CorpusOptions, work: Path, directory: Path
 ) -> Iterator:
     """Stage 1: this task's share of the inputs (spans r, r + N, ...), processed as the embedded build
-    processes them; a document's order is (span, position in the span), which sorts as the inputs do."""
+    processes them; a document's order is (span, position in the span), which sorts as the inputs do.
+    The task reads from `directory`, where llmctl started: a Ray worker starts elsewhere, and relative
+    inputs must name their documents as the embedded build names them."""
+    os.chdir(directory)
     tally = CorpusTally()
     plain = replace(options, near_dup_threshold=None, strict=False)  # datatrove computes its own signatures
     out = _task_file(work / "processed", rank)

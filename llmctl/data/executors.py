@@ -82,10 +82,18 @@ def engine_session(engine: EngineSettings, logs: Path) -> Iterator[None]:
         return
     address = engine.setting("address") or os.environ.get("RAY_ADDRESS")
     with _stderr_to(logs / "ray.stderr"):
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=engine.workers, include_dashboard=False, log_to_driver=False)
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(
+                    address="local", num_cpus=engine.workers, include_dashboard=False, log_to_driver=False
+                )
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            where = f"join the Ray cluster at {address}" if address else "start Ray on this machine"
+            raise UserError(
+                f"--executor ray: could not {where} ({error}); see {logs / 'ray.stderr'}"
+            ) from None
     try:
         yield
     finally:
