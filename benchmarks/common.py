@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,3 +101,13 @@ def sample_tokenizer(work: Path, vocab: int = 8000):
     build_corpus([str(sample / "train.jsonl")], work / "corpus", CorpusOptions())
     train_tokenizer(work / "corpus", work / "tokenizer", vocab)
     return open_tokenizer(work / "tokenizer" / "tokenizer.model")
+
+
+def run_fresh(module: str, *arguments: str) -> dict:
+    """`python -m MODULE --run ARGUMENTS` in a new interpreter (its own peak memory, nothing warm from the
+    last run), from the repository root; the JSON object its last line prints."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--run", *arguments],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import machine, run_fresh
 
 REPO = Path(__file__).resolve().parent.parent
 TECHDOCS = REPO.parent / "shared" / "data" / "techdocs"
@@ -34,7 +32,8 @@ def with_datatrove(files: list[Path], work: Path) -> dict:
     from llmctl.data.executors import EngineSettings, run_stage
     from llmctl.data.spans import input_spans
 
-    step = partial(process_inputs, spans=input_spans(files, 1 << 40), options=CorpusOptions(), work=work)
+    spans = input_spans(files, 1 << 40)
+    step = partial(process_inputs, spans=spans, options=CorpusOptions(), work=work, directory=Path.cwd())
     started = time.perf_counter()
     run_stage("process", [step], len(files), EngineSettings("local", len(files), WORKERS), work)
     seconds = time.perf_counter() - started
@@ -73,14 +72,6 @@ def process_rows(batch):
     return pa.table(kept)
 
 
-def in_fresh_process(engine: str, files: list[Path], work: Path) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.data_engines", "--run", engine, str(work), *map(str, files)],
-        capture_output=True, text=True, check=True, cwd=REPO,
-    )  # fmt: skip
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--copies", type=int, default=4)
@@ -104,7 +95,9 @@ def main() -> None:
     )
     results = {}
     for engine in ("datatrove", "ray_data"):
-        results[engine] = r = in_fresh_process(engine, files, work / engine)
+        results[engine] = r = run_fresh(
+            "benchmarks.data_engines", engine, str(work / engine), *map(str, files)
+        )
         print(f"{engine:10s} {megabytes / r['seconds']:6.2f} MB/s  {r['seconds']:6.1f} s  kept {r['kept']:,}")
     assert results["datatrove"]["kept"] == results["ray_data"]["kept"], "the engines kept different documents"
     ratio = results["ray_data"]["seconds"] / results["datatrove"]["seconds"]

@@ -14,13 +14,11 @@ import argparse
 import json
 import random
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import machine, run_fresh
 
 REPO = Path(__file__).resolve().parent.parent
 TECHDOCS = REPO.parent / "shared" / "data" / "techdocs"
@@ -100,14 +98,6 @@ def run_encode(corpus: Path, out: Path, per_shard: bool) -> dict:
     return {"mb_per_second": meta["mb_per_second"], "tokens": sum(meta["tokens"].values())}
 
 
-def in_fresh_process(function: str, *arguments: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.data_scale", "--run", function, *arguments],
-        capture_output=True, text=True, check=True, cwd=REPO,
-    )  # fmt: skip
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--copies", type=int, default=10)
@@ -145,7 +135,9 @@ def main() -> None:
             with open(inputs[0], "wb") as sink:
                 for source in sources:
                     sink.write(Path(source).read_bytes())
-        results[name] = r = in_fresh_process("build", str(work / name), executor, str(workers), *inputs)
+        results[name] = r = run_fresh(
+            "benchmarks.data_scale", "build", str(work / name), executor, str(workers), *inputs
+        )
         worker_peak = "n/a (Ray's processes)" if executor == "ray" else f"{r['peak_child_mb']:6.0f} MB"
         print(
             f"{label:28s} {r['mb_per_second']:6.2f} MB/s  {r['seconds']:7.1f} s  kept {r['kept']:6d}  exact {r['exact_duplicates']:5d}  "
@@ -155,8 +147,12 @@ def main() -> None:
         return
     corpus = work / "embedded"
     for per_shard in (False, True):
-        encoded = in_fresh_process(
-            "encode", str(corpus), str(work / f"tokens-{int(per_shard)}"), str(int(per_shard))
+        encoded = run_fresh(
+            "benchmarks.data_scale",
+            "encode",
+            str(corpus),
+            str(work / f"tokens-{int(per_shard)}"),
+            str(int(per_shard)),
         )
         print(
             f"tokenize encode {'per shard' if per_shard else 'one file '}  {encoded['mb_per_second']:6.2f} MB/s  {encoded['tokens']:,} tokens"

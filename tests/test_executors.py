@@ -155,7 +155,7 @@ def test_a_slurm_job_that_never_ran_is_an_error_not_a_wait(local_build, monkeypa
     assert not (tmp_path / "corpus").exists()
 
 
-def test_what_slurm_needs_is_named_before_anything_runs(llmctl_in_process, monkeypatch, tmp_path):
+def test_what_an_executor_needs_is_named_before_anything_runs(llmctl_in_process, monkeypatch, tmp_path):
     source = tmp_path / "a.txt"
     source.write_text(prose(1))
     recipe = tmp_path / "r.toml"
@@ -170,5 +170,10 @@ def test_what_slurm_needs_is_named_before_anything_runs(llmctl_in_process, monke
     no_sbatch = llmctl_in_process(*args, "--recipe", str(recipe))
     assert no_sbatch.stderr.strip() == (
         "error: --executor slurm: `sbatch` is not on PATH; run on a Slurm login node"
+    )
+    recipe.write_text('[data.executor_settings]\nspan_bytes = "64MB"\n')
+    bad_span = llmctl_in_process(*args[:-1], "local", "--recipe", str(recipe))
+    assert bad_span.stderr.strip() == (
+        "error: [data.executor_settings] span_bytes = '64MB': give a positive number, e.g. 67108864"
     )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*datatrove"))

@@ -50,9 +50,8 @@ class CleaningRules(BaseModel):
     fix_line_breaks: bool = True  # \r\n, \r, U+2028, U+2029 and U+0085 become \n
     remove_control_chars: bool = True  # C0/C1 controls other than tab and newline, byte-order marks
     normalization: Literal["NFC", "NFKC", "none"] = "NFC"  # NFC: canonically equivalent text, composed
-    trim_document: bool = (
-        True  # blank lines before and whitespace after the text (an eos separates documents)
-    )
+    # blank lines before and whitespace after the text (an eos separates documents)
+    trim_document: bool = True
     # rewrites of valid text, off unless asked for
     unescape_html: bool = False  # "&amp;" -> "&" (wrong for documents that quote HTML or code)
     uncurl_quotes: bool = False  # ‘ ’ “ ” -> ' "

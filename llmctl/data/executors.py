@@ -54,6 +54,14 @@ def check_executor(engine: EngineSettings) -> None:
     """Everything an executor needs, checked before any input is read: one line naming what is missing."""
     if engine.executor not in EXECUTORS:
         raise UserError(f"unknown executor {engine.executor!r}; use one of {', '.join(EXECUTORS)}")
+    for key, example in (("span_bytes", "67108864"), ("poll_seconds", "30")):
+        value = engine.setting(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+        ):
+            raise UserError(
+                f"[data.executor_settings] {key} = {value!r}: give a positive number, e.g. {example}"
+            )
     if engine.executor == "ray":
         require_extra("ray", "ray", "--executor ray")
     if engine.executor == "slurm":
