@@ -105,7 +105,7 @@ def test_the_ray_executor_joins_a_cluster_or_starts_one_and_builds_and_encodes_a
         ).read_bytes()
 
 
-def stand_in_slurm(bin_dir: Path, run_jobs: bool = True) -> None:
+def stand_in_slurm(bin_dir: Path, run_jobs: bool = True, squeue: str = "") -> None:
     """sbatch, srun, squeue and scontrol for this machine: sbatch runs every array task of the script before it answers
     (or, with run_jobs False, none: a job cancelled before it started) and prints a job id."""
     python = f"#!{sys.executable}\n"
@@ -132,7 +132,12 @@ def stand_in_slurm(bin_dir: Path, run_jobs: bool = True) -> None:
     )
     scontrol = python + "import sys\nprint(sys.argv[-1])\n"  # `scontrol show hostnames LIST`: one host
     bin_dir.mkdir()
-    for name, text in (("sbatch", sbatch), ("srun", srun), ("squeue", python), ("scontrol", scontrol)):
+    for name, text in (
+        ("sbatch", sbatch),
+        ("srun", srun),
+        ("squeue", python + squeue),
+        ("scontrol", scontrol),
+    ):
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
@@ -148,10 +153,21 @@ def test_the_slurm_executor_submits_jobs_that_build_as_local(local_build, monkey
 
 
 def test_a_slurm_job_that_never_ran_is_an_error_not_a_wait(local_build, monkeypatch, tmp_path):
-    stand_in_slurm(tmp_path / "bin", run_jobs=False)
+    """squeue first fails as a busy controller does (keep waiting), then no longer knows the job (it is
+    gone): the build waits through the first and stops at the second."""
+    calls = tmp_path / "squeue-calls"
+    squeue = (
+        f"calls = open({str(calls)!r}, 'a+')\n"
+        "calls.write('x'); calls.seek(0); first = len(calls.read()) == 1\n"
+        "sys.stderr.write('squeue: error: Socket timed out' if first else 'slurm_load_jobs error: Invalid job id')\n"
+        "sys.exit(1)\n"
+    )
+    stand_in_slurm(tmp_path / "bin", run_jobs=False, squeue="import sys\n" + squeue)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    engine = EngineSettings("slurm", 2, 2, {**SLURM, "poll_seconds": 0.01})
     with pytest.raises(UserError, match=r"stage 'process': 2 of 2 tasks did not finish; see "):
-        build(local_build[0], tmp_path / "corpus", EngineSettings("slurm", 2, 2, SLURM))
+        build(local_build[0], tmp_path / "corpus", engine)
+    assert calls.read_text() == "xx"  # asked again after the failure, stopped when the job was unknown
     assert not (tmp_path / "corpus").exists()
 
 

@@ -160,8 +160,12 @@ def _await_slurm(executor, tasks: int, poll_seconds: float) -> None:
 
 
 def _slurm_job_queued(job_id: str) -> bool:
+    """Whether the job is still pending or running. squeue failing for any reason but an unknown (purged) job
+    id, such as a busy controller, counts as queued: the build must not give up on jobs that still run."""
     listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
-    return listed.returncode == 0 and bool(listed.stdout.strip())
+    if listed.returncode != 0:
+        return "Invalid job id" not in listed.stderr
+    return bool(listed.stdout.strip())
 
 
 @contextmanager
