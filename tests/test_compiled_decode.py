@@ -86,3 +86,29 @@ def test_compiling_does_not_recompile_for_new_lengths_or_batch_sizes(models):
     generate_ids_again = list(generate_ids(model, [9], greedy(30)))
     assert len(generate_ids_again) == 30
     assert counters["stats"]["unique_graphs"] == before  # one graph for one row, whatever the length
+
+
+def test_a_compiled_speculative_batch_equals_each_request_alone_without_recompiling(models):
+    """`serve --compile --draft`: the draft's step and the target's verifying step (several tokens per row,
+    fewer near the context's end) are compiled at start; nothing compiles while serving."""
+    eager, _, _ = models
+    target = copy.deepcopy(eager)
+    draft = decisive_model(3, d_model=32, n_layer=1)
+    use_decode_kernels(draft)
+    engine = Engine(target, max_batch=3, compile=True, draft=draft, lookahead=3)
+    counters = torch._dynamo.utils.counters
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    engine.start()
+    try:
+        jobs = []
+        for prompt, budget in zip(PROMPTS, BUDGETS, strict=True):
+            collector = Collector()
+            engine.submit(prompt, greedy(budget), collector)
+            jobs.append((prompt, budget, collector))
+        for prompt, budget, collector in jobs:
+            assert collector.done.wait(60)
+            assert collector.tokens == list(generate_ids(eager, prompt, greedy(budget)))
+    finally:
+        engine.stop()
+    assert engine.speculation.stats.target_passes < sum(BUDGETS)
+    assert counters["stats"]["unique_graphs"] == compiled_at_start

@@ -37,7 +37,7 @@ def chat(
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
     from llmctl.commands.checkpoint_args import resolve_checkpoint
     from llmctl.infer.chat_session import ChatSession, chat_sampling
-    from llmctl.infer.decode import compile_decode, load_for_inference, warm_up_decode
+    from llmctl.infer.decode import compile_decode, load_draft, load_for_inference, warm_up_decode
 
     path = resolve_checkpoint(checkpoint)
     model, tokenizer = load_for_inference(path, adapter)
@@ -60,20 +60,6 @@ def chat(
             f"the chat UI needs the tui extra ({error.name} is missing): pip install 'llmctl[tui]', or use --plain"
         ) from None
     ChatApp(session, str(path)).run()
-
-
-def load_draft(path: Path, tokenizer, model):
-    """The draft model for speculative decoding; it must speak the target's tokenizer."""
-    from llmctl.errors import UserError
-    from llmctl.infer.decode import load_for_inference
-
-    draft, draft_tokenizer = load_for_inference(path)
-    if draft_tokenizer.sha256() != tokenizer.sha256() or draft.config.vocab_size != model.config.vocab_size:
-        raise UserError(
-            f"the draft {path} has a different tokenizer from the model's; a draft must be trained on the "
-            "same tokenizer (a distilled student of the model, say)"
-        )
-    return draft
 
 
 def run_plain(session) -> None:

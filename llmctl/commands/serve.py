@@ -33,6 +33,11 @@ def serve(
         "--compile",
         help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
     ),
+    draft: str | None = typer.Option(
+        None,
+        help="A smaller checkpoint with the served model's tokenizer (a distilled student, say): speculative "
+        "decoding inside the continuous batch.",
+    ),
     prefix_cache_tokens: int = typer.Option(
         4096,
         min=0,
@@ -48,7 +53,7 @@ def serve(
     ),
 ) -> None:
     """Serve checkpoints under /v1/completions and /v1/chat/completions (streaming), /v1/models, /metrics."""
-    from llmctl.commands.checkpoint_args import parse_models
+    from llmctl.commands.checkpoint_args import parse_models, resolve_checkpoint
     from llmctl.errors import UserError
     from llmctl.infer.served import load_served_adapters, load_served_model
 
@@ -82,6 +87,12 @@ def serve(
             "--compile does not combine with --adapter (each mix of adapters in a batch would compile anew): "
             "merge the adapter (llmctl finetune merge) and serve the merged checkpoint with --compile"
         )
+    if draft is not None and (adapters or len(named) != 1):
+        raise UserError(
+            "--draft serves one checkpoint without adapters: give exactly one model (merge an adapter first "
+            "with llmctl finetune merge)"
+        )
+    draft_path = resolve_checkpoint(draft) if draft is not None else None
     routes = parse_routes(route, set(named) | set(adapters))
     if adapters:
         ((base_name, base),) = named.items()
@@ -98,8 +109,10 @@ def serve(
                 max_batch=max_batch,
                 compile=compile,
                 prefix_cache_tokens=prefix_cache_tokens,
+                draft=draft_path,
             )
-            typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens)")
+            drafting = f", draft {draft_path}" if draft_path is not None else ""
+            typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens{drafting})")
     log = None
     if ab_log is not None:
         from llmctl.infer.ab_log import CompletionLog

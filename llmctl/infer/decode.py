@@ -17,6 +17,7 @@ import torch
 
 from llmctl.checkpoint import is_adapter, open_checkpoint
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.errors import UserError
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.kernels import decode_ops
 from llmctl.model import KVCache, Transformer
@@ -59,6 +60,17 @@ def load_for_inference(path: Path, adapter: Path | None = None) -> tuple[Transfo
     return model, tokenizer
 
 
+def load_draft(path: Path, tokenizer: Tokenizer, model: Transformer) -> Transformer:
+    """The draft model for speculative decoding (chat, serve); it must speak the model's tokenizer."""
+    draft, draft_tokenizer = load_for_inference(path)
+    if draft_tokenizer.sha256() != tokenizer.sha256() or draft.config.vocab_size != model.config.vocab_size:
+        raise UserError(
+            f"the draft {path} has a different tokenizer from the model's; a draft must be trained on the "
+            "same tokenizer (a distilled student of the model, say)"
+        )
+    return draft
+
+
 @torch.inference_mode()
 def prefill(
     model: Transformer,
@@ -93,21 +105,21 @@ _compiled_steps: weakref.WeakKeyDictionary[Transformer, StepFunction] = weakref.
 
 def _rows_step(
     model: Transformer,
-    next_ids: torch.Tensor,
+    ids: torch.Tensor,
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
     positions: torch.Tensor,
     span: int,
 ) -> torch.Tensor:
-    """One token per row for the first rows of a slot cache; the next-token logits (B, vocab)."""
-    rows = DecodeRows(keys, values, positions, span)
-    return model(next_ids[:, None], kv_cache=rows)[:, -1]
+    """New tokens (B, width) for the first rows of a slot cache; their logits (B, width, vocab)."""
+    return model(ids, kv_cache=DecodeRows(keys, values, positions, span))
 
 
 def compile_decode(model: Transformer) -> None:
     """Run this model's slot-cache decode steps through torch.compile from now on (inductor: C++ with a C++
-    wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each new batch size class (1 row, more rows) compile, which takes
-    tens of seconds; `warm_up_decode` does that before serving."""
+    wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each new batch size
+    class (1 row, more rows) and width compile, which takes tens of seconds; `warm_up_decode` does that before
+    serving."""
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
         decode_ops()  # built and loaded before tracing, which must not build it
         step = torch.compile(_rows_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
@@ -117,13 +129,25 @@ def compile_decode(model: Transformer) -> None:
 
 
 @torch.inference_mode()
-def warm_up_decode(model: Transformer, cache: SlotKVCache) -> None:
-    """Compile the decode step for one row and for several, on `cache` itself (so the shapes are those it
-    will serve), leaving the cache as empty as it was."""
-    for batch in sorted({1, min(2, len(cache.lengths))}):
-        cache.lengths[:batch] = 1
-        decode_step(model, torch.zeros(batch, dtype=torch.long, device=cache.lengths.device), cache)
+def warm_up_decode(model: Transformer, cache: SlotKVCache, widths: tuple[int, ...] = (1,)) -> None:
+    """Compile the decode step for one row and for several, `widths` new tokens per row (a verifying pass
+    takes a draft's proposals and one more), on `cache` itself (so the shapes are those it will serve),
+    leaving the cache as empty as it was."""
+    for width in widths:
+        for batch in sorted({1, min(2, len(cache.lengths))}):
+            cache.lengths[:batch] = 1
+            ids = torch.zeros((batch, width), dtype=torch.long, device=cache.lengths.device)
+            decode_rows(model, ids, cache)
     cache.lengths.zero_()
+
+
+@torch.inference_mode()
+def decode_rows(model: Transformer, ids: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+    """Feed `width` new tokens to each of the first B slots, (B, width), each row after its own length; their
+    logits (B, width, vocab). The step is the compiled one where `compile_decode` ran."""
+    rows = cache.rows(ids.shape[0], ids.shape[1])
+    step = _compiled_steps.get(model, _rows_step)
+    return step(model, ids, rows.keys, rows.values, rows.positions, rows.span)
 
 
 @torch.inference_mode()
@@ -136,11 +160,9 @@ def decode_step(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed one new token per row, (B,); the next-token logits (B, vocab). Against a slot cache the rows are
-    its first B slots, each at its own length, and the step is the compiled one where `compile_decode` ran."""
+    its first B slots, each at its own length (`decode_rows`)."""
     if isinstance(cache, SlotKVCache):
-        rows = cache.rows(next_ids.shape[0])
-        step = _compiled_steps.get(model, _rows_step)
-        return step(model, next_ids, rows.keys, rows.values, rows.positions, rows.span)
+        return decode_rows(model, next_ids[:, None], cache)[:, -1]
     logits = model(
         next_ids[:, None], position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache
     )

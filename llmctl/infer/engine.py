@@ -23,6 +23,7 @@ import torch
 from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill_rows, warm_up_decode
 from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
 from llmctl.infer.sampling import SamplingParams, sample_rows
+from llmctl.infer.speculative_rows import DraftRows
 from llmctl.model import Transformer
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ class Engine:
     """Runs up to `max_batch` requests per decode step; the rest wait in order. Admission limits are the
     caller's (the server answers 429 before a request reaches the engine). With `compile`, the decode step is
     compiled here, before the first request, not during it. With `prefix_cache_tokens`, up to that many
-    positions of finished requests are kept for later prompts that begin the same way."""
+    positions of finished requests are kept for later prompts that begin the same way. With `draft` (a smaller
+    model of the same vocabulary), every step is a speculative round: up to `lookahead` tokens per row."""
 
     def __init__(
         self,
@@ -69,7 +71,11 @@ class Engine:
         router: AdapterRouter | None = None,
         compile: bool = False,
         prefix_cache_tokens: int = 0,
+        draft: Transformer | None = None,
+        lookahead: int = 4,
     ) -> None:
+        if draft is not None and router is not None:
+            raise ValueError("a draft model does not combine with adapters (the draft knows none of them)")
         self.model = model.eval()
         self.router = router
         self.device = model.device
@@ -88,12 +94,19 @@ class Engine:
         self.seconds = dict.fromkeys(("prefill", "forward", "sampling", "delivery"), 0.0)
         # adapters change every key and value, so a prefix is only reused on a plain model
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and router is None else None
-        if compile:
+        self.speculation = DraftRows(model, draft, max_batch, lookahead) if draft is not None else None
+        if self.speculation is not None:
+            self.seconds["draft"] = 0.0
+            if compile:
+                self.speculation.compile(self.cache)
+        elif compile:
             compile_decode(self.model)
             warm_up_decode(self.model, self.cache)
 
     @property
     def context(self) -> int:
+        if self.speculation is not None:
+            return self.speculation.context
         return self.model.config.max_seq_len
 
     def queue_depth(self) -> int:
@@ -135,6 +148,8 @@ class Engine:
             request.on_token(None, "error")
         self.slots.clear()
         self.cache.lengths.zero_()
+        if self.speculation is not None:
+            self.speculation.reset()
         self.restarts += 1
         self.start()
         return True
@@ -188,6 +203,8 @@ class Engine:
                     admitted += self._isolated(
                         request, partial(self._prefill_after, request, slot, entry, length)
                     )
+            if self.speculation is not None and admitted:
+                admitted = self._prefill_draft(admitted, first)
             self.seconds["prefill"] += time.perf_counter() - started
             if not admitted:
                 continue
@@ -215,6 +232,20 @@ class Engine:
                 slot = first + len(admitted)
                 admitted += self._isolated(request, partial(self._prefill, [request], slot))
             return admitted
+
+    def _prefill_draft(
+        self, admitted: list[tuple[Request, torch.Tensor]], first: int
+    ) -> list[tuple[Request, torch.Tensor]]:
+        """The draft's prefill of the admitted prompts into the same slots; if it fails, they fail."""
+        try:
+            self.speculation.prefill([request.prompt_ids for request, _ in admitted], first)
+            return admitted
+        except Exception as error:
+            log.exception("the draft failed to prefill %d requests", len(admitted))
+            for request, _ in admitted:
+                request.error = f"draft model: {type(error).__name__}: {error}"
+                request.on_token(None, "error")
+            return []
 
     def _isolated(
         self, request: Request, prefill: Callable[[], torch.Tensor]
@@ -269,6 +300,9 @@ class Engine:
             return prefill_rows(self.model, prompts, self.cache.rows_from(first, len(group)))
 
     def _decode_step(self) -> None:
+        if self.speculation is not None:
+            self._speculative_step()
+            return
         started = time.perf_counter()
         last = torch.tensor([request.generated[-1] for request in self.slots], device=self.device)
         with self._routing(self.slots):
@@ -276,6 +310,40 @@ class Engine:
         self.seconds["forward"] += time.perf_counter() - started
         self.decode_steps += 1
         self._sample_tokens(list(range(len(self.slots))), logits)
+
+    def _speculative_step(self) -> None:
+        """One speculative round for every active row: draft proposals, one verifying forward, acceptance."""
+        started = time.perf_counter()
+        proposals = self.speculation.propose(self.slots, self.cache)
+        drafted = time.perf_counter()
+        logits = self.speculation.verify(proposals, self.cache)
+        verified = time.perf_counter()
+        emitted = self.speculation.accept(self.slots, proposals, logits, self.cache)
+        accepted = time.perf_counter()
+        self.decode_steps += 1
+        for request, tokens in zip(self.slots, emitted, strict=True):
+            for token in tokens:
+                if self._stopped(request) or self._complete(request):
+                    break
+                self._deliver(request, token)
+        self.seconds["draft"] += drafted - started
+        self.seconds["forward"] += verified - drafted
+        self.seconds["sampling"] += accepted - verified
+        self.seconds["delivery"] += time.perf_counter() - accepted
+
+    @staticmethod
+    def _complete(request: Request) -> bool:
+        """It has generated a stop id or its `max_new_tokens`: later tokens of a round are not its own."""
+        generated = request.generated
+        return bool(generated) and (
+            generated[-1] in request.params.stop_token_ids or len(generated) >= request.params.max_new_tokens
+        )
+
+    def _deliver(self, request: Request, token: int) -> None:
+        if request.history is not None and request.params.penalised:
+            request.history = torch.cat([request.history, request.history.new_tensor([[token]])], dim=1)
+        request.generated.append(token)
+        request.on_token(token, None)
 
     def _routing(self, rows: list[Request]) -> contextlib.AbstractContextManager:
         """Each row's own adapter, when the model carries several (continuous batching across adapters)."""
@@ -305,12 +373,8 @@ class Engine:
                     tokens.append(None)
         sampled = time.perf_counter()
         for request, token in zip(requests, tokens, strict=True):
-            if token is None:
-                continue
-            if request.history is not None and request.params.penalised:
-                request.history = torch.cat([request.history, request.history.new_tensor([[token]])], dim=1)
-            request.generated.append(token)
-            request.on_token(token, None)
+            if token is not None:
+                self._deliver(request, token)
         self.seconds["sampling"] += sampled - started
         self.seconds["delivery"] += time.perf_counter() - sampled
 
@@ -356,5 +420,7 @@ class Engine:
             last = len(self.slots) - 1
             if slot != last:  # keep active requests in a contiguous prefix of rows
                 self.cache.move(last, slot)
+                if self.speculation is not None:
+                    self.speculation.move(last, slot)
                 self.slots[slot] = self.slots[last]
             self.slots.pop()

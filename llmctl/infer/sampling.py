@@ -137,3 +137,29 @@ def sample_rows(
         for row, token in zip(rows, chosen.tolist(), strict=True):
             picks[row] = token
     return picks
+
+
+def distributions(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]]
+) -> torch.Tensor:
+    """What `sample_next` draws from for each row of (rows, vocab) logits, row i with its own settings and
+    penalty history: (rows, vocab) probabilities, one-hot at the argmax where greedy. Rows that share their
+    filter settings are filtered together (speculative decoding compares a draft's and a target's)."""
+    logits = logits.float()
+    penalised = [row for row, row_params in enumerate(params) if row_params.penalised]
+    if penalised:
+        logits = logits.clone()
+        for row in penalised:
+            history = torch.tensor([histories[row]], dtype=torch.long, device=logits.device)
+            logits[row] = apply_penalties(logits[row : row + 1], history, params[row])[0]
+    probs = torch.empty_like(logits)
+    groups: dict[tuple, list[int]] = {}
+    for row, row_params in enumerate(params):
+        groups.setdefault(_filter_key(row_params), []).append(row)
+    for rows in groups.values():
+        group_params, selected = params[rows[0]], logits[rows]
+        if group_params.greedy:
+            probs[rows] = torch.nn.functional.one_hot(selected.argmax(-1), logits.shape[-1]).float()
+        else:
+            probs[rows] = filter_logits(selected, group_params).softmax(-1)
+    return probs

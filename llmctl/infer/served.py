@@ -12,7 +12,7 @@ from pathlib import Path
 from llmctl.data.chat import END
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.cpu_decode import use_decode_kernels
-from llmctl.infer.decode import load_for_inference
+from llmctl.infer.decode import load_draft, load_for_inference
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.text import TextChunk, TextStream
@@ -38,15 +38,25 @@ class ServedModel:
 
 
 def load_served_model(
-    name: str, path: Path, max_batch: int = 16, compile: bool = False, prefix_cache_tokens: int = 0
+    name: str,
+    path: Path,
+    max_batch: int = 16,
+    compile: bool = False,
+    prefix_cache_tokens: int = 0,
+    draft: Path | None = None,
 ) -> ServedModel:
     """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
     a UserError now, not at the first request. An adapter directory is served merged into the base it
-    records."""
+    records. With `draft`, a smaller checkpoint of the same tokenizer, every step decodes speculatively."""
     path = Path(path)
     model, tokenizer = load_for_inference(path)
+    draft_model = load_draft(Path(draft), tokenizer, model) if draft is not None else None
     engine = Engine(
-        model, max_batch=max_batch, compile=compile, prefix_cache_tokens=prefix_cache_tokens
+        model,
+        max_batch=max_batch,
+        compile=compile,
+        prefix_cache_tokens=prefix_cache_tokens,
+        draft=draft_model,
     ).start()
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
 

@@ -62,7 +62,17 @@ class ServerMetrics:
             ["model", "measure"],
             registry=self.registry,
         )
+        speculation = Gauge(
+            "llmctl_speculation",
+            "Speculative decoding (serve --draft): draft tokens proposed, accepted, acceptance rate, target passes",
+            ["model", "measure"],
+            registry=self.registry,
+        )
         for name, served in models.items():
+            if served.engine.speculation is not None:
+                counts = served.engine.speculation.stats
+                for measure in ("proposed", "accepted", "acceptance_rate", "target_passes"):
+                    speculation.labels(name, measure).set_function(lambda s=counts, m=measure: getattr(s, m))
             if served.engine.prefixes is not None:
                 stats = served.engine.prefixes.stats
                 for measure in ("queries", "hits", "reused_tokens", "hit_rate"):

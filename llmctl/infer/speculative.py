@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.infer.decode import fit_prompt, prefill
-from llmctl.infer.sampling import SamplingParams, apply_penalties, filter_logits, inverse_cdf
+from llmctl.infer.sampling import SamplingParams, distributions, inverse_cdf
 from llmctl.model import KVCache, Transformer
 
 DEFAULT_LOOKAHEAD = 4
@@ -42,21 +42,7 @@ def check_draft(target: Transformer, draft: Transformer) -> None:
         )
 
 
-def _probabilities(logits: torch.Tensor, params: SamplingParams, histories: list[list[int]]) -> torch.Tensor:
-    """The distribution `sample_next` draws from for each row, (rows, vocab), row i's penalties counting
-    `histories[i]`: one-hot at the argmax when greedy."""
-    logits = torch.cat(
-        [
-            apply_penalties(row[None].float(), torch.tensor([history], device=row.device), params)
-            for row, history in zip(logits, histories, strict=True)
-        ]
-    )
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits, params).softmax(-1)
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One id from a distribution (vocab,), drawn as `sample_next` draws."""
     draw = torch.rand(1, 1, generator=generator, device=probs.device)
     return int(inverse_cdf(probs[None], draw))
@@ -100,8 +86,8 @@ def speculative_generate_ids(
         proposals, draft_probs = _propose(draft, draft_cache, draft_pending, params, generator, k, history)
         verify = torch.tensor([[newest, *proposals]], device=target.device)
         histories = [history + proposals[:index] for index in range(k + 1)]
-        target_probs = _probabilities(target(verify, kv_cache=target_cache)[0], params, histories)
-        accepted, token = _accept(proposals, draft_probs, target_probs, generator)
+        target_probs = distributions(target(verify, kv_cache=target_cache)[0], [params] * (k + 1), histories)
+        accepted, token = accept(proposals, draft_probs, target_probs, generator)
         stats.proposed += k
         stats.accepted += accepted
         stats.target_passes += 1
@@ -131,21 +117,22 @@ def _propose(
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Feed the draft the tokens it has not seen, then sample `k` proposals after `history`, each with the
     distribution it was drawn from."""
-    proposals, probabilities = [], []
+    proposals: list[int] = []
+    drawn_from: list[torch.Tensor] = []
     if not k:
-        return proposals, probabilities
+        return proposals, drawn_from
     logits = draft(torch.tensor([pending], device=draft.device), kv_cache=cache)[0, -1:]
     pending.clear()
     for step in range(k):
-        probs = _probabilities(logits, params, [history + proposals])[0]
-        proposals.append(_draw(probs, generator))
-        probabilities.append(probs)
+        probs = distributions(logits, [params], [history + proposals])[0]
+        proposals.append(draw(probs, generator))
+        drawn_from.append(probs)
         if step < k - 1:
             logits = draft(torch.tensor([[proposals[-1]]], device=draft.device), kv_cache=cache)[0, -1:]
-    return proposals, probabilities
+    return proposals, drawn_from
 
 
-def _accept(
+def accept(
     proposals: list[int],
     draft_probs: list[torch.Tensor],
     target_probs: torch.Tensor,
@@ -159,5 +146,5 @@ def _accept(
             continue
         residual = (p - q).clamp(min=0)
         total = float(residual.sum())
-        return index, _draw(residual / total if total > 0 else p, generator)
-    return len(proposals), _draw(target_probs[len(proposals)], generator)
+        return index, draw(residual / total if total > 0 else p, generator)
+    return len(proposals), draw(target_probs[len(proposals)], generator)

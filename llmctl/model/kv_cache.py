@@ -72,9 +72,10 @@ class SlotKVCache:
         rows = slice(first, first + count)
         return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.max_len)
 
-    def rows(self, batch: int) -> DecodeRows:
-        """The first `batch` slots for one decode step, attending over the longest row's positions."""
-        span = int(self.lengths[:batch].max()) + 1
+    def rows(self, batch: int, width: int = 1) -> DecodeRows:
+        """The first `batch` slots for one decode step of `width` new tokens per row (more than one when a
+        draft's proposals are verified), attending over the longest row's positions."""
+        span = int(self.lengths[:batch].max()) + width
         if span > self.max_len:
             raise ValueError(f"a request reached the cache's {self.max_len} positions")
         return DecodeRows(self.keys, self.values, self.lengths[:batch], span)
@@ -88,27 +89,30 @@ class SlotKVCache:
 
 
 class DecodeRows:
-    """One decode step of the first rows of a `SlotKVCache`: one new token per row, each at its own position,
-    attending over the first `span` cached positions. Built from tensors and one int, so that a compiled
-    decode step (llmctl.infer.decode) takes the step's rows and span as inputs, not as constants."""
+    """One decode step of the first rows of a `SlotKVCache`: the same number of new tokens per row, each row at
+    its own position, attending over the first `span` cached positions. Built from tensors and one int, so that
+    a compiled decode step (llmctl.infer.decode) takes the step's rows and span as inputs, not as constants."""
 
     def __init__(
         self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, span: int
     ) -> None:
         self.keys, self.values, self.positions, self.span = keys, values, positions, span
 
-    def positions_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids (batch, 1) and the keys each row may see, (batch, 1, 1, span)."""
-        keys = torch.arange(self.span, device=self.positions.device)[None, :]
-        return self.positions[:, None], (keys <= self.positions[:, None])[:, None, None, :]
+    def positions_and_mask(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (batch, width) and the keys each new token may see, (batch, 1, width, span): its row's
+        cached positions and the new tokens up to itself."""
+        positions = self.positions[:, None] + torch.arange(width, device=self.positions.device)
+        keys = torch.arange(self.span, device=self.positions.device)
+        return positions, (keys <= positions[:, :, None])[:, None]
 
     def update(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = keys.shape[0]
-        rows = torch.arange(batch, device=keys.device)
-        self.keys[layer][rows, :, self.positions] = keys[:, :, 0]
-        self.values[layer][rows, :, self.positions] = values[:, :, 0]
+        batch, width = keys.shape[0], keys.shape[2]
+        rows = torch.arange(batch, device=keys.device)[:, None]
+        positions = self.positions[:, None] + torch.arange(width, device=keys.device)  # (batch, width)
+        self.keys[layer][rows, :, positions] = keys.transpose(1, 2)  # indexed as (batch, width, heads, dim)
+        self.values[layer][rows, :, positions] = values.transpose(1, 2)
         return self.keys[layer][:batch, :, : self.span], self.values[layer][:batch, :, : self.span]
 
     def advance(self, n_tokens: int) -> None:

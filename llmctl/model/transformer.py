@@ -142,7 +142,7 @@ class Transformer(nn.Module):
         """
         seq = input_ids.shape[1]
         if isinstance(kv_cache, DecodeRows):  # one decode step of a continuous batch
-            position_ids, mask = kv_cache.positions_and_mask()
+            position_ids, mask = kv_cache.positions_and_mask(seq)
         else:
             start = kv_cache.length if kv_cache is not None else 0
             if start + seq > self.config.max_seq_len:

@@ -1,0 +1,147 @@
+"""Speculative decoding inside the serving engine's continuous batch (`llmctl serve --draft`).
+
+Each round the draft proposes up to `lookahead` tokens for every active row, one batched draft step at a
+time, and the target checks them all in one forward over (rows, proposals + 1) tokens. Each row keeps its own
+accepted prefix by the accept/reject rule of `llmctl.infer.speculative`, so every request gets the target's
+distribution, and greedy requests the target's own tokens.
+
+The draft keeps a slot cache beside the target's with the same rows at the same lengths after every round:
+proposals a row refused are forgotten by setting both caches' lengths back; nothing is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmctl.infer.decode import compile_decode, decode_rows, decode_step, prefill_rows, warm_up_decode
+from llmctl.infer.sampling import SamplingParams, distributions
+from llmctl.infer.speculative import DEFAULT_LOOKAHEAD, SpeculationStats, accept, check_draft, draw
+from llmctl.model import Transformer
+from llmctl.model.kv_cache import SlotKVCache
+
+if TYPE_CHECKING:
+    from llmctl.infer.engine import Request
+
+
+@dataclass
+class Proposals:
+    """One round's draft output: per row, the proposed ids and the distribution each was drawn from."""
+
+    newest: torch.Tensor  # (rows,): each row's last token, in neither cache yet
+    tokens: list[list[int]]
+    drawn_from: list[list[torch.Tensor]]
+    histories: list[list[int]]  # what each row's penalties count before the proposals (empty: no penalties)
+    start: torch.Tensor  # (rows,): the cache lengths before the round
+
+    @property
+    def width(self) -> int:
+        return len(self.tokens[0])
+
+
+def _history(request: Request) -> list[int]:
+    return request.history[0].tolist() if request.params.penalised and request.history is not None else []
+
+
+def _pick(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    return int(probs.argmax()) if params.greedy else draw(probs, generator)
+
+
+class DraftRows:
+    """A draft model and its slot cache, serving the rows of one engine."""
+
+    def __init__(
+        self, target: Transformer, draft: Transformer, max_batch: int, lookahead: int = DEFAULT_LOOKAHEAD
+    ) -> None:
+        check_draft(target, draft)
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be at least 1 (got {lookahead})")
+        self.target, self.draft, self.lookahead = target, draft.eval(), lookahead
+        self.context = min(target.config.max_seq_len, draft.config.max_seq_len)
+        self.cache = draft.new_kv_cache(max_batch, max_len=self.context, slots=True)
+        self.stats = SpeculationStats()
+
+    def compile(self, target_cache: SlotKVCache) -> None:
+        """Compile the draft's one-token step and the target's verifying step, before the first request."""
+        compile_decode(self.draft)
+        warm_up_decode(self.draft, self.cache)
+        compile_decode(self.target)
+        warm_up_decode(self.target, target_cache, widths=(1, self.lookahead + 1))
+
+    def prefill(self, prompts: list[list[int]], first: int) -> None:
+        """The draft's side of admitting `prompts` into slots first..: the same positions as the target's."""
+        prefill_rows(self.draft, prompts, self.cache.rows_from(first, len(prompts)))
+        for slot, prompt in enumerate(prompts, start=first):
+            self.cache.lengths[slot] = len(prompt)
+
+    def move(self, source: int, target: int) -> None:
+        self.cache.move(source, target)
+
+    def reset(self) -> None:
+        self.cache.lengths.zero_()
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], target_cache: SlotKVCache) -> Proposals:
+        """Up to `lookahead` proposals per row (fewer near the end of the context), drawn from the draft as
+        each request samples. The draft also caches its last proposal, so that whatever a row accepts, both
+        caches hold the same tokens."""
+        batch = len(requests)
+        start = target_cache.lengths[:batch].clone()
+        # a row ends once its sequence fills the context: the last token emitted is never fed back
+        width = max(0, min(self.lookahead, self.context - 2 - int(start.max())))
+        histories = [_history(request) for request in requests]
+        newest = torch.tensor([request.generated[-1] for request in requests], device=self.draft.device)
+        tokens: list[list[int]] = [[] for _ in requests]
+        drawn_from: list[list[torch.Tensor]] = [[] for _ in requests]
+        feed = newest
+        for step in range(width + 1):
+            logits = decode_step(self.draft, feed, self.cache)
+            if step == width:
+                break
+            probs = distributions(
+                logits, [r.params for r in requests], [h + t for h, t in zip(histories, tokens, strict=True)]
+            )
+            for row, request in enumerate(requests):
+                tokens[row].append(_pick(probs[row], request.params, request.generator))
+                drawn_from[row].append(probs[row])
+            feed = torch.tensor([row_tokens[-1] for row_tokens in tokens], device=self.draft.device)
+        return Proposals(newest, tokens, drawn_from, histories, start)
+
+    @torch.inference_mode()
+    def verify(self, proposals: Proposals, target_cache: SlotKVCache) -> torch.Tensor:
+        """The target's logits at each row's newest token and proposals, (rows, width + 1, vocab)."""
+        proposed = torch.tensor(proposals.tokens, dtype=torch.long, device=self.target.device)
+        proposed = proposed.view(len(proposals.tokens), proposals.width)  # (rows, 0) near the context's end
+        ids = torch.cat([proposals.newest[:, None].to(self.target.device), proposed], dim=1)
+        return decode_rows(self.target, ids, target_cache)
+
+    def accept(
+        self, requests: list[Request], proposals: Proposals, logits: torch.Tensor, target_cache: SlotKVCache
+    ) -> list[list[int]]:
+        """Each row's new tokens (its accepted proposals and one more) by the accept/reject rule; both caches
+        are set back to the accepted positions."""
+        width = proposals.width
+        params = [request.params for request in requests for _ in range(width + 1)]
+        histories = [
+            history + tokens[:index]
+            for history, tokens in zip(proposals.histories, proposals.tokens, strict=True)
+            for index in range(width + 1)
+        ]
+        target_probs = distributions(logits.reshape(-1, logits.shape[-1]), params, histories)
+        target_probs = target_probs.view(len(requests), width + 1, -1)
+        emitted, kept_counts = [], []
+        for row, request in enumerate(requests):
+            kept, token = accept(
+                proposals.tokens[row], proposals.drawn_from[row], target_probs[row], request.generator
+            )
+            emitted.append([*proposals.tokens[row][:kept], token])
+            kept_counts.append(kept)
+            self.stats.proposed += width
+            self.stats.accepted += kept
+        self.stats.target_passes += 1
+        lengths = proposals.start + 1 + torch.tensor(kept_counts, device=proposals.start.device)
+        target_cache.lengths[: len(requests)] = lengths
+        self.cache.lengths[: len(requests)] = lengths.to(self.cache.lengths.device)
+        return emitted
