@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import fake_tokens
+from benchmarks.speculative import engine_outputs
 from llmctl.infer.decode import compile_decode
+from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import SpeculationStats, speculative_generate_ids
@@ -131,6 +133,34 @@ def decode_row(mode: str) -> tuple[str, str]:
     return f"decode 134M bf16 ({mode})", f"{rate:,.0f} tok/s at batch 1, same tokens as eager: {same}{extra}"
 
 
+def engine_speculation_row() -> tuple[str, str]:
+    """`serve --compile --draft` on the 134M shape in bf16: 8 requests in one continuous batch, each checked
+    against its eager greedy tokens alone."""
+    config = ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_seq_len=1024)
+    torch.manual_seed(0)
+    model = Transformer(config).cuda().to(torch.bfloat16).eval()
+    draft = Transformer(replace(config, n_layer=2)).cuda().to(torch.bfloat16).eval()
+    params = SamplingParams(max_new_tokens=64, temperature=0.0)
+    prompts = [list(range(10 + row, 42 + row)) for row in range(8)]
+    reference = [list(generate_ids(model, prompt, params)) for prompt in prompts]
+    engine = Engine(model, max_batch=8, compile=True, draft=draft).start()
+    try:
+        engine_outputs(engine, prompts, params)  # warm-up
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        outputs = engine_outputs(engine, prompts, params)
+        torch.cuda.synchronize()
+        rate = sum(map(len, outputs)) / (time.perf_counter() - started)
+    finally:
+        engine.stop()
+    same = sum(a == b for a, b in zip(outputs, reference, strict=True))
+    return (
+        "serve engine 134M bf16 (compiled, draft)",
+        f"{rate:,.0f} tok/s at 8 rows, same tokens as eager: {same}/8, "
+        f"acceptance {engine.speculation.stats.acceptance_rate:.0%} (random draft)",
+    )
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible; nothing to check")
@@ -147,6 +177,7 @@ def main() -> None:
         lambda: decode_row("eager"),
         lambda: decode_row("compiled"),
         lambda: decode_row("speculative"),
+        engine_speculation_row,
     ):
         try:
             rows.append(check())

@@ -101,6 +101,10 @@ def prefill_rows(model: Transformer, prompts: list[list[int]], cache: KVCache) -
 
 StepFunction = Callable[..., torch.Tensor]
 _compiled_steps: weakref.WeakKeyDictionary[Transformer, StepFunction] = weakref.WeakKeyDictionary()
+# Every compiled model shares `_rows_step`'s code, whose graphs dynamo counts together: up to four per model
+# (one row or more, one token per row or several), so several served models and their drafts pass dynamo's
+# default limit of 8, which fails a fullgraph compile.
+STEP_GRAPHS = 64
 
 
 def _rows_step(
@@ -120,6 +124,7 @@ def compile_decode(model: Transformer) -> None:
     wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each new batch size
     class (1 row, more rows) and width compile, which takes tens of seconds; `warm_up_decode` does that before
     serving."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
         decode_ops()  # built and loaded before tracing, which must not build it
         step = torch.compile(_rows_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
