@@ -9,6 +9,7 @@ and operator-dispatch cost that dominates a small model's step on a CPU (benchma
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -101,9 +102,9 @@ def prefill_rows(model: Transformer, prompts: list[list[int]], cache: KVCache) -
 
 StepFunction = Callable[..., torch.Tensor]
 _compiled_steps: weakref.WeakKeyDictionary[Transformer, StepFunction] = weakref.WeakKeyDictionary()
-# Every compiled model shares `_rows_step`'s code, whose graphs dynamo counts together: up to four per model
-# (one row or more, one token per row or several), so several served models and their drafts pass dynamo's
-# default limit of 8, which fails a fullgraph compile.
+# Every compiled model shares `_rows_step`'s code, whose graphs dynamo counts together: a few per model (one
+# row; more rows through llmctl's kernel or past its MAX_ROWS; one token per row or several), so several served
+# models and their drafts pass dynamo's default limit of 8, which fails a fullgraph compile.
 STEP_GRAPHS = 64
 
 
@@ -121,25 +122,27 @@ def _rows_step(
 
 def compile_decode(model: Transformer) -> None:
     """Run this model's slot-cache decode steps through torch.compile from now on (inductor: C++ with a C++
-    wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each new batch size
-    class (1 row, more rows) and width compile, which takes tens of seconds; `warm_up_decode` does that before
-    serving."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
+    wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each class of batch
+    size and width compile, which takes tens of seconds; `warm_up_decode` does that before serving."""
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
         decode_ops()  # built and loaded before tracing, which must not build it
-        step = torch.compile(_rows_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+        options = {"options": {"cpp_wrapper": True}}
     else:  # CUDA graphs replay the whole step in one launch
-        step = torch.compile(_rows_step, dynamic=True, fullgraph=True, mode="reduce-overhead")
-    _compiled_steps[model] = step
+        options = {"mode": "reduce-overhead"}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13: per function
+        options["recompile_limit"] = STEP_GRAPHS
+    else:  # before, one global setting (since 2.13 it is per thread: the engine's would not see it)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
+    _compiled_steps[model] = torch.compile(_rows_step, dynamic=True, fullgraph=True, **options)
 
 
 @torch.inference_mode()
 def warm_up_decode(model: Transformer, cache: SlotKVCache, widths: tuple[int, ...] = (1,)) -> None:
-    """Compile the decode step for one row and for several, `widths` new tokens per row (a verifying pass
-    takes a draft's proposals and one more), on `cache` itself (so the shapes are those it will serve),
-    leaving the cache as empty as it was."""
+    """Compile the decode step for every class of batch it will serve, `widths` new tokens per row (a verifying
+    pass takes a draft's proposals and one more): one row, two, and the cache's every row (which may pass the
+    kernel's MAX_ROWS), on `cache` itself so the shapes are those it will serve. Leaves the cache empty."""
     for width in widths:
-        for batch in sorted({1, min(2, len(cache.lengths))}):
+        for batch in sorted({1, min(2, len(cache.lengths)), len(cache.lengths)}):
             cache.lengths[:batch] = 1
             ids = torch.zeros((batch, width), dtype=torch.long, device=cache.lengths.device)
             decode_rows(model, ids, cache)
