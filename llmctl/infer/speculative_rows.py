@@ -5,8 +5,10 @@ time, and the target checks them all in one forward over (rows, proposals + 1) t
 accepted prefix by the accept/reject rule of `llmctl.infer.speculative`, so every request gets the target's
 distribution, and greedy requests the target's own tokens.
 
-The draft keeps a slot cache beside the target's with the same rows at the same lengths after every round:
-proposals a row refused are forgotten by setting both caches' lengths back; nothing is copied.
+The draft keeps a slot cache beside the target's with the same rows: refused proposals are forgotten by
+setting both caches' lengths back, nothing is copied. A round's first draft step feeds each row's last two
+tokens, so that the last proposal of a round whose proposals were all kept (which the draft never saw) is
+cached then, without a draft step of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmctl.infer.decode import compile_decode, decode_rows, decode_step, prefill_rows, warm_up_decode
+from llmctl.infer.decode import compile_decode, decode_rows, prefill_rows, warm_up_decode
 from llmctl.infer.sampling import SamplingParams, distributions
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD, SpeculationStats, accept, check_draft, draw
 from llmctl.model import Transformer
@@ -64,9 +66,10 @@ class DraftRows:
         self.stats = SpeculationStats()
 
     def compile(self, target_cache: SlotKVCache) -> None:
-        """Compile the draft's one-token step and the target's verifying step, before the first request."""
+        """Compile the draft's steps (two tokens a row, then one) and the target's verifying step, before
+        the first request."""
         compile_decode(self.draft)
-        warm_up_decode(self.draft, self.cache)
+        warm_up_decode(self.draft, self.cache, widths=(1, 2))
         compile_decode(self.target)
         warm_up_decode(self.target, target_cache, widths=(1, self.lookahead + 1))
 
@@ -85,28 +88,31 @@ class DraftRows:
     @torch.inference_mode()
     def propose(self, requests: list[Request], target_cache: SlotKVCache) -> Proposals:
         """Up to `lookahead` proposals per row (fewer near the end of the context), drawn from the draft as
-        each request samples. The draft also caches its last proposal, so that whatever a row accepts, both
-        caches hold the same tokens."""
+        each request samples. The first step (re)writes each row's last two positions, whichever of them the
+        draft has not cached yet."""
         batch = len(requests)
         start = target_cache.lengths[:batch].clone()
         # a row ends once its sequence fills the context: the last token emitted is never fed back
         width = max(0, min(self.lookahead, self.context - 2 - int(start.max())))
         histories = [_history(request) for request in requests]
-        newest = torch.tensor([request.generated[-1] for request in requests], device=self.draft.device)
+        device = self.draft.device
+        newest = torch.tensor([request.generated[-1] for request in requests], device=device)
+        before = [(request.generated[-2:-1] or request.prompt_ids[-1:])[0] for request in requests]
         tokens: list[list[int]] = [[] for _ in requests]
         drawn_from: list[list[torch.Tensor]] = [[] for _ in requests]
-        feed = newest
-        for step in range(width + 1):
-            logits = decode_step(self.draft, feed, self.cache)
-            if step == width:
-                break
+        self.cache.lengths[:batch] = start.to(self.cache.lengths.device) - 1
+        feed = torch.stack([torch.tensor(before, device=device), newest], dim=1)  # (rows, 2)
+        if width == 0:  # near the context's end the target's pass goes alone; the draft still keeps up
+            decode_rows(self.draft, feed, self.cache)
+        for _ in range(width):
+            logits = decode_rows(self.draft, feed, self.cache)[:, -1]
             probs = distributions(
                 logits, [r.params for r in requests], [h + t for h, t in zip(histories, tokens, strict=True)]
             )
             for row, request in enumerate(requests):
                 tokens[row].append(_pick(probs[row], request.params, request.generator))
                 drawn_from[row].append(probs[row])
-            feed = torch.tensor([row_tokens[-1] for row_tokens in tokens], device=self.draft.device)
+            feed = torch.tensor([[row_tokens[-1]] for row_tokens in tokens], device=device)
         return Proposals(newest, tokens, drawn_from, histories, start)
 
     @torch.inference_mode()
