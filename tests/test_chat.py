@@ -123,7 +123,7 @@ def test_a_draft_model_gives_the_same_greedy_reply_and_a_foreign_one_is_refused(
 
     expected = "".join(session_for(tiny_checkpoint).reply("hello"))
     command = [sys.executable, "-m", "llmctl", "chat", str(tiny_checkpoint), "--temperature", "0"]
-    command += ["--max-tokens", "12", "--draft"]
+    command += ["--max-tokens", "12", "--lookahead", "2", "--draft"]
     result = subprocess.run(
         [*command, str(tiny_checkpoint)], input="hello\n", capture_output=True, text=True, timeout=120
     )

@@ -71,7 +71,9 @@ def test_greedy_rows_joining_and_leaving_get_the_targets_own_tokens(target, look
             assert collectors[3].finish == "length" and len(collectors[3].tokens) == 64 - 4
             assert collectors[4].finish == "stop" and collectors[4].tokens == free[: free.index(free[6]) + 1]
             stats = engine.speculation.stats
-            assert stats.proposed > 0
+            assert 0 < stats.proposed <= lookahead * 3 * stats.target_passes  # at most 3 rows a pass
+            if lookahead > 1:
+                assert stats.proposed > stats.target_passes
             if draft is target:  # every proposal kept: fewer target passes than tokens
                 assert stats.acceptance_rate == 1.0
                 assert stats.target_passes < sum(len(c.tokens) for c in collectors) - len(jobs)
@@ -202,8 +204,10 @@ def test_the_server_with_a_draft_answers_as_without_and_reports_acceptance(decis
     assert 'model="plain"' not in "".join(line for line in metrics.splitlines() if "speculation" in line)
 
 
-def test_serve_draft_takes_one_model(llmctl_in_process, decisive_checkpoints):
+def test_serve_draft_takes_one_model_and_a_positive_lookahead(llmctl_in_process, decisive_checkpoints):
     target = str(decisive_checkpoints["target"])
+    result = llmctl_in_process("serve", target, "--draft", target, "--lookahead", "0")
+    assert result.returncode == 2 and "--lookahead" in result.stderr and "Traceback" not in result.stderr
     result = llmctl_in_process("serve", f"a={target}", f"b={target}", "--draft", target)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

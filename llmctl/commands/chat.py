@@ -33,6 +33,9 @@ def chat(
         None,
         help="A smaller checkpoint with the same tokenizer (a distilled student, say): speculative decoding.",
     ),
+    lookahead: int = typer.Option(
+        4, min=1, max=16, help="With --draft: draft tokens proposed per pass of the model (2-6 usually)."
+    ),
 ) -> None:
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
     from llmctl.commands.checkpoint_args import resolve_checkpoint
@@ -48,6 +51,7 @@ def chat(
     session = ChatSession(model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens))
     if draft is not None:
         session.draft = load_draft(resolve_checkpoint(draft), tokenizer, model)
+        session.lookahead = lookahead
     if plain or not sys.stdin.isatty():
         run_plain(session)
         return

@@ -38,6 +38,9 @@ def serve(
         help="A smaller checkpoint with the served model's tokenizer (a distilled student, say): speculative "
         "decoding inside the continuous batch.",
     ),
+    lookahead: int = typer.Option(
+        4, min=1, max=16, help="With --draft: draft tokens proposed per pass of the model (2-6 usually)."
+    ),
     prefix_cache_tokens: int = typer.Option(
         4096,
         min=0,
@@ -110,6 +113,7 @@ def serve(
                 compile=compile,
                 prefix_cache_tokens=prefix_cache_tokens,
                 draft=draft_path,
+                lookahead=lookahead,
             )
             drafting = f", draft {draft_path}" if draft_path is not None else ""
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens{drafting})")

@@ -19,7 +19,7 @@ from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams
-from llmctl.infer.speculative import speculative_generate_ids
+from llmctl.infer.speculative import DEFAULT_LOOKAHEAD, speculative_generate_ids
 from llmctl.infer.text import stream_text
 from llmctl.model import Transformer
 
@@ -51,6 +51,7 @@ class ChatSession:
     history: list[Message] = field(default_factory=list)
     last_tokens_per_second: float = 0.0
     draft: Transformer | None = None  # a smaller model with the same tokenizer: speculative decoding
+    lookahead: int = DEFAULT_LOOKAHEAD  # draft tokens proposed per target pass
     prefixes: PrefixCache | None = None  # the conversation so far, cached: each turn prefills only its news
 
     def messages(self) -> list[Message]:
@@ -111,7 +112,7 @@ class ChatSession:
         params = replace(self.settings, stop_token_ids=stop_ids)
         started, produced, parts = time.perf_counter(), 0, []
         if self.draft is not None:
-            ids = speculative_generate_ids(self.model, self.draft, prompt_ids, params)
+            ids = speculative_generate_ids(self.model, self.draft, prompt_ids, params, self.lookahead)
         else:
             if self.prefixes is None:
                 self.prefixes = PrefixCache(max_tokens=context)

@@ -23,6 +23,7 @@ import torch
 from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill_rows, warm_up_decode
 from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
 from llmctl.infer.sampling import SamplingParams, sample_rows
+from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
 from llmctl.infer.speculative_rows import DraftRows
 from llmctl.model import Transformer
 
@@ -72,7 +73,7 @@ class Engine:
         compile: bool = False,
         prefix_cache_tokens: int = 0,
         draft: Transformer | None = None,
-        lookahead: int = 4,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         if draft is not None and router is not None:
             raise ValueError("a draft model does not combine with adapters (the draft knows none of them)")

@@ -15,6 +15,7 @@ from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import load_draft, load_for_inference
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
 from llmctl.infer.text import TextChunk, TextStream
 
 
@@ -44,10 +45,12 @@ def load_served_model(
     compile: bool = False,
     prefix_cache_tokens: int = 0,
     draft: Path | None = None,
+    lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> ServedModel:
     """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
     a UserError now, not at the first request. An adapter directory is served merged into the base it
-    records. With `draft`, a smaller checkpoint of the same tokenizer, every step decodes speculatively."""
+    records. With `draft`, a smaller checkpoint of the same tokenizer, every step decodes speculatively,
+    `lookahead` draft tokens per row."""
     path = Path(path)
     model, tokenizer = load_for_inference(path)
     draft_model = load_draft(Path(draft), tokenizer, model) if draft is not None else None
@@ -57,6 +60,7 @@ def load_served_model(
         compile=compile,
         prefix_cache_tokens=prefix_cache_tokens,
         draft=draft_model,
+        lookahead=lookahead,
     ).start()
     return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
 
