@@ -115,14 +115,14 @@ def test_a_compiled_speculative_batch_equals_each_request_alone_without_recompil
     assert counters["stats"]["unique_graphs"] == compiled_at_start
 
 
-def test_compiled_models_of_many_shapes_share_one_process(monkeypatch):
+def test_compiled_models_of_many_shapes_share_one_process():
     """`serve A B C --compile` with models of different shapes: every model's graphs count against the one
     step function's recompile limit, which `compile_decode` raises (here from 2, so that three one-row
     graphs are enough to show it)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    for layers in range(1, 4):
-        model = decisive_model(layers, n_layer=layers)
-        use_decode_kernels(model)
-        expected = list(generate_ids(model, [1, 2, 3], greedy(3)))
-        compile_decode(model)
-        assert list(generate_ids(model, [1, 2, 3], greedy(3))) == expected
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for layers in range(1, 4):
+            model = decisive_model(layers, n_layer=layers)
+            use_decode_kernels(model)
+            expected = list(generate_ids(model, [1, 2, 3], greedy(3)))
+            compile_decode(model)
+            assert list(generate_ids(model, [1, 2, 3], greedy(3))) == expected
