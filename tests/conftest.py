@@ -121,6 +121,22 @@ def decisive_model(seed: int = 0, **shape):
     return model
 
 
+class Collector:
+    """An engine request's callback: its tokens, its finish reason, and an event set when it ends."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, token: int | None, finish: str | None) -> None:
+        if token is not None:
+            self.tokens.append(token)
+        if finish is not None:
+            self.finish = finish
+            self.done.set()
+
+
 def wait_until(condition, timeout: float = 30, message: str = "condition not reached") -> None:
     deadline = time.monotonic() + timeout
     while not condition():

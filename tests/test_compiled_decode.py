@@ -4,11 +4,10 @@ the eager path's, alone and in a continuous batch that requests join and leave m
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
-from conftest import decisive_model
+from conftest import Collector, decisive_model
 
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import compile_decode
@@ -29,18 +28,6 @@ def models():
     compiled = copy.deepcopy(eager)
     engine = Engine(compiled, max_batch=3, compile=True)
     return eager, compiled, engine
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.done = threading.Event()
-
-    def __call__(self, token: int | None, finish: str | None) -> None:
-        if token is not None:
-            self.tokens.append(token)
-        if finish is not None:
-            self.done.set()
 
 
 def greedy(budget: int) -> SamplingParams:

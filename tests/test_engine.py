@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from conftest import decisive_model
+from conftest import Collector, decisive_model
 
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.engine import Engine
@@ -16,20 +14,6 @@ from llmctl.infer.sampling import SamplingParams
 @pytest.fixture(scope="module")
 def model():
     return decisive_model()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-        self.done = threading.Event()
-
-    def __call__(self, token, finish) -> None:
-        if token is not None:
-            self.tokens.append(token)
-        if finish is not None:
-            self.finish = finish
-            self.done.set()
 
 
 def test_requests_joining_and_leaving_match_solo_generation(model):

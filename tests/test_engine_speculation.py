@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
-from conftest import decisive_model
+from conftest import Collector, decisive_model
 
 from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_ids
@@ -18,20 +17,6 @@ from llmctl.infer.sampling import SamplingParams
 @pytest.fixture(scope="module")
 def target():
     return decisive_model(max_seq_len=64)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-        self.done = threading.Event()
-
-    def __call__(self, token, finish) -> None:
-        if token is not None:
-            self.tokens.append(token)
-        if finish is not None:
-            self.finish = finish
-            self.done.set()
 
 
 def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[Collector]:
