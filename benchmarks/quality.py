@@ -38,7 +38,7 @@ from benchmarks.common import machine
 from llmctl.data.corpus import CorpusOptions, build_corpus
 from llmctl.data.token_files import encode_corpus
 from llmctl.data.tokenizer import Tokenizer, open_tokenizer, train_tokenizer
-from llmctl.evaluate.perplexity import document_nll
+from llmctl.evaluate.perplexity import document_nlls
 from llmctl.evaluate.scoring import sliding_windows
 from llmctl.model.config import default_ffn_size
 from llmctl.recipe import ScheduleSection, recipe_from_dict
@@ -233,7 +233,7 @@ def main() -> None:
     window = SHAPE["max_seq_len"]
 
     def ours(text: str) -> float:
-        return document_nll(model, [tokenizer.bos_id, *tokenizer.encode(text)], window, window // 2)
+        return document_nlls(model, [[tokenizer.bos_id, *tokenizer.encode(text)]], window, window // 2, 8)[0]
 
     print("training the plain script ...", flush=True)
     plain_model, sp, plain_seconds, plain_steps = train_plain(work, args.corpus, args)
