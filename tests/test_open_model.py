@@ -96,7 +96,8 @@ def test_decode_kernel_swap_keeps_wrappers_and_matches_torch(recorded):
     assert torch.allclose(fast, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, MAX_ROWS, MAX_ROWS + 1])
+# rows go in chunks of 3 (AVX2) or 4 (AVX-512): full chunks, and a last chunk of each size
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 10, 11, MAX_ROWS, MAX_ROWS + 1])
 @pytest.mark.parametrize("shape", [(8, 64), (21, 40), (200, 99)])  # out not a multiple of 8; in not of 8
 def test_the_fp32_decode_kernel_equals_torch_at_every_row_count(rows, shape):
     torch.manual_seed(rows)

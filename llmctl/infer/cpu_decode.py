@@ -13,20 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmctl.kernels import MAX_ROWS, decode_ops
+from llmctl.kernels import decode_ops, kernel_rows
 
 
 class DecodeLinear(nn.Linear):
     """`nn.Linear` whose gradient-free fp32 CPU products of at most `MAX_ROWS` rows run in llmctl's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
+        rows = kernel_rows(x, self.in_features)
         if (
-            rows <= MAX_ROWS
+            rows
             and self.bias is None
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+            and self.weight.dtype == torch.float32
             and self.weight.is_contiguous()
         ):
             flat = x.reshape(rows, self.in_features).contiguous()

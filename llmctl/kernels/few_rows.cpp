@@ -167,25 +167,52 @@ at::Tensor by_output_channel(const at::Tensor& x, int64_t out, DotsFor&& dots_fo
   });
 }
 
-// R x C dot products: rows x (R, in) against C consecutive weight rows w (C, in), into dots[m * C + c].
-// R * C accumulators, R activation vectors and one weight vector fit AVX2's 16 registers for R * C <= 12.
+// The fp32 vectors: 512 bits where the CPU has AVX-512 (twice the FMA width and 32 registers), else AVX2's 256.
+#if defined(__AVX512F__)
+struct Lanes {
+  using T = __m512;
+  static constexpr int kWidth = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(T v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(LLMCTL_AVX2)
+struct Lanes {
+  using T = __m256;
+  static constexpr int kWidth = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(T v) { return horizontal_sum(v); }
+};
+#endif
+// Rows per chunk and weight rows per tile: R * C accumulators + R rows + 1 weight vector fit the registers.
+#if defined(__AVX512F__)
+constexpr int kFp32Chunk = 4, kFp32Channels = 6;
+#else
+constexpr int kFp32Chunk = 3, kFp32Channels = 4;
+#endif
+
+// R x C dot products: rows x (R, in) against C consecutive weight rows w (C, in), into dots[m * C + c]:
+// R * C accumulators, R activation vectors and one weight vector, all in registers.
 template <int R, int C>
 void fp32_dots(const float* x, int64_t in, const float* w, float* dots) {
   int64_t k = 0;
 #ifdef LLMCTL_AVX2
-  __m256 acc[R][C];
+  typename Lanes::T acc[R][C];
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c) acc[m][c] = _mm256_setzero_ps();
-  for (; k + 8 <= in; k += 8) {
-    __m256 xs[R];
-    for (int m = 0; m < R; ++m) xs[m] = _mm256_loadu_ps(x + m * in + k);
+    for (int c = 0; c < C; ++c) acc[m][c] = Lanes::zero();
+  for (; k + Lanes::kWidth <= in; k += Lanes::kWidth) {
+    typename Lanes::T xs[R];
+    for (int m = 0; m < R; ++m) xs[m] = Lanes::load(x + m * in + k);
     for (int c = 0; c < C; ++c) {
-      const __m256 wv = _mm256_loadu_ps(w + c * in + k);
-      for (int m = 0; m < R; ++m) acc[m][c] = _mm256_fmadd_ps(wv, xs[m], acc[m][c]);
+      const typename Lanes::T wv = Lanes::load(w + c * in + k);
+      for (int m = 0; m < R; ++m) acc[m][c] = Lanes::fma(wv, xs[m], acc[m][c]);
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c) dots[m * C + c] = horizontal_sum(acc[m][c]);
+    for (int c = 0; c < C; ++c) dots[m * C + c] = Lanes::sum(acc[m][c]);
 #else
   for (int m = 0; m < R * C; ++m) dots[m] = 0.f;
 #endif
@@ -194,7 +221,7 @@ void fp32_dots(const float* x, int64_t in, const float* w, float* dots) {
       for (int c = 0; c < C; ++c) dots[m * C + c] += x[m * in + k] * w[c * in + k];
 }
 
-// y (rows, out) = x (rows, in) @ w (out, in)^T: one row reads 8 weight rows at a time, more rows 4.
+// y (rows, out) = x (rows, in) @ w (out, in)^T: one row reads 8 weight rows at a time, more rows kFp32Channels.
 at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
   check_x(x);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2, "w: contiguous fp32 (out, in)");
@@ -202,8 +229,8 @@ at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.size(1) == in, "w does not match x");
   const float* xs = x.data_ptr<float>();
   const float* ws = w.data_ptr<float>();
-  return by_channel_block<3>(x, out, [&]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
-    constexpr int C = R == 1 ? 8 : 4;
+  return by_channel_block<kFp32Chunk>(x, out, [&]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
+    constexpr int C = R == 1 ? 8 : kFp32Channels;
     float dots[R * C];
     int64_t n = begin;
     for (; n + C <= end; n += C) {
