@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks.common import machine
@@ -24,6 +25,7 @@ from llmctl.infer.engine import Engine
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import SpeculationStats, speculative_generate_ids
+from llmctl.runtime import in_passing_thread
 
 
 def main() -> None:
@@ -36,6 +38,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--compile", action="store_true", help="the serving engine's steps compiled")
     args = parser.parse_args()
+    # the main thread runs no torch work, so the serving engine's thread is the only one holding OpenMP workers
+    # while it runs, as in `llmctl serve` (llmctl.runtime.in_passing_thread)
+    target, draft, prompts, params, expected = in_passing_thread(lambda: chat_path(args))
+    serving(target, draft, prompts, params, expected, args.compile)
+
+
+def chat_path(args: argparse.Namespace):
+    """The target alone and with the draft at several lookaheads, one prompt at a time, as `chat` decodes."""
     target, tokenizer = load_for_inference(args.target)
     draft, _ = load_for_inference(args.draft)
     prompts = []
@@ -72,7 +82,7 @@ def main() -> None:
             f"{f'draft, lookahead {lookahead}':22}{rate:>10.1f}{rate / alone:>9.2f}x"
             f"{100 * stats.acceptance_rate:>9.0f}%{f'{same}/{len(prompts)}':>11}"
         )
-    serving(target, draft, prompts, params, expected, args.compile)
+    return target, draft, prompts, params, expected
 
 
 def engine_outputs(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -96,6 +106,10 @@ def engine_outputs(engine: Engine, prompts: list[list[int]], params: SamplingPar
     return outputs
 
 
+def started_engine(target, batch: int, compile: bool, draft) -> Engine:
+    return Engine(target, max_batch=batch, compile=compile, draft=draft).start()
+
+
 def serving(target, draft, prompts, params, expected, compile: bool) -> None:
     """The serving engine with and without the draft: each prompt alone, then all of them as one batch."""
     print(f"\nserving engine ({'compiled' if compile else 'eager'} steps), lookahead 4:")
@@ -103,7 +117,7 @@ def serving(target, draft, prompts, params, expected, compile: bool) -> None:
     for batch in (1, len(prompts)):
         rates = {}
         for name, engine_draft in (("alone", None), ("with the draft", draft)):
-            engine = Engine(target, max_batch=batch, compile=compile, draft=engine_draft).start()
+            engine = in_passing_thread(partial(started_engine, target, batch, compile, engine_draft))
             try:
                 engine_outputs(engine, [prompt[:8] for prompt in prompts[:batch]], params)  # warm-up
                 if engine.speculation is not None:

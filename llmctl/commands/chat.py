@@ -41,17 +41,27 @@ def chat(
     from llmctl.commands.checkpoint_args import resolve_checkpoint
     from llmctl.infer.chat_session import ChatSession, chat_sampling
     from llmctl.infer.decode import compile_decode, load_draft, load_for_inference, warm_up_decode
+    from llmctl.runtime import in_passing_thread
 
     path = resolve_checkpoint(checkpoint)
-    model, tokenizer = load_for_inference(path, adapter)
-    if compile:
-        typer.echo("compiling the decode step (once per start; tens of seconds)...", err=True)
-        compile_decode(model)
-        warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))
-    session = ChatSession(model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens))
-    if draft is not None:
-        session.draft = load_draft(resolve_checkpoint(draft), tokenizer, model)
-        session.lookahead = lookahead
+    draft_path = resolve_checkpoint(draft) if draft is not None else None
+
+    def load() -> ChatSession:
+        model, tokenizer = load_for_inference(path, adapter)
+        if compile:
+            typer.echo("compiling the decode step (once per start; tens of seconds)...", err=True)
+            compile_decode(model)
+            warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))
+        session = ChatSession(
+            model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens)
+        )
+        if draft_path is not None:
+            session.draft = load_draft(draft_path, tokenizer, model)
+            session.lookahead = lookahead
+        return session
+
+    # the UI replies from worker threads: the loading thread must not live on with its OpenMP workers
+    session = in_passing_thread(load)
     if plain or not sys.stdin.isatty():
         run_plain(session)
         return

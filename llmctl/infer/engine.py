@@ -63,7 +63,10 @@ class Engine:
     caller's (the server answers 429 before a request reaches the engine). With `compile`, the decode step is
     compiled here, before the first request, not during it. With `prefix_cache_tokens`, up to that many
     positions of finished requests are kept for later prompts that begin the same way. With `draft` (a smaller
-    model of the same vocabulary), every step is a speculative round: up to `lookahead` tokens per row."""
+    model of the same vocabulary), every step is a speculative round: up to `lookahead` tokens per row.
+
+    On a CPU, steps run at full speed only while no other live thread has run parallel torch work: load and
+    build it in `llmctl.runtime.in_passing_thread`, as `llmctl serve` does."""
 
     def __init__(
         self,

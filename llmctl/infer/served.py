@@ -17,6 +17,7 @@ from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
 from llmctl.infer.text import TextChunk, TextStream
+from llmctl.runtime import in_passing_thread
 
 
 @dataclass
@@ -52,17 +53,21 @@ def load_served_model(
     records. With `draft`, a smaller checkpoint of the same tokenizer, every step decodes speculatively,
     `lookahead` draft tokens per row."""
     path = Path(path)
-    model, tokenizer = load_for_inference(path)
-    draft_model = load_draft(Path(draft), tokenizer, model) if draft is not None else None
-    engine = Engine(
-        model,
-        max_batch=max_batch,
-        compile=compile,
-        prefix_cache_tokens=prefix_cache_tokens,
-        draft=draft_model,
-        lookahead=lookahead,
-    ).start()
-    return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
+
+    def load() -> ServedModel:
+        model, tokenizer = load_for_inference(path)
+        draft_model = load_draft(Path(draft), tokenizer, model) if draft is not None else None
+        engine = Engine(
+            model,
+            max_batch=max_batch,
+            compile=compile,
+            prefix_cache_tokens=prefix_cache_tokens,
+            draft=draft_model,
+            lookahead=lookahead,
+        ).start()
+        return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
+
+    return in_passing_thread(load)  # the engine's thread is then the only one with OpenMP workers
 
 
 def load_served_adapters(
@@ -72,9 +77,12 @@ def load_served_adapters(
     whose batches mix requests for all of them."""
     from llmctl.adapters import open_with_adapters
 
-    model, tokenizer, router = open_with_adapters(Path(base), adapters)
-    use_decode_kernels(model)
-    engine = Engine(model, max_batch=max_batch, router=router).start()
+    def load() -> tuple[Engine, Tokenizer]:
+        model, tokenizer, router = open_with_adapters(Path(base), adapters)
+        use_decode_kernels(model)
+        return Engine(model, max_batch=max_batch, router=router).start(), tokenizer
+
+    engine, tokenizer = in_passing_thread(load)
     served = {base_name: ServedModel(name=base_name, path=Path(base), engine=engine, tokenizer=tokenizer)}
     for name, path in adapters.items():
         served[name] = ServedModel(
