@@ -233,10 +233,14 @@ def _kill_inside_a_save(process: subprocess.Popen, checkpoints: Path) -> bool:
 
 
 def _kill_after_steps(process: subprocess.Popen, run: Path, steps: int, jitter: float) -> None:
-    deadline = time.monotonic() + 120
+    """SIGKILL `jitter` seconds after step `steps` is logged, or at step `steps + 2` if that comes first: on a
+    fast machine the jitter alone can outlast the rest of the run, which then leaves nothing to resume."""
+    deadline, kill_at = time.monotonic() + 120, None
     while process.poll() is None and time.monotonic() < deadline:
-        if (run / "metrics.jsonl").is_file() and max(step_losses(run), default=0) >= steps:
-            time.sleep(jitter)
+        logged = max(step_losses(run), default=0) if (run / "metrics.jsonl").is_file() else 0
+        if kill_at is None and logged >= steps:
+            kill_at = time.monotonic() + jitter
+        if kill_at is not None and (time.monotonic() >= kill_at or logged >= steps + 2):
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
