@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = sorted(
-    path.stem for path in (Path(__file__).parent.parent / "benchmarks").glob("*.py") if path.stem != "__init__"
+    path.stem
+    for path in (Path(__file__).parent.parent / "benchmarks").glob("*.py")
+    if path.stem != "__init__"
 )
 
 
