@@ -233,7 +233,8 @@ def main() -> None:
     window = SHAPE["max_seq_len"]
 
     def ours(text: str) -> float:
-        return document_nlls(model, [[tokenizer.bos_id, *tokenizer.encode(text)]], window, window // 2, 8)[0]
+        ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+        return document_nlls(model, [ids], window, window // 2, batch_size=8)[0]
 
     print("training the plain script ...", flush=True)
     plain_model, sp, plain_seconds, plain_steps = train_plain(work, args.corpus, args)
