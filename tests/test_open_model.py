@@ -113,6 +113,42 @@ def test_the_fp32_decode_kernel_equals_torch_at_every_row_count(rows, shape):
     assert x.grad is not None and torch.allclose(x.grad, linear.weight.sum(0).expand_as(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, MAX_ROWS])
+def test_projections_of_one_input_run_as_one_kernel_call_equal_to_torch(rows):
+    torch.manual_seed(rows)
+    linears = [
+        nn.Linear(40, out, bias=False) for out in (21, 8, 200)
+    ]  # uneven widths, none a block's multiple
+    fast = []
+    for linear in linears:
+        fast.append(DecodeLinear(40, linear.out_features, bias=False, device="meta"))
+        fast[-1].weight = linear.weight
+    x = torch.randn(1, rows, 40)
+    with torch.inference_mode():
+        together = DecodeLinear.forward_together(x, tuple(fast))
+        for product, linear in zip(together, linears, strict=True):
+            assert product.shape == (1, rows, linear.out_features)
+            assert torch.allclose(product, linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_decode_step_calls_the_kernel_once_for_q_k_v_and_once_for_gate_up(recorded):
+    model, recorder = recorded
+    use_decode_kernels(model)
+    ids = torch.randint(0, 97, (1, 1))
+
+    def kernel_calls() -> dict[str, int]:
+        with torch.inference_mode(), torch.profiler.profile() as profile:
+            model(ids)
+        names = [event.name for event in profile.events() if event.name.startswith("llmctl_decode::")]
+        return {name: names.count(name) for name in set(names)}
+
+    # o_proj and down_proj of both layers and the head run alone; layer 0's q_proj is wrapped (a LoRA, say),
+    # so its q, k and v run one by one while layer 1 groups them
+    assert kernel_calls() == {"llmctl_decode::fp32_linear_group": 3, "llmctl_decode::fp32_linear": 4 + 1 + 3}
+    model.model.layers[0].self_attn.q_proj = recorder.inner
+    assert kernel_calls() == {"llmctl_decode::fp32_linear_group": 4, "llmctl_decode::fp32_linear": 4 + 1}
+
+
 def test_decode_kernel_swap_keeps_a_tied_head_tied():
     model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layer=1, n_head=2, tie_embeddings=True))
     use_decode_kernels(model)

@@ -18,7 +18,7 @@ from llmctl.model.hf_format import read_state_dict
 from llmctl.recipe import ScheduleSection, recipe_from_dict
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.events import StepLogged, StepSkipped
-from llmctl.train.metrics import read_metrics
+from llmctl.train.metrics import device_peak_flops, measure_cpu_matmul_peak, read_metrics
 from llmctl.train.optim import lr_at, parameter_groups
 from llmctl.train.trainer import Trainer
 
@@ -57,6 +57,13 @@ def test_loss_falls_below_the_unigram_entropy(sample_pipeline, tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "memory_bytes"):
         assert key in step and math.isfinite(step[key]), key
     assert any(r["event"] == "eval" and "val_loss" in r for r in records)
+
+
+def test_cpu_mfu_is_quoted_against_the_gemm_peak_of_the_dtype_autocast_computes_in():
+    # a bf16 run against the fp32 peak read 150% MFU on a CPU with AVX512_BF16
+    assert device_peak_flops(CPU.device, "bf16") == measure_cpu_matmul_peak(dtype=torch.bfloat16)
+    assert device_peak_flops(CPU.device, "fp32") == measure_cpu_matmul_peak(dtype=torch.float32)
+    assert measure_cpu_matmul_peak(dtype=torch.bfloat16) != measure_cpu_matmul_peak(dtype=torch.float32)
 
 
 def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_path):

@@ -20,18 +20,37 @@ class DecodeLinear(nn.Linear):
     """`nn.Linear` whose gradient-free fp32 CPU products of at most `MAX_ROWS` rows run in llmctl's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = kernel_rows(x, self.in_features)
-        if (
-            rows
-            and self.bias is None
-            and not (torch.is_grad_enabled() and self.weight.requires_grad)
-            and self.weight.dtype == torch.float32
-            and self.weight.is_contiguous()
-        ):
+        rows = self.kernel_rows(x)
+        if rows:
             flat = x.reshape(rows, self.in_features).contiguous()
             product = torch.ops.llmctl_decode.fp32_linear(flat, self.weight)
             return product.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+    def kernel_rows(self, x: torch.Tensor) -> int:
+        """How many rows of x the kernel takes; 0 where torch's product runs instead."""
+        rows = kernel_rows(x, self.in_features)
+        usable = (
+            self.bias is None
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+            and self.weight.dtype == torch.float32
+            and self.weight.is_contiguous()
+        )
+        return rows if usable else 0
+
+    @staticmethod
+    def forward_together(x: torch.Tensor, linears: tuple[DecodeLinear, ...]) -> list[torch.Tensor]:
+        """Projections of one input in one kernel call (`llmctl.model.layers.project_together`): at decode each
+        call's fork and join of the thread pool costs as much as a small projection's reads."""
+        rows = min(linear.kernel_rows(x) for linear in linears)
+        if not rows:
+            return [linear(x) for linear in linears]
+        flat = x.reshape(rows, x.shape[-1]).contiguous()
+        products = torch.ops.llmctl_decode.fp32_linear_group(flat, [linear.weight for linear in linears])
+        return [
+            product.view(*x.shape[:-1], linear.out_features)
+            for product, linear in zip(products, linears, strict=True)
+        ]
 
 
 def use_decode_kernels(model: nn.Module) -> int:

@@ -1,5 +1,6 @@
 """llmctl's few-row CPU kernels (few_rows.cpp), compiled for this CPU on first use and cached by torch's
-extension builder: the fp32, int8 and int4 projections of up to `MAX_ROWS` rows (decode) run through them."""
+extension builder: the fp32, int8 and int4 projections of up to `MAX_ROWS` rows (decode) run through them,
+and fp32 projections of one input (q, k and v; gate and up) as one call."""
 
 from __future__ import annotations
 
@@ -94,6 +95,10 @@ def _register_fake_kernels() -> None:
 
     for name in ("fp32_linear", "int8_linear", "int4_linear"):
         torch.library.register_fake(f"llmctl_decode::{name}")(rows_by_out)
+
+    @torch.library.register_fake("llmctl_decode::fp32_linear_group")
+    def rows_by_each_out(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [rows_by_out(x, weight) for weight in weights]
 
 
 def kernel_rows(x: torch.Tensor, in_features: int) -> int:

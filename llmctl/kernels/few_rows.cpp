@@ -135,21 +135,27 @@ void check_x(const at::Tensor& x) {
 
 constexpr int64_t kBlock = 64;  // output channels whose weights stay in cache while every row chunk uses them
 
-// y (rows, out), filled by `block.template operator()<R>(first, begin, end, y)`, which writes output channels
-// [begin, end) of rows first..first+R-1: blocks of channels spread over threads, rows in chunks of Chunk.
+// Output channels [begin, end) of y for every row, filled by `block.template operator()<R>(first, begin, end,
+// ys)`, which writes those channels of rows first..first+R-1: blocks of kBlock channels, each served to every
+// chunk of Chunk rows while its weights are still in cache.
+template <int Chunk, typename Block>
+void fill_channels(int64_t rows, int64_t begin, int64_t end, float* ys, Block& block) {
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t stop = std::min(end, start + kBlock);
+    for (int64_t first = 0; first < rows; first += Chunk)
+      with_rows<Chunk>(std::min<int64_t>(Chunk, rows - first),
+                       [&]<int R>() { block.template operator()<R>(first, start, stop, ys); });
+  }
+}
+
+// y (rows, out), its output channels spread over threads.
 template <int Chunk, typename Block>
 at::Tensor by_channel_block(const at::Tensor& x, int64_t out, Block&& block) {
   const int64_t rows = x.size(0);
   auto y = at::empty({rows, out}, x.options());
   float* ys = y.data_ptr<float>();
-  at::parallel_for(0, out, kBlock / 2, [&](int64_t begin, int64_t end) {
-    for (int64_t start = begin; start < end; start += kBlock) {
-      const int64_t stop = std::min(end, start + kBlock);
-      for (int64_t first = 0; first < rows; first += Chunk)
-        with_rows<Chunk>(std::min<int64_t>(Chunk, rows - first),
-                         [&]<int R>() { block.template operator()<R>(first, start, stop, ys); });
-    }
-  });
+  at::parallel_for(0, out, kBlock / 2,
+                   [&](int64_t begin, int64_t end) { fill_channels<Chunk>(rows, begin, end, ys, block); });
   return y;
 }
 
@@ -221,15 +227,15 @@ void fp32_dots(const float* x, int64_t in, const float* w, float* dots) {
       for (int c = 0; c < C; ++c) dots[m * C + c] += x[m * in + k] * w[c * in + k];
 }
 
-// y (rows, out) = x (rows, in) @ w (out, in)^T: one row reads 8 weight rows at a time, more rows kFp32Channels.
-at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
-  check_x(x);
+void check_fp32_weight(const at::Tensor& w, int64_t in) {
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2, "w: contiguous fp32 (out, in)");
-  const int64_t in = x.size(1), out = w.size(0);
   TORCH_CHECK(w.size(1) == in, "w does not match x");
-  const float* xs = x.data_ptr<float>();
-  const float* ws = w.data_ptr<float>();
-  return by_channel_block<kFp32Chunk>(x, out, [&]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
+}
+
+// Fills channels of y (rows, out) = x (rows, in) @ w (out, in)^T: one row reads 8 weight rows at a time, more
+// rows kFp32Channels.
+auto fp32_block(const float* xs, int64_t in, const float* ws, int64_t out) {
+  return [=]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
     constexpr int C = R == 1 ? 8 : kFp32Channels;
     float dots[R * C];
     int64_t n = begin;
@@ -242,7 +248,38 @@ at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
       fp32_dots<R, 1>(xs + first * in, in, ws + n * in, dots);
       for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
     }
+  };
+}
+
+at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_x(x);
+  check_fp32_weight(w, x.size(1));
+  const int64_t in = x.size(1), out = w.size(0);
+  return by_channel_block<kFp32Chunk>(x, out, fp32_block(x.data_ptr<float>(), in, w.data_ptr<float>(), out));
+}
+
+// The products of x with several weights that read it (q, k and v; gate and up) in one parallel region: their
+// output channels are spread over the threads as one range, so the group pays one fork and join, not one each.
+std::vector<at::Tensor> fp32_linear_group(const at::Tensor& x, at::TensorList ws) {
+  check_x(x);
+  const int64_t rows = x.size(0), in = x.size(1);
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> offsets{0};
+  for (const auto& w : ws) {
+    check_fp32_weight(w, in);
+    ys.push_back(at::empty({rows, w.size(0)}, x.options()));
+    offsets.push_back(offsets.back() + w.size(0));
+  }
+  const float* xs = x.data_ptr<float>();
+  at::parallel_for(0, offsets.back(), kBlock / 2, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t low = std::max(begin, offsets[i]), high = std::min(end, offsets[i + 1]);
+      if (low >= high) continue;
+      auto block = fp32_block(xs, in, ws[i].data_ptr<float>(), ws[i].size(0));
+      fill_channels<kFp32Chunk>(rows, low - offsets[i], high - offsets[i], ys[i].data_ptr<float>(), block);
+    }
   });
+  return ys;
 }
 
 // y (rows, out) = x (rows, in) @ (q (out, in) int8 * scale (out))^T
@@ -307,12 +344,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 TORCH_LIBRARY(llmctl_decode, m) {
   m.def("fp32_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("fp32_linear_group(Tensor x, Tensor[] ws) -> Tensor[]");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmctl_decode, CPU, m) {
   m.impl("fp32_linear", fp32_linear);
+  m.impl("fp32_linear_group", fp32_linear_group);
   m.impl("int8_linear", int8_linear);
   m.impl("int4_linear", int4_linear);
 }

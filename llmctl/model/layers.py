@@ -58,6 +58,16 @@ def one_query_attention(
     return scores.softmax(-1) @ v
 
 
+def project_together(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """x through several projections that read it (q, k and v; gate and up). Where all are of one kind that
+    can run them as one call (`forward_together`: llmctl's CPU decode linears, one parallel region instead of
+    one per projection), they do; otherwise, as in training, each runs on its own."""
+    kind = type(linears[0])
+    if hasattr(kind, "forward_together") and all(type(linear) is kind for linear in linears):
+        return kind.forward_together(x, linears)
+    return [linear(x) for linear in linears]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -77,9 +87,10 @@ class Attention(nn.Module):
         kv_cache: KVCache | DecodeRows | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape  # x: (B, T, d_model)
-        q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k, v = project_together(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, n_kv, cached + T, hd)
@@ -106,7 +117,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_size, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, d_ff)
+        gate, up = project_together(x, (self.gate_proj, self.up_proj))
+        hidden = F.silu(gate) * up  # (B, T, d_ff)
         return self.down_proj(hidden)  # (B, T, d_model)
 
 

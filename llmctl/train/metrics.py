@@ -30,16 +30,16 @@ GPU_BF16_PEAKS = {
 }
 
 
-def measure_cpu_matmul_peak(size: int = 2048, trials: int = 5) -> float:
-    """fp32 GEMM FLOP/s this CPU reaches with the current thread count: the ceiling CPU MFU is quoted against,
-    by the trainer and the benchmarks alike. Best of several trials, so a busy neighbour does not deflate it;
-    measured once per process and thread count."""
-    return _cpu_matmul_peak(torch.get_num_threads(), size, trials)
+def measure_cpu_matmul_peak(size: int = 2048, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GEMM FLOP/s this CPU reaches in `dtype` with the current thread count: the ceiling CPU MFU is quoted
+    against, by the trainer and the benchmarks alike. Best of several trials, so a busy neighbour does not
+    deflate it; measured once per process, thread count and dtype."""
+    return _cpu_matmul_peak(torch.get_num_threads(), size, trials, dtype)
 
 
 @functools.cache
-def _cpu_matmul_peak(threads: int, size: int, trials: int) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _cpu_matmul_peak(threads: int, size: int, trials: int, dtype: torch.dtype) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(trials):
@@ -49,9 +49,14 @@ def _cpu_matmul_peak(threads: int, size: int, trials: int) -> float:
     return best
 
 
+# The dtype autocast computes matmuls in, by recipe precision (fp32: no autocast). A CPU with AVX512_BF16 or
+# AMX multiplies bf16 at twice its fp32 rate or more, so its MFU is quoted against the bf16 GEMM peak.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def device_peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type == "cpu":
-        return measure_cpu_matmul_peak()
+        return measure_cpu_matmul_peak(dtype=AUTOCAST_DTYPES.get(precision, torch.float32))
     name = torch.cuda.get_device_name(device)
     for key, peak in GPU_BF16_PEAKS.items():
         if key in name:

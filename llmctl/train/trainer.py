@@ -52,7 +52,7 @@ from llmctl.train.events import (
     StepSkipped,
 )
 from llmctl.train.loggers import open_loggers
-from llmctl.train.metrics import MetricsWriter, device_peak_flops, memory_in_use
+from llmctl.train.metrics import AUTOCAST_DTYPES, MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
 from llmctl.train.plan import grad_accum_steps, make_plan, resolve_strategy
 from llmctl.train.run_dir import check_resume_matches, claim_run_dir, resume_checkpoint
@@ -65,8 +65,6 @@ from llmctl.train.state import (
     restore_trainer_state,
     rng_state,
 )
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
