@@ -46,10 +46,12 @@ class DecodeLinear(nn.Linear):
         if not rows:
             return [linear(x) for linear in linears]
         flat = x.reshape(rows, x.shape[-1]).contiguous()
-        products = torch.ops.llmctl_decode.fp32_linear_group(flat, [linear.weight for linear in linears])
+        weights = [linear.weight for linear in linears]
+        products = torch.ops.llmctl_decode.fp32_linear_group(flat, weights)  # (rows, sum of outs)
+        widths = [linear.out_features for linear in linears]
         return [
-            product.view(*x.shape[:-1], linear.out_features)
-            for product, linear in zip(products, linears, strict=True)
+            product.view(*x.shape[:-1], width)
+            for product, width in zip(products.split(widths, dim=-1), widths, strict=True)
         ]
 
 

@@ -97,8 +97,8 @@ def _register_fake_kernels() -> None:
         torch.library.register_fake(f"llmctl_decode::{name}")(rows_by_out)
 
     @torch.library.register_fake("llmctl_decode::fp32_linear_group")
-    def rows_by_each_out(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [rows_by_out(x, weight) for weight in weights]
+    def rows_by_all_outs(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        return x.new_empty(x.shape[0], sum(weight.shape[0] for weight in weights))
 
 
 def kernel_rows(x: torch.Tensor, in_features: int) -> int:

@@ -232,9 +232,9 @@ void check_fp32_weight(const at::Tensor& w, int64_t in) {
   TORCH_CHECK(w.size(1) == in, "w does not match x");
 }
 
-// Fills channels of y (rows, out) = x (rows, in) @ w (out, in)^T: one row reads 8 weight rows at a time, more
-// rows kFp32Channels.
-auto fp32_block(const float* xs, int64_t in, const float* ws, int64_t out) {
+// Fills channels of y = x (rows, in) @ w (out, in)^T, y's rows `stride` floats apart: one row reads 8 weight
+// rows at a time, more rows kFp32Channels.
+auto fp32_block(const float* xs, int64_t in, const float* ws, int64_t stride) {
   return [=]<int R>(int64_t first, int64_t begin, int64_t end, float* ys) {
     constexpr int C = R == 1 ? 8 : kFp32Channels;
     float dots[R * C];
@@ -242,11 +242,11 @@ auto fp32_block(const float* xs, int64_t in, const float* ws, int64_t out) {
     for (; n + C <= end; n += C) {
       fp32_dots<R, C>(xs + first * in, in, ws + n * in, dots);
       for (int m = 0; m < R; ++m)
-        for (int c = 0; c < C; ++c) ys[(first + m) * out + n + c] = dots[m * C + c];
+        for (int c = 0; c < C; ++c) ys[(first + m) * stride + n + c] = dots[m * C + c];
     }
     for (; n < end; ++n) {
       fp32_dots<R, 1>(xs + first * in, in, ws + n * in, dots);
-      for (int m = 0; m < R; ++m) ys[(first + m) * out + n] = dots[m];
+      for (int m = 0; m < R; ++m) ys[(first + m) * stride + n] = dots[m];
     }
   };
 }
@@ -258,28 +258,30 @@ at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
   return by_channel_block<kFp32Chunk>(x, out, fp32_block(x.data_ptr<float>(), in, w.data_ptr<float>(), out));
 }
 
-// The products of x with several weights that read it (q, k and v; gate and up) in one parallel region: their
-// output channels are spread over the threads as one range, so the group pays one fork and join, not one each.
-std::vector<at::Tensor> fp32_linear_group(const at::Tensor& x, at::TensorList ws) {
+// The products of x with several weights that read it (q, k and v; gate and up) side by side in one y (rows,
+// sum of outs), in one parallel region: their output channels are spread over the threads as one range, so
+// the group pays one fork and join, not one each.
+at::Tensor fp32_linear_group(const at::Tensor& x, at::TensorList ws) {
   check_x(x);
   const int64_t rows = x.size(0), in = x.size(1);
-  std::vector<at::Tensor> ys;
   std::vector<int64_t> offsets{0};
   for (const auto& w : ws) {
     check_fp32_weight(w, in);
-    ys.push_back(at::empty({rows, w.size(0)}, x.options()));
     offsets.push_back(offsets.back() + w.size(0));
   }
+  const int64_t total = offsets.back();
+  auto y = at::empty({rows, total}, x.options());
+  float* ys = y.data_ptr<float>();
   const float* xs = x.data_ptr<float>();
-  at::parallel_for(0, offsets.back(), kBlock / 2, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total, kBlock / 2, [&](int64_t begin, int64_t end) {
     for (size_t i = 0; i < ws.size(); ++i) {
       const int64_t low = std::max(begin, offsets[i]), high = std::min(end, offsets[i + 1]);
       if (low >= high) continue;
-      auto block = fp32_block(xs, in, ws[i].data_ptr<float>(), ws[i].size(0));
-      fill_channels<kFp32Chunk>(rows, low - offsets[i], high - offsets[i], ys[i].data_ptr<float>(), block);
+      auto block = fp32_block(xs, in, ws[i].data_ptr<float>(), total);
+      fill_channels<kFp32Chunk>(rows, low - offsets[i], high - offsets[i], ys + offsets[i], block);
     }
   });
-  return ys;
+  return y;
 }
 
 // y (rows, out) = x (rows, in) @ (q (out, in) int8 * scale (out))^T
@@ -344,7 +346,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 TORCH_LIBRARY(llmctl_decode, m) {
   m.def("fp32_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("fp32_linear_group(Tensor x, Tensor[] ws) -> Tensor[]");
+  m.def("fp32_linear_group(Tensor x, Tensor[] ws) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
 }
