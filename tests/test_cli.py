@@ -158,3 +158,22 @@ def test_1_3b_dry_run_prints_exact_parameters_and_memory(llmctl):
     out = llmctl("train", "recipes/1.3b.toml", "--dry-run", "--nproc", "8", check=True).stdout
     assert f"{expected:,}" in out
     assert "memory per device (estimate)" in out and "fsdp" in out and "bf16" in out
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.toml")), ids=lambda path: path.name)
+def test_every_shipped_recipe_loads(path):
+    from llmctl.recipe import load_recipe
+
+    assert load_recipe(path).model.to_config().num_parameters() > 0
+
+
+def test_the_speculative_target_is_the_decode_benchmarks_134m_shape_and_its_draft_shares_its_vocabulary():
+    from benchmarks.decode import SHAPES
+    from llmctl.recipe import load_recipe
+
+    target = load_recipe(REPO / "recipes" / "speculative-134m.toml")
+    draft = load_recipe(REPO / "recipes" / "speculative-draft.toml")
+    assert target.model.to_config().num_parameters() == SHAPES["134m"].num_parameters()
+    assert draft.model.vocab_size == target.model.vocab_size and draft.data.tokenizer == target.data.tokenizer
+    assert draft.model.to_config().num_parameters() < target.model.to_config().num_parameters() / 10
+    assert draft.distill.teacher == target.checkpoint.dir
