@@ -20,15 +20,15 @@ class DecodeLinear(nn.Linear):
     """`nn.Linear` whose gradient-free fp32 CPU products of at most `MAX_ROWS` rows run in llmctl's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.kernel_rows(x)
+        rows = self.rows_for_kernel(x)
         if rows:
             flat = x.reshape(rows, self.in_features).contiguous()
             product = torch.ops.llmctl_decode.fp32_linear(flat, self.weight)
             return product.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
-    def kernel_rows(self, x: torch.Tensor) -> int:
-        """How many rows of x the kernel takes; 0 where torch's product runs instead."""
+    def rows_for_kernel(self, x: torch.Tensor) -> int:
+        """How many rows of x the kernel takes with this weight; 0 where torch's product runs instead."""
         rows = kernel_rows(x, self.in_features)
         usable = (
             self.bias is None
@@ -42,7 +42,7 @@ class DecodeLinear(nn.Linear):
     def forward_together(x: torch.Tensor, linears: tuple[DecodeLinear, ...]) -> list[torch.Tensor]:
         """Projections of one input in one kernel call (`llmctl.model.layers.project_together`): at decode each
         call's fork and join of the thread pool costs as much as a small projection's reads."""
-        rows = min(linear.kernel_rows(x) for linear in linears)
+        rows = min(linear.rows_for_kernel(x) for linear in linears)
         if not rows:
             return [linear(x) for linear in linears]
         flat = x.reshape(rows, x.shape[-1]).contiguous()
