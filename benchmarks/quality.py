@@ -15,9 +15,10 @@ loop until its clock runs out, its warmup + cosine following the fraction of the
 says how many tokens each got through.
 
 llmctl: `corpus build` defaults, an 8k `tokenize train`, `tokenize encode`, the trainer with the recipe
-defaults for this shape. Plain: sentencepiece with its defaults on the raw training text, HF
-LlamaForCausalLM, torch AdamW with the same lr, betas, weight decay, clipping, warmup and cosine decay,
-random windows over the concatenated documents.
+defaults for this shape (Muon for the hidden matrices, AdamW for the rest, the embedding at 10x the lr).
+Plain: sentencepiece with its defaults on the raw training text, HF LlamaForCausalLM, torch AdamW with the
+same lr, betas, weight decay, clipping, warmup and cosine decay, random windows over the concatenated
+documents. `--optimizer adamw --embedding-lr-scale 1` gives llmctl the plain script's optimizer.
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
                 "eval_batches": 4,
                 "seed": args.seed,
             },
-            "optim": {"lr": args.lr},
+            "optim": {
+                "lr": args.lr,
+                "name": args.optimizer,
+                "embedding_lr_scale": args.embedding_lr_scale,
+            },
             "schedule": {"warmup_steps": args.warmup},
             "checkpoint": {"dir": str(work / "run"), "every": 0},
         }
@@ -211,6 +216,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: llmctl's default for this shape")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--optimizer", choices=["muon", "adamw"], default=None, help="llmctl's; default: its default"
+    )
+    parser.add_argument(
+        "--embedding-lr-scale", type=float, default=None, help="llmctl's; default: its default"
+    )
     parser.add_argument("--minutes", type=float, default=None, help="equal training time instead of tokens")
     args = parser.parse_args()
     keep_freed_memory()
@@ -220,6 +231,9 @@ def main() -> None:
     defaults = recipe_from_dict({"model": SHAPE})
     args.lr = args.lr or defaults.optim.lr
     args.warmup = defaults.schedule.warmup_steps if args.warmup is None else args.warmup
+    args.optimizer = args.optimizer or defaults.optim.name
+    if args.embedding_lr_scale is None:
+        args.embedding_lr_scale = defaults.optim.embedding_lr_scale
     sets = {
         "techdocs val": capped(read_jsonl_texts(args.corpus / "val.jsonl")),
         "GNU info manuals": capped(info_manuals()),
@@ -244,7 +258,7 @@ def main() -> None:
         f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
         f"{args.batch}; {budget}: llmctl {ours_steps} steps = {ours_steps * args.batch * window:,} tokens, "
         f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; lr {args.lr:g}, warmup "
-        f"{args.warmup}, cosine; llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
+        f"{args.warmup}, cosine; llmctl {args.optimizer} (embedding x{args.embedding_lr_scale:g}), plain adamw; llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
     )
     print(
         f"{'held-out set':20}{'bytes':>10}{'plain keeps':>13}{'llmctl bpb':>12}{'plain bpb':>12}{'llmctl vs plain':>17}"

@@ -121,6 +121,11 @@ def width_scaled_lr(d_model: int) -> float:
 
 
 class OptimSection(Section):
+    name: Literal["muon", "adamw"] = Field(
+        "muon",
+        description="muon: Muon (orthogonalised momentum) for the hidden weight matrices and AdamW for the "
+        "embeddings, head and norms, at AdamW's lr and weight decay; adamw: AdamW for all (needed under FSDP)",
+    )
     lr: float | None = Field(
         None,
         gt=0,
@@ -132,6 +137,10 @@ class OptimSection(Section):
     weight_decay: float = Field(0.1, ge=0)
     clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     decay_embeddings: bool = False
+    embedding_lr_scale: float = Field(
+        10.0, gt=0, description="the token embedding's share of the lr (x lr); finetuning defaults to 1"
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: its momentum (Nesterov)")
 
 
 class ScheduleSection(Section):

@@ -75,6 +75,17 @@ def test_two_processes_match_one(sample_pipeline, single_run, tmp_path, llmctl, 
     assert all(row.step == 6 and row.tokens_per_second > 0 for row in log.ranks.values())
 
 
+def test_muon_under_fsdp_is_refused_with_the_fix(sample_pipeline, tmp_path, llmctl):
+    recipe = tiny_recipe_dict(sample_pipeline, tmp_path / "run", steps=2)
+    recipe["optim"]["name"] = "muon"
+    recipe["distributed"] = {"strategy": "fsdp", "backend": "gloo"}
+    (tmp_path / "muon.toml").write_text(tomli_w.dumps(recipe))
+    result = llmctl("train", str(tmp_path / "muon.toml"), "--nproc", "2")
+    assert result.returncode != 0
+    assert 'needs every weight matrix whole, and FSDP shards them: set optim.name = "adamw"' in result.stderr
+    assert not list_checkpoints(tmp_path / "run")
+
+
 def test_lora_under_fsdp_matches_one_process_and_resumes(tiny_checkpoint, tmp_path, llmctl):
     """Two FSDP ranks shard the frozen base and the adapter; the adapter they save (gathered from its shards)
     equals one process's, and a run resumed from a sharded checkpoint ends where the uninterrupted one did."""

@@ -233,6 +233,8 @@ def test_full_finetuning_with_layer_wise_lr_decay(tiny_checkpoint, tmp_path):
     recipe = finetune_recipe(recipe_from_dict(raw))
     assert recipe.optim.lr == pytest.approx(2e-4 * 2048 / 64 / 10)  # a tenth of the pretraining default
     trainer = FinetuneTrainer(recipe, CPU)
+    # pretraining's Muon and embedding rate are not finetuning's defaults
+    assert [type(part) for part in trainer.optimizer.parts] == [torch.optim.AdamW]
     scales = {}
     for group in trainer.optimizer.param_groups:
         for param in group["params"]:

@@ -19,7 +19,7 @@ from llmctl.recipe import ScheduleSection, recipe_from_dict
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.events import StepLogged, StepSkipped
 from llmctl.train.metrics import device_peak_flops, measure_cpu_matmul_peak, read_metrics
-from llmctl.train.optim import lr_at, parameter_groups
+from llmctl.train.optim import build_optimizer, lr_at, parameter_groups
 from llmctl.train.trainer import Trainer
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -66,12 +66,18 @@ def test_cpu_mfu_is_quoted_against_the_gemm_peak_of_the_dtype_autocast_computes_
     assert measure_cpu_matmul_peak(dtype=torch.bfloat16) != measure_cpu_matmul_peak(dtype=torch.float32)
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_path):
-    Trainer(tiny_recipe(sample_pipeline, tmp_path / "straight"), CPU).fit()
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_path, optimizer):
+    def recipe(run_dir):
+        recipe = tiny_recipe(sample_pipeline, run_dir)
+        recipe.optim.name = optimizer
+        return recipe
+
+    Trainer(recipe(tmp_path / "straight"), CPU).fit()
     straight = step_losses(tmp_path / "straight")
 
     interrupted_dir = tmp_path / "interrupted"
-    first = Trainer(tiny_recipe(sample_pipeline, interrupted_dir), CPU)
+    first = Trainer(recipe(interrupted_dir), CPU)
 
     def stop_at_half(event):
         if isinstance(event, StepLogged) and event.step == 4:
@@ -81,7 +87,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_pa
     result = first.fit()
     assert result.interrupted and result.final_step == 4
     assert [step for step, _ in list_checkpoints(interrupted_dir)] == [4]
-    Trainer(tiny_recipe(sample_pipeline, interrupted_dir), CPU).fit(resume="auto")
+    Trainer(recipe(interrupted_dir), CPU).fit(resume="auto")
     resumed = step_losses(interrupted_dir)
     assert sorted(resumed) == list(range(1, 9))
     assert resumed == straight  # exact float equality, step for step
@@ -232,7 +238,7 @@ def test_no_weight_decay_on_norms_and_embeddings():
 
     model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, tie_embeddings=True))
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = parameter_groups(model, OptimSection(weight_decay=0.1))
+    decay, no_decay = parameter_groups(model, OptimSection(weight_decay=0.1, embedding_lr_scale=1))
     assert {names[id(p)] for p in no_decay["params"]} == {
         "model.embed_tokens.weight",
         "model.layers.0.input_layernorm.weight",
@@ -240,8 +246,66 @@ def test_no_weight_decay_on_norms_and_embeddings():
         "model.norm.weight",
     }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    decay, _ = parameter_groups(model, OptimSection(decay_embeddings=True))
+    decay, _ = parameter_groups(model, OptimSection(decay_embeddings=True, embedding_lr_scale=1))
     assert "model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
+    groups = parameter_groups(model, OptimSection(embedding_lr_scale=10), lr_scale=lambda name: 0.5)
+    embedding = next(
+        group for group in groups if names[id(group["params"][0])] == "model.embed_tokens.weight"
+    )
+    assert len(embedding["params"]) == 1 and embedding["lr_scale"] == 5.0
+    assert {group["lr_scale"] for group in groups if group is not embedding} == {0.5}
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.recipe import OptimSection
+
+    model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, adamw = build_optimizer(model, OptimSection(name="muon", lr=1e-3), CPU.device).parts
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert {names[id(p)] for group in muon.param_groups for p in group["params"]} == {
+        f"model.layers.0.{name}.weight"
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+    assert all(group["weight_decay"] == 0.1 for group in muon.param_groups)
+    assert {names[id(p)]: group["weight_decay"] for group in adamw.param_groups for p in group["params"]} == {
+        "model.embed_tokens.weight": 0.0,
+        "lm_head.weight": 0.1,
+        "model.layers.0.input_layernorm.weight": 0.0,
+        "model.layers.0.post_attention_layernorm.weight": 0.0,
+        "model.norm.weight": 0.0,
+    }
+
+
+def test_the_plan_counts_one_moment_for_muon_matrices_and_two_for_adamw():
+    from llmctl.train.plan import make_plan
+
+    shape = {"vocab_size": 1000, "d_model": 64, "n_layer": 2, "n_head": 4, "max_seq_len": 64}
+    adamw = make_plan(recipe_from_dict({"model": shape, "optim": {"name": "adamw"}}))
+    muon = make_plan(recipe_from_dict({"model": shape, "optim": {"name": "muon"}}))
+    assert adamw.memory["optimizer"] == 8 * adamw.parameters
+    assert muon.memory["optimizer"] == 4 * muon.parameters + 4 * (2 * 1000 * 64)  # untied: embedding and head
+
+
+@pytest.mark.parametrize("written_before_muon", [False, True])
+def test_resuming_under_another_optimizer_is_refused(sample_pipeline, tmp_path, written_before_muon):
+    first = tiny_recipe(sample_pipeline, tmp_path, steps=4)
+    first.optim.name = "adamw"
+    Trainer(first, CPU).fit()
+    if written_before_muon:  # AdamW moments, under a recipe and a state that do not name the optimizer
+        ((_, checkpoint),) = list_checkpoints(tmp_path)
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        del state["optimizer_name"]
+        torch.save(state, checkpoint / "trainer_state.pt")
+        recipe_file = checkpoint / "recipe.toml"
+        written = recipe_file.read_text()
+        assert 'name = "adamw"\n' in written
+        recipe_file.write_text(written.replace('name = "adamw"\n', ""))
+        write_digest_manifest(checkpoint)
+    with pytest.raises(UserError, match="optim.name adamw -> muon"):
+        Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=8), CPU).fit(resume="auto")
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(sample_pipeline, tmp_path):

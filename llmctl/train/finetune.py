@@ -38,8 +38,9 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def finetune_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with its base's model shape and, when it sets none, the method's learning rate: the
-    pretraining rate for LoRA's small update matrices, a tenth of it for full finetuning."""
+    """The recipe with its base's model shape and, when it sets none, the method's learning rate (the
+    pretraining rate for LoRA's small update matrices, a tenth of it for full finetuning) and AdamW with the
+    embedding at that rate."""
     spec = recipe.finetune
     if not spec.base:
         raise UserError(
@@ -67,6 +68,9 @@ def finetune_recipe(recipe: Recipe) -> Recipe:
     if recipe.optim.lr is None:
         rate = width_scaled_lr(config.d_model)
         raw["optim"]["lr"] = rate / 10 if spec.method == "full" else rate
+    for key, finetuning_default in (("name", "adamw"), ("embedding_lr_scale", 1.0)):
+        if key not in recipe.optim.model_fields_set:  # pretraining's defaults are measured from scratch only
+            raw["optim"][key] = finetuning_default
     return recipe_from_dict(raw, source=f"recipe {recipe.name}")
 
 

@@ -1,9 +1,11 @@
-"""AdamW with decay/no-decay parameter groups, and the learning-rate schedules as pure functions of the step."""
+"""The optimizer (AdamW, or Muon for the hidden matrices with AdamW for the rest) with decay/no-decay parameter
+groups, and the learning-rate schedules as pure functions of the step."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -15,18 +17,48 @@ def parameter_groups(
     model: nn.Module, optim: OptimSection, lr_scale: Callable[[str], float] = lambda name: 1.0
 ) -> list[dict]:
     """Trainable parameters grouped by weight decay (matrices only: norms and biases never, embeddings only
-    when the recipe asks) and by `lr_scale`, each group's share of the scheduled learning rate."""
+    when the recipe asks) and by their share of the scheduled learning rate: `lr_scale`, times
+    `optim.embedding_lr_scale` for the token embedding."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():  # a tied LM head is listed once, as the embedding
-        if not param.requires_grad:
-            continue
+    for name, param in trainable(model):  # a tied LM head is listed once, as the embedding
         is_embedding = "embed_tokens" in name
         no_decay = param.ndim < 2 or name.endswith(".bias") or (is_embedding and not optim.decay_embeddings)
-        groups.setdefault((0.0 if no_decay else optim.weight_decay, lr_scale(name)), []).append(param)
+        scale = lr_scale(name) * (optim.embedding_lr_scale if is_embedding else 1.0)
+        groups.setdefault((0.0 if no_decay else optim.weight_decay, scale), []).append(param)
     return [
         {"params": params, "weight_decay": decay, "lr_scale": scale}
         for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][0], -item[0][1]))
     ]
+
+
+class Optimizers:
+    """One or more torch optimizers stepped as one. The trainer, the gradient scaler and the checkpoint see a
+    single object; `parts` go to torch's distributed state-dict API, which keys every state by parameter name."""
+
+    def __init__(self, *parts: torch.optim.Optimizer) -> None:
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    @property
+    def state(self) -> ChainMap:
+        return ChainMap(*(part.state for part in self.parts))
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """Muon's share: the transformer blocks' 2-D weights (and adapters'), never the embedding or the LM head,
+    whose rows are per-token lookups rather than linear maps."""
+    return param.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
 
 
 def build_optimizer(
@@ -34,15 +66,43 @@ def build_optimizer(
     optim: OptimSection,
     device: torch.device,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
-) -> torch.optim.AdamW:
-    """Fused AdamW (one kernel for all parameters) where the device and parameters allow it."""
-    groups = parameter_groups(model, optim, lr_scale)
-    params = [p for group in groups for p in group["params"]]
+) -> Optimizers:
+    """Fused AdamW (one kernel for all parameters) where the device and parameters allow it; with
+    `optim.name = "muon"`, torch's Muon for the hidden matrices, its step scaled to AdamW's RMS
+    ("match_rms_adamw") so that the recipe's lr and weight decay mean the same for both."""
+    params = [p for _, p in trainable(model)]
     is_dtensor = any(type(p).__name__ == "DTensor" for p in params)
     fused = device.type in ("cuda", "cpu") and not is_dtensor
-    return torch.optim.AdamW(
-        groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused, foreach=None if fused else True
+
+    def adamw(groups: list[dict]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(
+            groups,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            fused=fused,
+            foreach=None if fused else True,
+        )
+
+    if optim.name == "adamw":
+        return Optimizers(adamw(parameter_groups(model, optim, lr_scale)))
+    hidden = {id(p) for name, p in trainable(model) if is_hidden_matrix(name, p)}
+    groups = parameter_groups(model, optim, lr_scale)
+    split = [
+        ({**group, "params": [p for p in group["params"] if (id(p) in hidden) == wanted]}, wanted)
+        for group in groups
+        for wanted in (True, False)
+    ]
+    muon_groups = [group for group, wanted in split if wanted and group["params"]]
+    adamw_groups = [group for group, wanted in split if not wanted and group["params"]]
+    muon = torch.optim.Muon(
+        muon_groups, lr=optim.lr, momentum=optim.muon_momentum, adjust_lr_fn="match_rms_adamw"
     )
+    return Optimizers(muon, adamw(adamw_groups)) if adamw_groups else Optimizers(muon)
+
+
+def trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((name, p) for name, p in model.named_parameters() if p.requires_grad)
 
 
 def lr_at(

@@ -57,12 +57,20 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> TrainingPlan:
     seq, micro = recipe.seq_len, recipe.train.micro_batch_size
     if seq > config.max_seq_len:
         raise UserError(f"train.seq_len ({seq}) exceeds model.max_seq_len ({config.max_seq_len})")
+    if recipe.optim.name == "muon" and strategy == "fsdp":
+        raise UserError(
+            'optim.name = "muon" needs every weight matrix whole, and FSDP shards them: '
+            'set optim.name = "adamw", or distributed.strategy = "ddp"'
+        )
     shards = world_size if strategy == "fsdp" else 1
-    # fp32 master weights and gradients, AdamW's two fp32 moments; FSDP shards all four.
+    # fp32 master weights and gradients, and the optimizer's fp32 moments: AdamW keeps two per parameter,
+    # Muon one per hidden-matrix weight (AdamW's two for the embeddings). FSDP shards all of them.
+    lookup_tables = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    moments = 8 * parameters if recipe.optim.name == "adamw" else 4 * parameters + 4 * lookup_tables
     memory = {
         "weights": 4 * parameters / shards,
         "gradients": 4 * parameters / shards,
-        "optimizer": 8 * parameters / shards,
+        "optimizer": moments / shards,
     }
     activation_bytes = 2 if recipe.train.precision in ("bf16", "fp16") else 4
     tokens = micro * seq

@@ -107,14 +107,16 @@ def exactness_keys(recipe: Recipe, data_fingerprint: str) -> dict[str, object]:
 
 
 def check_resume_matches(checkpoint: Path, recipe: Recipe, data_fingerprint: str, saved: dict) -> None:
-    """Refuse to resume under a recipe that changes what `exactness_keys` names; anything else (steps, lr,
-    logging, checkpointing) may change."""
+    """Refuse to resume under a recipe that changes what `exactness_keys` names or the optimizer; anything
+    else (steps, lr, logging, checkpointing) may change."""
     recipe_path = checkpoint / RECIPE_FILE
     if not recipe_path.is_file():
         return
     before = recipe_from_dict(tomllib.loads(recipe_path.read_text()), source=str(recipe_path))
     old = exactness_keys(before, saved.get("data_fingerprint", data_fingerprint))
     new = exactness_keys(recipe, data_fingerprint)
+    # the saved moments belong to one optimizer; checkpoints from before the choice existed hold AdamW's
+    old["optim.name"], new["optim.name"] = saved.get("optimizer_name", "adamw"), recipe.optim.name
     changed = [key for key in new if old.get(key) != new[key]]
     if changed:
         details = ", ".join(

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from llmctl.checkpoint import TRAINER_STATE_FILE
 from llmctl.errors import UserError
 from llmctl.model.hf_format import read_state_dict, with_tied_head, without_tied_head
+from llmctl.train.optim import Optimizers
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -31,8 +32,8 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
+def full_optimizer_state(model: nn.Module, optimizer: Optimizers) -> dict:
+    return get_optimizer_state_dict(model, optimizer.parts, options=FULL)
 
 
 def rng_state() -> dict:
@@ -75,13 +76,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
-def restore_trainer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, is_main: bool
-) -> None:
+def restore_trainer_state(model: nn.Module, optimizer: Optimizers, state: dict, is_main: bool) -> None:
     """Put the optimizer moments and every RNG back where `state` left them."""
     distributed = torch.distributed.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     set_optimizer_state_dict(
-        model, optimizer, state["optimizer"] if is_main or not distributed else {}, options=options
+        model, optimizer.parts, state["optimizer"] if is_main or not distributed else {}, options=options
     )
     restore_rng_state(state["rng"])

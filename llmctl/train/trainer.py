@@ -361,6 +361,7 @@ class Trainer:
         trainer_state = {
             "step": step,
             "optimizer": optimizer_state,
+            "optimizer_name": self.recipe.optim.name,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "skipped_steps": self.skipped_steps,
