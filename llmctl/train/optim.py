@@ -87,14 +87,13 @@ def build_optimizer(
     if optim.name == "adamw":
         return Optimizers(adamw(parameter_groups(model, optim, lr_scale)))
     hidden = {id(p) for name, p in trainable(model) if is_hidden_matrix(name, p)}
-    groups = parameter_groups(model, optim, lr_scale)
-    split = [
-        ({**group, "params": [p for p in group["params"] if (id(p) in hidden) == wanted]}, wanted)
-        for group in groups
-        for wanted in (True, False)
-    ]
-    muon_groups = [group for group, wanted in split if wanted and group["params"]]
-    adamw_groups = [group for group, wanted in split if not wanted and group["params"]]
+    muon_groups: list[dict] = []
+    adamw_groups: list[dict] = []
+    for group in parameter_groups(model, optim, lr_scale):  # each group split between the two optimizers
+        for is_hidden, target in ((True, muon_groups), (False, adamw_groups)):
+            share = [p for p in group["params"] if (id(p) in hidden) == is_hidden]
+            if share:
+                target.append({**group, "params": share})
     muon = torch.optim.Muon(
         muon_groups, lr=optim.lr, momentum=optim.muon_momentum, adjust_lr_fn="match_rms_adamw"
     )
