@@ -10,6 +10,7 @@ from test_finetune import CPU, finetune_dict, write_examples
 from llmctl.checkpoint import latest_checkpoint, open_checkpoint
 from llmctl.compress.prune import magnitude_mask, prune_model
 from llmctl.compress.quantize import block_linear_names
+from llmctl.errors import UserError
 from llmctl.recipe import recipe_from_dict
 from llmctl.train.finetune import FinetuneTrainer, finetune_recipe
 
@@ -88,6 +89,9 @@ def test_recovery_finetuning_keeps_the_pruned_weights_at_zero(tiny_checkpoint, t
         weight, zero = recovered.get_submodule(name).weight, start.get_submodule(name).weight == 0
         assert torch.all(weight[zero] == 0), name
         assert not torch.equal(weight, start.get_submodule(name).weight), name  # the rest did train
+    raw["optim"] = {**raw.get("optim", {}), "name": "muon"}
+    with pytest.raises(UserError, match='keep_sparsity needs optim.name = "adamw"'):
+        FinetuneTrainer(finetune_recipe(recipe_from_dict(raw)), CPU)
 
 
 def test_a_gguf_export_holds_llama_cpp_names_the_weights_and_the_tokenizer(llmctl, tiny_checkpoint, tmp_path):

@@ -114,6 +114,11 @@ class FinetuneTrainer(Trainer):
             raise UserError(
                 'finetune.keep_sparsity applies to method = "full" with distributed.strategy "ddp" or "none"'
             )
+        if spec.keep_sparsity and recipe.optim.name == "muon":
+            raise UserError(
+                'finetune.keep_sparsity needs optim.name = "adamw": Muon orthogonalises each step, which moves '
+                "the pruned weights whose gradient is masked"
+            )
         if spec.method == "qlora" and recipe.distributed.strategy == "fsdp":
             raise UserError(
                 'QLoRA trains with distributed.strategy "ddp" or "none": FSDP shards parameters, and a '
