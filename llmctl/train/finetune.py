@@ -32,6 +32,7 @@ from llmctl.model.hf_format import CONFIG_FILE, read_config, read_quantization_c
 from llmctl.recipe import ModelSection, Recipe, recipe_from_dict, width_scaled_lr
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.events import EventHandler
+from llmctl.train.optim import is_hidden_matrix
 from llmctl.train.trainer import Trainer
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -87,7 +88,7 @@ def keep_zeros(model: Transformer) -> None:
     """Mask the gradient of every matrix weight that is zero, so a pruned model stays pruned: with no gradient
     AdamW never moves such a weight (its moments stay zero, and decay scales zero to zero)."""
     for name, param in model.named_parameters():
-        if param.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+        if is_hidden_matrix(name, param):
             kept = param.detach() != 0
             param.register_hook(lambda grad, kept=kept: grad * kept)
 

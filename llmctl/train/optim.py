@@ -56,8 +56,8 @@ class Optimizers:
 
 
 def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
-    """Muon's share: the transformer blocks' 2-D weights (and adapters'), never the embedding or the LM head,
-    whose rows are per-token lookups rather than linear maps."""
+    """The transformer blocks' 2-D weights (and adapters'): what Muon steps and `finetune.keep_sparsity` keeps
+    pruned. Never the embedding or the LM head, whose rows are per-token lookups rather than linear maps."""
     return param.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
 
 
