@@ -113,3 +113,20 @@ def test_compiled_models_of_many_shapes_share_one_process():
             expected = list(generate_ids(model, [1, 2, 3], greedy(3)))
             compile_decode(model)
             assert list(generate_ids(model, [1, 2, 3], greedy(3))) == expected
+
+
+def test_compiled_models_with_one_cache_shape_keep_their_own_graphs_and_the_callers_dynamo_settings():
+    """A model's graphs skip dynamo's guards on its modules and hold its norms' eps as constants, so they must
+    never serve another model whose KV cache has the same shape (here a different SwiGLU width and eps); and the
+    setting the step is traced under (floats as constants) is restored for the caller."""
+    first, second = decisive_model(1), decisive_model(2, d_ff=128, norm_eps=0.5)
+    expected = []
+    for model in (first, second):
+        use_decode_kernels(model)
+        expected.append(list(generate_ids(model, [1, 2, 3], greedy(8))))
+    assert expected[0] != expected[1]
+    for model in (first, second):
+        compile_decode(model)
+    for _ in range(2):  # alternating, after both have compiled
+        assert [list(generate_ids(model, [1, 2, 3], greedy(8))) for model in (first, second)] == expected
+    assert torch._dynamo.config.specialize_float is False  # dynamo's default, untouched in this thread

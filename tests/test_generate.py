@@ -8,7 +8,7 @@ import torch
 from llmctl.infer.beam import BeamParams, beam_search
 from llmctl.infer.decode import PromptTooLong, fit_prompt
 from llmctl.infer.generate import generate_batch, generate_ids
-from llmctl.infer.sampling import SamplingParams, filter_logits, sample_next
+from llmctl.infer.sampling import SamplingParams, filter_logits, greedy_ids, sample_next
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict, write_model_files
 
@@ -160,6 +160,19 @@ def test_sampling_filters():
         torch.tensor([[0]]),
     )
     assert penalised.item() == 1
+
+
+def test_greedy_ids_are_torchs_argmax_first_index_on_ties_in_every_layout_and_dtype():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 3, 8000)
+    logits[2, -1, 7] = logits[2, -1, 4000] = 100.0  # a tie: the first index wins
+    logits[5, -1, 11] = float("nan")  # NaN counts as the largest, as in torch
+    for rows in (logits[:, -1], logits[:1, -1], logits[:, -1].contiguous(), logits[:, -1].double()):
+        picks = greedy_ids(rows)
+        assert picks.dtype == torch.long and picks.tolist() == rows.argmax(-1).tolist()
+    assert greedy_ids(logits[:, -1])[2] == 7 and greedy_ids(logits[:, -1])[5] == 11
+    halves = logits[:, -1].bfloat16()
+    assert greedy_ids(halves).tolist() == halves.argmax(-1).tolist()
 
 
 def test_prompt_longer_than_context_is_an_error_naming_both_lengths():

@@ -102,9 +102,10 @@ def prefill_rows(model: Transformer, prompts: list[list[int]], cache: KVCache) -
 
 StepFunction = Callable[..., torch.Tensor]
 _compiled_steps: weakref.WeakKeyDictionary[Transformer, StepFunction] = weakref.WeakKeyDictionary()
-# Every compiled model shares `_rows_step`'s code, whose graphs dynamo counts together: a few per model (one
-# row; more rows through llmctl's kernel or past its MAX_ROWS; one token per row or several), so several served
-# models and their drafts pass dynamo's default limit of 8, which fails a fullgraph compile.
+# Every compiled model shares `_rows_step`'s code, whose graphs dynamo counts together unless each model's are
+# kept apart (torch >= 2.13): a few per model (one row; more rows through llmctl's kernel or past its MAX_ROWS;
+# one token per row or several), so several served models and their drafts pass dynamo's default limit of 8,
+# which fails a fullgraph compile.
 STEP_GRAPHS = 64
 
 
@@ -124,16 +125,47 @@ def compile_decode(model: Transformer) -> None:
     """Run this model's slot-cache decode steps through torch.compile from now on (inductor: C++ with a C++
     wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each class of batch
     size and width compile, which takes tens of seconds; `warm_up_decode` does that before serving."""
+    compile_parameters = inspect.signature(torch.compile).parameters
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
         decode_ops()  # built and loaded before tracing, which must not build it
-        options = {"options": {"cpp_wrapper": True}}
+        inductor: dict[str, object] = {"cpp_wrapper": True}
+        if (
+            "isolate_recompiles" in compile_parameters
+        ):  # torch >= 2.13: this model's graphs kept apart (below)
+            # They serve this model alone (`_compiled_steps`), whose modules and weights' shapes do not change
+            # once it is loaded, so dynamo need not check them before every step, only the step's inputs (ids,
+            # cache, positions): the ~70 weights' checks were ~4% of a small model's step.
+            inductor["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        options: dict[str, object] = {"options": inductor}
     else:  # CUDA graphs replay the whole step in one launch
         options = {"mode": "reduce-overhead"}
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13: per function
+    if "isolate_recompiles" in compile_parameters:
+        options.update(isolate_recompiles=True, recompile_limit=STEP_GRAPHS)  # this model's own graphs
+    elif "recompile_limit" in compile_parameters:  # per function: every model's graphs count together
         options["recompile_limit"] = STEP_GRAPHS
     else:  # before, one global setting (since 2.13 it is per thread: the engine's would not see it)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
-    _compiled_steps[model] = torch.compile(_rows_step, dynamic=True, fullgraph=True, **options)
+    _compiled_steps[model] = _floats_as_constants(
+        torch.compile(_rows_step, dynamic=True, fullgraph=True, **options)
+    )
+
+
+def _floats_as_constants(step: StepFunction) -> StepFunction:
+    """`step` traced with the model's Python floats (each norm's eps) as constants of its graphs. By default
+    dynamo makes each an input, turned into a tensor before every step: 13 for a 6-layer model, ~3% of its
+    step on a CPU. Dynamo's settings are per thread and a step may be traced in any thread (an engine's, a
+    chat's), so the setting is made around each call (~3 us) and restored after it."""
+    config = torch._dynamo.config
+
+    def step_with_constant_floats(*args: object) -> torch.Tensor:
+        saved = config.specialize_float
+        config.specialize_float = True
+        try:
+            return step(*args)
+        finally:
+            config.specialize_float = saved
+
+    return step_with_constant_floats
 
 
 @torch.inference_mode()

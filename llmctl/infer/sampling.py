@@ -58,6 +58,15 @@ def apply_penalties(
     return logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely id, (rows,), the first where several tie. On the CPU numpy's argmax: torch's takes
+    ~13 us for one 8k-vocabulary row and ~47 us for eight on this project's 2-core box, against ~1 and ~4 us,
+    and a small model's whole decode step is ~1.5 ms."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    return logits.argmax(dim=-1)
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks (masked entries become -inf)."""
     logits = logits / params.temperature
@@ -87,7 +96,7 @@ def sample_next(
     """Next ids (batch,) from last-position logits (batch, vocab)."""
     logits = apply_penalties(logits.float(), generated, params)
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return greedy_ids(logits)
     draws = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
     return inverse_cdf(filter_logits(logits, params).softmax(-1), draws)
 
@@ -128,7 +137,7 @@ def sample_rows(
         group_params = params[rows[0]]
         selected = logits[rows]
         if group_params.greedy:
-            chosen = selected.argmax(dim=-1)
+            chosen = greedy_ids(selected)
         else:
             draws = torch.cat(
                 [torch.rand(1, 1, generator=generators[row], device=logits.device) for row in rows]
@@ -159,7 +168,7 @@ def distributions(
     for rows in groups.values():
         group_params, selected = params[rows[0]], logits[rows]
         if group_params.greedy:
-            probs[rows] = torch.nn.functional.one_hot(selected.argmax(-1), logits.shape[-1]).float()
+            probs[rows] = torch.nn.functional.one_hot(greedy_ids(selected), logits.shape[-1]).float()
         else:
             probs[rows] = filter_logits(selected, group_params).softmax(-1)
     return probs
