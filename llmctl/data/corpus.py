@@ -281,7 +281,10 @@ class WorkerPool:
 
     def __enter__(self) -> Callable[[Iterable[list[Document]]], Iterator[ProcessedDocument]]:
         if self.workers > 1:
-            self.pool = multiprocessing.get_context("fork").Pool(
+            # Workers start from a fork server, not from this process: a process with threads (torch's,
+            # a test runner's) can fork a child that waits forever on a lock another thread held at the fork,
+            # which hung a build once in CI. It costs ~0.5 s a build.
+            self.pool = multiprocessing.get_context("forkserver").Pool(
                 self.workers, initializer=_init_worker, initargs=(self.options,)
             )
         else:
