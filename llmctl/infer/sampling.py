@@ -123,19 +123,21 @@ def sample_rows(
     few batched operations: rows that share their filter settings are filtered, softmaxed and searched
     together. Each row draws from its own generator exactly as `sample_next` would, so a seeded request
     gets the same tokens alone or in any batch."""
-    logits = torch.cat(
-        [
-            apply_penalties(row[None].float(), history, row_params)
-            for row, history, row_params in zip(logits, generated, params, strict=True)
-        ]
-    )
+    logits = logits.float()
+    if any(row_params.penalised for row_params in params):
+        logits = torch.cat(
+            [
+                apply_penalties(row[None], history, row_params)
+                for row, history, row_params in zip(logits, generated, params, strict=True)
+            ]
+        )
     picks = [0] * len(params)
     groups: dict[tuple, list[int]] = {}
     for row, row_params in enumerate(params):
         groups.setdefault(_filter_key(row_params), []).append(row)
     for rows in groups.values():
         group_params = params[rows[0]]
-        selected = logits[rows]
+        selected = logits if len(rows) == len(params) else logits[rows]
         if group_params.greedy:
             chosen = greedy_ids(selected)
         else:
