@@ -126,23 +126,22 @@ def compile_decode(model: Transformer) -> None:
     wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each class of batch
     size and width compile, which takes tens of seconds; `warm_up_decode` does that before serving."""
     compile_parameters = inspect.signature(torch.compile).parameters
+    isolated = "isolate_recompiles" in compile_parameters  # torch >= 2.13: each model's graphs kept apart
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
         decode_ops()  # built and loaded before tracing, which must not build it
         # No size, stride or alignment checks in the wrapper on every tensor of every step (~110 for a 6-layer
         # model, ~3% of its step): dynamo's guards have checked the step's inputs, and the kernels' outputs
         # have the shapes their fakes declare (tests/test_kernels.py).
         inductor: dict[str, object] = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
-        if (
-            "isolate_recompiles" in compile_parameters
-        ):  # torch >= 2.13: this model's graphs kept apart (below)
-            # They serve this model alone (`_compiled_steps`), whose modules and weights' shapes do not change
-            # once it is loaded, so dynamo need not check them before every step, only the step's inputs (ids,
-            # cache, positions): the ~70 weights' checks were ~4% of a small model's step.
+        if isolated:
+            # The graphs serve this model alone (`_compiled_steps`), whose modules and weights' shapes do not
+            # change once it is loaded, so dynamo need not check them before every step, only the step's
+            # inputs (ids, cache, positions): the ~70 weights' checks were ~4% of a small model's step.
             inductor["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         options: dict[str, object] = {"options": inductor}
     else:  # CUDA graphs replay the whole step in one launch
         options = {"mode": "reduce-overhead"}
-    if "isolate_recompiles" in compile_parameters:
+    if isolated:
         options.update(isolate_recompiles=True, recompile_limit=STEP_GRAPHS)  # this model's own graphs
     elif "recompile_limit" in compile_parameters:  # per function: every model's graphs count together
         options["recompile_limit"] = STEP_GRAPHS
