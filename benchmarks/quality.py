@@ -258,7 +258,8 @@ def main() -> None:
         f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
         f"{args.batch}; {budget}: llmctl {ours_steps} steps = {ours_steps * args.batch * window:,} tokens, "
         f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; lr {args.lr:g}, warmup "
-        f"{args.warmup}, cosine; llmctl {args.optimizer} (embedding x{args.embedding_lr_scale:g}), plain adamw; llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
+        f"{args.warmup}, cosine; llmctl {args.optimizer} (embedding x{args.embedding_lr_scale:g}), plain adamw; "
+        f"llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
     )
     print(
         f"{'held-out set':20}{'bytes':>10}{'plain keeps':>13}{'llmctl bpb':>12}{'plain bpb':>12}{'llmctl vs plain':>17}"
