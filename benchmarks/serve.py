@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import socket
 import statistics
@@ -43,6 +44,13 @@ PROMPTS = [
     "Exceptions are",
     "The standard library",
 ]
+
+
+def server_stack() -> str:
+    """What uvicorn runs on here ("auto" takes uvloop and httptools when installed, as the serve extra does)."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"event loop {loop}, HTTP {http}"
 
 
 def checkpoint(work: Path) -> Path:
@@ -200,7 +208,7 @@ def main() -> None:
     print(
         f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}, "
         f"decode step {'compiled' if args.compile else 'eager'}, shared prefix {args.shared_prefix} words, "
-        f"prefix cache {args.prefix_cache_tokens} tokens"
+        f"prefix cache {args.prefix_cache_tokens} tokens; uvicorn's {server_stack()}"
     )
     print(f"{'clients':>8}{'tokens/s':>12}{'p50 TTFT ms':>14}{'p99 TTFT ms':>14}{'failed':>8}")
     for clients, result in ((1, single), (args.clients, many)):

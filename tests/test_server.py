@@ -315,7 +315,15 @@ def test_a_failing_request_gets_an_error_and_its_batch_neighbours_finish(tiny_ch
             assert json.loads(results[name][-2])["choices"][0]["finish_reason"] in ("length", "stop")
         whole = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": 7})
         assert whole.status_code == 500 and whole.json()["error"]["code"] == "generation_failed"
+        several = httpx.post(
+            f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": 7, "n": 2}
+        )
+        assert several.status_code == 500
         assert httpx.get(f"{running.url}/health").status_code == 200
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert (
+            'llmctl_errors_total{model="tiny"} 3.0' in metrics
+        )  # one stream, one whole, one with two choices
 
 
 def test_the_api_docs_are_behind_the_key_and_the_key_is_checked_exactly(server):
