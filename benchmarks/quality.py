@@ -15,10 +15,12 @@ loop until its clock runs out, its warmup + cosine following the fraction of the
 says how many tokens each got through.
 
 llmctl: `corpus build` defaults, an 8k `tokenize train`, `tokenize encode`, the trainer with the recipe
-defaults for this shape (Muon for the hidden matrices, AdamW for the rest, the embedding at 10x the lr).
+defaults for this shape (Muon for the hidden matrices, AdamW for the rest, the embedding at 30x the lr
+and the head at 3x).
 Plain: sentencepiece with its defaults on the raw training text, HF LlamaForCausalLM, torch AdamW with the
 same lr, betas, weight decay, clipping, warmup and cosine decay, random windows over the concatenated
-documents. `--optimizer adamw --embedding-lr-scale 1` gives llmctl the plain script's optimizer.
+documents. `--optimizer adamw --embedding-lr-scale 1 --head-lr-scale 1` gives llmctl the plain script's
+optimizer.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
                 "lr": args.lr,
                 "name": args.optimizer,
                 "embedding_lr_scale": args.embedding_lr_scale,
+                "head_lr_scale": args.head_lr_scale,
             },
             "schedule": {"warmup_steps": args.warmup},
             "checkpoint": {"dir": str(work / "run"), "every": 0},
@@ -222,6 +225,7 @@ def main() -> None:
     parser.add_argument(
         "--embedding-lr-scale", type=float, default=None, help="llmctl's; default: its default"
     )
+    parser.add_argument("--head-lr-scale", type=float, default=None, help="llmctl's; default: its default")
     parser.add_argument("--minutes", type=float, default=None, help="equal training time instead of tokens")
     args = parser.parse_args()
     keep_freed_memory()
@@ -234,6 +238,8 @@ def main() -> None:
     args.optimizer = args.optimizer or defaults.optim.name
     if args.embedding_lr_scale is None:
         args.embedding_lr_scale = defaults.optim.embedding_lr_scale
+    if args.head_lr_scale is None:
+        args.head_lr_scale = defaults.optim.head_lr_scale
     sets = {
         "techdocs val": capped(read_jsonl_texts(args.corpus / "val.jsonl")),
         "GNU info manuals": capped(info_manuals()),
@@ -258,7 +264,7 @@ def main() -> None:
         f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
         f"{args.batch}; {budget}: llmctl {ours_steps} steps = {ours_steps * args.batch * window:,} tokens, "
         f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; lr {args.lr:g}, warmup "
-        f"{args.warmup}, cosine; llmctl {args.optimizer} (embedding x{args.embedding_lr_scale:g}), plain adamw; "
+        f"{args.warmup}, cosine; llmctl {args.optimizer} (embedding x{args.embedding_lr_scale:g}, head x{args.head_lr_scale:g}), plain adamw; "
         f"llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
     )
     print(

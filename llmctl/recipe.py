@@ -137,8 +137,14 @@ class OptimSection(Section):
     weight_decay: float = Field(0.1, ge=0)
     clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     decay_embeddings: bool = False
-    embedding_lr_scale: float = Field(
-        10.0, gt=0, description="the token embedding's share of the lr (x lr); finetuning defaults to 1"
+    embedding_lr_scale: float | None = Field(
+        None,
+        gt=0,
+        description="the token embedding's share of the lr (x lr); default 30, or 10 when it is tied to the LM "
+        "head; finetuning defaults to 1",
+    )
+    head_lr_scale: float = Field(
+        3.0, gt=0, description="an untied LM head's share of the lr (x lr); finetuning defaults to 1"
     )
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: its momentum (Nesterov)")
 
@@ -221,11 +227,15 @@ class Recipe(Section):
     distill: DistillSection = DistillSection()
 
     @model_validator(mode="after")
-    def default_learning_rate(self) -> Recipe:
-        """Resolved here, so the run's saved recipe records the rate it trained with. A finetune's model shape
-        is its base's, known only once the base is read (`train.finetune.finetune_recipe` resolves it)."""
-        if self.optim.lr is None and not self.finetune.base:
+    def default_learning_rates(self) -> Recipe:
+        """Resolved here, so the run's saved recipe records the rates it trained with. A finetune's model shape
+        is its base's, known only once the base is read (`train.finetune.finetune_recipe` resolves them)."""
+        if self.finetune.base:
+            return self
+        if self.optim.lr is None:
             self.optim.lr = width_scaled_lr(self.model.d_model)
+        if self.optim.embedding_lr_scale is None:  # a tied embedding is the head too, which wants less
+            self.optim.embedding_lr_scale = 10.0 if self.model.tie_embeddings else 30.0
         return self
 
     @property

@@ -256,13 +256,37 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert {group["lr_scale"] for group in groups if group is not embedding} == {0.5}
 
 
+def test_the_embedding_and_an_untied_head_get_their_own_rates():
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.recipe import recipe_from_dict
+
+    def rates(tied: bool, optim: dict) -> dict[str, float]:
+        shape = {"vocab_size": 50, "d_model": 16, "n_layer": 1, "n_head": 2, "tie_embeddings": tied}
+        recipe = recipe_from_dict({"name": "r", "model": shape, "optim": optim})
+        model = Transformer(ModelConfig(**shape))
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {
+            names[id(p)]: g["lr_scale"] for g in parameter_groups(model, recipe.optim) for p in g["params"]
+        }
+
+    untied = rates(False, {})
+    assert untied["model.embed_tokens.weight"] == 30.0 and untied["lm_head.weight"] == 3.0
+    assert {rate for name, rate in untied.items() if "embed" not in name and "lm_head" not in name} == {1.0}
+    tied = rates(True, {"head_lr_scale": 5.0})  # a tied head is the embedding: one rate, the embedding's
+    assert tied["model.embed_tokens.weight"] == 10.0 and "lm_head.weight" not in tied
+    assert rates(False, {"embedding_lr_scale": 2.0, "head_lr_scale": 1.0})["lm_head.weight"] == 1.0
+    assert rates(False, {"embedding_lr_scale": 2.0})["model.embed_tokens.weight"] == 2.0
+
+
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     from llmctl.model import ModelConfig, Transformer
     from llmctl.recipe import OptimSection
 
     model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2))
     names = {id(p): n for n, p in model.named_parameters()}
-    muon, adamw = build_optimizer(model, OptimSection(name="muon", lr=1e-3), CPU.device).parts
+    muon, adamw = build_optimizer(
+        model, OptimSection(name="muon", lr=1e-3, embedding_lr_scale=10), CPU.device
+    ).parts
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     assert {names[id(p)] for group in muon.param_groups for p in group["params"]} == {
         f"model.layers.0.{name}.weight"

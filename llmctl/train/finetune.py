@@ -69,7 +69,7 @@ def finetune_recipe(recipe: Recipe) -> Recipe:
     if recipe.optim.lr is None:
         rate = width_scaled_lr(config.d_model)
         raw["optim"]["lr"] = rate / 10 if spec.method == "full" else rate
-    for key, finetuning_default in (("name", "adamw"), ("embedding_lr_scale", 1.0)):
+    for key, finetuning_default in (("name", "adamw"), ("embedding_lr_scale", 1.0), ("head_lr_scale", 1.0)):
         if key not in recipe.optim.model_fields_set:  # pretraining's defaults are measured from scratch only
             raw["optim"][key] = finetuning_default
     return recipe_from_dict(raw, source=f"recipe {recipe.name}")

@@ -18,12 +18,16 @@ def parameter_groups(
 ) -> list[dict]:
     """Trainable parameters grouped by weight decay (matrices only: norms and biases never, embeddings only
     when the recipe asks) and by their share of the scheduled learning rate: `lr_scale`, times
-    `optim.embedding_lr_scale` for the token embedding."""
+    `optim.embedding_lr_scale` for the token embedding and `optim.head_lr_scale` for an untied LM head."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in trainable(model):  # a tied LM head is listed once, as the embedding
         is_embedding = "embed_tokens" in name
         no_decay = param.ndim < 2 or name.endswith(".bias") or (is_embedding and not optim.decay_embeddings)
-        scale = lr_scale(name) * (optim.embedding_lr_scale if is_embedding else 1.0)
+        scale = lr_scale(name)
+        if is_embedding:
+            scale *= optim.embedding_lr_scale
+        elif "lm_head" in name:
+            scale *= optim.head_lr_scale
         groups.setdefault((0.0 if no_decay else optim.weight_decay, scale), []).append(param)
     return [
         {"params": params, "weight_decay": decay, "lr_scale": scale}
