@@ -3,6 +3,10 @@ it, and a GGUF file with llama.cpp's names, the checkpoint's values and the toke
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 import torch
 from test_finetune import CPU, finetune_dict, write_examples
@@ -209,3 +213,34 @@ def test_llama_cpp_generates_what_llmctl_generates_from_the_export(tiny_checkpoi
     finally:
         llm.close()
     assert theirs == ours
+
+
+def test_timing_llama_cpp_leaves_no_openmp_threads_behind(tiny_checkpoint, tmp_path):
+    """llama.cpp shares torch's libgomp: a pool left on the caller's thread, which lives on, would slow every
+    later torch step there. The caller here is a fresh thread, as the benchmarks' threads are."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra (llmctl[llama])")
+    from llmctl.compress.gguf_export import write_gguf
+    from llmctl.compress.run import llama_cpp_decode_speed
+    from llmctl.model.hf_format import export_state_dict
+
+    model, tokenizer = open_checkpoint(tiny_checkpoint)
+    path = tmp_path / "f32.gguf"
+    write_gguf(path, model.config, export_state_dict(model), tokenizer.path, "f32", "tiny")
+    speeds, release = [], threading.Event()
+
+    def caller() -> None:
+        speeds.append(llama_cpp_decode_speed(path)[0])
+        release.wait()
+
+    threads = len(os.listdir("/proc/self/task"))
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not speeds or len(os.listdir("/proc/self/task")) > threads + 1:  # the caller itself is one
+            assert time.monotonic() < deadline, "threads left behind by llama.cpp"
+            time.sleep(0.05)
+    finally:
+        release.set()
+        thread.join()
+    assert speeds[0] is not None and speeds[0] > 0

@@ -30,6 +30,7 @@ from llmctl.errors import UserError
 from llmctl.infer.decode import compile_decode, load_for_inference
 from llmctl.model import Transformer
 from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
+from llmctl.runtime import in_passing_thread
 
 Progress = Callable[[str], None]
 
@@ -184,26 +185,33 @@ def measure_export(
 
 
 def llama_cpp_decode_speed(path: Path) -> tuple[float | None, str]:
-    """Batch-1 greedy tokens/s of llama.cpp on the file (llama-cpp-python, 2 threads), or why not."""
+    """Batch-1 greedy tokens/s of llama.cpp on the file (llama-cpp-python, 2 threads), or why not.
+
+    It runs in a passing thread: llama.cpp's CPU backend loads the process's one libgomp (torch's, by soname),
+    and an OpenMP pool left on a living thread slows every later torch step (`in_passing_thread`)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None, "decode speed: install llama-cpp-python (pip install 'llmctl[llama]') to measure it"
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
 
-    def decode() -> int:
-        llm.reset()
-        produced = 0
-        for _token in llm.generate(DECODE_PROMPT, top_k=1, temp=0.0):
-            produced += 1
-            if produced == DECODE_TOKENS:
-                break
-        return produced
+    def measure() -> float:
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
 
-    try:
-        return best_tokens_per_second(decode), "decode speed: llama.cpp"
-    finally:
-        llm.close()
+        def decode() -> int:
+            llm.reset()
+            produced = 0
+            for _token in llm.generate(DECODE_PROMPT, top_k=1, temp=0.0):
+                produced += 1
+                if produced == DECODE_TOKENS:
+                    break
+            return produced
+
+        try:
+            return best_tokens_per_second(decode)
+        finally:
+            llm.close()
+
+    return in_passing_thread(measure), "decode speed: llama.cpp"
 
 
 def prune_checkpoint(
