@@ -96,6 +96,26 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_pa
     assert all(torch.equal(final[name], reference[name]) for name in reference)
 
 
+def test_a_resume_trains_with_its_own_recipes_rates_and_decay(sample_pipeline, tmp_path):
+    def recipe(steps: int, optim: dict):
+        raw = tiny_recipe_dict(sample_pipeline, tmp_path, steps=steps)
+        raw["optim"] |= optim
+        return recipe_from_dict(raw)
+
+    Trainer(recipe(4, {"embedding_lr_scale": 2.0, "head_lr_scale": 1.0, "weight_decay": 0.1}), CPU).fit()
+    resumed = Trainer(recipe(8, {"embedding_lr_scale": 5.0, "head_lr_scale": 7.0, "weight_decay": 0.2}), CPU)
+    resumed.fit(resume="auto")
+    names = {id(p): n for n, p in resumed.model.named_parameters()}
+    settings = {
+        names[id(p)]: (group["lr_scale"], group["weight_decay"])
+        for group in resumed.optimizer.param_groups
+        for p in group["params"]
+    }
+    assert settings["model.embed_tokens.weight"] == (5.0, 0.0)
+    assert settings["lm_head.weight"] == (7.0, 0.2)
+    assert settings["model.layers.0.mlp.down_proj.weight"] == (1.0, 0.2)
+
+
 def test_non_finite_gradients_skip_the_step_and_training_continues(sample_pipeline, tmp_path):
     trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path, steps=6), CPU)
     events = []

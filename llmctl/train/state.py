@@ -77,10 +77,17 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 
 def restore_trainer_state(model: nn.Module, optimizer: Optimizers, state: dict, is_main: bool) -> None:
-    """Put the optimizer moments and every RNG back where `state` left them."""
+    """Put the optimizer moments and every RNG back where `state` left them. Each group keeps the settings
+    this run's recipe gave it (rate scales, weight decay, betas): loading would bring back the saved run's,
+    and a resume may change those (`check_resume_matches`)."""
     distributed = torch.distributed.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    settings = [
+        {key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups
+    ]
     set_optimizer_state_dict(
         model, optimizer.parts, state["optimizer"] if is_main or not distributed else {}, options=options
     )
+    for group, recipe_settings in zip(optimizer.param_groups, settings, strict=True):
+        group.update(recipe_settings)
     restore_rng_state(state["rng"])
