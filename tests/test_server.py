@@ -320,10 +320,8 @@ def test_a_failing_request_gets_an_error_and_its_batch_neighbours_finish(tiny_ch
         )
         assert several.status_code == 500
         assert httpx.get(f"{running.url}/health").status_code == 200
-        metrics = httpx.get(f"{running.url}/metrics").text
-        assert (
-            'llmctl_errors_total{model="tiny"} 3.0' in metrics
-        )  # one stream, one whole, one with two choices
+        metrics = httpx.get(f"{running.url}/metrics").text  # one stream, one whole, one with two choices
+        assert 'llmctl_errors_total{model="tiny"} 3.0' in metrics
 
 
 def test_the_api_docs_are_behind_the_key_and_the_key_is_checked_exactly(server):

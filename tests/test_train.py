@@ -278,7 +278,6 @@ def test_no_weight_decay_on_norms_and_embeddings():
 
 def test_the_embedding_and_an_untied_head_get_their_own_rates():
     from llmctl.model import ModelConfig, Transformer
-    from llmctl.recipe import recipe_from_dict
 
     def rates(tied: bool, optim: dict) -> dict[str, float]:
         shape = {"vocab_size": 50, "d_model": 16, "n_layer": 1, "n_head": 2, "tie_embeddings": tied}
