@@ -110,14 +110,17 @@ class TrainSection(Section):
     )
 
 
-REFERENCE_WIDTH, REFERENCE_LR = 2048, 2e-4
+REFERENCE_WIDTH = 2048
+REFERENCE_LR = {"adamw": 2e-4, "muon": 6.75e-4}
 
 
-def width_scaled_lr(d_model: int) -> float:
-    """The peak learning rate a recipe gets when it sets none: 2e-4 at d_model 2048, scaled by 1/width (how
-    muP scales Adam's rate for hidden matrices). At d_model 384 that is 1.07e-3, where the quality benchmark
-    measured the best of 3e-4, 1e-3 and 1.6e-3 (benchmarks/RESULTS.md)."""
-    return float(f"{REFERENCE_LR * REFERENCE_WIDTH / d_model:.3g}")
+def width_scaled_lr(d_model: int, optimizer: str = "adamw") -> float:
+    """The peak learning rate a recipe gets when it sets none: at d_model 2048, 2e-4 for AdamW and 6.75e-4 for
+    Muon (its update RMS-matched to AdamW's), scaled by 1/width (how muP scales Adam's rate for hidden
+    matrices). At d_model 384 that is 1.07e-3 for AdamW, the best of 3e-4, 1e-3 and 1.6e-3 on the quality
+    benchmark, and 3.6e-3 for Muon, the best of 1.07e-3, 2.4e-3, 3.6e-3, 5.4e-3 and 8e-3 on the two
+    held-out sets (benchmarks/RESULTS.md)."""
+    return float(f"{REFERENCE_LR[optimizer] * REFERENCE_WIDTH / d_model:.3g}")
 
 
 class OptimSection(Section):
@@ -130,7 +133,7 @@ class OptimSection(Section):
         None,
         gt=0,
         validation_alias=AliasChoices("lr", "learning_rate"),
-        description="peak learning rate; default 2e-4 x 2048 / model.d_model",
+        description="peak learning rate; default 2e-4 (adamw) or 6.75e-4 (muon) x 2048 / model.d_model",
     )
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -151,7 +154,15 @@ class OptimSection(Section):
 
 class ScheduleSection(Section):
     kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int | None = Field(
+        None, ge=0, description="linear warmup; default: warmup_fraction of the run"
+    )
+    warmup_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="the warmup's share of train.steps (of train.max_minutes on a time budget)",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the final fraction of steps that decays")
 
@@ -233,7 +244,7 @@ class Recipe(Section):
         if self.finetune.base:
             return self
         if self.optim.lr is None:
-            self.optim.lr = width_scaled_lr(self.model.d_model)
+            self.optim.lr = width_scaled_lr(self.model.d_model, self.optim.name)
         if self.optim.embedding_lr_scale is None:  # a tied embedding is the head too, which wants less
             self.optim.embedding_lr_scale = 10.0 if self.model.tie_embeddings else 30.0
         return self

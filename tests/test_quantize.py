@@ -99,8 +99,9 @@ def test_gptq_output_error_is_below_round_to_nearest_on_correlated_inputs():
 @pytest.fixture(scope="module")
 def demo_model(sample_pipeline, tmp_path_factory) -> Path:
     """recipes/tiny.toml's model on the session's sample tokens (100 of its 240 steps, to keep the suite quick:
-    int4 already costs it more than int8, and GPTQ already helps), trained with AdamW at one rate. With the
-    default Muon, int4 rounding of this model cost 0.004% perplexity, which leaves GPTQ nothing to fix."""
+    int4 already costs it more than int8, and GPTQ already helps), trained with AdamW at one rate of 3e-3.
+    With the default Muon, int4 rounding of this model cost 0.004% perplexity, which leaves GPTQ nothing to
+    fix."""
     run_dir = tmp_path_factory.mktemp("demo") / "tiny"
     recipe = load_recipe(
         REPO / "recipes" / "tiny.toml",
@@ -114,6 +115,7 @@ def demo_model(sample_pipeline, tmp_path_factory) -> Path:
             "train.steps=100",
             "train.eval_every=0",
             "optim.name=adamw",
+            "optim.lr=3e-3",
             "optim.embedding_lr_scale=1",
         ],
     )

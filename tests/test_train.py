@@ -226,16 +226,25 @@ def test_checkpoints_are_pruned_to_keep_last(sample_pipeline, tmp_path):
     assert not list(tmp_path.glob("checkpoints/.*"))
 
 
-def test_a_recipe_without_a_learning_rate_gets_one_scaled_by_width(sample_pipeline, tmp_path):
+def test_a_recipe_without_a_learning_rate_gets_one_scaled_by_width_for_its_optimizer(
+    sample_pipeline, tmp_path
+):
     shape = {"vocab_size": 8000, "n_layer": 6, "n_head": 6, "max_seq_len": 256}
-    rates = {d: recipe_from_dict({"model": {**shape, "d_model": d}}).optim.lr for d in (192, 384, 2048)}
-    assert rates == {192: 2.13e-3, 384: 1.07e-3, 2048: 2e-4}  # 1/width from 2e-4 at the brief's 1.3B width
+
+    def rates(**optim) -> dict[int, float]:
+        return {
+            d: recipe_from_dict({"model": {**shape, "d_model": d}, "optim": optim}).optim.lr
+            for d in (192, 384, 2048)
+        }
+
+    assert rates() == {192: 7.2e-3, 384: 3.6e-3, 2048: 6.75e-4}  # Muon, the default
+    assert rates(name="adamw") == {192: 2.13e-3, 384: 1.07e-3, 2048: 2e-4}  # 1/width from the brief's 1.3B
     assert recipe_from_dict({"model": {**shape, "d_model": 384}, "optim": {"lr": 1e-4}}).optim.lr == 1e-4
     raw = tiny_recipe_dict(sample_pipeline, tmp_path, steps=1)
     del raw["optim"]["lr"]
     Trainer(recipe_from_dict(raw), CPU).fit()
     saved = recipe_from_dict(tomllib.loads((tmp_path / "recipe.toml").read_text()))
-    assert saved.optim.lr == 6.4e-3 and "lr = 0.0064" in (tmp_path / "recipe.toml").read_text()
+    assert saved.optim.lr == 0.0216 and "lr = 0.0216" in (tmp_path / "recipe.toml").read_text()
 
 
 def test_schedules():
@@ -250,6 +259,17 @@ def test_schedules():
     assert lr_at(79, 100, 1.0, wsd) == 1.0
     assert lr_at(90, 100, 1.0, wsd) == pytest.approx(0.5)
     assert lr_at(0, 100, 1.0, ScheduleSection(kind="constant", warmup_steps=0)) == 1.0
+
+
+def test_the_default_warmup_is_a_share_of_the_run_in_steps_or_on_the_clock():
+    default = ScheduleSection(kind="constant")  # no warmup_steps: 5% of the run
+    assert lr_at(0, 244, 1.0, default) == pytest.approx(1 / 12)
+    assert lr_at(11, 244, 1.0, default) == 1.0
+    assert lr_at(99, 4000, 1.0, default) == pytest.approx(0.5)
+    budget = ScheduleSection(kind="cosine", warmup_fraction=0.1, min_lr_ratio=0.0)
+    assert lr_at(3, 100_000, 1.0, budget, time_fraction=0.05) == pytest.approx(0.5)  # not 3 / 10,000 steps
+    assert lr_at(50, 100_000, 1.0, budget, time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_at(3, 100_000, 1.0, ScheduleSection(warmup_steps=8), time_fraction=0.5) == 0.5  # steps win
 
 
 def test_no_weight_decay_on_norms_and_embeddings():

@@ -108,13 +108,28 @@ def trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return ((name, p) for name, p in model.named_parameters() if p.requires_grad)
 
 
+def warmup_steps(schedule: ScheduleSection, total_steps: int) -> int:
+    """The warmup's length in steps: the recipe's, or else its share of the run."""
+    if schedule.warmup_steps is not None:
+        return schedule.warmup_steps
+    return round(schedule.warmup_fraction * total_steps)
+
+
 def lr_at(
     step: int, total_steps: int, peak_lr: float, schedule: ScheduleSection, time_fraction: float | None = None
 ) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup over steps, then the recipe's decay
-    over the run's progress: the share of steps done, or, for a wall-clock budget, `time_fraction` spent."""
-    warmup = schedule.warmup_steps
-    if warmup and step < warmup:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the recipe's decay over the run's
+    progress: the share of steps done, or, for a wall-clock budget, `time_fraction` spent.
+
+    The warmup is `schedule.warmup_steps`, or else `schedule.warmup_fraction` of the steps (of the time, on a
+    budget): a fixed 100 steps was 41% of a 244-step run and cost it 1-2% in bits per byte."""
+    if time_fraction is not None and schedule.warmup_steps is None:  # a budget's warmup is on the clock too
+        if time_fraction < schedule.warmup_fraction:
+            return peak_lr * time_fraction / schedule.warmup_fraction
+        warmup = 0
+    else:
+        warmup = warmup_steps(schedule, total_steps)
+    if step < warmup:
         return peak_lr * (step + 1) / warmup
     if schedule.kind == "constant":
         return peak_lr
