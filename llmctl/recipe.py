@@ -118,7 +118,7 @@ def width_scaled_lr(d_model: int, optimizer: str = "adamw") -> float:
     """The peak learning rate a recipe gets when it sets none: at d_model 2048, 2e-4 for AdamW and 6.75e-4 for
     Muon (its update RMS-matched to AdamW's), scaled by 1/width (how muP scales Adam's rate for hidden
     matrices). At d_model 384 that is 1.07e-3 for AdamW, the best of 3e-4, 1e-3 and 1.6e-3 on the quality
-    benchmark, and 3.6e-3 for Muon, the best of 1.07e-3, 2.4e-3, 3.6e-3, 5.4e-3 and 8e-3 on the two
+    benchmark, and 3.6e-3 for Muon, the best of 1.07e-3, 1.6e-3, 2.4e-3, 3.6e-3, 5.4e-3 and 8e-3 on the two
     held-out sets (benchmarks/RESULTS.md)."""
     return float(f"{REFERENCE_LR[optimizer] * REFERENCE_WIDTH / d_model:.3g}")
 

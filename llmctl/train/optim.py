@@ -122,7 +122,7 @@ def lr_at(
     progress: the share of steps done, or, for a wall-clock budget, `time_fraction` spent.
 
     The warmup is `schedule.warmup_steps`, or else `schedule.warmup_fraction` of the steps (of the time, on a
-    budget): a fixed 100 steps was 41% of a 244-step run and cost it 1-2% in bits per byte."""
+    budget): a fixed 100 steps was 41% of a 244-step run and cost it 0.7-1% in bits per byte."""
     if time_fraction is not None and schedule.warmup_steps is None:  # a budget's warmup is on the clock too
         if time_fraction < schedule.warmup_fraction:
             return peak_lr * time_fraction / schedule.warmup_fraction
