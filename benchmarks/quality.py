@@ -1,7 +1,7 @@
 """Model quality at equal training tokens: llmctl's own pipeline against a plain transformers + sentencepiece
-script at the same shape and training tokens, each at its own best settings, in one run. Prints bits per byte (tokenizer-
-independent) of both on the corpus's validation split and on held-out text of other styles found on this
-machine: GNU Texinfo manuals (typographic quotes) and software licences.
+script at the same shape and training tokens, each at its own best settings, in one run. Prints bits per
+byte (tokenizer-independent) of both on the corpus's validation split and on held-out text of other styles
+found on this machine: GNU Texinfo manuals (typographic quotes) and software licences.
 
 sentencepiece's defaults are lossy (NFKC, whitespace runs and newlines collapsed, rare characters to <unk>),
 so the plain model is scored on the bytes its tokenizer can represent (the decoded round trip) and the
@@ -54,9 +54,10 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPE = {"vocab_size": 8000, "d_model": 384, "n_layer": 6, "n_head": 6, "max_seq_len": 256}
 HELD_OUT_BYTES = 250_000
 DOCUMENT_BYTES = 30_000  # long manuals are cut at a line boundary, so every set mixes several documents
-# The plain script's AdamW does best here at lr 1.6e-3 (of 1.07e-3, 1.6e-3 and 2.4e-3) with 100 warmup steps (of
-# 25, 50 and 100: benchmarks/RESULTS.md), so it keeps those, although llmctl's defaults differ (Muon at 3.6e-3,
-# a warmup of 5% of the run): a benchmark that handed plain settings it does worse with would flatter llmctl.
+# The plain script's AdamW does best here at lr 1.6e-3 (of 1.07e-3, 1.6e-3 and 2.4e-3) with 100 warmup steps
+# (of 25, 50 and 100: benchmarks/RESULTS.md), so it keeps those, although llmctl's defaults differ (Muon at
+# 3.6e-3, a warmup of 5% of the run): a benchmark that handed plain settings it does worse with would flatter
+# llmctl.
 PLAIN_LR, PLAIN_WARMUP = 1.6e-3, 100
 
 
@@ -283,9 +284,9 @@ def main() -> None:
     print(
         f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
         f"{args.batch}; {budget}: llmctl {ours_steps} steps = {ours_steps * args.batch * window:,} tokens, "
-        f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; cosine; {ours_settings}; plain adamw "
-        f"lr {args.plain_lr:g}, warmup {args.plain_warmup}; "
-        f"llmctl {ours_seconds:.0f} s, plain {plain_seconds:.0f} s (with tokenizers)"
+        f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; cosine; {ours_settings}; "
+        f"plain adamw lr {args.plain_lr:g}, warmup {args.plain_warmup}; llmctl {ours_seconds:.0f} s, plain "
+        f"{plain_seconds:.0f} s (with tokenizers)"
     )
     print(
         f"{'held-out set':20}{'bytes':>10}{'plain keeps':>13}{'llmctl bpb':>12}{'plain bpb':>12}{'llmctl vs plain':>17}"

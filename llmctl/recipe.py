@@ -143,8 +143,8 @@ class OptimSection(Section):
     embedding_lr_scale: float | None = Field(
         None,
         gt=0,
-        description="the token embedding's share of the lr (x lr); default 30, or 10 when it is tied to the LM "
-        "head; finetuning defaults to 1",
+        description="the token embedding's share of the lr (x lr); default 30, or 10 when it is tied to the "
+        "LM head; finetuning defaults to 1",
     )
     head_lr_scale: float = Field(
         3.0, gt=0, description="an untied LM head's share of the lr (x lr); finetuning defaults to 1"
@@ -239,8 +239,9 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def default_learning_rates(self) -> Recipe:
-        """Resolved here, so the run's saved recipe records the rates it trained with. A finetune's model shape
-        is its base's, known only once the base is read (`train.finetune.finetune_recipe` resolves them)."""
+        """Resolved here, so the run's saved recipe records the rates it trained with. A finetune's model
+        shape is its base's, known only once the base is read (`train.finetune.finetune_recipe` resolves
+        them)."""
         if self.finetune.base:
             return self
         if self.optim.lr is None:
