@@ -11,6 +11,10 @@ models predict identical text.
 
     .venv/bin/python -m benchmarks.quality [--corpus ../shared/data/techdocs] [--tokens 500000]
     .venv/bin/python -m benchmarks.quality --minutes 5     # equal training time instead of equal tokens
+    .venv/bin/python -m benchmarks.quality --seeds 0 1 2   # both trained 3 times; the table shows means
+
+One seed's bits per byte on the two held-out styles move by 1-2% from seed to seed (benchmarks/RESULTS.md),
+as much as many of the settings compared here, so weigh a small difference over several seeds.
 
 With --minutes, each model trains for that wall-clock time (llmctl through `train.max_minutes`; the plain
 loop until its clock runs out, its warmup + cosine following the fraction of the time spent), and the table
@@ -31,6 +35,7 @@ import argparse
 import gzip
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -111,18 +116,25 @@ def utf8_bytes(text: str) -> int:
     return len(text.encode())
 
 
-def bits_per_byte(score_document, texts: list[str], represented_bytes) -> float:
-    nats = sum(score_document(text) for text in texts)
-    return nats / math.log(2) / sum(represented_bytes(text) for text in texts)
+def bits_per_byte(score_document, texts: list[str], byte_count: int) -> float:
+    return sum(score_document(text) for text in texts) / math.log(2) / byte_count
 
 
-def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer, float, int]:
-    started = time.perf_counter()
+def span(values: list[int]) -> str:
+    return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
+
+
+def prepare_llmctl(work: Path, corpus_dir: Path) -> Path:
+    """`corpus build`, `tokenize train` and `tokenize encode` with their defaults; the tokenizer's path."""
     corpus = work / "corpus"
     build_corpus([str(corpus_dir / "train.jsonl")], corpus, CorpusOptions(val_fraction=0.01))
     train_tokenizer(corpus, work / "tokenizer", vocab_size=SHAPE["vocab_size"])
     tokenizer_path = work / "tokenizer" / "tokenizer.model"
     encode_corpus(corpus, tokenizer_path, work / "tokens")
+    return tokenizer_path
+
+
+def train_llmctl(work: Path, tokenizer_path: Path, args, seed: int) -> tuple[Trainer, int]:
     recipe = recipe_from_dict(
         {
             "name": "quality",
@@ -136,7 +148,7 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
                 "log_every": 50,
                 "eval_every": 0,
                 "eval_batches": 4,
-                "seed": args.seed,
+                "seed": seed,
             },
             "optim": {  # what the command line sets; the rest are the recipe's defaults
                 key: value
@@ -149,19 +161,15 @@ def train_llmctl(work: Path, corpus_dir: Path, args) -> tuple[Trainer, Tokenizer
                 if value is not None
             },
             "schedule": {} if args.warmup is None else {"warmup_steps": args.warmup},
-            "checkpoint": {"dir": str(work / "run"), "every": 0},
+            "checkpoint": {"dir": str(work / f"run-seed{seed}"), "every": 0},
         }
     )
     trainer = Trainer(recipe, DistributedContext(0, 0, 1, torch.device("cpu")))
-    result = trainer.fit()
-    return trainer, open_tokenizer(tokenizer_path), time.perf_counter() - started, result.final_step
+    return trainer, trainer.fit().final_step
 
 
-def train_plain(work: Path, corpus_dir: Path, args):
-    """What a user writes with transformers and sentencepiece: default tokenizer, random windows."""
-    import transformers
-
-    started = time.perf_counter()
+def prepare_plain(work: Path, corpus_dir: Path) -> tuple[spm.SentencePieceProcessor, np.ndarray]:
+    """What a user writes with sentencepiece: its defaults on the raw text, documents joined by EOS."""
     texts = read_jsonl_texts(corpus_dir / "train.jsonl")
     raw = work / "plain.txt"
     raw.write_text("\n".join(texts), encoding="utf-8")
@@ -170,7 +178,14 @@ def train_plain(work: Path, corpus_dir: Path, args):
     )
     sp = spm.SentencePieceProcessor(model_file=str(work / "plain.model"))
     stream = np.fromiter((token for ids in sp.encode(texts) for token in (*ids, sp.eos_id())), dtype=np.int64)
-    torch.manual_seed(args.seed)
+    return sp, stream
+
+
+def train_plain(sp: spm.SentencePieceProcessor, stream: np.ndarray, args, seed: int):
+    """What a user writes with transformers: HF Llama, torch AdamW, random windows."""
+    import transformers
+
+    torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=sp.get_piece_size(),
         hidden_size=SHAPE["d_model"],
@@ -191,7 +206,7 @@ def train_plain(work: Path, corpus_dir: Path, args):
         else transformers.get_cosine_schedule_with_warmup(optimizer, args.plain_warmup, args.steps)
     )
     timed = ScheduleSection(warmup_steps=args.plain_warmup)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     seq = SHAPE["max_seq_len"]
     step = 0
     while (time.perf_counter() - clock_started < budget) if budget else step < args.steps:
@@ -212,7 +227,7 @@ def train_plain(work: Path, corpus_dir: Path, args):
             schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-    return model.eval(), sp, time.perf_counter() - started, step
+    return model.eval(), step
 
 
 def plain_document_nll(model, sp, text: str) -> float:
@@ -226,6 +241,36 @@ def plain_document_nll(model, sp, text: str) -> float:
         targets = torch.tensor(ids[first:end])
         total -= float(log_probs[first - begin - 1 :].gather(1, targets[:, None]).double().sum())
     return total
+
+
+def score_seed(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    plain_model,
+    sp: spm.SentencePieceProcessor,
+    sets: dict[str, list[str]],
+    kept_sets: dict[str, list[str]],
+) -> dict[str, tuple[float, float, float]]:
+    """Bits per byte on each set: llmctl's model on the text, the plain model on the bytes its tokenizer
+    keeps, and llmctl's model on those same bytes (where both predict identical text)."""
+    window = SHAPE["max_seq_len"]
+
+    def ours(text: str) -> float:
+        ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+        return document_nlls(model, [ids], window, window // 2, batch_size=8)[0]
+
+    def plain(text: str) -> float:
+        return plain_document_nll(plain_model, sp, text)
+
+    triples = {}
+    for name, texts in sets.items():
+        kept_bytes = sum(map(utf8_bytes, kept_sets[name]))
+        triples[name] = (
+            bits_per_byte(ours, texts, sum(map(utf8_bytes, texts))),
+            bits_per_byte(plain, texts, kept_bytes),
+            bits_per_byte(ours, kept_sets[name], kept_bytes),
+        )
+    return triples
 
 
 def main() -> None:
@@ -243,7 +288,9 @@ def main() -> None:
     parser.add_argument(
         "--plain-warmup", type=int, default=PLAIN_WARMUP, help="the plain script's (default: its best here)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="train both once per seed; the table shows means"
+    )
     parser.add_argument(
         "--optimizer", choices=["muon", "adamw"], default=None, help="llmctl's; default: its default"
     )
@@ -263,59 +310,75 @@ def main() -> None:
         "licences": capped(licences()),
     }
     work = Path(tempfile.mkdtemp())
+    window = SHAPE["max_seq_len"]
+    print("llmctl: corpus build, tokenize train, tokenize encode; plain: its tokenizer ...", flush=True)
+    started = time.perf_counter()
+    tokenizer_path = prepare_llmctl(work / "llmctl", args.corpus)
+    tokenizer = open_tokenizer(tokenizer_path)
+    ours_prepared = time.perf_counter() - started
+    for texts in sets.values():
+        assert all(tokenizer.decode(tokenizer.encode(text)) == text for text in texts)  # llmctl is lossless
+    started = time.perf_counter()
+    sp, stream = prepare_plain(work, args.corpus)
+    plain_prepared = time.perf_counter() - started
+    kept_sets = {name: [sp.decode(sp.encode(text)) for text in texts] for name, texts in sets.items()}
+    sizes = {name: sum(map(utf8_bytes, texts)) for name, texts in sets.items()}
+    kept_sizes = {name: sum(map(utf8_bytes, texts)) for name, texts in kept_sets.items()}
+    # per set, one (llmctl, plain, llmctl on the bytes plain keeps) bits-per-byte triple per seed
+    scores: dict[str, list[tuple[float, float, float]]] = {name: [] for name in sets}
+    ours_steps, plain_steps, ours_seconds, plain_seconds = [], [], [], []
     plan = f"{args.minutes:g} minutes" if args.minutes else f"{args.steps} steps"
-    print(f"training llmctl's pipeline ({plan}) ...", flush=True)
-    trainer, tokenizer, ours_seconds, ours_steps = train_llmctl(work / "llmctl", args.corpus, args)
+    for seed in args.seeds:
+        print(f"seed {seed}: training llmctl ({plan}), then the plain script ...", flush=True)
+        started = time.perf_counter()
+        trainer, steps = train_llmctl(work / "llmctl", tokenizer_path, args, seed)
+        ours_seconds.append(time.perf_counter() - started)
+        ours_steps.append(steps)
+        started = time.perf_counter()
+        plain_model, steps = train_plain(sp, stream, args, seed)
+        plain_seconds.append(time.perf_counter() - started)
+        plain_steps.append(steps)
+        triples = score_seed(trainer.model.eval(), tokenizer, plain_model, sp, sets, kept_sets)
+        for name, triple in triples.items():
+            scores[name].append(triple)
+        print(
+            f"seed {seed}, llmctl vs plain: "
+            + "; ".join(
+                f"{name} {100 * (ours_bpb / plain_bpb - 1):+.1f}% (on plain bytes "
+                f"{100 * (kept_bpb / plain_bpb - 1):+.1f}%)"
+                for name, (ours_bpb, plain_bpb, kept_bpb) in triples.items()
+            ),
+            flush=True,
+        )
     optim, schedule = trainer.recipe.optim, trainer.recipe.schedule
     ours_warmup = (
         f"{schedule.warmup_fraction:.0%} of the time"
         if args.minutes and schedule.warmup_steps is None
         else warmup_steps(schedule, args.steps)
     )
-    ours_settings = (
-        f"llmctl {optim.name} lr {optim.lr:g} (embedding x{optim.embedding_lr_scale:g}, head "
-        f"x{optim.head_lr_scale:g}), warmup {ours_warmup}"
-    )
-    model = trainer.model.eval()
-    window = SHAPE["max_seq_len"]
-
-    def ours(text: str) -> float:
-        ids = [tokenizer.bos_id, *tokenizer.encode(text)]
-        return document_nlls(model, [ids], window, window // 2, batch_size=8)[0]
-
-    print("training the plain script ...", flush=True)
-    plain_model, sp, plain_seconds, plain_steps = train_plain(work, args.corpus, args)
     print(f"machine: {machine()}")
     budget = f"{args.minutes:g} minutes of training each" if args.minutes else "equal tokens"
     print(
         f"shape d{SHAPE['d_model']} x {SHAPE['n_layer']}, vocab {SHAPE['vocab_size']}, seq {window}, batch "
-        f"{args.batch}; {budget}: llmctl {ours_steps} steps = {ours_steps * args.batch * window:,} tokens, "
-        f"plain {plain_steps} steps = {plain_steps * args.batch * window:,} tokens; cosine; {ours_settings}; "
-        f"plain adamw lr {args.plain_lr:g}, warmup {args.plain_warmup}; llmctl {ours_seconds:.0f} s, plain "
-        f"{plain_seconds:.0f} s (with tokenizers)"
+        f"{args.batch}; {budget}: llmctl {span(ours_steps)} steps, plain {span(plain_steps)} steps "
+        f"({window * args.batch:,} tokens a step); cosine; llmctl {optim.name} lr {optim.lr:g} (embedding "
+        f"x{optim.embedding_lr_scale:g}, head x{optim.head_lr_scale:g}), warmup {ours_warmup}; plain adamw "
+        f"lr {args.plain_lr:g}, warmup {args.plain_warmup}; seeds {' '.join(map(str, args.seeds))}; data and "
+        f"tokenizer: llmctl {ours_prepared:.0f} s, plain {plain_prepared:.0f} s; training a seed: llmctl "
+        f"{statistics.mean(ours_seconds):.0f} s, plain {statistics.mean(plain_seconds):.0f} s"
     )
+    if len(args.seeds) > 1:
+        print(f"the mean of {len(args.seeds)} seeds' bits per byte:")
     print(
         f"{'held-out set':20}{'bytes':>10}{'plain keeps':>13}{'llmctl bpb':>12}{'plain bpb':>12}"
         f"{'llmctl vs plain':>17}{'on plain bytes':>16}{'vs plain':>10}"
     )
-    for name, texts in sets.items():
-        size = sum(map(utf8_bytes, texts))
-        assert all(tokenizer.decode(tokenizer.encode(text)) == text for text in texts)  # llmctl is lossless
-        kept_texts = [sp.decode(sp.encode(text)) for text in texts]  # what the plain tokenizer represents
-
-        ours_bpb = bits_per_byte(ours, texts, utf8_bytes)
-        plain_bpb = bits_per_byte(
-            lambda text: plain_document_nll(plain_model, sp, text),
-            texts,
-            lambda text: utf8_bytes(sp.decode(sp.encode(text))),
-        )
-        ours_on_kept = bits_per_byte(ours, kept_texts, utf8_bytes)  # both models predict the same bytes
-        kept = sum(map(utf8_bytes, kept_texts)) / size
+    for name, per_seed in scores.items():
+        ours_bpb, plain_bpb, kept_bpb = map(statistics.mean, zip(*per_seed, strict=True))
         print(
-            f"{name:20}{size:>10,}{100 * kept:>12.1f}%{ours_bpb:>12.4f}{plain_bpb:>12.4f}"
-            f"{100 * (ours_bpb / plain_bpb - 1):>+16.1f}%{ours_on_kept:>16.4f}"
-            f"{100 * (ours_on_kept / plain_bpb - 1):>+9.1f}%",
-            flush=True,
+            f"{name:20}{sizes[name]:>10,}{100 * kept_sizes[name] / sizes[name]:>12.1f}%"
+            f"{ours_bpb:>12.4f}{plain_bpb:>12.4f}{100 * (ours_bpb / plain_bpb - 1):>+16.1f}%"
+            f"{kept_bpb:>16.4f}{100 * (kept_bpb / plain_bpb - 1):>+9.1f}%"
         )
 
 
