@@ -300,6 +300,8 @@ def main() -> None:
     parser.add_argument("--head-lr-scale", type=float, default=None, help="llmctl's; default: its default")
     parser.add_argument("--minutes", type=float, default=None, help="equal training time instead of tokens")
     args = parser.parse_args()
+    if len(set(args.seeds)) < len(args.seeds):  # a repeated seed would resume its own finished run
+        parser.error("--seeds: give each seed once")
     keep_freed_memory()
     args.steps = args.tokens // (args.batch * SHAPE["max_seq_len"])
     if args.minutes:
