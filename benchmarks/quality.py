@@ -17,8 +17,8 @@ One seed's bits per byte on the two held-out styles move by 1-2% from seed to se
 as much as many of the settings compared here, so weigh a small difference over several seeds.
 
 With --minutes, each model trains for that wall-clock time (llmctl through `train.max_minutes`; the plain
-loop until its clock runs out, its warmup + cosine following the fraction of the time spent), and the table
-says how many tokens each got through.
+loop until its clock runs out, its warmup + cosine following the fraction of the time spent), and the header
+says how many steps each got through (a step is batch x seq tokens).
 
 llmctl: `corpus build` defaults, an 8k `tokenize train`, `tokenize encode`, the trainer with the recipe
 defaults for this shape (Muon for the hidden matrices at lr 3.6e-3, AdamW for the rest, the embedding at
