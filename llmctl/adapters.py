@@ -16,9 +16,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from llmctl.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, is_adapter, open_checkpoint
+from llmctl.checkpoint import (
+    ADAPTER_BASE_FILE,
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    is_adapter,
+    open_checkpoint,
+)
 from llmctl.data.tokenizer import Tokenizer
-from llmctl.digests import digest_problem
+from llmctl.digests import digest_problem, weights_sha256
 from llmctl.errors import UserError
 from llmctl.model import Transformer
 from llmctl.model.hf_format import read_quantization_config
@@ -163,12 +169,33 @@ class AdapterRouter:
             self.rows = None
 
 
-def open_with_adapters(base: Path, adapters: dict[str, Path]) -> tuple[Transformer, Tokenizer, AdapterRouter]:
+def check_adapter_base(adapter: Path, base: Path, force: bool = False) -> None:
+    """Refuse an adapter on other base weights than those it was trained on (it would load and answer
+    nonsense), unless `force`. Adapters that record no base digest (PEFT's own, or older llmctl's) pass."""
+    record = Path(adapter) / ADAPTER_BASE_FILE
+    if force or not record.is_file():
+        return
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8"))["weights_sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{record} is malformed; it should hold the base's weights_sha256") from None
+    actual = weights_sha256(base)
+    if actual != expected:
+        raise UserError(
+            f"adapter {adapter} was trained on base weights sha256 {expected[:12]}…, but {base} holds "
+            f"{actual[:12]}…; give the base it was trained on, or pass --force to apply it anyway"
+        )
+
+
+def open_with_adapters(
+    base: Path, adapters: dict[str, Path], force: bool = False
+) -> tuple[Transformer, Tokenizer, AdapterRouter]:
     """One base checkpoint carrying every named adapter, unmerged, and the router that picks them per row."""
     model, tokenizer = open_checkpoint(base)
     lora = None
     for name, path in adapters.items():
         config = read_adapter_config(path)
+        check_adapter_base(path, base, force)
         if lora is None:
             lora = add_lora(model, config, name)
         else:
@@ -189,11 +216,17 @@ def base_of(adapter: Path) -> Path:
 
 
 def open_adapted(
-    adapter: Path, base: Path | None = None, merge: bool = True, dtype: torch.dtype | None = None
+    adapter: Path,
+    base: Path | None = None,
+    merge: bool = True,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
 ) -> tuple[Transformer, Tokenizer]:
-    """A base checkpoint with an adapter applied: merged into the weights (fastest to run), or kept apart."""
+    """A base checkpoint with an adapter applied: merged into the weights (fastest to run), or kept apart.
+    Refused on a base whose weights differ from the ones the adapter was trained on, unless `force`."""
     base = Path(base) if base else base_of(adapter)
     config = read_adapter_config(adapter)
+    check_adapter_base(adapter, base, force)
     model, tokenizer = open_checkpoint(base, dtype=dtype)
     if merge and read_quantization_config(base) is not None:  # a QLoRA adapter merges into the float weights
         from llmctl.compress.quantize import dequantize_model

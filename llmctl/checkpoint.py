@@ -7,6 +7,7 @@ damaged later (a truncated copy, a full disk, a bad sync) when it is opened.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from llmctl.model.hf_format import CONFIG_FILE, load_model, read_quantization_co
 RECIPE_FILE = "recipe.toml"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA run's checkpoints are PEFT adapter directories
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_BASE_FILE = "adapter_base.json"  # the base's weights digest: an adapter applies to those weights only
 TRAINER_STATE_FILE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -41,10 +43,12 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     trainer_state: dict | None = None,
     adapter_config: Any = None,
+    adapter_base_sha256: str | None = None,
     quantization_config: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes;
-    with a PEFT `adapter_config`, it holds only the adapter's tensors and the directory is a PEFT adapter;
+    with a PEFT `adapter_config`, it holds only the adapter's tensors and the directory is a PEFT adapter,
+    which records `adapter_base_sha256`, its base's weights digest, when given;
     with a `quantization_config`, it holds quantized layers' buffers, recorded in config.json.
     A full disk is one clear error; the checkpoints already written are untouched."""
     try:
@@ -56,6 +60,7 @@ def save_checkpoint(
             tokenizer,
             trainer_state,
             adapter_config,
+            adapter_base_sha256,
             quantization_config,
         )
     except (OSError, RuntimeError) as error:
@@ -76,6 +81,7 @@ def _write_checkpoint(
     tokenizer: Tokenizer | None,
     trainer_state: dict | None,
     adapter_config: Any,
+    adapter_base_sha256: str | None,
     quantization_config: dict | None,
 ) -> None:
     with atomic_directory(directory) as staging:
@@ -84,6 +90,9 @@ def _write_checkpoint(
         else:
             adapter_config.save_pretrained(str(staging))
             save_file(state_dict, str(staging / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+            if adapter_base_sha256 is not None:
+                base = {"weights_sha256": adapter_base_sha256}
+                (staging / ADAPTER_BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
         if recipe_toml is not None:
             (staging / RECIPE_FILE).write_text(recipe_toml)
         if tokenizer is not None:

@@ -32,6 +32,7 @@ def run_llmctl(
         [sys.executable, "-m", "llmctl", *args],
         cwd=cwd,
         env=env,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -41,6 +42,13 @@ def run_llmctl(
             f"llmctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line a user error ends in (exit 2, no traceback)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    return line
 
 
 def tiny_recipe_dict(pipeline: dict[str, Path], run_dir: Path, **train) -> dict:
@@ -203,3 +211,93 @@ def tiny_checkpoint(sample_pipeline, tmp_path_factory) -> Path:
     return save_checkpoint(
         path, config, export_state_dict(model), tokenizer=open_tokenizer(sample_pipeline["tokenizer"])
     )
+
+
+def sample_texts(count: int = 200) -> list[str]:
+    import json
+
+    return [json.loads(line)["text"] for line in (SAMPLE / "train.jsonl").open()][:count]
+
+
+def hf_llama_directory(path: Path, texts: list[str], chat_markers: bool = True) -> Path:
+    """What a user downloads: config.json + safetensors from transformers, and a byte-level BPE tokenizer.json
+    from the tokenizers library (with llmctl's chat markers as added tokens, unless `chat_markers` is off)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmctl.data.tokenizer import CHAT_MARKERS
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *(CHAT_MARKERS if chat_markers else ())],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    path.mkdir(parents=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+    )
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), num_key_value_heads=2, **shape, **ids)
+    config.max_position_embeddings = 128
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def random_adapter(base: Path, path: Path, seed: int) -> Path:
+    """An adapter whose B matrices are random (PEFT's init_lora_weights=False), so it visibly moves the model."""
+    import torch
+    from peft import LoraConfig
+
+    from llmctl.adapters import adapter_state, add_lora
+    from llmctl.checkpoint import open_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = open_model(base)
+    config = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    config.base_model_name_or_path = str(base)
+    add_lora(model, config)
+    return save_checkpoint(path, model.config, adapter_state(model), adapter_config=config)
+
+
+def server_ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def serving(*args: str, timeout: float = 180) -> Iterator[str]:
+    """`llmctl serve ARGS` in a subprocess on a free port, as a user starts it; yields its base URL once
+    /health answers, and stops it (SIGTERM) afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmctl", "serve", *args, "--port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not server_ready(url):
+            if server.poll() is not None:
+                raise AssertionError(f"llmctl serve {' '.join(args)} exited:\n{server.communicate()[1]}")
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)

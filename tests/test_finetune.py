@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_llmctl
+from conftest import REPO, hf_llama_directory, one_error_line, random_adapter, run_llmctl
 
 from llmctl.data.chat import END, Message
 from llmctl.data.instructions import IGNORE, pack_examples, read_examples, tokenize_example
 from llmctl.data.loader import window_batch
-from llmctl.data.tokenizer import CHAT_MARKERS, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
 from llmctl.errors import UserError
 from llmctl.model.transformer import document_ids_of
 from llmctl.recipe import recipe_from_dict
@@ -114,6 +114,42 @@ def test_an_adapter_opens_with_peft_on_transformers_and_gives_llmctls_logits(lor
     assert (ours - plain).abs().max() > 1e-3  # the adapter changes the model...
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)  # ...exactly as PEFT applies it
     torch.testing.assert_close(ours_merged, ours, atol=1e-4, rtol=0)
+
+
+def test_an_adapter_is_refused_on_other_weights_at_its_base_path(tiny_checkpoint, tmp_path):
+    """The adapter records its base's weights digest; another model put at the base's path is refused by
+    chat and merge in one line naming both digests, unless --force."""
+    import shutil
+
+    from llmctl.checkpoint import open_model, save_checkpoint
+    from llmctl.digests import weights_sha256
+    from llmctl.model import Transformer
+    from llmctl.model.hf_format import export_state_dict
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    trained_on = weights_sha256(base)
+    _, result = finetune(base, write_examples(tmp_path / "examples.jsonl", 8), tmp_path / "run", steps=2)
+    adapter = result.checkpoint
+    assert json.loads((adapter / "adapter_base.json").read_text()) == {"weights_sha256": trained_on}
+    run_llmctl("chat", str(adapter), "--plain", "--max-tokens", "2", check=True)
+
+    config, tokenizer = open_model(base).config, open_tokenizer(base)
+    shutil.rmtree(base)
+    torch.manual_seed(7)
+    save_checkpoint(base, config, export_state_dict(Transformer(config)), tokenizer=tokenizer)
+    other = weights_sha256(base)
+    merged = tmp_path / "merged"
+    for command in (
+        ["chat", str(adapter), "--plain"],
+        ["finetune", "merge", str(adapter), "--out", str(merged)],
+    ):
+        line = one_error_line(run_llmctl(*command))
+        assert f"trained on base weights sha256 {trained_on[:12]}" in line and other[:12] in line, line
+        assert "--force" in line
+    assert not merged.exists()
+    run_llmctl("finetune", "merge", str(adapter), "--out", str(merged), "--force", check=True)
+    assert (merged / "model.safetensors").is_file()
 
 
 def test_lora_leaves_the_base_bit_identical_and_the_optimizer_holds_only_adapter_state(
@@ -259,35 +295,6 @@ def test_finetune_refuses_a_model_shape_that_is_not_the_bases(tiny_checkpoint, t
 # -- a Hugging Face Llama directory with tokenizer.json as the base ------------------------------------------
 
 
-def hf_llama_directory(path, texts: list[str]):
-    """What a user downloads: config.json + safetensors from transformers, and a byte-level BPE tokenizer.json
-    (with llmctl's chat markers as added tokens) from the tokenizers library."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *CHAT_MARKERS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    path.mkdir(parents=True)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-    )
-    torch.manual_seed(0)
-    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
-    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), num_key_value_heads=2, **shape, **ids)
-    config.max_position_embeddings = 128
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 def test_the_tokenizer_json_backend_round_trips_and_finds_its_special_tokens(tmp_path):
     texts = [json.loads(line)["text"] for line in (REPO / "data" / "sample" / "train.jsonl").open()][:200]
     base = hf_llama_directory(tmp_path / "hf", texts)
@@ -347,23 +354,6 @@ def test_finetuning_a_hugging_face_llama_directory_then_chatting_with_the_adapte
 
 
 # -- several adapters served on one base ---------------------------------------------------------------------
-
-
-def random_adapter(base, path, seed: int):
-    """An adapter whose B matrices are random (PEFT's init_lora_weights=False), so it visibly moves the model."""
-    from peft import LoraConfig
-
-    from llmctl.adapters import adapter_state, add_lora
-    from llmctl.checkpoint import save_checkpoint
-
-    torch.manual_seed(seed)
-    model = open_base(base)
-    config = LoraConfig(
-        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-    )
-    config.base_model_name_or_path = str(base)
-    add_lora(model, config)
-    return save_checkpoint(path, model.config, adapter_state(model), adapter_config=config)
 
 
 def test_two_adapters_served_on_one_base_answer_with_their_own_weights(tiny_checkpoint, tmp_path):

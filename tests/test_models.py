@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import free_port, tiny_recipe_dict, wait_until
+from conftest import one_error_line, serving, tiny_recipe_dict
 from safetensors.torch import load_file, save_file
 
 from llmctl.checkpoint import model_directory
@@ -42,12 +42,6 @@ def checkpoint(tiny_checkpoint, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_checkpoint, tmp_path / "tiny"))
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    return line
-
-
 @pytest.mark.slow
 def test_a_registered_alias_resolves_in_eval_chat_and_serve(
     llmctl, registry, checkpoint, sample_pipeline, tmp_path
@@ -72,14 +66,7 @@ def test_a_registered_alias_resolves_in_eval_chat_and_serve(
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "llmctl", "serve", "legal@prod", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _ready(base), timeout=180, message="the server never became ready")
+    with serving("legal@prod") as base:
         models = httpx.get(f"{base}/v1/models").json()["data"]
         assert [model["id"] for model in models] == ["legal@prod"]
         completion = httpx.post(
@@ -88,16 +75,18 @@ def test_a_registered_alias_resolves_in_eval_chat_and_serve(
             timeout=60,
         )
         assert completion.status_code == 200 and completion.json()["model"] == "legal@prod"
-    finally:
-        server.terminate()
-        server.communicate(timeout=60)
 
 
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+def test_an_edited_config_is_refused_even_with_its_manifest_rewritten(llmctl, registry, checkpoint):
+    """The registry digests every file that decides behaviour, not only the weights and the tokenizer."""
+    registry.register(checkpoint, "legal", alias="prod")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["rope_theta"] = 1.0
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    write_digest_manifest(checkpoint)  # consistent on disk: only the registry can tell
+    line = one_error_line(llmctl("chat", "legal@prod", "--plain", "--max-tokens", "2"))
+    assert line.startswith("error: legal@prod (version 1): the files in") and "changed since" in line
+    assert "files sha256" in llmctl("models", "show", "legal@1", check=True).stdout
 
 
 def test_changed_or_moved_weights_are_refused_with_one_line(llmctl, registry, checkpoint, sample_pipeline):

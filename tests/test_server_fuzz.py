@@ -1,5 +1,7 @@
 """Property-based fuzzing of the server: whatever a client sends, the answer is an OpenAI-shaped 4xx or a
-complete response, never a 5xx, a hang or a dead engine, and a normal request succeeds afterwards."""
+complete response, never a 5xx, a hang or a dead engine, and a normal request succeeds afterwards. Texts
+include lone UTF-16 surrogates (JSON's \\ud800 escapes), bodies include invalid UTF-8, and one served model
+has no chat template at all."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 
 import httpx
 import pytest
-from conftest import running_server
+from conftest import hf_llama_directory, running_server, sample_texts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +29,10 @@ anything = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6,
 )
-texts = st.text(max_size=120)  # every Unicode category JSON can carry
+# every code point JSON can carry, lone surrogates included (hypothesis leaves those out unless asked)
+texts = st.text(st.characters(exclude_categories=()), max_size=120)
 # In-range values and the edges just past them (seeds up to 2**64, probabilities of 0 and 1, zero tokens).
+MODELS = ["tiny", "ab", "plain"]  # plain: a tokenizer.json base with no chat template
 sampling = {
     "max_tokens": st.integers(0, 24),
     "temperature": st.floats(0, 2) | st.sampled_from([1e-300, 5e-324, 2.0000001]),
@@ -51,11 +55,11 @@ messages = st.lists(
     max_size=4,
 )
 completion = st.fixed_dictionaries(
-    {"model": st.sampled_from(["tiny", "ab"]), "prompt": texts | st.lists(texts, min_size=1, max_size=3)},
+    {"model": st.sampled_from(MODELS), "prompt": texts | st.lists(texts, min_size=1, max_size=3)},
     optional=sampling,
 )
 chat = st.fixed_dictionaries(
-    {"model": st.sampled_from(["tiny", "ab"]), "messages": messages},
+    {"model": st.sampled_from(MODELS), "messages": messages},
     optional={**sampling, "max_completion_tokens": st.integers(0, 24)},
 )
 FIELDS = ["model", "prompt", "messages", "max_completion_tokens", *sampling]
@@ -72,16 +76,30 @@ def encoded(bodies: st.SearchStrategy) -> st.SearchStrategy:
     )
 
 
+def with_invalid_utf8(bodies: st.SearchStrategy) -> st.SearchStrategy:
+    """A body with bytes no UTF-8 decoder takes spliced into it (inside a string, most likely)."""
+    broken = st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"])
+    return st.tuples(encoded(bodies), broken, st.integers(0, 10**6)).map(
+        lambda t: t[0][: t[2] % len(t[0])] + t[1] + t[0][t[2] % len(t[0]) :]
+    )
+
+
 requests = st.one_of(
     st.tuples(st.just("/v1/completions"), encoded(completion)),
     st.tuples(st.just("/v1/chat/completions"), encoded(chat)),
+    st.tuples(st.just("/v1/completions"), with_invalid_utf8(completion)),
+    st.tuples(st.just("/v1/chat/completions"), with_invalid_utf8(chat)),
     st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.binary(max_size=200)),
 )
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(tiny_checkpoint):
-    models = {"tiny": load_served_model("tiny", tiny_checkpoint, max_batch=4)}
+def fuzzed_server(tiny_checkpoint, tmp_path_factory):
+    plain = hf_llama_directory(tmp_path_factory.mktemp("plain") / "base", sample_texts(), chat_markers=False)
+    models = {
+        "tiny": load_served_model("tiny", tiny_checkpoint, max_batch=4),
+        "plain": load_served_model("plain", plain, max_batch=4),
+    }
     app = create_app(models, routes={"ab": [("tiny", 1.0)]}, max_concurrency=8)
     with running_server(app) as running, httpx.Client(base_url=running.url, timeout=TIMEOUT) as client:
         yield client
@@ -93,7 +111,7 @@ def assert_openai_error(response: httpx.Response) -> None:
 
 
 @settings(
-    max_examples=150,
+    max_examples=200,
     deadline=None,
     derandomize=True,  # the same examples on every run: CI stays reproducible
     database=None,

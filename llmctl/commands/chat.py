@@ -21,6 +21,9 @@ def chat(
     adapter: Path | None = typer.Option(
         None, help="A LoRA adapter (llmctl finetune) to apply to the checkpoint, which is its base."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Apply an adapter to a base other than the weights it was trained on."
+    ),
     system: str | None = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     max_tokens: int = typer.Option(256, min=1),
@@ -47,7 +50,7 @@ def chat(
     draft_path = resolve_checkpoint(draft) if draft is not None else None
 
     def load() -> ChatSession:
-        model, tokenizer = load_for_inference(path, adapter)
+        model, tokenizer = load_for_inference(path, adapter, force_base=force)
         if compile:
             typer.echo("compiling the decode step (once per start; tens of seconds)...", err=True)
             compile_decode(model)

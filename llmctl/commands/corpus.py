@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from llmctl.data.compression import DOCUMENT_BYTES
+
 app = typer.Typer(add_completion=False, help="Build and inspect training corpora.", no_args_is_help=True)
 
 
@@ -40,6 +42,12 @@ def build(
     max_repeated_ngram_fraction: float | None = typer.Option(None, help="Filter: maximum repeated 5-grams."),
     language: str | None = typer.Option(
         None, help="Filter: keep only this language (ISO code; needs py3langid)."
+    ),
+    max_document_bytes: int = typer.Option(
+        DOCUMENT_BYTES,
+        min=1,
+        help="Skip a document (a file, a JSONL line, a DOCX's parts) that grows past this many bytes as it is "
+        "decompressed or extracted; memory stays bounded by it.",
     ),
     strict: bool = typer.Option(False, help="Stop at the first unreadable file or malformed line."),
     workers: int = typer.Option(
@@ -87,6 +95,7 @@ def build(
         seed=seed,
         strict=strict,
         workers=workers,
+        max_document_bytes=max_document_bytes,
     )
     if executor is not None:
         from llmctl.errors import require_extra

@@ -58,6 +58,9 @@ def merge(
         None, help="The base checkpoint (default: the one the adapter records)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+    force: bool = typer.Option(
+        False, "--force", help="Merge into a base other than the weights the adapter was trained on."
+    ),
 ) -> None:
     """Fold an adapter into its base's weights: a checkpoint that chat, serve, eval and export open directly."""
     from llmctl.adapters import base_of, open_adapted
@@ -67,7 +70,7 @@ def merge(
 
     base = base or base_of(adapter)
     check_output(out, [adapter, base], overwrite)
-    model, tokenizer = open_adapted(adapter, base=base, merge=True)
+    model, tokenizer = open_adapted(adapter, base=base, merge=True, force=force)
     recipe = adapter / RECIPE_FILE
     save_checkpoint(
         out,

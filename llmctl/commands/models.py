@@ -157,7 +157,14 @@ def diff(
         ("change", "right"),
     ):
         table.add_column(column, justify=justify)
-    lineage_keys = ("kind", "weights_sha256", "tokenizer_sha256", "corpus_manifest_sha256", "parent_version")
+    lineage_keys = (
+        "kind",
+        "weights_sha256",
+        "files_sha256",
+        "tokenizer_sha256",
+        "corpus_manifest_sha256",
+        "parent_version",
+    )
     for key in (*lineage_keys, "quantization"):
         left, right = a.lineage(key) or "", b.lineage(key) or ""
         if left or right:
@@ -189,6 +196,7 @@ def _print_version(version: ModelVersion) -> None:
         ("created", _time(version.created)),
         ("kind", version.lineage("kind")),
         ("weights sha256", version.lineage("weights_sha256")),
+        ("files sha256", version.lineage("files_sha256")),
         ("tokenizer sha256", version.lineage("tokenizer_sha256")),
         ("corpus manifest sha256", version.lineage("corpus_manifest_sha256")),
         ("parent", _parent(version)),

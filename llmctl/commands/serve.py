@@ -24,9 +24,13 @@ def serve(
     max_concurrency: int = typer.Option(64, min=1, help="Requests in flight before answering 429."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together per step, per model."),
     route: list[str] = typer.Option([], help="Weighted alias for A/B tests: stable=A:0.9,B:0.1."),
-    adapter: Path | None = typer.Option(
-        None,
-        help="A LoRA adapter applied to the one checkpoint served (its base); or serve adapter directories.",
+    adapter: list[str] = typer.Option(
+        [],
+        help="LoRA adapters served beside the one base checkpoint, on one copy of its weights: NAME=DIR or "
+        "DIR, repeatable (--adapter legal=A1 --adapter hr=A2).",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Serve adapters on a base other than the weights they were trained on."
     ),
     compile: bool = typer.Option(
         False,
@@ -99,7 +103,7 @@ def serve(
     routes = parse_routes(route, set(named) | set(adapters))
     if adapters:
         ((base_name, base),) = named.items()
-        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch)
+        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch, force_base=force)
         typer.echo(
             f"loaded {base_name} from {base} with adapters {', '.join(adapters)} (one copy of the base)"
         )
@@ -114,6 +118,7 @@ def serve(
                 prefix_cache_tokens=prefix_cache_tokens,
                 draft=draft_path,
                 lookahead=lookahead,
+                force_base=force,
             )
             drafting = f", draft {draft_path}" if draft_path is not None else ""
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens{drafting})")

@@ -18,6 +18,7 @@ import numpy as np
 from llmctl import __version__
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.clean import CleaningRules, clean_text, cleaning_steps
+from llmctl.data.compression import DOCUMENT_BYTES
 from llmctl.data.dedup import NUM_PERM, NearDuplicateIndex, exact_key, minhash_signature
 from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.filters import FilterRules, failed_filter
@@ -46,6 +47,7 @@ class CorpusOptions:
     strict: bool = False
     workers: int = 0  # 0: one per core
     shard_bytes: int = 256 << 20
+    max_document_bytes: int = DOCUMENT_BYTES  # read no further into one document (decompressed, extracted)
 
 
 @dataclass
@@ -160,7 +162,9 @@ def build_corpus(
     near = NearDuplicateIndex(options.near_dup_threshold) if options.near_dup_threshold is not None else None
 
     def documents() -> Iterator[Document]:
-        for item in itertools.chain(unsupported, read_documents(paths, options.text_field, options.html)):
+        for item in itertools.chain(
+            unsupported, read_documents(paths, options.text_field, options.html, options.max_document_bytes)
+        ):
             if isinstance(item, SourceProblem):
                 skip_problem(item, tally, options.strict)
                 continue
@@ -246,6 +250,7 @@ def finish_corpus(
             "minhash_num_perm": NUM_PERM,
             "val_fraction": options.val_fraction,
             "seed": options.seed,
+            "max_document_bytes": options.max_document_bytes,
         },
         **({"engine": engine} if engine else {}),
         "seconds": round(seconds, 3),

@@ -230,7 +230,7 @@ def process_inputs(
     with out.open("w", encoding="utf-8") as sink:
         for unit in range(rank, len(spans), world_size):
             position = 0
-            for item in read_span(spans[unit], options.text_field, options.html):
+            for item in read_span(spans[unit], options.text_field, options.html, options.max_document_bytes):
                 if isinstance(item, SourceProblem):
                     tally.problem(item)
                     continue

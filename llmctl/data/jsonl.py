@@ -8,27 +8,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmctl.data.compression import open_input
+from llmctl.data.compression import DOCUMENT_BYTES, TooLarge, bounded_lines, open_input
 from llmctl.errors import UserError
 
 
 def jsonl_lines(
-    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
+    path: Path, start: int = 0, end: int | None = None, first_line: int = 1, limit: int = DOCUMENT_BYTES
 ) -> Iterator[tuple[str, Any, str | None]]:
     """(location "file:line", record, problem) per non-blank line; record is None where problem says why.
     `start`, `end`, `first_line`: only the lines of an uncompressed file that begin in [start, end), where
-    the line at `start` is line `first_line` (one share of a large file, data/spans.py)."""
+    the line at `start` is line `first_line` (one share of a large file, data/spans.py). A line longer than
+    `limit` bytes is a problem, read past without being held."""
     with open_input(path) as handle:  # notes.jsonl.gz and .zst too
         if start:
             handle.seek(start)
         position = start
-        for number, raw in enumerate(handle, start=first_line):
+        for number, (raw, size) in enumerate(bounded_lines(handle, limit), start=first_line):
             if end is not None and position >= end:
                 break
-            position += len(raw)
+            position += size
+            location = f"{path}:{number}"
+            if raw is None:
+                yield location, None, str(TooLarge(limit))
+                continue
             if not raw.strip():
                 continue
-            location = f"{path}:{number}"
             try:
                 yield location, json.loads(raw.decode("utf-8")), None
             except UnicodeDecodeError as error:

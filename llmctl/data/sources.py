@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bs4 import BeautifulSoup
 
-from llmctl.data.compression import format_suffix, open_input
+from llmctl.data.compression import DOCUMENT_BYTES, TooLarge, format_suffix, open_input, read_bounded
 from llmctl.data.documents import Document, SourceProblem
 from llmctl.data.formats import read_csv, read_docx, read_parquet, read_pdf
 from llmctl.data.jsonl import jsonl_lines
@@ -64,49 +64,56 @@ def _hidden(relative: Path) -> bool:
 
 
 def read_documents(
-    paths: list[Path], text_field: str = "text", html: str = "main"
+    paths: list[Path], text_field: str = "text", html: str = "main", limit: int = DOCUMENT_BYTES
 ) -> Iterator[Document | SourceProblem]:
     """Stream documents: a text, HTML, PDF or DOCX file is one, a JSONL line or a table row one each.
-    `html`: "main" keeps a page's main content (trafilatura), "all" every visible text block."""
+    `html`: "main" keeps a page's main content (trafilatura), "all" every visible text block. A document
+    that grows past `limit` bytes as it is decompressed or extracted is skipped, as a problem."""
     if html not in HTML_MODES:
         raise UserError(f"unknown HTML mode {html!r}; use main (the main content) or all (all visible text)")
     for path in paths:
         try:
-            yield from _read_file(path, format_suffix(path), text_field, html)
+            yield from _read_file(path, format_suffix(path), text_field, html, limit)
+        except TooLarge as error:
+            yield SourceProblem(str(path), str(error))
         except (OSError, EOFError, zlib.error) as error:  # unreadable, or a corrupt compressed stream
             yield SourceProblem(str(path), f"unreadable: {getattr(error, 'strerror', None) or error}")
 
 
-def read_span(span: Span, text_field: str = "text", html: str = "main") -> Iterator[Document | SourceProblem]:
+def read_span(
+    span: Span, text_field: str = "text", html: str = "main", limit: int = DOCUMENT_BYTES
+) -> Iterator[Document | SourceProblem]:
     """The documents of one span of the inputs (data/spans.py): a whole file, or the lines of a JSONL file's
     share, named by the file's own line numbers."""
     if span.whole:
-        yield from read_documents([span.path], text_field, html)
+        yield from read_documents([span.path], text_field, html, limit)
         return
     try:
-        yield from _read_jsonl(span.path, text_field, span)
+        yield from _read_jsonl(span.path, text_field, limit, span)
     except OSError as error:
         yield SourceProblem(str(span.path), f"unreadable: {error.strerror or error}")
 
 
-def _read_file(path: Path, suffix: str, text_field: str, html: str) -> Iterator[Document | SourceProblem]:
+def _read_file(
+    path: Path, suffix: str, text_field: str, html: str, limit: int
+) -> Iterator[Document | SourceProblem]:
     if suffix == ".pdf":
-        yield from read_pdf(path)
+        yield from read_pdf(path, limit)
     elif suffix == ".docx":
-        yield from read_docx(path)
+        yield from read_docx(path, limit)
     elif suffix == ".parquet":
-        yield from read_parquet(path, text_field)
+        yield from read_parquet(path, text_field, limit)
     elif suffix == ".csv":
-        yield from read_csv(path, text_field)
+        yield from read_csv(path, text_field, limit)
     elif suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field)
+        yield from _read_jsonl(path, text_field, limit)
     else:
-        yield from _read_text(path, html if suffix in HTML_SUFFIXES else None)
+        yield from _read_text(path, html if suffix in HTML_SUFFIXES else None, limit)
 
 
-def _read_text(path: Path, html: str | None) -> Iterator[Document | SourceProblem]:
+def _read_text(path: Path, html: str | None, limit: int) -> Iterator[Document | SourceProblem]:
     with open_input(path) as handle:
-        data = handle.read()
+        data = read_bounded(handle, limit)
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
         yield SourceProblem(str(path), "binary file (contains NUL bytes)")
         return
@@ -122,8 +129,13 @@ def _read_text(path: Path, html: str | None) -> Iterator[Document | SourceProble
     yield Document(id=str(path), source=str(path), text=text)
 
 
-def _read_jsonl(path: Path, text_field: str, span: Span | None = None) -> Iterator[Document | SourceProblem]:
-    lines = jsonl_lines(path) if span is None else jsonl_lines(path, span.start, span.end, span.first_line)
+def _read_jsonl(
+    path: Path, text_field: str, limit: int, span: Span | None = None
+) -> Iterator[Document | SourceProblem]:
+    if span is None:
+        lines = jsonl_lines(path, limit=limit)
+    else:
+        lines = jsonl_lines(path, span.start, span.end, span.first_line, limit)
     for where, record, problem in lines:
         if problem is not None:
             yield SourceProblem(where, problem)

@@ -46,13 +46,19 @@ def fit_prompt(prompt_ids: list[int], context: int, truncate_left: bool = False)
     return prompt_ids[len(prompt_ids) - context + 1 :]
 
 
-def load_for_inference(path: Path, adapter: Path | None = None) -> tuple[Transformer, Tokenizer]:
+def load_for_inference(
+    path: Path, adapter: Path | None = None, force_base: bool = False
+) -> tuple[Transformer, Tokenizer]:
     """A checkpoint's model and tokenizer, with the CPU decode fast path swapped in. With `adapter`, or when
-    `path` is itself a LoRA adapter (its base recorded inside), the adapter is merged into the base."""
+    `path` is itself a LoRA adapter (its base recorded inside), the adapter is merged into the base, which
+    must hold the weights it was trained on unless `force_base`."""
     if adapter is not None or is_adapter(path):
         from llmctl.adapters import open_adapted
 
-        model, tokenizer = open_adapted(adapter, base=path) if adapter else open_adapted(path)
+        if adapter is None:
+            model, tokenizer = open_adapted(path, force=force_base)
+        else:
+            model, tokenizer = open_adapted(adapter, base=path, force=force_base)
     else:
         model, tokenizer = open_checkpoint(path)
         if read_quantization_config(path) is not None:

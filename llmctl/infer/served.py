@@ -47,15 +47,17 @@ def load_served_model(
     prefix_cache_tokens: int = 0,
     draft: Path | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    force_base: bool = False,
 ) -> ServedModel:
     """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
     a UserError now, not at the first request. An adapter directory is served merged into the base it
-    records. With `draft`, a smaller checkpoint of the same tokenizer, every step decodes speculatively,
-    `lookahead` draft tokens per row."""
+    records (refused on other base weights than it was trained on, unless `force_base`). With `draft`, a
+    smaller checkpoint of the same tokenizer, every step decodes speculatively, `lookahead` draft tokens per
+    row."""
     path = Path(path)
 
     def load() -> ServedModel:
-        model, tokenizer = load_for_inference(path)
+        model, tokenizer = load_for_inference(path, force_base=force_base)
         draft_model = load_draft(Path(draft), tokenizer, model) if draft is not None else None
         engine = Engine(
             model,
@@ -71,14 +73,14 @@ def load_served_model(
 
 
 def load_served_adapters(
-    base_name: str, base: Path, adapters: dict[str, Path], max_batch: int = 16
+    base_name: str, base: Path, adapters: dict[str, Path], max_batch: int = 16, force_base: bool = False
 ) -> dict[str, ServedModel]:
     """The base and each adapter as its own model name, on one copy of the base's weights and one engine,
     whose batches mix requests for all of them."""
     from llmctl.adapters import open_with_adapters
 
     def load() -> tuple[Engine, Tokenizer]:
-        model, tokenizer, router = open_with_adapters(Path(base), adapters)
+        model, tokenizer, router = open_with_adapters(Path(base), adapters, force_base)
         use_decode_kernels(model)
         return Engine(model, max_batch=max_batch, router=router).start(), tokenizer
 

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl.data.chat import Message, render_chat
+from llmctl.errors import UserError
 from llmctl.infer.ab_log import CompletionLog, LoggedRequest, UnknownCompletion, choose_variant, user_digest
 from llmctl.infer.api_call import ApiCall
 from llmctl.infer.api_schema import (
@@ -135,6 +136,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
     return error.response()
+
+
+async def internal_error(request: Request, error: Exception) -> JSONResponse:
+    """Whatever else went wrong (a bug): still OpenAI's shape, never a plain-text page; logged with its
+    traceback by the server."""
+    log.error("unhandled error in %s %s: %r", request.method, request.url.path, error)
+    return OpenAIError(500, "internal server error", type_="server_error", code="internal_error").response()
 
 
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -259,13 +267,33 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def chat_completions(body: ChatRequest, request: Request):
     served = state_of(request).resolve(body.model, request_user(body, request))
+    try:
+        stop_ids = served.chat_stop_ids()
+    except UserError as error:
+        raise OpenAIError(
+            400,
+            f"model {served.name!r} cannot render a chat: {error}; use /v1/completions with a plain prompt",
+            param="messages",
+            code="chat_template_unavailable",
+        ) from None
     text = render_chat([Message(m.role, m.content) for m in body.messages])
     prompt_ids = await tokenize(served, text, Endpoint.CHAT)
-    return await respond(request, served, body, Endpoint.CHAT, text, prompt_ids, served.chat_stop_ids())
+    return await respond(request, served, body, Endpoint.CHAT, text, prompt_ids, stop_ids)
 
 
 async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[int]:
-    """Token ids of a prompt, computed off the event loop so a long prompt never stalls other streams."""
+    """Token ids of a prompt, computed off the event loop so a long prompt never stalls other streams.
+    Text no tokenizer can take (a lone UTF-16 surrogate, which JSON's \\ud800 escapes can carry) is a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise OpenAIError(
+            400,
+            f"{endpoint.prompt_param} contains an unpaired UTF-16 surrogate "
+            f"(U+{ord(text[error.start]):04X}); send valid Unicode text",
+            param=endpoint.prompt_param,
+            code="invalid_unicode",
+        ) from None
     if len(text) > MAX_CHARS_PER_TOKEN * served.context:
         raise OpenAIError(
             400,
@@ -363,6 +391,7 @@ def create_app(
     app.add_exception_handler(OpenAIError, openai_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     app.middleware("http")(guard)
     app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: no layer reads an unbounded body
     app.get("/health")(health)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl.digests import file_sha256, weights_sha256
+from llmctl.digests import file_sha256, files_sha256, weights_sha256
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 CORPUS_MANIFEST = "manifest.json"
@@ -21,6 +21,7 @@ TAG_PREFIX = "llmctl."
 class Lineage:
     kind: str  # checkpoint, adapter or quantized
     weights_sha256: str
+    files_sha256: str  # every file that decides its behaviour: config, tokenizer, template, weights
     tokenizer_sha256: str | None
     corpus_manifest_sha256: str | None
     recipe: str | None  # the recipe.toml saved with the checkpoint
@@ -33,6 +34,7 @@ class Lineage:
         values = {
             "kind": self.kind,
             "weights_sha256": self.weights_sha256,
+            "files_sha256": self.files_sha256,
             "tokenizer_sha256": self.tokenizer_sha256,
             "corpus_manifest_sha256": self.corpus_manifest_sha256,
             "recipe": self.recipe,
@@ -54,6 +56,7 @@ def read_lineage(checkpoint: Path) -> Lineage:
     return Lineage(
         kind=kind,
         weights_sha256=weights_sha256(checkpoint),
+        files_sha256=files_sha256(checkpoint),
         tokenizer_sha256=file_sha256(tokenizer) if tokenizer else None,
         corpus_manifest_sha256=_corpus_manifest_digest(recipe_values, checkpoint),
         recipe=recipe,

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmctl.digests import digest_problem, file_sha256, weights_sha256
+from llmctl.digests import digest_problem, file_sha256, files_sha256, weights_sha256
 from llmctl.errors import UserError
 from llmctl.evaluate.results import flatten
 from llmctl.registry.artifacts import cached_copy, is_local_source, is_tracking_server, upload_checkpoint
@@ -201,6 +201,13 @@ class ModelRegistry:
                 f"{asked} (version {version.version}): the weights in {path} changed since they were "
                 f"registered (sha256 {str(actual)[:12]}… vs {str(expected)[:12]}…); register them as a new "
                 "version, or restore the registered files"
+            )
+        expected = version.lineage("files_sha256")  # absent for versions registered before it was kept
+        if expected is not None and (actual := files_sha256(path)) != expected:
+            raise UserError(
+                f"{asked} (version {version.version}): the files in {path} changed since they were registered "
+                f"(config, tokenizer or template; sha256 {actual[:12]}… vs {expected[:12]}…); register them as "
+                "a new version, or restore the registered files"
             )
         return path
 

@@ -26,6 +26,7 @@ from llmctl.data.instructions import (
 )
 from llmctl.data.loader import ExampleSampler, example_validation_batches
 from llmctl.data.tokenizer import CHAT_MARKERS, open_tokenizer
+from llmctl.digests import weights_sha256
 from llmctl.errors import UserError
 from llmctl.model import Transformer
 from llmctl.model.hf_format import CONFIG_FILE, read_config, read_quantization_config
@@ -232,6 +233,7 @@ class FinetuneTrainer(Trainer):
             recipe_toml=self.recipe.to_toml(),
             trainer_state=trainer_state,
             adapter_config=self.lora.peft_config["default"],
+            adapter_base_sha256=weights_sha256(self.base),
         )
 
     def _load_weights(self, checkpoint: Path) -> None:

@@ -2,12 +2,17 @@
 
 A run directory belongs to one run: a fresh run never writes into one that holds another (its pruning would
 delete the other's checkpoints and its metrics would interleave); `--overwrite` starts clean on purpose.
+Two trainers started together on one directory are kept apart by an OS lock held for the run's life, taken
+before the directory is checked, so the check and the claim cannot interleave.
 A resume takes the newest checkpoint that verifies, and refuses a recipe that would make it inexact.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +39,49 @@ RUN_OUTPUTS = (
 )  # recipe.toml is rewritten
 
 
+LOCK_FILE = ".lock"  # holds the PID of the process running in the directory, while it runs
+
+
+class RunLock:
+    """An exclusive `flock` on the run directory's lock file; the kernel drops it when the holder exits,
+    however it exits, so a killed run never leaves the directory locked."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK_FILE
+        self.handle = path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            self.handle.close()
+            raise UserError(
+                f"{run_dir} is in use by another run (PID {holder}); wait for it to finish, stop it, or set "
+                "checkpoint.dir to a new directory"
+            ) from None
+        self._write(f"{os.getpid()}\n")
+
+    def _holder(self) -> str:
+        """The holder's PID, which it writes just after locking: wait a moment for it if it is not there yet."""
+        for _ in range(50):
+            self.handle.seek(0)
+            if holder := self.handle.read().strip():
+                return holder
+            time.sleep(0.002)
+        return "unknown"
+
+    def _write(self, text: str) -> None:
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(text)
+        self.handle.flush()
+
+    def release(self) -> None:
+        """Unlock, leaving the file empty: it names a holder only while one holds it."""
+        self._write("")
+        self.handle.close()
+
+
 def holds_a_run(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir)) or (run_dir / METRICS_FILE).is_file()
 
@@ -52,19 +100,25 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
         )
 
 
-def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """`check_run_dir`, then clear an earlier run if `overwrite` said to, and remove the staging a killed
-    checkpoint save left. One process (rank 0) claims."""
+def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock:
+    """Lock the directory, `check_run_dir`, then clear an earlier run if `overwrite` said to, and remove the
+    staging a killed checkpoint save left. One process (rank 0) claims, and releases the lock at the end."""
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume, overwrite)
-    if resume is None and overwrite:
-        for name in RUN_OUTPUTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    remove_stale_staging(run_dir / "checkpoints")
+    lock = RunLock(run_dir)
+    try:
+        check_run_dir(run_dir, resume, overwrite)
+        if resume is None and overwrite:
+            for name in RUN_OUTPUTS:
+                path = run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        remove_stale_staging(run_dir / "checkpoints")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def resume_checkpoint(

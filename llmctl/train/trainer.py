@@ -55,7 +55,7 @@ from llmctl.train.loggers import open_loggers
 from llmctl.train.metrics import AUTOCAST_DTYPES, MetricsWriter, device_peak_flops, memory_in_use
 from llmctl.train.optim import build_optimizer, lr_at
 from llmctl.train.plan import grad_accum_steps, make_plan, resolve_strategy
-from llmctl.train.run_dir import check_resume_matches, claim_run_dir, resume_checkpoint
+from llmctl.train.run_dir import RunLock, check_resume_matches, claim_run_dir, resume_checkpoint
 from llmctl.train.run_log import RANKS_DIR
 from llmctl.train.state import (
     full_model_state,
@@ -101,6 +101,7 @@ class Trainer:
         self.metrics: MetricsWriter | None = None
         self.rank_metrics: MetricsWriter | None = None  # under torchrun, every rank's own throughput
         self.run_dir = recipe.run_dir
+        self.run_lock: RunLock | None = None  # rank 0's, while fit() runs
         make_plan(recipe, context.world_size)  # the recipe's shape checks, before anything is built
         self.strategy = resolve_strategy(recipe, context.world_size)
         self.accum = grad_accum_steps(recipe, context.world_size)
@@ -183,7 +184,7 @@ class Trainer:
         refusal = None
         if self.context.is_main:
             try:
-                claim_run_dir(self.run_dir, resume, overwrite)
+                self.run_lock = claim_run_dir(self.run_dir, resume, overwrite)
             except UserError as error:
                 refusal = error
         if any_rank(refusal is not None, self.context):
@@ -193,9 +194,17 @@ class Trainer:
 
     def fit(self, resume: str | None = None, overwrite: bool = False) -> TrainResult:
         """Train to the recipe's end. `resume`: 'auto' or a checkpoint path; `overwrite`: start clean in a
-        run directory that holds an earlier run (refused otherwise)."""
-        start_step, elapsed_before = 0, 0.0
+        run directory that holds an earlier run (refused otherwise). The directory stays locked meanwhile."""
         self._claim_run_dir(resume, overwrite)
+        try:
+            return self._fit(resume)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
+
+    def _fit(self, resume: str | None) -> TrainResult:
+        start_step, elapsed_before = 0, 0.0
         rejected: list[tuple[Path, str]] = []
         checkpoint = resume_checkpoint(
             self.run_dir, resume, lambda path, reason: rejected.append((path, reason))
