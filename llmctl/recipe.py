@@ -209,6 +209,11 @@ class FinetuneSection(Section):
     val_fraction: float = Field(0.05, ge=0, lt=1)
     packing: bool = Field(True, description="several short examples per window, attention kept inside each")
     overlong: Literal["truncate", "skip"] = Field("skip", description="examples longer than the context")
+    chat_template: str | None = Field(
+        None,
+        description="a Jinja chat template file for `examples` (default: the base's own, or llmctl's markers); "
+        "written into each checkpoint as chat_template.jinja",
+    )
 
 
 class DistillSection(Section):

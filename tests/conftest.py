@@ -219,9 +219,16 @@ def sample_texts(count: int = 200) -> list[str]:
     return [json.loads(line)["text"] for line in (SAMPLE / "train.jsonl").open()][:count]
 
 
-def hf_llama_directory(path: Path, texts: list[str], chat_markers: bool = True) -> Path:
+def hf_llama_directory(
+    path: Path,
+    texts: list[str],
+    chat_markers: bool = True,
+    special_tokens: tuple[str, ...] = (),
+    tokenizer_config: dict | None = None,
+) -> Path:
     """What a user downloads: config.json + safetensors from transformers, and a byte-level BPE tokenizer.json
-    from the tokenizers library (with llmctl's chat markers as added tokens, unless `chat_markers` is off)."""
+    from the tokenizers library (with llmctl's chat markers as added tokens, unless `chat_markers` is off, and
+    `special_tokens`), its `tokenizer_config.json` updated with `tokenizer_config` (a chat template, say)."""
     import json
 
     import torch
@@ -235,15 +242,21 @@ def hf_llama_directory(path: Path, texts: list[str], chat_markers: bool = True) 
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=600,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *(CHAT_MARKERS if chat_markers else ())],
+        special_tokens=[
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<pad>",
+            *(CHAT_MARKERS if chat_markers else ()),
+            *special_tokens,
+        ],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer)
     path.mkdir(parents=True)
     tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-    )
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(names | (tokenizer_config or {})))
     torch.manual_seed(0)
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}

@@ -9,12 +9,13 @@ import sys
 import pytest
 
 from llmctl.infer.chat_session import ChatSession, chat_sampling
-from llmctl.infer.decode import load_for_inference
+from llmctl.infer.decode import load_for_inference, open_chat
 
 
 def session_for(checkpoint) -> ChatSession:
     model, tokenizer = load_for_inference(checkpoint)
-    return ChatSession(model, tokenizer, settings=chat_sampling(temperature=0.0, max_tokens=12))
+    chat = open_chat(checkpoint, tokenizer)
+    return ChatSession(model, tokenizer, chat, settings=chat_sampling(temperature=0.0, max_tokens=12))
 
 
 def test_plain_mode_from_a_pipe_prints_one_reply(tiny_checkpoint):

@@ -14,11 +14,11 @@ import torch
 from conftest import REPO, hf_llama_directory, one_error_line, random_adapter, run_llmctl
 
 from llmctl.data.chat import END, Message
+from llmctl.data.chat_format import MarkerFormat
 from llmctl.data.instructions import IGNORE, pack_examples, read_examples, tokenize_example
 from llmctl.data.loader import window_batch
 from llmctl.data.tokenizer import open_tokenizer
 from llmctl.errors import UserError
-from llmctl.model.transformer import document_ids_of
 from llmctl.recipe import recipe_from_dict
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.finetune import FinetuneTrainer, finetune_recipe
@@ -134,7 +134,7 @@ def test_an_adapter_is_refused_on_other_weights_at_its_base_path(tiny_checkpoint
     assert json.loads((adapter / "adapter_base.json").read_text()) == {"weights_sha256": trained_on}
     run_llmctl("chat", str(adapter), "--plain", "--max-tokens", "2", check=True)
 
-    config, tokenizer = open_model(base).config, open_tokenizer(base)
+    config, tokenizer = open_model(base).config, open_tokenizer(tiny_checkpoint)
     shutil.rmtree(base)
     torch.manual_seed(7)
     save_checkpoint(base, config, export_state_dict(Transformer(config)), tokenizer=tokenizer)
@@ -196,7 +196,7 @@ def test_the_loss_covers_exactly_the_assistant_replies(sample_pipeline):
         Message("user", "And a socket?"),
         Message("assistant", "An endpoint:\n    host and port.\n"),
     ]
-    example = tokenize_example(messages, tokenizer)
+    example = tokenize_example(messages, tokenizer, MarkerFormat(tokenizer))
     trained = example.ids[example.loss].tolist()
     assert (
         tokenizer.decode(trained)
@@ -211,20 +211,21 @@ def test_the_loss_covers_exactly_the_assistant_replies(sample_pipeline):
 
 def test_packing_never_lets_one_example_attend_to_another(sample_pipeline, tiny_checkpoint):
     tokenizer = open_tokenizer(sample_pipeline["tokenizer"])
-    first = tokenize_example([Message("user", "alpha beta"), Message("assistant", "gamma")], tokenizer)
-    second = tokenize_example([Message("user", "delta"), Message("assistant", "epsilon zeta")], tokenizer)
+    chat = MarkerFormat(tokenizer)
+    first = tokenize_example([Message("user", "alpha beta"), Message("assistant", "gamma")], tokenizer, chat)
+    second = tokenize_example(
+        [Message("user", "delta"), Message("assistant", "epsilon zeta")], tokenizer, chat
+    )
     packed = pack_examples([first, second], 64, tokenizer.pad_id, packing=True, overlong="skip")
     assert len(packed) == 1
-    inputs, targets = window_batch(packed, np.array([0]))
+    inputs, targets, segments = window_batch(packed, np.array([0]))
     assert (targets != IGNORE).sum() == first.loss.sum() + second.loss.sum()
     changed = inputs.clone()
     changed[0, 1 : len(first.ids) - 1] = 100  # another first example, same length
     model = open_base(tiny_checkpoint)
     later = slice(len(first.ids), len(first.ids) + len(second.ids) - 1)  # the second example's positions
     with torch.no_grad():
-        masked = [
-            model(x, document_ids=document_ids_of(x, tokenizer.eos_id))[0, later] for x in (inputs, changed)
-        ]
+        masked = [model(x, document_ids=segments)[0, later] for x in (inputs, changed)]
         unmasked = [model(x)[0, later] for x in (inputs, changed)]
     torch.testing.assert_close(masked[0], masked[1], atol=1e-6, rtol=0)
     assert (unmasked[0] - unmasked[1]).abs().max() > 1e-4  # without the mask the perturbation would leak
@@ -232,8 +233,9 @@ def test_packing_never_lets_one_example_attend_to_another(sample_pipeline, tiny_
 
 def test_overlong_examples_are_skipped_or_truncated_and_counted(sample_pipeline):
     tokenizer = open_tokenizer(sample_pipeline["tokenizer"])
-    short = tokenize_example([Message("user", "hi"), Message("assistant", "hello")], tokenizer)
-    long = tokenize_example([Message("user", "hi"), Message("assistant", "word " * 80)], tokenizer)
+    chat = MarkerFormat(tokenizer)
+    short = tokenize_example([Message("user", "hi"), Message("assistant", "hello")], tokenizer, chat)
+    long = tokenize_example([Message("user", "hi"), Message("assistant", "word " * 80)], tokenizer, chat)
     skipped = pack_examples([short, long], 32, tokenizer.pad_id, packing=False, overlong="skip")
     assert (skipped.examples, skipped.skipped, skipped.truncated, len(skipped)) == (1, 1, 0, 1)
     cut = pack_examples([short, long], 32, tokenizer.pad_id, packing=False, overlong="truncate")

@@ -96,7 +96,7 @@ def test_the_hit_rate_is_in_the_servers_metrics(model):
     try:
         run(engine, SYSTEM + [1])
         run(engine, SYSTEM + [2])
-        served = ServedModel(name="m", path=Path("."), engine=engine, tokenizer=None)
+        served = ServedModel(name="m", path=Path("."), engine=engine, tokenizer=None, chat="not used")
         text = ServerMetrics({"m": served}).render()
     finally:
         engine.stop()

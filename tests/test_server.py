@@ -169,7 +169,7 @@ def test_more_choices_than_the_limit_in_one_request_is_429(client):
 def paused_model(checkpoint) -> ServedModel:
     """A served model whose engine is not running yet: admitted requests stay in flight until it starts."""
     model, tokenizer = load_for_inference(checkpoint)
-    return ServedModel("tiny", checkpoint, Engine(model, max_batch=2), tokenizer)
+    return ServedModel("tiny", checkpoint, Engine(model, max_batch=2), tokenizer, "chat is not used here")
 
 
 def test_concurrent_requests_over_the_limit_get_429_and_the_rest_finish(tiny_checkpoint):

@@ -111,7 +111,7 @@ def assert_openai_error(response: httpx.Response) -> None:
 
 
 @settings(
-    max_examples=200,
+    max_examples=150,
     deadline=None,
     derandomize=True,  # the same examples on every run: CI stays reproducible
     database=None,

@@ -24,6 +24,14 @@ def chat(
     force: bool = typer.Option(
         False, "--force", help="Apply an adapter to a base other than the weights it was trained on."
     ),
+    chat_template: Path | None = typer.Option(
+        None,
+        help="A Jinja chat template file, for a model that ships none (default: the model's own, "
+        "chat_template.jinja or tokenizer_config.json's, else llmctl's markers).",
+    ),
+    context: int | None = typer.Option(
+        None, min=2, help="Positions the conversation may use (default: the model's, up to 8192)."
+    ),
     system: str | None = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     max_tokens: int = typer.Option(256, min=1),
@@ -43,7 +51,14 @@ def chat(
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
     from llmctl.commands.checkpoint_args import resolve_checkpoint
     from llmctl.infer.chat_session import ChatSession, chat_sampling
-    from llmctl.infer.decode import compile_decode, load_draft, load_for_inference, warm_up_decode
+    from llmctl.infer.decode import (
+        compile_decode,
+        limit_context,
+        load_draft,
+        load_for_inference,
+        open_chat,
+        warm_up_decode,
+    )
     from llmctl.runtime import in_passing_thread
 
     path = resolve_checkpoint(checkpoint)
@@ -51,12 +66,14 @@ def chat(
 
     def load() -> ChatSession:
         model, tokenizer = load_for_inference(path, adapter, force_base=force)
+        limit_context(model, context)
+        chat_format = open_chat(path, tokenizer, adapter, chat_template)
         if compile:
             typer.echo("compiling the decode step (once per start; tens of seconds)...", err=True)
             compile_decode(model)
             warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))
         session = ChatSession(
-            model, tokenizer, system=system, settings=chat_sampling(temperature, max_tokens)
+            model, tokenizer, chat_format, system=system, settings=chat_sampling(temperature, max_tokens)
         )
         if draft_path is not None:
             session.draft = load_draft(draft_path, tokenizer, model)

@@ -32,6 +32,14 @@ def serve(
     force: bool = typer.Option(
         False, "--force", help="Serve adapters on a base other than the weights they were trained on."
     ),
+    context: int | None = typer.Option(
+        None, min=2, help="Positions each request may use (default: the model's, up to 8192 per row)."
+    ),
+    chat_template: Path | None = typer.Option(
+        None,
+        help="A Jinja chat template file for /v1/chat/completions, for models that ship none (default: each "
+        "model's own, else llmctl's markers; a model with neither serves completions only).",
+    ),
     compile: bool = typer.Option(
         False,
         "--compile",
@@ -103,7 +111,15 @@ def serve(
     routes = parse_routes(route, set(named) | set(adapters))
     if adapters:
         ((base_name, base),) = named.items()
-        served = load_served_adapters(base_name, Path(base), adapters, max_batch=max_batch, force_base=force)
+        served = load_served_adapters(
+            base_name,
+            Path(base),
+            adapters,
+            max_batch=max_batch,
+            force_base=force,
+            chat_template=chat_template,
+            context=context,
+        )
         typer.echo(
             f"loaded {base_name} from {base} with adapters {', '.join(adapters)} (one copy of the base)"
         )
@@ -119,6 +135,8 @@ def serve(
                 draft=draft_path,
                 lookahead=lookahead,
                 force_base=force,
+                chat_template=chat_template,
+                context=context,
             )
             drafting = f", draft {draft_path}" if draft_path is not None else ""
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens{drafting})")

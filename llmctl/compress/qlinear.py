@@ -57,6 +57,21 @@ def _no_parameters(module: nn.Module) -> None:
     module.register_parameter("bias", None)
 
 
+def keep_bias(layer: nn.Module, linear: nn.Linear) -> nn.Module:
+    """A quantized layer carries its float linear's bias (Qwen2's q/k/v) unquantized: a float parameter of
+    the same name, so files and PEFT see it where an nn.Linear keeps it. Only its shape is used on meta."""
+    if linear.bias is not None:
+        bias = torch.zeros_like(linear.bias, device=layer.weight_scale.device)
+        if linear.bias.device.type != "meta":
+            bias.copy_(linear.bias.detach())
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 class Int8Linear(nn.Linear):
     """y = x W^T with W = weight (int8, out x in) * weight_scale (one per output channel)."""
 
@@ -90,8 +105,8 @@ class Int8Linear(nn.Linear):
         if rows:
             flat = x.reshape(rows, self.in_features).contiguous()
             out = torch.ops.llmctl_decode.int8_linear(flat, self.weight, self.weight_scale)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+            return _with_bias(out.view(*x.shape[:-1], self.out_features), self.bias)
+        return _with_bias(F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype), self.bias)
 
 
 class Int4Linear(nn.Linear):
@@ -156,8 +171,10 @@ class Int4Linear(nn.Linear):
             out = torch.ops.llmctl_decode.int4_linear(
                 flat, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size
             )
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize().to(x.dtype))
+            return _with_bias(out.view(*x.shape[:-1], self.out_features), self.bias)
+        return F.linear(
+            x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
 
 
 class Int8Embedding(nn.Embedding):

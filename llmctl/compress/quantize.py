@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llmctl.compress.qlinear import Int4Linear, Int8Embedding, Int8Linear
+from llmctl.compress.qlinear import Int4Linear, Int8Embedding, Int8Linear, keep_bias
 from llmctl.model import Transformer
 from llmctl.model.layers import RMSNorm
 
@@ -111,8 +111,9 @@ def quantize_model(
     (by module name) that a calibrated method already solved."""
     prepared = prepared or {}
     for name in quantized_linear_names(model, settings):
-        layer = prepared.get(name) or _quantized_linear(model.get_submodule(name), settings)
-        _set_module(model, name, layer)
+        linear = model.get_submodule(name)
+        layer = prepared.get(name) or _quantized_linear(linear, settings)
+        _set_module(model, name, keep_bias(layer, linear))
     if quantize_embedding(model, settings):
         model.model.embed_tokens = Int8Embedding.from_embedding(model.model.embed_tokens)
         if model.config.tie_embeddings:
@@ -128,7 +129,7 @@ def empty_quantized_model(model: Transformer, settings: QuantizationSettings) ->
             layer: nn.Module = Int8Linear(linear.in_features, linear.out_features)
         else:
             layer = Int4Linear(linear.in_features, linear.out_features, settings.group_size)
-        _set_module(model, name, layer)
+        _set_module(model, name, keep_bias(layer, linear))
     if quantize_embedding(model, settings):
         embedding = model.model.embed_tokens
         model.model.embed_tokens = Int8Embedding(embedding.num_embeddings, embedding.embedding_dim)
@@ -145,6 +146,8 @@ def dequantized_state(model: Transformer) -> dict[str, torch.Tensor]:
             state[f"{name}.weight"] = module.dequantize()
         elif isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)):
             state[f"{name}.weight"] = module.weight.detach()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            state[f"{name}.bias"] = module.bias.detach()
     return state
 
 
@@ -154,8 +157,10 @@ def dequantize_model(model: Transformer) -> Transformer:
     merges into these, and the result is a plain float checkpoint."""
     for name, module in list(model.named_modules()):
         if isinstance(module, (Int8Linear, Int4Linear)):
-            linear = nn.Linear(module.in_features, module.out_features, bias=False)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             linear.weight.copy_(module.dequantize())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
             _set_module(model, name, linear)
         elif isinstance(module, Int8Embedding):
             embedding = nn.Embedding(module.num_embeddings, module.embedding_dim)

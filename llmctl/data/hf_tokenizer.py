@@ -10,11 +10,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as RustTokenizer
 
+from llmctl.data.chat_template import TEMPLATE_FILE, TEMPLATE_JSON_FILE
 from llmctl.data.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, missing_piece_error
 from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+CHAT_TEMPLATE_FILES = (TEMPLATE_FILE, TEMPLATE_JSON_FILE, "special_tokens_map.json")
+GENERATION_CONFIG_FILE = "generation_config.json"
 CONVENTIONAL = {"bos": ("<s>", "<|begin_of_text|>"), "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>")}
 
 
@@ -125,11 +128,21 @@ class HFTokenizer:
             raise missing_piece_error(self.path, piece)
         return token_id
 
+    def token_text(self, token_id: int) -> str:
+        return self.backend.id_to_token(token_id)
+
     def copy_into(self, directory: Path, model_max_length: int) -> None:
-        """tokenizer.json with the config that names its special tokens (written when the source had none)."""
+        """tokenizer.json with the config that names its special tokens (written when the source had none),
+        the chat template, and the tokens that end a reply (generation_config.json's eos_token_id list): a
+        model finetuned from an open base chats as the base did."""
         directory = Path(directory)
+        source = self.path.parent
         shutil.copyfile(self.path, directory / HF_TOKENIZER_FILE)
-        source_config = self.path.parent / TOKENIZER_CONFIG_FILE
+        for name in CHAT_TEMPLATE_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, directory / name)
+        _carry_stop_tokens(source / GENERATION_CONFIG_FILE, directory / GENERATION_CONFIG_FILE)
+        source_config = source / TOKENIZER_CONFIG_FILE
         if source_config.is_file():
             shutil.copyfile(source_config, directory / TOKENIZER_CONFIG_FILE)
             return
@@ -143,3 +156,13 @@ class HFTokenizer:
             },
         }
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _carry_stop_tokens(source: Path, target: Path) -> None:
+    """The source's eos_token_id (a list, for chat models) into the generation config written beside it."""
+    stop = _read_json(source).get("eos_token_id")
+    if stop is None or not target.is_file():
+        return
+    config = _read_json(target)
+    config["eos_token_id"] = stop
+    target.write_text(json.dumps(config, indent=2) + "\n")

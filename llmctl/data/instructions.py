@@ -16,7 +16,8 @@ from typing import Literal
 
 import numpy as np
 
-from llmctl.data.chat import END, ROLES, Message, render_chat
+from llmctl.data.chat import ROLES, Message
+from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer import CHAT_MARKERS, Tokenizer
 from llmctl.errors import UserError
 
@@ -102,22 +103,15 @@ class Example:
     loss: np.ndarray  # bool, per id: whether the model is trained to predict it
 
 
-def tokenize_example(messages: list[Message], tokenizer: Tokenizer) -> Example:
-    """Rendered exactly as `llmctl chat` prompts; the loss covers each assistant reply and its end marker."""
-    text = render_chat(messages, add_generation_prompt=False)
-    spans, position = [], 0
-    for message in messages:
-        rendered = render_chat([message], add_generation_prompt=False)
-        if message.role == "assistant":
-            start = position + rendered.index("\n") + 1
-            spans.append((start, start + len(message.content) + len(END)))
-        position += len(rendered)
-    ids, starts = tokenizer.encode_with_offsets(text)
-    trained = [any(begin <= start < end for begin, end in spans) for start in starts]
-    return Example(
-        np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int64),
-        np.array([False, *trained, False], dtype=bool),
-    )
+def tokenize_example(messages: list[Message], tokenizer: Tokenizer, chat: ChatFormat) -> Example:
+    """Rendered exactly as the model is prompted in chat; the loss covers each assistant reply and the mark
+    that ends it. llmctl's own format is framed by bos and eos; a template writes its own special tokens."""
+    rendered = chat.training_text(messages)
+    ids, starts = tokenizer.encode_with_offsets(rendered.text)
+    trained = [any(begin <= start < end for begin, end in rendered.spans) for start in starts]
+    if chat.frames_examples:
+        ids, trained = [tokenizer.bos_id, *ids, tokenizer.eos_id], [False, *trained, False]
+    return Example(np.array(ids, dtype=np.int64), np.array(trained, dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -126,6 +120,9 @@ class PackedWindows:
 
     ids: np.ndarray  # (windows, seq_len + 1)
     loss: np.ndarray  # (windows, seq_len + 1) bool
+    # (windows, seq_len + 1): which example of its window each position holds (padding: the last one's), so
+    # attention stays inside an example even where a chat template puts eos inside it (ChatML's <|im_end|>)
+    segments: np.ndarray
     examples: int
     truncated: int
     skipped: int
@@ -167,11 +164,15 @@ def pack_examples(
         )
     ids = np.full((len(windows), size), pad_id, dtype=np.int64)
     loss = np.zeros((len(windows), size), dtype=bool)
+    segments = np.zeros((len(windows), size), dtype=np.int64)
     for row, window in enumerate(windows):
         filled = np.concatenate([example.ids for example in window])
         ids[row, : len(filled)] = filled
         loss[row, : len(filled)] = np.concatenate([example.loss for example in window])
-    return PackedWindows(ids, loss, len(examples) - skipped, truncated, skipped)
+        lengths = [len(example.ids) for example in window]
+        segments[row, : len(filled)] = np.repeat(np.arange(len(window)), lengths)
+        segments[row, len(filled) :] = len(window) - 1
+    return PackedWindows(ids, loss, segments, len(examples) - skipped, truncated, skipped)
 
 
 def examples_fingerprint(files: list[Path], tokenizer: Tokenizer, settings: str) -> str:

@@ -104,11 +104,12 @@ class WindowSampler:
         return windows[:, :-1], windows[:, 1:]
 
 
-def window_batch(windows: PackedWindows, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of packed windows, with IGNORE wherever no loss is wanted."""
+def window_batch(windows: PackedWindows, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, example of each input position) of packed windows, with IGNORE wherever no loss is
+    wanted."""
     ids = torch.from_numpy(windows.ids[rows])
     targets = ids[:, 1:].masked_fill(~torch.from_numpy(windows.loss[rows, 1:]), IGNORE)
-    return ids[:, :-1], targets
+    return ids[:, :-1], targets, torch.from_numpy(windows.segments[rows, :-1])
 
 
 class ExampleSampler:
@@ -126,7 +127,7 @@ class ExampleSampler:
 
     def micro_batch(
         self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         samples = micro_batch_samples(
             step, micro_step, rank, world_size, micro_batch_size, self.global_batch_size
         )
@@ -136,7 +137,7 @@ class ExampleSampler:
 
 def example_validation_batches(
     windows: PackedWindows, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The leading held-out windows, split round-robin over ranks like `validation_batches`."""
     total = min(len(windows), batch_size * max_batches)
     total -= total % world_size

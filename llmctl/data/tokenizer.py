@@ -53,6 +53,7 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
     def pieces(self, text: str) -> list[str]: ...
     def piece_id(self, piece: str) -> int: ...
+    def token_text(self, token_id: int) -> str: ...
     def copy_into(self, directory: Path, model_max_length: int) -> None: ...
 
 
@@ -143,6 +144,10 @@ class SentencePieceTokenizer:
         if token_id == UNK_ID and piece != UNK:
             raise missing_piece_error(self.path, piece)
         return token_id
+
+    def token_text(self, token_id: int) -> str:
+        """The piece of an id as the vocabulary spells it (`<s>`), special ones included."""
+        return self.processor.id_to_piece(token_id)
 
     def copy_into(self, directory: Path, model_max_length: int) -> None:
         """The model file, and a config that lets transformers' AutoTokenizer open it as a Llama tokenizer."""

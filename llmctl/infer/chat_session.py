@@ -1,4 +1,4 @@
-"""A chat conversation with a checkpoint: history, the chat template, slash commands and streamed replies.
+"""A chat conversation with a checkpoint: history, the model's chat format, slash commands and streamed replies.
 
 Shared by the Textual app and the plain line-based REPL, so both behave the same.
 """
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from llmctl.atomic import atomic_write_text
-from llmctl.data.chat import END, Message, render_chat
+from llmctl.data.chat import Message
+from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids
@@ -46,6 +47,7 @@ def chat_sampling(temperature: float = 0.7, max_tokens: int = 256) -> SamplingPa
 class ChatSession:
     model: Transformer
     tokenizer: Tokenizer
+    chat: ChatFormat  # the model's own template, or llmctl's markers
     system: str | None = None
     settings: SamplingParams = field(default_factory=chat_sampling)
     history: list[Message] = field(default_factory=list)
@@ -100,15 +102,15 @@ class ChatSession:
         message = Message("user", text)
         system = [Message("system", self.system)] if self.system else []
         context = self.model.config.max_seq_len
-        alone = len(self.tokenizer.encode(render_chat([*system, message])))
+        alone = len(self.tokenizer.encode(self.chat.render([*system, message])))
         if alone >= context - 1:  # it cannot fit even without the history: the conversation stays as it was
             raise PromptTooLong(alone, context)
         self.history.append(message)
-        prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
+        prompt_ids = self.tokenizer.encode(self.chat.render(self.messages()))
         while len(prompt_ids) >= context - 1:  # forget the oldest turns first
             self.history.pop(0)
-            prompt_ids = self.tokenizer.encode(render_chat(self.messages()))
-        stop_ids = (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
+            prompt_ids = self.tokenizer.encode(self.chat.render(self.messages()))
+        stop_ids = self.chat.stop_ids
         params = replace(self.settings, stop_token_ids=stop_ids)
         started, produced, parts = time.perf_counter(), 0, []
         if self.draft is not None:

@@ -24,6 +24,7 @@ class DecodeLinear(nn.Linear):
         if rows:
             flat = x.reshape(rows, self.in_features).contiguous()
             product = torch.ops.llmctl_decode.fp32_linear(flat, self.weight)
+            product = product if self.bias is None else product + self.bias
             return product.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -31,8 +32,7 @@ class DecodeLinear(nn.Linear):
         """How many rows of x the kernel takes with this weight; 0 where torch's product runs instead."""
         rows = kernel_rows(x, self.in_features)
         usable = (
-            self.bias is None
-            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+            not (torch.is_grad_enabled() and self.weight.requires_grad)
             and self.weight.dtype == torch.float32
             and self.weight.is_contiguous()
         )
@@ -50,8 +50,8 @@ class DecodeLinear(nn.Linear):
         products = torch.ops.llmctl_decode.fp32_linear_group(flat, weights)  # (rows, sum of outs)
         widths = [linear.out_features for linear in linears]
         return [
-            product.view(*x.shape[:-1], width)
-            for product, width in zip(products.split(widths, dim=-1), widths, strict=True)
+            (product if linear.bias is None else product + linear.bias).view(*x.shape[:-1], width)
+            for product, width, linear in zip(products.split(widths, dim=-1), widths, linears, strict=True)
         ]
 
 

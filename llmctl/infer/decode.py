@@ -12,11 +12,14 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from llmctl.checkpoint import is_adapter, open_checkpoint
+from llmctl.data.chat_format import ChatFormat, open_chat_format
+from llmctl.data.chat_template import TEMPLATE_FILE
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.cpu_decode import use_decode_kernels
@@ -65,6 +68,40 @@ def load_for_inference(
             return model, tokenizer  # its quantized layers run in the decode kernels already
     use_decode_kernels(model)
     return model, tokenizer
+
+
+DEFAULT_CONTEXT = 8192  # what chat and serve reserve per row unless --context asks for more
+
+
+def limit_context(model: Transformer, context: int | None) -> int:
+    """Decode within `context` positions: by default the model's own, up to DEFAULT_CONTEXT, so a model
+    trained for 128k positions does not reserve a 128k-position KV cache for every row. Returns it."""
+    trained = model.config.max_seq_len
+    if context is not None and context > trained:
+        raise UserError(
+            f"--context {context} is longer than the {trained} positions the model was trained for"
+        )
+    limit = context or min(trained, DEFAULT_CONTEXT)
+    if limit < trained:
+        model.config = replace(model.config, max_seq_len=limit)
+        model.init_rope()  # the same angles, for the positions kept
+    return limit
+
+
+def open_chat(
+    path: Path, tokenizer: Tokenizer, adapter: Path | None = None, template_file: Path | None = None
+) -> ChatFormat:
+    """The chat format of a model loaded by `load_for_inference(path, adapter)`: `template_file`, else the
+    adapter's own chat_template.jinja (a finetune with a template of its own writes one), else the base's."""
+    path = Path(path)
+    if adapter is None and is_adapter(path):
+        from llmctl.adapters import base_of
+
+        adapter, path = path, base_of(path)
+    own = Path(adapter) / TEMPLATE_FILE if adapter is not None else None
+    if template_file is None and own is not None and own.is_file():
+        template_file = own
+    return open_chat_format(path, tokenizer, template_file)
 
 
 def load_draft(path: Path, tokenizer: Tokenizer, model: Transformer) -> Transformer:

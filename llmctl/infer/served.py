@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmctl.data.chat import END
+from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.errors import UserError
 from llmctl.infer.cpu_decode import use_decode_kernels
-from llmctl.infer.decode import load_draft, load_for_inference
+from llmctl.infer.decode import limit_context, load_draft, load_for_inference, open_chat
 from llmctl.infer.engine import Engine
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
@@ -26,6 +27,9 @@ class ServedModel:
     path: Path
     engine: Engine
     tokenizer: Tokenizer
+    chat: (
+        ChatFormat | str
+    )  # how /v1/chat/completions renders for it, or why it cannot (a 400 for each request)
     adapter: str | None = None  # a LoRA adapter on an engine shared with the base's other adapters
     created: int = field(default_factory=lambda: int(time.time()))
     # event-loop time spent turning tokens into text and text into SSE events, cumulative (/metrics)
@@ -34,9 +38,6 @@ class ServedModel:
     @property
     def context(self) -> int:
         return self.engine.context
-
-    def chat_stop_ids(self) -> tuple[int, ...]:
-        return (self.tokenizer.eos_id, self.tokenizer.piece_id(END))
 
 
 def load_served_model(
@@ -48,16 +49,20 @@ def load_served_model(
     draft: Path | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
     force_base: bool = False,
+    chat_template: Path | None = None,
+    context: int | None = None,
 ) -> ServedModel:
     """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
     a UserError now, not at the first request. An adapter directory is served merged into the base it
     records (refused on other base weights than it was trained on, unless `force_base`). With `draft`, a
     smaller checkpoint of the same tokenizer, every step decodes speculatively, `lookahead` draft tokens per
-    row."""
+    row. A model with no chat format (`chat_template` names one) still serves completions. `context`: the
+    positions each row may use (default: the model's, up to decode.DEFAULT_CONTEXT)."""
     path = Path(path)
 
     def load() -> ServedModel:
         model, tokenizer = load_for_inference(path, force_base=force_base)
+        limit_context(model, context)
         draft_model = load_draft(Path(draft), tokenizer, model) if draft is not None else None
         engine = Engine(
             model,
@@ -67,13 +72,33 @@ def load_served_model(
             draft=draft_model,
             lookahead=lookahead,
         ).start()
-        return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer)
+        chat = chat_or_reason(path, tokenizer, None, chat_template)
+        return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer, chat=chat)
 
-    return in_passing_thread(load)  # the engine's thread is then the only one with OpenMP workers
+    return in_passing_thread(load)
+
+
+def chat_or_reason(
+    path: Path, tokenizer: Tokenizer, adapter: Path | None, chat_template: Path | None
+) -> ChatFormat | str:
+    """The served model's chat format, or the one-line reason it has none. A template file that is given
+    but broken stops the server at start instead."""
+    try:
+        return open_chat(path, tokenizer, adapter, chat_template)
+    except UserError as error:
+        if chat_template is not None:
+            raise
+        return str(error)  # the engine's thread is then the only one with OpenMP workers
 
 
 def load_served_adapters(
-    base_name: str, base: Path, adapters: dict[str, Path], max_batch: int = 16, force_base: bool = False
+    base_name: str,
+    base: Path,
+    adapters: dict[str, Path],
+    max_batch: int = 16,
+    force_base: bool = False,
+    chat_template: Path | None = None,
+    context: int | None = None,
 ) -> dict[str, ServedModel]:
     """The base and each adapter as its own model name, on one copy of the base's weights and one engine,
     whose batches mix requests for all of them."""
@@ -81,15 +106,16 @@ def load_served_adapters(
 
     def load() -> tuple[Engine, Tokenizer]:
         model, tokenizer, router = open_with_adapters(Path(base), adapters, force_base)
+        limit_context(model, context)
         use_decode_kernels(model)
         return Engine(model, max_batch=max_batch, router=router).start(), tokenizer
 
     engine, tokenizer = in_passing_thread(load)
-    served = {base_name: ServedModel(name=base_name, path=Path(base), engine=engine, tokenizer=tokenizer)}
+    chat = chat_or_reason(Path(base), tokenizer, None, chat_template)
+    served = {base_name: ServedModel(base_name, Path(base), engine, tokenizer, chat)}
     for name, path in adapters.items():
-        served[name] = ServedModel(
-            name=name, path=Path(path), engine=engine, tokenizer=tokenizer, adapter=name
-        )
+        chat = chat_or_reason(Path(base), tokenizer, Path(path), chat_template)
+        served[name] = ServedModel(name, Path(path), engine, tokenizer, chat, adapter=name)
     return served
 
 

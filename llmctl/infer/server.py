@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmctl.data.chat import Message, render_chat
+from llmctl.data.chat import Message
 from llmctl.errors import UserError
 from llmctl.infer.ab_log import CompletionLog, LoggedRequest, UnknownCompletion, choose_variant, user_digest
 from llmctl.infer.api_call import ApiCall
@@ -267,23 +267,39 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def chat_completions(body: ChatRequest, request: Request):
     served = state_of(request).resolve(body.model, request_user(body, request))
-    try:
-        stop_ids = served.chat_stop_ids()
-    except UserError as error:
+    if isinstance(served.chat, str):
         raise OpenAIError(
             400,
-            f"model {served.name!r} cannot render a chat: {error}; use /v1/completions with a plain prompt",
+            f"model {served.name!r} cannot render a chat: {served.chat}; or use /v1/completions",
             param="messages",
             code="chat_template_unavailable",
-        ) from None
-    text = render_chat([Message(m.role, m.content) for m in body.messages])
+        )
+    messages = [Message(m.role, m.content) for m in body.messages]
+    check_unicode(" ".join(message.content for message in messages), Endpoint.CHAT)
+    try:
+        text = served.chat.render(messages)
+    except UserError as error:  # the template's raise_exception: an order of roles it does not take, say
+        raise OpenAIError(400, str(error), param="messages", code="chat_template_error") from None
     prompt_ids = await tokenize(served, text, Endpoint.CHAT)
-    return await respond(request, served, body, Endpoint.CHAT, text, prompt_ids, stop_ids)
+    return await respond(request, served, body, Endpoint.CHAT, text, prompt_ids, served.chat.stop_ids)
 
 
 async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[int]:
-    """Token ids of a prompt, computed off the event loop so a long prompt never stalls other streams.
-    Text no tokenizer can take (a lone UTF-16 surrogate, which JSON's \\ud800 escapes can carry) is a 400."""
+    """Token ids of a prompt, computed off the event loop so a long prompt never stalls other streams."""
+    check_unicode(text, endpoint)
+    if len(text) > MAX_CHARS_PER_TOKEN * served.context:
+        raise OpenAIError(
+            400,
+            f"the prompt has {len(text):,} characters, more than a {served.context}-token context can hold",
+            param=endpoint.prompt_param,
+            code="context_length_exceeded",
+        )
+    return await asyncio.to_thread(served.tokenizer.encode, text)
+
+
+def check_unicode(text: str, endpoint: Endpoint) -> None:
+    """Text no tokenizer or template can take (a lone UTF-16 surrogate, which JSON's \\ud800 escapes can
+    carry) is a 400."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -294,14 +310,6 @@ async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[i
             param=endpoint.prompt_param,
             code="invalid_unicode",
         ) from None
-    if len(text) > MAX_CHARS_PER_TOKEN * served.context:
-        raise OpenAIError(
-            400,
-            f"the prompt has {len(text):,} characters, more than a {served.context}-token context can hold",
-            param=endpoint.prompt_param,
-            code="context_length_exceeded",
-        )
-    return await asyncio.to_thread(served.tokenizer.encode, text)
 
 
 async def respond(

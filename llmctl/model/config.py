@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from annotated_types import Gt
 
 Positive = Gt(0)  # read by pydantic when the recipe's [model] section is derived from this class
+# The architectures a checkpoint is written as (config.json's model_type): one model with options, where each
+# family fixes some of them (Qwen2: q/k/v biases; Qwen3: q/k norms).
+Family = Literal["llama", "mistral", "qwen2", "qwen3"]
+RopeScaling = Literal["linear", "llama3", "yarn"]
 
 
 def default_ffn_size(d_model: int, multiple_of: int = 256) -> int:
@@ -29,6 +33,21 @@ class ModelConfig:
     norm_eps: Annotated[float, Positive] = 1e-5
     tie_embeddings: bool = False
     init_std: Annotated[float, Positive] = 0.02
+    family: Family = "llama"
+    d_head: Annotated[int, Positive] | None = None  # per-head width; default d_model / n_head
+    attention_bias: bool = False  # biases on the q, k and v projections
+    output_bias: bool = False  # a bias on the attention output projection
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys, before RoPE
+    # RoPE scaling for contexts beyond the pretraining one: linear (positions / factor), llama3 (per-frequency,
+    # Llama 3.1+), yarn (Qwen2.5's long context); the rest apply to the type that names them
+    rope_scaling: RopeScaling | None = None
+    rope_factor: Annotated[float, Positive] = 1.0
+    rope_original_max_seq_len: Annotated[int, Positive] | None = None  # llama3, yarn
+    rope_low_freq_factor: Annotated[float, Positive] = 1.0  # llama3
+    rope_high_freq_factor: Annotated[float, Positive] = 4.0  # llama3
+    rope_beta_fast: Annotated[float, Positive] = 32.0  # yarn
+    rope_beta_slow: Annotated[float, Positive] = 1.0  # yarn
+    rope_attention_factor: Annotated[float, Positive] | None = None  # yarn; default 0.1 ln(factor) + 1
     # token ids come from the tokenizer, not the recipe
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -37,12 +56,38 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if min(self.vocab_size, self.d_model, self.n_layer, self.n_head, self.max_seq_len) <= 0:
             raise ValueError("vocab_size, d_model, n_layer, n_head and max_seq_len must be positive")
-        if self.d_model % self.n_head:
+        if self.d_head is None and self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        family_problem = self._family_problem()
+        if family_problem:
+            raise ValueError(f"family {self.family}: {family_problem}")
+        if self.rope_scaling in ("llama3", "yarn") and self.rope_original_max_seq_len is None:
+            raise ValueError(f"rope_scaling {self.rope_scaling} needs rope_original_max_seq_len")
+
+    def _family_problem(self) -> str | None:
+        """What this family's config.json cannot express, or None."""
+        llama_like = self.attention_bias == self.output_bias and not self.qk_norm
+        rules = {
+            "llama": (llama_like, "attention_bias and output_bias go together, and there is no qk_norm"),
+            "mistral": (
+                not (self.attention_bias or self.output_bias or self.qk_norm),
+                "no attention biases and no qk_norm",
+            ),
+            "qwen2": (
+                self.attention_bias and not self.output_bias and not self.qk_norm and self.d_head is None,
+                "attention_bias on, output_bias and qk_norm off, and no d_head",
+            ),
+            "qwen3": (
+                self.qk_norm and self.attention_bias == self.output_bias,
+                "qk_norm on; attention_bias and output_bias go together",
+            ),
+        }
+        holds, rule = rules[self.family]
+        return None if holds else f"needs {rule}"
 
     @property
     def kv_heads(self) -> int:
@@ -50,7 +95,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
 
     @property
     def ffn_size(self) -> int:
@@ -58,8 +103,11 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Exact parameter count, computed from the shape without building the model."""
-        d, kv = self.d_model, self.kv_heads * self.head_dim
-        attention = d * d * 2 + d * kv * 2
+        d, q, kv = self.d_model, self.n_head * self.head_dim, self.kv_heads * self.head_dim
+        attention = 2 * d * q + 2 * d * kv
+        attention += (
+            (q + 2 * kv) * self.attention_bias + d * self.output_bias + 2 * self.head_dim * self.qk_norm
+        )
         mlp = 3 * d * self.ffn_size
         per_layer = attention + mlp + 2 * d
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -72,7 +120,7 @@ class ModelConfig:
         """
         seq = seq_len or self.max_seq_len
         matmul_params = self.num_parameters() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
-        return 6 * matmul_params + 12 * self.n_layer * self.d_model * seq
+        return 6 * matmul_params + 12 * self.n_layer * self.n_head * self.head_dim * seq
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,5 @@
-"""Read and write the Hugging Face Llama directory layout (config.json + safetensors).
+"""Read and write the Hugging Face directory layout (config.json + safetensors) of the Llama family: Llama,
+Mistral, Qwen2 and Qwen3, one model with options (biases, q/k norms, head width, RoPE scaling).
 
 The weight names of `Transformer` are HF's, so conversion is only about the config and tied weights.
 """
@@ -21,10 +22,47 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+ROPE_KEYS = {  # ModelConfig field -> the rope_parameters key transformers writes
+    "rope_factor": "factor",
+    "rope_original_max_seq_len": "original_max_position_embeddings",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_beta_fast": "beta_fast",
+    "rope_beta_slow": "beta_slow",
+    "rope_attention_factor": "attention_factor",
+}
+ROPE_KEYS_OF = {
+    None: (),
+    "linear": ("rope_factor",),
+    "llama3": ("rope_factor", "rope_original_max_seq_len", "rope_low_freq_factor", "rope_high_freq_factor"),
+    "yarn": (
+        "rope_factor",
+        "rope_original_max_seq_len",
+        "rope_beta_fast",
+        "rope_beta_slow",
+        "rope_attention_factor",
+    ),
+}
+
+
+def _rope_parameters(config: ModelConfig) -> dict:
+    values = {ROPE_KEYS[name]: getattr(config, name) for name in ROPE_KEYS_OF[config.rope_scaling]}
+    return {"rope_type": config.rope_scaling, **{k: v for k, v in values.items() if v is not None}}
+
+
 def to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """config.json as transformers writes it for the config's family, readable by transformers 4.x
+    (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`) alike."""
+    scaling = _rope_parameters(config) if config.rope_scaling else None
+    hf = {
+        "architectures": [ARCHITECTURES[config.family]],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.ffn_size,
@@ -34,13 +72,11 @@ def to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        # transformers 4.x reads rope_theta, 5.x rope_parameters: carry both so either opens it.
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_theta": config.rope_theta, **(scaling or {"rope_type": "default"})},
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": config.init_std,
         "bos_token_id": config.bos_token_id,
@@ -49,29 +85,49 @@ def to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if config.family in ("llama", "qwen3"):
+        hf["attention_bias"] = config.attention_bias
+    if config.family == "llama":
+        hf["mlp_bias"] = False
+    if config.family == "mistral":
+        hf["sliding_window"] = None
+    if config.family in ("qwen2", "qwen3"):
+        hf |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    return hf
 
 
-def from_hf_config(hf: dict) -> ModelConfig:
-    """The llmctl shape of an HF Llama config; features the model lacks are refused, not ignored."""
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"model_type is {hf.get('model_type')!r}; llmctl reads Llama checkpoints only")
-    unsupported = {
-        "attention_bias": hf.get("attention_bias", False),
-        "mlp_bias": hf.get("mlp_bias", False),
-        "rope_scaling": hf.get("rope_scaling"),
+def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
+    """The llmctl config of an HF Llama, Mistral, Qwen2 or Qwen3 config.json (and its generation config, for
+    token ids a Qwen config leaves out); a feature the model lacks is refused naming its key, never ignored."""
+    family = hf.get("model_type")
+    if family not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type {family!r} is not supported: llmctl reads {', '.join(ARCHITECTURES)} checkpoints "
+            "(not mixture-of-experts, multimodal or other architectures)"
+        )
+    problems = {
+        key: hf[key]
+        for key, fine in (("mlp_bias", False), ("hidden_act", "silu"), ("partial_rotary_factor", 1.0))
+        if hf.get(key, fine) != fine
     }
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        unsupported["rope_parameters.rope_type"] = rope["rope_type"]
-    if hf.get("hidden_act", "silu") != "silu":
-        unsupported["hidden_act"] = hf["hidden_act"]
-    present = {key: value for key, value in unsupported.items() if value}
-    if present:
-        raise ValueError(f"unsupported Llama features in config.json: {present}")
+    window = hf.get("sliding_window")
+    windowed = hf.get("use_sliding_window", True) if family in ("qwen2", "qwen3") else True
+    if windowed and window is not None and window < hf.get("max_position_embeddings", 2048):
+        problems["sliding_window"] = window  # a window at or past the context is plain causal attention
+    mixed = sorted({kind for kind in hf.get("layer_types") or () if kind != "full_attention"})
+    if windowed and mixed:
+        problems["layer_types"] = mixed
+    rope = _rope_of(hf, problems)
+    if problems:
+        raise ValueError(f"unsupported {family} features in config.json: {problems}")
     d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", d_model // n_head) != d_model // n_head:
-        raise ValueError("config.json head_dim differs from hidden_size / num_attention_heads: unsupported")
-    eos = hf.get("eos_token_id", 2)
+    head_dim = hf.get("head_dim") or d_model // n_head
+    bias = bool(hf.get("attention_bias", False))
+    generation = generation or {}
+    ids = {
+        role: hf.get(f"{role}_token_id", generation.get(f"{role}_token_id")) for role in ("bos", "eos", "pad")
+    }
+    ids = {role: value[0] if isinstance(value, list) else value for role, value in ids.items()}
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=d_model,
@@ -80,14 +136,41 @@ def from_hf_config(hf: dict) -> ModelConfig:
         n_kv_head=hf.get("num_key_value_heads", n_head),
         d_ff=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         init_std=hf.get("initializer_range", 0.02),
-        bos_token_id=hf.get("bos_token_id", 1),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=ids["bos"] if ids["bos"] is not None else 1,
+        eos_token_id=ids["eos"] if ids["eos"] is not None else 2,
+        pad_token_id=ids["pad"],
+        family=family,
+        d_head=head_dim if head_dim != d_model // n_head or d_model % n_head else None,
+        attention_bias=bias or family == "qwen2",
+        output_bias=bias and family != "qwen2",
+        qk_norm=family == "qwen3",
+        **rope,
     )
+
+
+def _rope_of(hf: dict, problems: dict) -> dict:
+    """ModelConfig's rope fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`
+    (4.x); an unsupported scaling lands in `problems`."""
+    parameters = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    theta = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind not in ROPE_KEYS_OF or parameters.get("truncate", True) is not True:
+        problems["rope_parameters.rope_type"] = kind
+        return {"rope_theta": theta}
+    for key in ("mscale", "mscale_all_dim", "partial_rotary_factor"):
+        if parameters.get(key) not in (None, 0, 1, 1.0):
+            problems[f"rope_parameters.{key}"] = parameters[key]
+    fields = {name: parameters.get(ROPE_KEYS[name]) for name in ROPE_KEYS_OF[kind]}
+    if fields.get("rope_original_max_seq_len") is None and kind != "linear":
+        fields["rope_original_max_seq_len"] = hf.get("max_position_embeddings", 2048)
+    if kind == "yarn" and fields["rope_factor"] is None:  # DeepSeek's way: the ratio of the two contexts
+        fields["rope_factor"] = hf["max_position_embeddings"] / fields["rope_original_max_seq_len"]
+    return {"rope_theta": theta, "rope_scaling": kind, **{k: v for k, v in fields.items() if v is not None}}
 
 
 def generation_config(config: ModelConfig) -> dict:
@@ -145,7 +228,9 @@ def write_model_files(
 
 
 def read_config(directory: Path) -> ModelConfig:
-    return from_hf_config(json.loads((directory / CONFIG_FILE).read_text()))
+    generation = Path(directory) / GENERATION_CONFIG_FILE
+    defaults = json.loads(generation.read_text()) if generation.is_file() else None
+    return from_hf_config(json.loads((Path(directory) / CONFIG_FILE).read_text()), defaults)
 
 
 def read_quantization_config(directory: Path) -> dict | None:

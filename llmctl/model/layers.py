@@ -5,6 +5,8 @@ Module and parameter names follow Hugging Face's Llama so a state dict moves bet
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,16 +29,48 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rotary_frequencies(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Each rotary pair's angle per position, with the config's RoPE scaling applied, and the factor that
+    scales cos and sin (YaRN's attention temperature; 1 otherwise)."""
+    dim, theta = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (theta**exponents)
+    factor = config.rope_factor
+    if config.rope_scaling == "linear":
+        return inv_freq / factor, 1.0
+    if config.rope_scaling == "llama3":  # long wavelengths slowed by the factor, short kept, a blend between
+        context = config.rope_original_max_seq_len
+        wavelength = 2 * math.pi / inv_freq
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
+    if config.rope_scaling == "yarn":  # a linear ramp over the pairs between interpolation and extrapolation
+        context = config.rope_original_max_seq_len
+
+        def pair_of(rotations: float) -> float:  # the pair that turns `rotations` times over the context
+            return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(pair_of(config.rope_beta_fast)), 0)
+        high = min(math.ceil(pair_of(config.rope_beta_slow)), dim - 1)
+        ramp = (torch.arange(dim // 2, device=device).float() - low) / max(high - low, 1e-3)
+        extrapolated = 1 - ramp.clamp(0, 1)
+        blended = inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
+        temperature = config.rope_attention_factor
+        if temperature is None:
+            temperature = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return blended, temperature
+    return inv_freq, 1.0
+
+
 def rotary_tables(
-    head_dim: int, max_len: int, theta: float, device: torch.device | None = None
+    config: ModelConfig, max_len: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables, (max_len, head_dim), in the half-split layout that HF Llama checkpoints use."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+    inv_freq, scale = rotary_frequencies(config, device)
     positions = torch.arange(max_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,10 +107,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.output_bias)
+        if config.qk_norm:  # HF Qwen3's names
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self,
@@ -88,8 +127,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, _ = x.shape  # x: (B, T, d_model)
         q, k, v = project_together(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = k.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = q.view(batch, seq, self.n_head, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:

@@ -90,14 +90,13 @@ class Transformer(nn.Module):
 
     def init_rope(self) -> None:
         """(Re)build the rotary tables, e.g. after materialising a model that was built on the meta device."""
-        cos, sin = rotary_tables(
-            self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, self.device
-        )
+        cos, sin = rotary_tables(self.config, self.config.max_seq_len, self.device)
         self.rope_cos, self.rope_sin = cos, sin
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        """Normal(0, init_std) everywhere but norms (1) and biases (0); residual output projections scaled by
+        1/sqrt(2 * n_layer)."""
         if self.device.type == "meta":  # nothing to fill: the weights are set later
             return
         std = self.config.init_std
@@ -105,6 +104,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.normal_(0.0, residual_std)
             else:

@@ -139,7 +139,7 @@ class DistillTrainer(Trainer):
             )
         )
 
-    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
         """The windows, and in offline mode the cached teacher rows of the same windows for `_loss`."""
         if self.cache is not None:
             starts = self.sampler.micro_batch_starts(
@@ -170,8 +170,8 @@ class DistillTrainer(Trainer):
     def _teacher_val_loss(self) -> float:
         """The teacher's cross-entropy on the student's validation windows (the same ranks' share)."""
         total = torch.zeros(2, device=self.context.device, dtype=torch.float64)
-        for inputs, targets in self.val_batches:
-            documents = self._document_ids(inputs)
+        for inputs, targets, *segments in self.val_batches:
+            documents = self._document_ids(inputs, *segments)
             inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
             _, cross_entropy = self.teacher(inputs, document_ids=documents, targets=targets)
             counted = int((targets != IGNORE).sum())

@@ -18,6 +18,7 @@ import torch
 
 from llmctl.adapters import adapter_state, add_lora, load_adapter_weights, lora_config
 from llmctl.checkpoint import checkpoint_problem, model_directory, open_model, save_checkpoint
+from llmctl.data.chat_format import open_chat_format
 from llmctl.data.instructions import (
     examples_fingerprint,
     pack_examples,
@@ -25,7 +26,7 @@ from llmctl.data.instructions import (
     tokenize_example,
 )
 from llmctl.data.loader import ExampleSampler, example_validation_batches
-from llmctl.data.tokenizer import CHAT_MARKERS, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
 from llmctl.digests import weights_sha256
 from llmctl.errors import UserError
 from llmctl.model import Transformer
@@ -142,9 +143,10 @@ class FinetuneTrainer(Trainer):
         if not self.recipe.finetune.examples:  # continued pretraining on `tokenize encode` files
             super()._open_data()
             return
-        for marker in CHAT_MARKERS:
-            tokenizer.piece_id(marker)
         spec, train = self.recipe.finetune, self.recipe.train
+        chat = open_chat_format(
+            self.base, tokenizer, Path(spec.chat_template) if spec.chat_template else None
+        )
         examples = read_examples(Path(spec.examples))
         if spec.val_examples:
             held_out = read_examples(Path(spec.val_examples))
@@ -162,7 +164,7 @@ class FinetuneTrainer(Trainer):
             )
 
         def windows(chosen):
-            tokenized = [tokenize_example(messages, tokenizer) for messages in chosen]
+            tokenized = [tokenize_example(messages, tokenizer, chat) for messages in chosen]
             return pack_examples(tokenized, self.seq_len, tokenizer.pad_id, spec.packing, spec.overlong)
 
         packed, held_out_packed = windows(examples), windows(held_out)
@@ -170,7 +172,9 @@ class FinetuneTrainer(Trainer):
             packed.examples, packed.truncated, packed.skipped, len(packed), len(held_out_packed)
         )
         files = [Path(spec.examples), *([Path(spec.val_examples)] if spec.val_examples else [])]
-        settings = f"{self.seq_len} {spec.packing} {spec.overlong} {spec.val_fraction} {train.seed}"
+        settings = (
+            f"{self.seq_len} {spec.packing} {spec.overlong} {spec.val_fraction} {train.seed} {chat.source}"
+        )
         fingerprint = examples_fingerprint(files, tokenizer, settings)
         self.meta = {
             "vocab_size": tokenizer.vocab_size,
@@ -224,16 +228,20 @@ class FinetuneTrainer(Trainer):
         return adapter_state(self.model) if self.lora is not None else super()._model_state()
 
     def _write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
-        if self.lora is None:
-            return super()._write_checkpoint(directory, model_state, trainer_state)
+        """A full checkpoint, or a PEFT adapter that records its base's digest; either carries the recipe's
+        own chat template where it names one, so the result chats as it was trained."""
+        template = self.recipe.finetune.chat_template
+        adapter = self.lora is not None
         return save_checkpoint(
             directory,
             self.model.config,
             model_state,
             recipe_toml=self.recipe.to_toml(),
+            tokenizer=None if adapter else self.tokenizer,
             trainer_state=trainer_state,
-            adapter_config=self.lora.peft_config["default"],
-            adapter_base_sha256=weights_sha256(self.base),
+            adapter_config=self.lora.peft_config["default"] if adapter else None,
+            adapter_base_sha256=weights_sha256(self.base) if adapter else None,
+            chat_template=Path(template).read_text(encoding="utf-8") if template else None,
         )
 
     def _load_weights(self, checkpoint: Path) -> None:

@@ -297,8 +297,8 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.context.device)
         for micro_step in range(self.accum):
-            inputs, targets = self._micro_batch(step, micro_step)
-            documents = self._document_ids(inputs)
+            inputs, targets, *segments = self._micro_batch(step, micro_step)
+            documents = self._document_ids(inputs, *segments)
             inputs = inputs.to(self.context.device, non_blocking=True)
             targets = targets.to(self.context.device, non_blocking=True)
             with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
@@ -327,8 +327,9 @@ class Trainer:
     def _before_training(self, start_step: int) -> None:
         """Work a subclass needs done once the run has started and before its first step (every rank)."""
 
-    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (inputs, targets) for one micro-step of an optimizer step."""
+    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's (inputs, targets) for one micro-step of an optimizer step, and for packed examples
+        the example each position belongs to."""
         return self.sampler.micro_batch(
             step, micro_step, self.context.rank, self.context.world_size, self.recipe.train.micro_batch_size
         )
@@ -349,8 +350,8 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         total = torch.zeros(2, device=self.context.device, dtype=torch.float64)
-        for inputs, targets in self.val_batches:
-            documents = self._document_ids(inputs)
+        for inputs, targets, *segments in self.val_batches:
+            documents = self._document_ids(inputs, *segments)
             inputs, targets = inputs.to(self.context.device), targets.to(self.context.device)
             with self._autocast():
                 _, cross_entropy = self.forward(inputs, document_ids=documents, targets=targets)
@@ -433,12 +434,15 @@ class Trainer:
 
     # -- helpers -------------------------------------------------------------------------------------------
 
-    def _document_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """With `train.document_masking`, training and validation both keep attention inside documents.
-        Computed on the host batch: a batch with no boundary keeps SDPA's fused causal path (no mask)."""
+    def _document_ids(
+        self, inputs: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """With `train.document_masking`, training and validation both keep attention inside documents: the
+        packed examples' `segments` where given, else the spans that eos ends. Computed on the host batch: a
+        batch with no boundary keeps SDPA's fused causal path (no mask)."""
         if not self.recipe.train.document_masking:
             return None
-        ids = document_ids_of(inputs, self.meta["eos_id"])
+        ids = document_ids_of(inputs, self.meta["eos_id"]) if segments is None else segments
         if not bool(ids[:, -1].any()):  # every row is one document
             return None
         return ids.to(self.context.device, non_blocking=True)

@@ -306,15 +306,16 @@ class MonitorApp(App):
     @work(thread=True, exclusive=True, group="chat")
     def open_chat(self, checkpoint: Path) -> None:
         from llmctl.infer.chat_session import ChatSession
-        from llmctl.infer.decode import load_for_inference
+        from llmctl.infer.decode import load_for_inference, open_chat
         from llmctl.tui.chat import ChatScreen
 
         try:
             model, tokenizer = load_for_inference(checkpoint)
+            chat = open_chat(checkpoint, tokenizer)
         except UserError as error:
             self.call_from_thread(self.notify, str(error), severity="error")
             return
-        screen = ChatScreen(ChatSession(model, tokenizer), str(checkpoint), closable=True)
+        screen = ChatScreen(ChatSession(model, tokenizer, chat), str(checkpoint), closable=True)
         self.call_from_thread(self.push_screen, screen)
 
     async def action_quit(self) -> None:
