@@ -144,3 +144,31 @@ def test_a_draft_model_gives_the_same_greedy_reply_and_a_foreign_one_is_refused(
     )
     assert result.returncode != 0
     assert "different tokenizer" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plain_mode_refuses_what_would_break_later_turns(tiny_checkpoint, tmp_path):
+    """A max_tokens past the context, a /save into a folder that is not there, a system prompt that leaves
+    no room to talk, and bytes that are not UTF-8: each a line, the conversation still answering after."""
+    missing = tmp_path / "no" / "such" / "dir" / "chat.json"
+    script = b"\n".join(
+        [
+            b"/set max_tokens 99999999999999999999",
+            f"/save {missing}".encode(),
+            b"/system " + b"word " * 20000,
+            b"caf\xe9 \xff\xfe hello",  # Latin-1 and stray bytes
+            b"/set temperature 0",
+            b"hello",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "llmctl", "chat", str(tiny_checkpoint), "--plain", "--max-tokens", "4"],
+        input=script + b"\n", capture_output=True, timeout=120,
+    )  # fmt: skip
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    lines = stdout.splitlines()
+    assert lines[0] == "max_tokens must be below the model's context of 128 tokens"
+    assert lines[1] == f"cannot save to {missing}: {missing.parent} is not a directory"
+    assert lines[2].startswith("system prompt of ") and "refused: it must leave room to talk" in lines[2]
+    assert not (tmp_path / "no").exists()
+    assert "temperature = 0.0" in lines[3:]  # after a reply to the undecodable line

@@ -152,6 +152,24 @@ def test_an_adapter_is_refused_on_other_weights_at_its_base_path(tiny_checkpoint
     assert (merged / "model.safetensors").is_file()
 
 
+def test_lora_mfu_counts_no_weight_gradients_for_the_frozen_base(tiny_checkpoint, tmp_path):
+    """A LoRA step computes input gradients through the base but no weight gradients: 4N FLOPs per token
+    against full finetuning's 6N, plus the adapter's 6 per weight."""
+    examples = write_examples(tmp_path / "examples.jsonl", 8)
+    lora = FinetuneTrainer(
+        finetune_recipe(recipe_from_dict(finetune_dict(tiny_checkpoint, examples, tmp_path / "l"))), CPU
+    )
+    full = FinetuneTrainer(
+        finetune_recipe(recipe_from_dict(finetune_dict(tiny_checkpoint, examples, tmp_path / "f", "full"))),
+        CPU,
+    )
+    config, seq = full.model.config, full.seq_len
+    attention = 12 * config.n_layer * config.d_model * seq
+    adapter = sum(p.numel() for p in lora.model.parameters() if p.requires_grad)
+    assert full.flops_per_token == 6 * config.matmul_parameters() + attention
+    assert lora.flops_per_token == 4 * config.matmul_parameters() + attention + 6 * adapter
+
+
 def test_lora_leaves_the_base_bit_identical_and_the_optimizer_holds_only_adapter_state(
     lora_run, tiny_checkpoint
 ):

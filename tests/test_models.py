@@ -127,8 +127,15 @@ def test_versions_are_numbered_aliases_move_and_bad_input_is_one_line(
     assert registry.resolve("legal@prod") == checkpoint.resolve()
     listed = llmctl_in_process("models", "list", "legal")
     assert listed.returncode == 0, listed.stderr
-    listed = listed.stdout
-    assert "legal@1" in listed and "legal@2" in listed and "prod" in listed
+    header, *lines = [line.split("\t") for line in listed.stdout.splitlines()]  # a pipe: whole fields
+    assert header[:2] == ["version", "aliases"] and [line[:2] for line in lines] == [
+        ["legal@1", "prod"],
+        ["legal@2", ""],
+    ]
+    assert [line[6] for line in lines] == [str(checkpoint.resolve()), str(other.resolve())]  # never cut short
+    records = [json.loads(line) for line in llmctl_in_process("models", "list", "--json").stdout.splitlines()]
+    assert [record["version"] for record in records] == ["legal@1", "legal@2"]
+    assert records[1]["weights"] == registry.get("legal@2").lineage("weights_sha256")
 
     cases = [
         (["models", "register", str(checkpoint), "--name", "legal"], "these weights are already legal@1"),

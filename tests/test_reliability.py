@@ -20,6 +20,7 @@ from conftest import (
     REPO,
     hf_llama_directory,
     random_adapter,
+    run_llmctl,
     running_server,
     sample_texts,
     serving,
@@ -253,3 +254,34 @@ def test_invalid_utf8_in_a_body_is_a_400(two_models):
     body = b'{"model": "tiny", "prompt": "caf\xc3\x28 \xff", "max_tokens": 2}'
     response = two_models.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- a corpus too small to hold anything out -----------------------------------------------------------------
+
+
+def test_a_corpus_with_no_held_out_window_trains_without_evaluation(sample_pipeline, tmp_path):
+    """Two long documents leave the validation split empty: training runs and says it measures no held-out
+    loss, instead of refusing to start."""
+    import tomli_w
+
+    texts = sorted(sample_texts(400), key=len)[-2:]
+    source = tmp_path / "two.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    corpus, tokens = tmp_path / "corpus", tmp_path / "tokens"
+    run_llmctl("corpus", "build", str(source), "--out", str(corpus), "--val-fraction", "0", check=True)
+    run_llmctl(
+        "tokenize",
+        "encode",
+        str(corpus),
+        "--tokenizer",
+        str(sample_pipeline["tokenizer"]),
+        "--out",
+        str(tokens),
+        check=True,
+    )
+    recipe = tiny_recipe_dict({"tokens": tokens, "tokenizer": sample_pipeline["tokenizer"]}, tmp_path / "run")
+    (tmp_path / "tiny.toml").write_text(tomli_w.dumps(recipe))
+    trained = run_llmctl("train", str(tmp_path / "tiny.toml"), check=True)
+    assert "no held-out loss: the validation split is shorter than one window" in trained.stdout
+    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert "eval" not in events and events[-1] == "finished"

@@ -66,6 +66,19 @@ def test_cpu_mfu_is_quoted_against_the_gemm_peak_of_the_dtype_autocast_computes_
     assert measure_cpu_matmul_peak(dtype=torch.bfloat16) != measure_cpu_matmul_peak(dtype=torch.float32)
 
 
+def test_mfu_never_passes_100_percent_after_a_peak_measured_on_a_busy_machine(sample_pipeline, tmp_path):
+    """A peak measured while the machine was busy made MFU read 150% once the load lifted: the trainer
+    measures again when MFU would pass 100%, keeps the best peak, and never reports more than 100%."""
+    from llmctl.train.trainer import StepStats
+
+    trainer = Trainer(tiny_recipe(sample_pipeline, tmp_path), CPU)
+    trainer.peak_flops = 1e6  # as if measured under load: far below this CPU's GEMM rate
+    stats = StepStats(step=1, loss=1.0, lr=1e-3, grad_norm=1.0)
+    logged = trainer._step_logged(stats, tokens=4096, seconds=0.01)
+    assert trainer.peak_flops > 1e9  # measured again
+    assert 0 < logged.mfu <= 1.0
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_reproduces_the_uninterrupted_run_bitwise(sample_pipeline, tmp_path, optimizer):
     def recipe(run_dir):

@@ -102,6 +102,7 @@ def run_plain(session) -> None:
     from llmctl.infer.decode import PromptTooLong
 
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a traceback
     while True:
         if interactive:
             print("> ", end="", flush=True)

@@ -16,21 +16,21 @@ if TYPE_CHECKING:  # the engine imports torch; `llmctl --help` must not
     from llmctl.compress.measure import ArtefactReport
 
 HELDOUT = typer.Option(
-    ..., help="Held-out text for the perplexity column: corpus dir (its val split), .jsonl or .txt."
+    None,
+    help="Held-out text for the perplexity columns: corpus dir (its val split), .jsonl or .txt (without it, "
+    "the table compares size and speed only).",
 )
 HELDOUT_TOKENS = typer.Option(16384, min=1, help="About how many held-out tokens to score.")
 
 
 def heldout_for(heldout: Path | None, calibrate: Path | None, tokens: int) -> list[str]:
-    """The held-out documents to score: --heldout, else the calibration corpus's val split."""
+    """The held-out documents to score: --heldout, else the calibration corpus's val split, else none."""
     from llmctl.compress.measure import heldout_texts
     from llmctl.evaluate.runner import read_texts
 
     source = heldout or calibrate
     if source is None:
-        raise UserError(
-            "the comparison table needs held-out text: pass --heldout CORPUS_DIR|FILE.jsonl|FILE.txt"
-        )
+        return []
     texts = heldout_texts(read_texts(source), tokens)
     if not any(text.strip() for text in texts):
         raise UserError(f"the held-out text {source} is empty; pass another with --heldout")

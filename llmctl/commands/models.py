@@ -4,6 +4,7 @@ results and compare versions, in MLflow's model registry (runs/mlflow.db unless 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,29 +69,46 @@ def register(
     _print_version(version)
 
 
+LIST_COLUMNS = ("version", "aliases", "created", "kind", "weights", "parent", "source", "note")
+
+
 @app.command("list")
 def list_versions(
     name: str | None = typer.Argument(None, help="One model's versions (default: every model)."),
     registry: str | None = registry_option(),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per version, for scripts."),
 ) -> None:
-    """Registered versions, oldest first, with their aliases and weights digest."""
+    """Registered versions, oldest first, with their aliases and weights digest. A table on a terminal;
+    in a pipe, tab-separated lines with nothing cut short."""
     versions = _registry(registry).versions(name)
     if not versions:
         raise UserError(f"no versions of {name!r} are registered" if name else "no models are registered yet")
-    table = Table(title="registered models")
-    for column in ("version", "aliases", "created", "kind", "weights", "parent", "source", "note"):
-        table.add_column(column)
-    for version in versions:
-        table.add_row(
+    rows = [
+        (
             version.reference,
             ", ".join(version.aliases),
             _time(version.created),
             version.lineage("kind") or "",
-            (version.lineage("weights_sha256") or "")[:12],
+            version.lineage("weights_sha256") or "",
             version.lineage("parent_version") or version.lineage("parent") or "",
             version.source,
             version.note,
         )
+        for version in versions
+    ]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(dict(zip(LIST_COLUMNS, row, strict=True))))
+        return
+    if not console.is_terminal:
+        for row in (LIST_COLUMNS, *rows):
+            typer.echo("\t".join(value.replace("\t", " ").replace("\n", " ") for value in row))
+        return
+    table = Table(title="registered models")
+    for column in LIST_COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row[:4], row[4][:12], *row[5:])
     console.print(table)
 
 

@@ -123,6 +123,11 @@ class TrainingConsole:
             f"({event.strategy}, {event.precision}), {event.steps} steps of {event.global_batch_size} x "
             f"{event.seq_len} tokens -> {escape(event.run_dir)}"
         )
+        if event.validation_tokens == 0:
+            self._print(
+                f"[yellow]no held-out loss: the validation split is shorter than one window of {event.seq_len} "
+                "tokens (build the corpus with a larger --val-fraction, or more documents)[/]"
+            )
 
     def finish(self, result) -> None:
         if not self.enabled:

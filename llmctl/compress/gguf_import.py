@@ -18,11 +18,20 @@ from llmctl.model.hf_format import from_hf_config, without_tied_head
 
 def import_gguf(path: Path, out: Path) -> Path:
     """Write the checkpoint a GGUF file holds to `out` (atomically), its weights in fp32."""
-    require_extra("gguf", "export", "reading GGUF files")
+    gguf = require_extra("gguf", "export", "reading GGUF files")
     transformers = require_extra("transformers", "hf", "reading GGUF files")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
+    try:
+        names = {tensor.name for tensor in gguf.GGUFReader(str(path)).tensors}
+    except (ValueError, OSError) as error:
+        raise UserError(f"cannot read {path} as a GGUF model: {error}") from None
+    if "rope_freqs.weight" in names:  # llama.cpp's form of Llama 3.1+'s RoPE scaling, which the loader drops
+        raise UserError(
+            f"{path} holds Llama 3.1-style RoPE frequencies (rope_freqs), which llmctl import does not read "
+            "yet; use the model's Hugging Face directory, which llmctl opens as it is"
+        )
     source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(**source)

@@ -82,13 +82,14 @@ def measure_model(
     progress: Callable[[str], None] = lambda message: None,
     decode: bool = True,
 ) -> ArtefactReport:
-    progress(
-        f"measuring {label}: held-out perplexity on {len(texts)} documents" + (", decode speed" * decode)
-    )
+    """Size, held-out perplexity (none without `texts`: --heldout was not given) and decode speed."""
+    scored = f"held-out perplexity on {len(texts)} documents" if texts else "no held-out text"
+    progress(f"measuring {label}: {scored}" + (", decode speed" * decode))
     return ArtefactReport(
         label=label,
         path=Path(path),
         size_bytes=weights_size(path),
-        perplexity=perplexity(model, tokenizer, texts).token_perplexity,
+        perplexity=perplexity(model, tokenizer, texts).token_perplexity if texts else None,
         decode_tokens_per_second=decode_tokens_per_second(model) if decode else None,
+        note="" if texts else "no --heldout",
     )

@@ -94,11 +94,8 @@ def open_chat_format(directory: Path, tokenizer: Tokenizer, template_file: Path 
 
 
 def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
-    """bos_token, eos_token, pad_token (and unk_token where there is one) as the template reads them."""
+    """bos_token, eos_token and pad_token as the template reads them."""
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    unk = getattr(tokenizer, "special", {}).get("unk")
-    if unk is not None:
-        ids["unk"] = unk
     return {f"{role}_token": tokenizer.token_text(token_id) for role, token_id in ids.items()}
 
 

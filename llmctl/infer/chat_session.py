@@ -67,6 +67,11 @@ class ChatSession:
             self.history.clear()
             return "conversation cleared"
         if name == "system":
+            if argument:
+                tokens = len(self.tokenizer.encode(self.chat.render([Message("system", argument)])))
+                room = self.model.config.max_seq_len // 2
+                if tokens > room:  # every later message would be refused as too long
+                    return f"system prompt of {tokens} tokens refused: it must leave room to talk ({room} at most)"
             self.system = argument or None
             return f"system prompt set to {argument!r}" if argument else "system prompt cleared"
         if name == "set":
@@ -80,11 +85,15 @@ class ChatSession:
                 return f"{key} needs a {kind.__name__}, got {value!r}"
             if not valid(number):  # NaN fails every comparison, so it is refused too
                 return f"{key} must be {allowed}; got {value}"
+            if key == "max_tokens" and number >= self.model.config.max_seq_len:
+                return f"max_tokens must be below the model's context of {self.model.config.max_seq_len} tokens"
             setattr(self.settings, name, number)
             return f"{key} = {number}"
         if name == "save":
             if not argument:
                 return "usage: /save FILE"
+            if not Path(argument).parent.is_dir():
+                return f"cannot save to {argument}: {Path(argument).parent} is not a directory"
             record = {
                 "system": self.system,
                 "settings": asdict(self.settings),

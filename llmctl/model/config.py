@@ -113,14 +113,17 @@ class ModelConfig:
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layer * per_layer + embeddings + d
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token, forward + backward, as PaLM's MFU counts them: 6N + 12*L*d*seq.
+    def matmul_parameters(self) -> int:
+        """The weights used in matmuls (the input embedding is a lookup, not a matmul)."""
+        return self.num_parameters() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
 
-        N counts the weights used in matmuls (the input embedding is a lookup, not a matmul).
+    def flops_per_token(self, seq_len: int | None = None, frozen: bool = False) -> int:
+        """Training FLOPs per token, forward + backward, as PaLM's MFU counts them: 6N + 12*L*d*seq; with
+        `frozen` weights (LoRA's base), 4N: their backward computes input gradients but no weight gradients.
         """
         seq = seq_len or self.max_seq_len
-        matmul_params = self.num_parameters() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
-        return 6 * matmul_params + 12 * self.n_layer * self.n_head * self.head_dim * seq
+        per_weight = 4 if frozen else 6
+        return per_weight * self.matmul_parameters() + 12 * self.n_layer * self.n_head * self.head_dim * seq
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -167,8 +167,11 @@ class DistillTrainer(Trainer):
         return distillation_loss(student, teacher, targets, spec.alpha, spec.temperature)
 
     @torch.no_grad()
-    def _teacher_val_loss(self) -> float:
-        """The teacher's cross-entropy on the student's validation windows (the same ranks' share)."""
+    def _teacher_val_loss(self) -> float | None:
+        """The teacher's cross-entropy on the student's validation windows (the same ranks' share); None
+        without any."""
+        if not self.val_batches:
+            return None
         total = torch.zeros(2, device=self.context.device, dtype=torch.float64)
         for inputs, targets, *segments in self.val_batches:
             documents = self._document_ids(inputs, *segments)

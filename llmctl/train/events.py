@@ -38,6 +38,7 @@ class Started(Event, kind="started"):
     seq_len: int
     run_dir: str
     trainable_parameters: int | None = None  # below `parameters` when only adapters train
+    validation_tokens: int | None = None  # held-out tokens scored at each evaluation; 0: none (too few held out)
 
 
 @dataclass(frozen=True)

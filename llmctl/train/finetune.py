@@ -212,6 +212,14 @@ class FinetuneTrainer(Trainer):
             self.lora = add_lora(model, config)
         return model
 
+    def _flops_per_token(self) -> float:
+        """LoRA's frozen base computes no weight gradients: 4 FLOPs per base weight and token, 6 per adapter
+        weight; full finetuning is pretraining's count."""
+        if self.lora is None:
+            return super()._flops_per_token()
+        adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return self.model.config.flops_per_token(self.seq_len, frozen=True) + 6 * adapter
+
     def _lr_scale(self, name: str) -> float:
         """Layer-wise decay: layer i of n at decay^(n - i), embeddings at decay^(n + 1), head and final norm at 1."""
         decay, layers = self.recipe.finetune.layer_lr_decay, self.model.config.n_layer

@@ -30,11 +30,14 @@ GPU_BF16_PEAKS = {
 }
 
 
-def measure_cpu_matmul_peak(size: int = 2048, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def measure_cpu_matmul_peak(
+    size: int = 2048, trials: int = 5, dtype: torch.dtype = torch.float32, fresh: bool = False
+) -> float:
     """GEMM FLOP/s this CPU reaches in `dtype` with the current thread count: the ceiling CPU MFU is quoted
     against, by the trainer and the benchmarks alike. Best of several trials, so a busy neighbour does not
-    deflate it; measured once per process, thread count and dtype."""
-    return _cpu_matmul_peak(torch.get_num_threads(), size, trials, dtype)
+    deflate it; measured once per process, thread count and dtype, unless `fresh`."""
+    measure = _cpu_matmul_peak.__wrapped__ if fresh else _cpu_matmul_peak
+    return measure(torch.get_num_threads(), size, trials, dtype)
 
 
 @functools.cache
@@ -54,9 +57,10 @@ def _cpu_matmul_peak(threads: int, size: int, trials: int, dtype: torch.dtype) -
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def device_peak_flops(device: torch.device, precision: str) -> float | None:
+def device_peak_flops(device: torch.device, precision: str, fresh: bool = False) -> float | None:
+    """The CPU's measured GEMM peak (`fresh`: measured again now), or a GPU's rated one."""
     if device.type == "cpu":
-        return measure_cpu_matmul_peak(dtype=AUTOCAST_DTYPES.get(precision, torch.float32))
+        return measure_cpu_matmul_peak(dtype=AUTOCAST_DTYPES.get(precision, torch.float32), fresh=fresh)
     name = torch.cuda.get_device_name(device)
     for key, peak in GPU_BF16_PEAKS.items():
         if key in name:

@@ -125,7 +125,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, recipe.optim, context.device, self._lr_scale)
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=recipe.train.precision == "fp16")
         self.peak_flops = device_peak_flops(context.device, recipe.train.precision)
-        self.flops_per_token = self.model.config.flops_per_token(self.seq_len)
+        self.flops_per_token = self._flops_per_token()
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -173,6 +173,10 @@ class Trainer:
         )
         with torch.device(self.context.device):
             return Transformer(config)
+
+    def _flops_per_token(self) -> float:
+        """The FLOPs a training step spends per token, what MFU counts: every weight trained here."""
+        return self.model.config.flops_per_token(self.seq_len)
 
     def _lr_scale(self, name: str) -> float:
         """A parameter's share of the scheduled learning rate (1 here; layer-wise decay overrides it)."""
@@ -260,7 +264,7 @@ class Trainer:
                     self._report_rank(logged)
                     window_started, window_tokens = time.perf_counter(), 0
                 eval_every = self.recipe.train.eval_every
-                if (eval_every and step % eval_every == 0) or last:
+                if self.val_batches and ((eval_every and step % eval_every == 0) or last):
                     val_loss = self.evaluate()
                     self._emit(Evaluated(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
                 sample_every = self.recipe.train.sample_every
@@ -475,13 +479,16 @@ class Trainer:
             seq_len=self.seq_len,
             run_dir=str(self.run_dir),
             trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            validation_tokens=sum(inputs.numel() for inputs, *_ in self.val_batches),
         )
 
     def _step_logged(self, stats: StepStats, tokens: int, seconds: float) -> StepLogged:
         tokens_per_second = tokens / max(seconds, 1e-9)
-        mfu = None
-        if self.peak_flops:
-            mfu = self.flops_per_token * tokens_per_second / (self.peak_flops * self.context.world_size)
+        mfu = self._mfu(tokens_per_second) if self.peak_flops else None
+        if mfu is not None and mfu > 1:  # the peak was measured while the machine was busy: measure it again
+            fresh = device_peak_flops(self.context.device, self.recipe.train.precision, fresh=True) or 0.0
+            self.peak_flops = max(self.peak_flops, fresh)  # the best seen
+            mfu = min(self._mfu(tokens_per_second), 1.0)
         return StepLogged(
             step=stats.step,
             loss=stats.loss,
@@ -492,6 +499,9 @@ class Trainer:
             elapsed_seconds=self.clock.elapsed(),
             mfu=mfu,
         )
+
+    def _mfu(self, tokens_per_second: float) -> float:
+        return self.flops_per_token * tokens_per_second / (self.peak_flops * self.context.world_size)
 
     def _emit_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
         for prompt, text in samples:
