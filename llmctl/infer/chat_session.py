@@ -86,7 +86,9 @@ class ChatSession:
             if not valid(number):  # NaN fails every comparison, so it is refused too
                 return f"{key} must be {allowed}; got {value}"
             if key == "max_tokens" and number >= self.model.config.max_seq_len:
-                return f"max_tokens must be below the model's context of {self.model.config.max_seq_len} tokens"
+                return (
+                    f"max_tokens must be below the model's context of {self.model.config.max_seq_len} tokens"
+                )
             setattr(self.settings, name, number)
             return f"{key} = {number}"
         if name == "save":

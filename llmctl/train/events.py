@@ -38,7 +38,9 @@ class Started(Event, kind="started"):
     seq_len: int
     run_dir: str
     trainable_parameters: int | None = None  # below `parameters` when only adapters train
-    validation_tokens: int | None = None  # held-out tokens scored at each evaluation; 0: none (too few held out)
+    validation_tokens: int | None = (
+        None  # held-out tokens scored at each evaluation; 0: none (too few held out)
+    )
 
 
 @dataclass(frozen=True)
