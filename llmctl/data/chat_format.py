@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Protocol
 
 from llmctl.data.chat import END, Message, render_chat
-from llmctl.data.chat_template import ChatTemplate, TrainingText, find_chat_template
+from llmctl.data.chat_template import GENERATION_CONFIG_FILE, ChatTemplate, TrainingText, find_chat_template
 from llmctl.data.tokenizer import CHAT_MARKERS, Tokenizer
 from llmctl.errors import UserError
-
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 class ChatFormat(Protocol):

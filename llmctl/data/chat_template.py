@@ -21,11 +21,12 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmctl.data.chat import Message
+from llmctl.data.tokenizer import TOKENIZER_CONFIG_FILE
 from llmctl.errors import UserError
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_JSON_FILE = "chat_template.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"  # its eos_token_id list: the tokens that end a reply
 
 
 def find_chat_template(directory: Path) -> str | None:

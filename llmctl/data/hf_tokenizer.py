@@ -10,14 +10,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as RustTokenizer
 
-from llmctl.data.chat_template import TEMPLATE_FILE, TEMPLATE_JSON_FILE
+from llmctl.data.chat_template import GENERATION_CONFIG_FILE, TEMPLATE_FILE, TEMPLATE_JSON_FILE
 from llmctl.data.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, missing_piece_error
 from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 CHAT_TEMPLATE_FILES = (TEMPLATE_FILE, TEMPLATE_JSON_FILE, "special_tokens_map.json")
-GENERATION_CONFIG_FILE = "generation_config.json"
 CONVENTIONAL = {"bos": ("<s>", "<|begin_of_text|>"), "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>")}
 
 
