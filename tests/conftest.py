@@ -18,6 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 SHARED_TECHDOCS = REPO.parent / "shared" / "data" / "techdocs"
+# chat and serve compile their decode step in the background by default: on two cores that would slow every
+# other test that starts them, so they run eager here; test_background_compile.py tests the default itself
+os.environ["LLMCTL_COMPILE"] = "0"
 
 
 def run_llmctl(
@@ -219,6 +222,22 @@ def sample_texts(count: int = 200) -> list[str]:
     return [json.loads(line)["text"] for line in (SAMPLE / "train.jsonl").open()][:count]
 
 
+def byte_level_tokenizer(texts: list[str], special_tokens: tuple[str, ...] = (), vocab_size: int = 600):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`, with <unk> <s> </s> <pad> first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *special_tokens],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
 def hf_llama_directory(
     path: Path,
     texts: list[str],
@@ -232,27 +251,11 @@ def hf_llama_directory(
     import json
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmctl.data.tokenizer import CHAT_MARKERS
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=[
-            "<unk>",
-            "<s>",
-            "</s>",
-            "<pad>",
-            *(CHAT_MARKERS if chat_markers else ()),
-            *special_tokens,
-        ],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer = byte_level_tokenizer(texts, (*(CHAT_MARKERS if chat_markers else ()), *special_tokens))
     path.mkdir(parents=True)
     tokenizer.save(str(path / "tokenizer.json"))
     names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -264,6 +267,16 @@ def hf_llama_directory(
     config.max_position_embeddings = 128
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def llama_cpp_greedy(llm, prompt: list[int], count: int) -> list[int]:
+    """The first `count` greedy tokens llama.cpp (a llama_cpp.Llama) generates after `prompt`."""
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        tokens.append(token)
+        if len(tokens) == count:
+            break
+    return tokens
 
 
 def random_adapter(base: Path, path: Path, seed: int) -> Path:

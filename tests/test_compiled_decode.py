@@ -1,5 +1,7 @@
 """The compiled decode step (torch.compile of the one slot-cache step, as gpt-fast does): greedy tokens equal
-the eager path's, alone and in a continuous batch that requests join and leave mid-flight."""
+the eager path's, alone and in a continuous batch that requests join and leave mid-flight. It is built as chat
+and serve build it by default: in a background thread while the engine serves eagerly, taking over between two
+steps without compiling again in the engine's thread."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 from conftest import Collector, decisive_model
 
+from llmctl.infer.background_compile import compile_in_background
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import compile_decode
 from llmctl.infer.engine import Engine
@@ -19,19 +22,44 @@ PROMPTS = [[1, 2, 3], [5] * 9, [7, 8], [9, 10, 11, 12], [4], [20, 21, 22, 23, 24
 BUDGETS = [5, 12, 3, 9, 60, 7]  # 60 runs into the 48-token context
 
 
-@pytest.fixture(scope="module")
-def models():
-    """(eager, compiled): the same weights, both on the CPU decode kernels; the compiled one warmed up by an
-    engine, as `llmctl serve --compile` does."""
-    eager = decisive_model()
-    use_decode_kernels(eager)
-    compiled = copy.deepcopy(eager)
-    engine = Engine(compiled, max_batch=3, compile=True)
-    return eager, compiled, engine
-
-
 def greedy(budget: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=budget, temperature=0.0)
+
+
+def serve_all(engine: Engine, budget: int = 20) -> list[list[int]]:
+    collectors = [Collector() for _ in PROMPTS]
+    for prompt, collector in zip(PROMPTS, collectors, strict=True):
+        engine.submit(prompt, greedy(budget), collector)
+    for collector in collectors:
+        assert collector.done.wait(120)
+    return [collector.tokens for collector in collectors]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(eager, compiled, engine): the same weights, both on the CPU decode kernels; the compiled one's step
+    compiled in the background while its engine serves eagerly, as `llmctl serve` does by default: the engine
+    answers with the eager step's tokens meanwhile, and once the compiled step has taken over, with the same
+    tokens and no graph compiled in its thread."""
+    eager = decisive_model()
+    use_decode_kernels(eager)
+    expected = [list(generate_ids(eager, prompt, greedy(20))) for prompt in PROMPTS]
+    compiled = copy.deepcopy(eager)
+    engine = Engine(compiled, max_batch=3).start()
+    reports: list[str] = []
+    try:
+        thread = compile_in_background(compiled, 3, reports.append)
+        assert (
+            serve_all(engine) == expected
+        )  # eager while the step compiles (or compiled, were it that quick)
+        thread.join(600)
+        assert not thread.is_alive() and "decode step compiled" in reports[-1], reports
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert serve_all(engine) == expected
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    finally:
+        engine.stop()
+    return eager, compiled, Engine(compiled, max_batch=3)
 
 
 def test_compiled_greedy_generation_equals_eager(models):

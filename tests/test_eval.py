@@ -271,3 +271,23 @@ def test_results_files_are_never_replaced_without_overwrite_or_written_into_an_i
     assert kept.read_text() == "a user's file" and not (tiny_checkpoint / "eval.json").exists()
     llmctl("eval", str(tiny_checkpoint), "--data", str(data), "--out", str(kept), "--overwrite", check=True)
     assert json.loads(kept.read_text())["results"]["perplexity"]["tokens"] > 0
+
+
+def test_a_suite_leaves_out_the_tasks_its_corpus_gives_no_items_for(llmctl_in_process, tmp_path):
+    """Prose without short heading lines (licences, say) gives cloze items but no heading items: the suite has
+    no headings task rather than one whose empty data fails every evaluation of it."""
+    from conftest import sample_texts
+
+    from llmctl.evaluate.suite import load_suite
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for index, text in enumerate(sample_texts(40)):
+        (docs / f"doc{index}.txt").write_text(" ".join(text.split()))  # each document one paragraph
+    build = llmctl_in_process(
+        "corpus", "build", str(docs), "--out", str(tmp_path / "corpus"), "--val-fraction", "0.5"
+    )
+    assert build.returncode == 0, build.stderr
+    suite = load_suite(build_domain_suite(tmp_path / "corpus", tmp_path / "suite"))
+    assert [task.name for task in suite.tasks] == ["heldout", "cloze"]
+    assert not (tmp_path / "suite" / "headings.jsonl").exists()

@@ -68,11 +68,13 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str):
+def hf_model(family: str, vocab_size: int = VOCAB):
     """A random model of the family whose biases and norms are random too (their inits are 0 and 1), with a
     scaled head so that greedy picks never rest on a near-tie."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    config = FAMILIES[family]()
+    config.vocab_size = vocab_size
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import llama_cpp_greedy
 from test_finetune import CPU, finetune_dict, write_examples
 
 from llmctl.checkpoint import latest_checkpoint, open_checkpoint
@@ -205,14 +206,22 @@ def test_llama_cpp_generates_what_llmctl_generates_from_the_export(tiny_checkpoi
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
     try:
         assert llm.tokenize(b"The daemon listens on a socket", add_bos=False) == prompt
-        theirs = []
-        for token in llm.generate([tokenizer.bos_id, *prompt], top_k=1, temp=0.0):
-            theirs.append(token)
-            if len(theirs) == 16:
-                break
+        theirs = llama_cpp_greedy(llm, [tokenizer.bos_id, *prompt], 16)
     finally:
         llm.close()
     assert theirs == ours
+
+
+def test_a_file_llama_cpp_cannot_run_is_a_reason_not_a_crash(tmp_path):
+    """llama.cpp is timed in a process of its own: a file it fails on (or crashes on: 0.3.36 segfaults on
+    repacked Q8_0 weights on an AVX-512 CPU) gives no speed and its reason, and llmctl goes on."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra (llmctl[llama])")
+    from llmctl.compress.run import llama_cpp_decode_speed
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    speed, note = llama_cpp_decode_speed(broken)
+    assert speed is None and note.startswith("decode speed: llama.cpp failed (")
 
 
 def test_timing_llama_cpp_leaves_no_openmp_threads_behind(tiny_checkpoint, tmp_path):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from llmctl.commands.decode_option import COMPILE
+
 app = typer.Typer(add_completion=False)
 
 
@@ -35,11 +37,7 @@ def chat(
     system: str | None = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     max_tokens: int = typer.Option(256, min=1),
-    compile: bool = typer.Option(
-        False,
-        "--compile",
-        help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
-    ),
+    compile: bool | None = COMPILE,
     draft: str | None = typer.Option(
         None,
         help="A smaller checkpoint with the same tokenizer (a distilled student, say): speculative decoding.",
@@ -82,7 +80,14 @@ def chat(
 
     # the UI replies from worker threads: the loading thread must not live on with its OpenMP workers
     session = in_passing_thread(load)
-    if plain or not sys.stdin.isatty():
+    plain = plain or not sys.stdin.isatty()
+    if compile is None and session.draft is None and session.model.device.type == "cpu":
+        from llmctl.infer.background_compile import compile_in_background
+
+        # the full-screen UI owns the terminal: only the plain REPL says when the compiled step takes over
+        report = (lambda line: typer.echo(line, err=True)) if plain else (lambda line: None)
+        compile_in_background(session.model, 1, report)
+    if plain:
         run_plain(session)
         return
     try:

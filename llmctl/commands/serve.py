@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from llmctl.commands.decode_option import COMPILE
+
 app = typer.Typer(add_completion=False)
 
 
@@ -40,11 +42,7 @@ def serve(
         help="A Jinja chat template file for /v1/chat/completions, for models that ship none (default: each "
         "model's own, else llmctl's markers; a model with neither serves completions only).",
     ),
-    compile: bool = typer.Option(
-        False,
-        "--compile",
-        help="Compile the decode step (torch.compile) at start: faster tokens, slower start.",
-    ),
+    compile: bool | None = COMPILE,
     draft: str | None = typer.Option(
         None,
         help="A smaller checkpoint with the served model's tokenizer (a distilled student, say): speculative "
@@ -137,6 +135,7 @@ def serve(
                 force_base=force,
                 chat_template=chat_template,
                 context=context,
+                report=lambda line, name=name: typer.echo(f"{name}: {line}", err=True),
             )
             drafting = f", draft {draft_path}" if draft_path is not None else ""
             typer.echo(f"loaded {name} from {path} (context {served[name].context} tokens{drafting})")

@@ -4,6 +4,9 @@ write the artefact atomically, then measure source and artefact the same way for
 from __future__ import annotations
 
 import gc
+import importlib.util
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,9 +31,8 @@ from llmctl.compress.quantize import (
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.decode import compile_decode, load_for_inference
-from llmctl.model import Transformer
+from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
-from llmctl.runtime import in_passing_thread
 
 Progress = Callable[[str], None]
 
@@ -124,20 +126,17 @@ def export_gguf(
 ) -> list[ArtefactReport]:
     """Write `source` (float, adapter or quantized) as one GGUF file; the source's and the file's reports."""
     from llmctl.compress.gguf_export import write_gguf
-    from llmctl.data.tokenizer import SentencePieceTokenizer
+    from llmctl.data.chat_template import find_chat_template
 
     model, tokenizer = open_source(source, quantized=True)
-    if not isinstance(tokenizer, SentencePieceTokenizer):
-        raise UserError(
-            f"{source} has a tokenizer.json tokenizer; GGUF export writes llama.cpp's sentencepiece "
-            "vocabulary and needs tokenizer.model"
-        )
-    write_gguf(out, model.config, dequantized_state(model), tokenizer.path, file_type, Path(source).name)
+    config = model.config
+    template = find_chat_template(Path(source)) or find_chat_template(tokenizer.path.parent)
+    write_gguf(out, config, dequantized_state(model), tokenizer.path, file_type, Path(source).name, template)
     progress(f"wrote {out}")
     del model
     gc.collect()
     source_report = measure_artefacts([("source", Path(source))], heldout, progress)
-    return [*source_report, measure_export(out, f"gguf {file_type}", tokenizer, heldout, progress)]
+    return [*source_report, measure_export(out, f"gguf {file_type}", tokenizer, heldout, progress, config)]
 
 
 def export_onnx(
@@ -163,10 +162,12 @@ def measure_export(
     tokenizer: Tokenizer,
     heldout: list[str],
     progress: Progress = lambda message: None,
+    source_config: ModelConfig | None = None,
 ) -> ArtefactReport:
     """An export measured on its own weights in its own runtime: perplexity (with llmctl's evaluation) of a
     GGUF file's dequantized tensors or of onnxruntime's logits for an ONNX directory, and batch-1 decode
-    speed of llama.cpp (where llama-cpp-python is installed) or onnxruntime, timed as llmctl's is."""
+    speed of llama.cpp (where llama-cpp-python is installed) or onnxruntime, timed as llmctl's is. A GGUF
+    file's Llama 3 RoPE scaling is read with `source_config`."""
     if Path(path).is_dir():
         from llmctl.compress.onnx_export import OnnxCausalLM
 
@@ -179,39 +180,27 @@ def measure_export(
         return report
     from llmctl.compress.gguf_export import read_gguf_model
 
-    report = measure_model(label, path, read_gguf_model(path), tokenizer, heldout, progress, decode=False)
+    model = read_gguf_model(path, source_config)
+    report = measure_model(label, path, model, tokenizer, heldout, progress, decode=False)
     report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(path)
     return report
 
 
 def llama_cpp_decode_speed(path: Path) -> tuple[float | None, str]:
-    """Batch-1 greedy tokens/s of llama.cpp on the file (llama-cpp-python, 2 threads), or why not.
-
-    It runs in a passing thread: llama.cpp's CPU backend loads the process's one libgomp (torch's, by soname),
-    and an OpenMP pool left on a living thread slows every later torch step (`in_passing_thread`)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    """Batch-1 greedy tokens/s of llama.cpp on the file (llama-cpp-python, 2 threads), or why not, measured in
+    a process of its own (`llmctl.compress.llama_cpp_timing`); a crash is retried with weights not repacked."""
+    if importlib.util.find_spec("llama_cpp") is None:
         return None, "decode speed: install llama-cpp-python (pip install 'llmctl[llama]') to measure it"
-
-    def measure() -> float:
-        llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
-
-        def decode() -> int:
-            llm.reset()
-            produced = 0
-            for _token in llm.generate(DECODE_PROMPT, top_k=1, temp=0.0):
-                produced += 1
-                if produced == DECODE_TOKENS:
-                    break
-            return produced
-
-        try:
-            return best_tokens_per_second(decode)
-        finally:
-            llm.close()
-
-    return in_passing_thread(measure), "decode speed: llama.cpp"
+    command = [sys.executable, "-m", "llmctl.compress.llama_cpp_timing", str(path)]
+    for extra, note in (
+        ([], ""),
+        (["--no-repack"], " (weights not repacked: llama.cpp crashed repacking them)"),
+    ):
+        result = subprocess.run([*command, *extra], capture_output=True, text=True)
+        if result.returncode == 0:
+            return float(result.stdout.split()[-1]), "decode speed: llama.cpp" + note
+    reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    return None, f"decode speed: llama.cpp failed ({reason})"
 
 
 def prune_checkpoint(

@@ -98,20 +98,20 @@ def build_domain_suite(corpus: Path, out: Path, seed: int = 0, cloze: int = 200,
         raise UserError(f"{corpus} has an empty validation split; rebuild it with a larger --val-fraction")
     rng = random.Random(seed)
     cloze_rows, heading_rows = cloze_items(texts, cloze, rng), heading_items(texts, headings, rng)
+    tasks: list[dict] = [{"name": "heldout", "type": "perplexity", "data": str(Path(corpus).resolve())}]
     with atomic_directory(out) as staging:
-        (staging / "cloze.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cloze_rows))
-        (staging / "headings.jsonl").write_text("".join(json.dumps(row) + "\n" for row in heading_rows))
-        # lm-eval's loader takes absolute data paths; the task file is rewritten if the folder moves
-        (staging / "domain_cloze.yaml").write_text(cloze_task_yaml(out.resolve() / "cloze.jsonl"))
-        suite = {
-            "name": "domain",
-            "tasks": [
-                {"name": "heldout", "type": "perplexity", "data": str(Path(corpus).resolve())},
-                {"name": "cloze", "type": "lm_eval", "tasks": ["domain_cloze"], "include_path": "."},
-                {"name": "headings", "type": "generation", "data": "headings.jsonl", "max_tokens": 32},
-            ],
-        }
-        (staging / SUITE_FILE).write_text(tomli_w.dumps(suite))
+        # a task with no items would fail the whole suite at evaluation time, so it is left out
+        if cloze_rows:
+            (staging / "cloze.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cloze_rows))
+            # lm-eval's loader takes absolute data paths: move the suite folder and rebuild it
+            (staging / "domain_cloze.yaml").write_text(cloze_task_yaml(out.resolve() / "cloze.jsonl"))
+            tasks.append({"name": "cloze", "type": "lm_eval", "tasks": ["domain_cloze"], "include_path": "."})
+        if heading_rows:
+            (staging / "headings.jsonl").write_text("".join(json.dumps(row) + "\n" for row in heading_rows))
+            tasks.append(
+                {"name": "headings", "type": "generation", "data": "headings.jsonl", "max_tokens": 32}
+            )
+        (staging / SUITE_FILE).write_text(tomli_w.dumps({"name": "domain", "tasks": tasks}))
     return out / SUITE_FILE
 
 

@@ -168,6 +168,18 @@ def compile_decode(model: Transformer) -> None:
     """Run this model's slot-cache decode steps through torch.compile from now on (inductor: C++ with a C++
     wrapper on a CPU, Triton kernels replayed as CUDA graphs on a GPU). The first steps of each class of batch
     size and width compile, which takes tens of seconds; `warm_up_decode` does that before serving."""
+    use_compiled_step(model, compiled_step(model))
+
+
+def use_compiled_step(model: Transformer, step: StepFunction) -> None:
+    """From the next decode step on, `step` runs this model's slot-cache steps (`decode_rows` looks it up
+    at every step, so a step compiled in another thread takes over between two steps)."""
+    _compiled_steps[model] = step
+
+
+def compiled_step(model: Transformer) -> StepFunction:
+    """torch.compile of the slot-cache decode step with this machine's options; nothing is traced until the
+    step first runs."""
     compile_parameters = inspect.signature(torch.compile).parameters
     isolated = "isolate_recompiles" in compile_parameters  # torch >= 2.13: each model's graphs kept apart
     if model.device.type == "cpu":  # a C++ wrapper calls the kernels: no Python between them (~15% here)
@@ -190,9 +202,7 @@ def compile_decode(model: Transformer) -> None:
         options["recompile_limit"] = STEP_GRAPHS
     else:  # before, one global setting (since 2.13 it is per thread: the engine's would not see it)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
-    _compiled_steps[model] = _floats_as_constants(
-        torch.compile(_rows_step, dynamic=True, fullgraph=True, **options)
-    )
+    return _floats_as_constants(torch.compile(_rows_step, dynamic=True, fullgraph=True, **options))
 
 
 def _floats_as_constants(step: StepFunction) -> StepFunction:
@@ -214,24 +224,29 @@ def _floats_as_constants(step: StepFunction) -> StepFunction:
 
 
 @torch.inference_mode()
-def warm_up_decode(model: Transformer, cache: SlotKVCache, widths: tuple[int, ...] = (1,)) -> None:
-    """Compile the decode step for every class of batch it will serve, `widths` new tokens per row (a verifying
-    pass takes a draft's proposals and one more): one row, two, and the cache's every row (which may pass the
-    kernel's MAX_ROWS), on `cache` itself so the shapes are those it will serve. Leaves the cache empty."""
+def warm_up_decode(
+    model: Transformer, cache: SlotKVCache, widths: tuple[int, ...] = (1,), step: StepFunction | None = None
+) -> None:
+    """Compile the decode step (the model's own, or `step`) for every class of batch it will serve, `widths`
+    new tokens per row (a verifying pass takes a draft's proposals and one more): one row, two, and the
+    cache's every row (which may pass the kernel's MAX_ROWS), on a cache with as many slots as the one it will
+    serve (its length is a symbolic size). Leaves the cache empty."""
     for width in widths:
         for batch in sorted({1, min(2, len(cache.lengths)), len(cache.lengths)}):
             cache.lengths[:batch] = 1
             ids = torch.zeros((batch, width), dtype=torch.long, device=cache.lengths.device)
-            decode_rows(model, ids, cache)
+            decode_rows(model, ids, cache, step)
     cache.lengths.zero_()
 
 
 @torch.inference_mode()
-def decode_rows(model: Transformer, ids: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+def decode_rows(
+    model: Transformer, ids: torch.Tensor, cache: SlotKVCache, step: StepFunction | None = None
+) -> torch.Tensor:
     """Feed `width` new tokens to each of the first B slots, (B, width), each row after its own length; their
-    logits (B, width, vocab). The step is the compiled one where `compile_decode` ran."""
+    logits (B, width, vocab). The step is `step`, else the compiled one where `compile_decode` ran."""
     rows = cache.rows(ids.shape[0], ids.shape[1])
-    step = _compiled_steps.get(model, _rows_step)
+    step = step or _compiled_steps.get(model, _rows_step)
     return step(model, ids, rows.keys, rows.values, rows.positions, rows.span)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
+from llmctl.infer.background_compile import compile_in_background
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import limit_context, load_draft, load_for_inference, open_chat
 from llmctl.infer.engine import Engine
@@ -44,16 +45,18 @@ def load_served_model(
     name: str,
     path: Path,
     max_batch: int = 16,
-    compile: bool = False,
+    compile: bool | None = False,
     prefix_cache_tokens: int = 0,
     draft: Path | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
     force_base: bool = False,
     chat_template: Path | None = None,
     context: int | None = None,
+    report: Callable[[str], None] = lambda line: None,
 ) -> ServedModel:
-    """Load and start (compiling the decode step first, with `compile`); a checkpoint that cannot be served is
-    a UserError now, not at the first request. An adapter directory is served merged into the base it
+    """Load and start (compiling the decode step first with `compile`; with None, on a CPU without a draft,
+    compiling it in the background while the eager step serves, saying so through `report`); a checkpoint
+    that cannot be served is a UserError now, not at the first request. An adapter directory is served merged into the base it
     records (refused on other base weights than it was trained on, unless `force_base`). With `draft`, a
     smaller checkpoint of the same tokenizer, every step decodes speculatively, `lookahead` draft tokens per
     row. A model with no chat format (`chat_template` names one) still serves completions. `context`: the
@@ -67,7 +70,7 @@ def load_served_model(
         engine = Engine(
             model,
             max_batch=max_batch,
-            compile=compile,
+            compile=bool(compile),
             prefix_cache_tokens=prefix_cache_tokens,
             draft=draft_model,
             lookahead=lookahead,
@@ -75,7 +78,11 @@ def load_served_model(
         chat = chat_or_reason(path, tokenizer, None, chat_template)
         return ServedModel(name=name, path=path, engine=engine, tokenizer=tokenizer, chat=chat)
 
-    return in_passing_thread(load)
+    served = in_passing_thread(load)
+    model = served.engine.model
+    if compile is None and draft is None and model.device.type == "cpu":
+        compile_in_background(model, max_batch, report)
+    return served
 
 
 def chat_or_reason(
