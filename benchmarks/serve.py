@@ -2,7 +2,10 @@
 localhost. Prints total generated tokens/s, p50/p99 time to first token and failed requests for each.
 
     .venv/bin/python -m benchmarks.serve [--clients 16] [--requests 32] [--max-tokens 64] [--compile]
-        [--shared-prefix WORDS] [--prefix-cache-tokens N]
+        [--shared-prefix WORDS] [--prefix-cache-tokens N] [--constrained]
+
+`--constrained` runs the many-client load a second time with every request under a JSON schema
+(`response_format`), and prints constrained throughput over unconstrained.
 
 `--shared-prefix` puts the same passage (a system prompt, say) before every prompt, to measure the prefix
 cache: run it with `--prefix-cache-tokens 0` and without.
@@ -68,10 +71,25 @@ def checkpoint(work: Path) -> Path:
     )
 
 
+SCHEMA = {  # what --constrained asks for: a ticket object
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "severity": {"enum": ["low", "medium", "high"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    },
+    "required": ["title", "severity", "tags"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {
+    "response_format": {"type": "json_schema", "json_schema": {"name": "ticket", "schema": SCHEMA}}
+}
+
+
 async def one_request(
-    client: httpx.AsyncClient, index: int, max_tokens: int, prefix: str
+    client: httpx.AsyncClient, index: int, max_tokens: int, prefix: str, extra: dict
 ) -> tuple[float, int] | None:
-    body = {
+    body = extra | {
         "model": "bench",
         "prompt": prefix + PROMPTS[index % len(PROMPTS)],
         "max_tokens": max_tokens,
@@ -98,13 +116,15 @@ async def one_request(
     return (first if first is not None else time.perf_counter() - started), tokens
 
 
-async def load(base: str, clients: int, requests: int, max_tokens: int, prefix: str = "") -> dict:
+async def load(
+    base: str, clients: int, requests: int, max_tokens: int, prefix: str = "", extra: dict | None = None
+) -> dict:
     semaphore = asyncio.Semaphore(clients)
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
 
         async def bounded(index: int):
             async with semaphore:
-                return await one_request(client, index, max_tokens, prefix)
+                return await one_request(client, index, max_tokens, prefix, extra or {})
 
         started = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -164,6 +184,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="serve with --compile")
     parser.add_argument("--shared-prefix", type=int, default=0, help="words of a passage before every prompt")
     parser.add_argument("--prefix-cache-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--constrained", action="store_true", help="also the many-client load under a JSON schema"
+    )
     args = parser.parse_args()
     path = checkpoint(Path(tempfile.mkdtemp()))
     with socket.socket() as probe:
@@ -179,7 +202,7 @@ def main() -> None:
         str(port),
         "--max-batch",
         str(args.clients),
-        *(["--compile"] if args.compile else []),
+        "--compile" if args.compile else "--no-compile",  # no background compile during the measurement
         "--prefix-cache-tokens",
         str(args.prefix_cache_tokens),
     ]
@@ -202,6 +225,11 @@ def main() -> None:
         before, started = phase_seconds(base), time.perf_counter()
         many = asyncio.run(load(base, args.clients, args.requests, args.max_tokens, prefix))
         wall, after = time.perf_counter() - started, phase_seconds(base)
+        constrained = None
+        if args.constrained:
+            constrained = asyncio.run(
+                load(base, args.clients, args.requests, args.max_tokens, prefix, JSON_SCHEMA)
+            )
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -219,6 +247,12 @@ def main() -> None:
         f"throughput ratio {args.clients} clients / 1 client: {many['tokens_per_second'] / single['tokens_per_second']:.2f}x"
     )
     print_profile(before, after, wall)
+    if constrained is not None:
+        ratio = constrained["tokens_per_second"] / many["tokens_per_second"]
+        print(
+            f"{args.clients} clients under a JSON schema: {constrained['tokens_per_second']:.1f} tokens/s, "
+            f"{constrained['failed']} failed; constrained / unconstrained {ratio:.2f}x (target >= 0.9x)"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def chat(
     lookahead: int = typer.Option(
         4, min=1, max=16, help="With --draft: draft tokens proposed per pass of the model (2-6 usually)."
     ),
+    json_schema: Path | None = typer.Option(None, help="Every reply is JSON matching this JSON schema file."),
+    regex: str | None = typer.Option(None, help="Every reply matches this regular expression."),
+    choice: str | None = typer.Option(None, help="Every reply is one of these comma-separated strings."),
 ) -> None:
     """Chat with a model; /reset, /system TEXT, /set temperature 0.7, /save FILE work in both modes."""
     from llmctl.commands.checkpoint_args import resolve_checkpoint
@@ -61,6 +65,11 @@ def chat(
 
     path = resolve_checkpoint(checkpoint)
     draft_path = resolve_checkpoint(draft) if draft is not None else None
+    constraint = reply_constraint(json_schema, regex, choice)
+    if constraint is not None and draft is not None:
+        from llmctl.errors import UserError
+
+        raise UserError("--json-schema, --regex and --choice do not combine with --draft yet")
 
     def load() -> ChatSession:
         model, tokenizer = load_for_inference(path, adapter, force_base=force)
@@ -76,6 +85,9 @@ def chat(
         if draft_path is not None:
             session.draft = load_draft(draft_path, tokenizer, model)
             session.lookahead = lookahead
+        if constraint is not None:
+            session.constraint = constraint
+            check_constraint(session)
         return session
 
     # the UI replies from worker threads: the loading thread must not live on with its OpenMP workers
@@ -99,6 +111,37 @@ def chat(
             f"the chat UI needs the tui extra ({error.name} is missing): pip install 'llmctl[tui]', or use --plain"
         ) from None
     ChatApp(session, str(path)).run()
+
+
+def reply_constraint(json_schema: Path | None, regex: str | None, choice: str | None):
+    """The ConstraintSpec the options ask every reply to follow (at most one of them), or None."""
+    from llmctl.errors import UserError
+    from llmctl.infer.constraints import ConstraintSpec
+
+    given = [option for option in (json_schema, regex, choice) if option is not None]
+    if len(given) > 1:
+        raise UserError("give one of --json-schema, --regex and --choice")
+    if json_schema is not None:
+        try:
+            return ConstraintSpec("json_schema", json.loads(json_schema.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"--json-schema {json_schema}: not a readable JSON file ({error})") from None
+    if regex is not None:
+        return ConstraintSpec("regex", regex)
+    if choice is not None:
+        return ConstraintSpec("choice", [option.strip() for option in choice.split(",") if option.strip()])
+    return None
+
+
+def check_constraint(session) -> None:
+    """Compile the session's constraint once at start, so a schema the engine refuses stops chat now."""
+    from llmctl.errors import UserError
+    from llmctl.infer.constraints import ConstraintError
+
+    try:
+        session.compiled_constraint()
+    except ConstraintError as error:
+        raise UserError(f"cannot constrain the replies: {error}") from None
 
 
 def run_plain(session) -> None:

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 
 from llmctl.infer.ab_log import LoggedRequest
 from llmctl.infer.api_schema import Endpoint, OpenAIError
+from llmctl.infer.constraints import ConstraintSpec
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import Completion, GenerationFailed, ServedModel, stream_completion
 from llmctl.infer.server_metrics import ServerMetrics
+from llmctl.infer.text import TextChunk
 
 # (choice index, text delta, finish reason)
 ChoiceEvent = tuple[int, str, str | None]
@@ -29,8 +31,10 @@ class ApiCall:
         params: list[SamplingParams],
         metrics: ServerMetrics,
         logged: LoggedRequest | None = None,
+        constraint: ConstraintSpec | None = None,
     ) -> None:
         self.served, self.endpoint, self.prompt_ids, self.params = served, endpoint, prompt_ids, params
+        self.constraint = constraint  # compiled anew for each choice: a grammar's state is per generation
         self.metrics = metrics
         self.logged = logged  # with `serve --ab-log`: every request is recorded
         self.id = endpoint.id_prefix + uuid.uuid4().hex[:24]
@@ -69,8 +73,14 @@ class ApiCall:
 
     async def _single(self) -> AsyncIterator[ChoiceEvent]:
         """One choice streams straight through: no merging task and queue, two task switches a token fewer."""
-        async for chunk in stream_completion(self.served, self.prompt_ids, self.params[0], self.records[0]):
+        async for chunk in self._stream(0):
             yield 0, chunk.text, chunk.finish_reason
+
+    def _stream(self, index: int) -> AsyncIterator[TextChunk]:
+        constraint = None if self.constraint is None else self.served.constraints.compile(self.constraint)
+        return stream_completion(
+            self.served, self.prompt_ids, self.params[index], self.records[index], constraint
+        )
 
     async def _merged(self) -> AsyncIterator[ChoiceEvent]:
         """Several choices, each pumped by its own task into one queue, in the order their tokens come."""
@@ -78,9 +88,7 @@ class ApiCall:
 
         async def pump(index: int) -> None:
             try:
-                async for chunk in stream_completion(
-                    self.served, self.prompt_ids, self.params[index], self.records[index]
-                ):
+                async for chunk in self._stream(index):
                     await queue.put((index, chunk.text, chunk.finish_reason))
             except Exception as error:  # surface engine failures to the caller instead of hanging
                 await queue.put(error)

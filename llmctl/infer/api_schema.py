@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmctl.infer.constraints import ConstraintSpec
 from llmctl.infer.sampling import SamplingParams
 
 MAX_SEED = 2**63 - 1 - 16  # choice i of n uses seed + i; torch takes 64-bit seeds
@@ -58,6 +59,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` body field: exactly one of a JSON schema, a regular expression, a choice
+    among strings, a Lark or GBNF grammar, or any JSON object."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints; unknown fields are ignored, as OpenAI-compatible servers do."""
 
@@ -77,11 +106,50 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     user: str | None = Field(None, max_length=256)  # OpenAI's end-user id: keeps an A/B user on one variant
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def check_supported(self) -> None:
         for name in UNSUPPORTED:
             if (self.model_extra or {}).get(name) not in (None, False, 0):
                 raise OpenAIError(400, f"{name} is not supported by this server", param=name)
+
+    def constraint(self) -> ConstraintSpec | None:
+        """What response_format or structured_outputs asks the output to be, or None for free text."""
+        specs = []
+        if self.response_format is not None and self.response_format.type == "json_object":
+            specs.append(ConstraintSpec("json_object"))
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            if self.response_format.json_schema is None:
+                raise OpenAIError(
+                    400, "response_format json_schema needs its json_schema", param="response_format"
+                )
+            specs.append(ConstraintSpec("json_schema", self.response_format.json_schema.schema_))
+        if self.structured_outputs is not None:
+            asked = self.structured_outputs
+            given = [
+                ConstraintSpec(kind, value)
+                for kind, value in (
+                    ("json_schema", asked.json_),
+                    ("regex", asked.regex),
+                    ("choice", asked.choice),
+                    ("grammar", asked.grammar),
+                    ("json_object", True if asked.json_object else None),
+                )
+                if value is not None
+            ]
+            if len(given) != 1:
+                raise OpenAIError(
+                    400,
+                    "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                    param="structured_outputs",
+                )
+            specs += given
+        if len(specs) > 1:
+            raise OpenAIError(
+                400, "give response_format or structured_outputs, not both", param="response_format"
+            )
+        return specs[0] if specs else None
 
     @property
     def include_usage(self) -> bool:

@@ -16,6 +16,7 @@ from llmctl.atomic import atomic_write_text
 from llmctl.data.chat import Message
 from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.infer.constraints import Constraint, Constraints, ConstraintSpec
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.prefix_cache import PrefixCache
@@ -55,6 +56,16 @@ class ChatSession:
     draft: Transformer | None = None  # a smaller model with the same tokenizer: speculative decoding
     lookahead: int = DEFAULT_LOOKAHEAD  # draft tokens proposed per target pass
     prefixes: PrefixCache | None = None  # the conversation so far, cached: each turn prefills only its news
+    constraint: ConstraintSpec | None = None  # every reply follows it (chat --json-schema, --regex, --choice)
+    constraints: Constraints | None = None
+
+    def compiled_constraint(self) -> Constraint | None:
+        """The reply's grammar, compiled anew for each reply (its state is the reply's)."""
+        if self.constraint is None:
+            return None
+        if self.constraints is None:
+            self.constraints = Constraints(self.tokenizer, self.model.config.vocab_size)
+        return self.constraints.compile(self.constraint)
 
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history
@@ -129,7 +140,7 @@ class ChatSession:
         else:
             if self.prefixes is None:
                 self.prefixes = PrefixCache(max_tokens=context)
-            ids = generate_ids(self.model, prompt_ids, params, self.prefixes)
+            ids = generate_ids(self.model, prompt_ids, params, self.prefixes, self.compiled_constraint())
         for chunk in stream_text(self.tokenizer, prompt_ids, ids, stop_token_ids=stop_ids):
             produced += chunk.token_id is not None
             if chunk.text:

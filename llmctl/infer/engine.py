@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmctl.infer.constraints import Constraint, ConstraintError
 from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill_rows, warm_up_decode
 from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
 from llmctl.infer.sampling import SamplingParams, sample_rows
@@ -52,6 +53,7 @@ class Request:
     cancelled: bool = False
     error: str | None = None
     adapter: str | None = None  # which LoRA adapter of an `AdapterRouter` model serves it (None: the base)
+    constraint: Constraint | None = None  # a grammar its tokens must follow (structured output)
 
     def cancel(self) -> None:
         """Safe from any thread: the engine frees the slot at the next token boundary."""
@@ -125,9 +127,14 @@ class Engine:
         params: SamplingParams,
         on_token: TokenCallback,
         adapter: str | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
+        if constraint is not None and self.speculation is not None:
+            raise ValueError("constrained decoding does not combine with a draft model yet")
         prompt_ids = fit_prompt(prompt_ids, self.context)  # raises PromptTooLong before anything is queued
-        request = Request(next(self.ids), prompt_ids, params, on_token, adapter=adapter)
+        request = Request(
+            next(self.ids), prompt_ids, params, on_token, adapter=adapter, constraint=constraint
+        )
         with self.wakeup:
             self.waiting.append(request)
             self.wakeup.notify()
@@ -346,6 +353,12 @@ class Engine:
     def _deliver(self, request: Request, token: int) -> None:
         if request.history is not None and request.params.penalised:
             request.history = torch.cat([request.history, request.history.new_tensor([[token]])], dim=1)
+        if request.constraint is not None:
+            try:  # the mask allowed it, so only an engine fault lands here; it fails this request alone
+                request.constraint.advance(token, request.params.stop_token_ids)
+            except ConstraintError as error:
+                request.error = str(error)
+                return
         request.generated.append(token)
         request.on_token(token, None)
 
@@ -356,16 +369,20 @@ class Engine:
         return self.router.route([request.adapter for request in rows])
 
     def _sample_tokens(self, slots: list[int], logits: torch.Tensor) -> None:
-        """Each slot's next token from its row of `logits`, all rows sampled together; a row whose
-        sampling fails fails its request alone."""
+        """Each slot's next token from its row of `logits` (masked to its grammar, for a constrained one), all
+        rows sampled together; a row whose masking or sampling fails fails its request alone."""
         live = [(slot, row) for row, slot in enumerate(slots) if not self._stopped(self.slots[slot])]
         if not live:
             return
         started = time.perf_counter()
-        requests = [self.slots[slot] for slot, _ in live]
-        rows = logits[[row for _, row in live]]
+        rows = logits[[row for _, row in live]]  # a copy: masking it leaves `logits` as it was
+        for (slot, _), row in zip(live, rows, strict=True):
+            self._constrain(self.slots[slot], row)
+        kept = [index for index, (slot, _) in enumerate(live) if not self._stopped(self.slots[slot])]
+        requests = [self.slots[live[index][0]] for index in kept]
+        rows = rows[kept] if len(kept) < len(live) else rows
         try:
-            tokens = self._sample(requests, rows)
+            tokens = self._sample(requests, rows) if requests else []
         except Exception:  # find the request at fault: sample each alone
             tokens = []
             for request, row in zip(requests, rows, strict=True):
@@ -381,6 +398,16 @@ class Engine:
                 self._deliver(request, token)
         self.seconds["sampling"] += sampled - started
         self.seconds["delivery"] += time.perf_counter() - sampled
+
+    @staticmethod
+    def _constrain(request: Request, row: torch.Tensor) -> None:
+        """Mask the row to the tokens the request's grammar allows; a grammar that allows none fails it."""
+        if request.constraint is None:
+            return
+        try:
+            request.constraint.allow(row, request.params.stop_token_ids)
+        except ConstraintError as error:
+            request.error = str(error)
 
     @staticmethod
     def _sample(requests: list[Request], logits: torch.Tensor) -> list[int]:
@@ -402,6 +429,8 @@ class Engine:
         if request.cancelled:
             return "cancelled"
         if request.generated and request.generated[-1] in request.params.stop_token_ids:
+            return "stop"
+        if request.constraint is not None and request.constraint.finished:
             return "stop"
         if len(request.generated) >= request.params.max_new_tokens:
             return "length"

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from llmctl.infer.constraints import Constraint
 from llmctl.infer.decode import PaddedBatch, decode_step, fit_prompt, prefill
 from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams, sample_next
@@ -28,9 +29,14 @@ def without_stop_ids(ids: list[int], stop_token_ids: Iterable[int]) -> list[int]
 
 @torch.inference_mode()
 def generate_ids(
-    model: Transformer, prompt_ids: list[int], params: SamplingParams, prefixes: PrefixCache | None = None
+    model: Transformer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    prefixes: PrefixCache | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids as they are produced; stops at a stop id, max_new_tokens or the context end.
+    """Yield new token ids as they are produced; stops at a stop id, max_new_tokens, the context end, or
+    where `constraint`'s grammar (each token masked to what it allows) is complete.
 
     One row of a slot cache, decoded like a serving engine's row (and compiled where `compile_decode` ran).
     With `prefixes`, a prompt that begins like an earlier sequence (the previous turns of a chat) prefills
@@ -50,10 +56,17 @@ def generate_ids(
     produced: list[int] = []
     try:
         for step in range(budget):
+            if constraint is not None:
+                logits = logits.clone()
+                constraint.allow(logits[0], params.stop_token_ids)
             next_id = sample_next(logits, params, history, generator)
             produced.append(int(next_id))
+            if constraint is not None:
+                constraint.advance(produced[-1], params.stop_token_ids)
             yield produced[-1]
             if produced[-1] in params.stop_token_ids or step == budget - 1:
+                return
+            if constraint is not None and constraint.finished:
                 return
             if params.penalised:  # only penalties look back at the tokens so far
                 history = torch.cat([history, next_id[:, None]], dim=1)

@@ -7,12 +7,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.background_compile import compile_in_background
+from llmctl.infer.constraints import Constraint, Constraints
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import limit_context, load_draft, load_for_inference, open_chat
 from llmctl.infer.engine import Engine
@@ -39,6 +41,11 @@ class ServedModel:
     @property
     def context(self) -> int:
         return self.engine.context
+
+    @cached_property
+    def constraints(self) -> Constraints:
+        """Compiles structured-output constraints against this model's tokenizer and vocabulary."""
+        return Constraints(self.tokenizer, self.engine.model.config.vocab_size)
 
 
 def load_served_model(
@@ -145,8 +152,10 @@ async def stream_completion(
     prompt_ids: list[int],
     params: SamplingParams,
     record: Completion,
+    constraint: Constraint | None = None,
 ) -> AsyncIterator[TextChunk]:
-    """Text deltas of one request. Leaving the iterator early (a client disconnect) frees the engine slot."""
+    """Text deltas of one request (under `constraint`'s grammar, if given). Leaving the iterator early (a
+    client disconnect) frees the engine slot."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -154,7 +163,7 @@ async def stream_completion(
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
             loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
 
-    request = served.engine.submit(prompt_ids, params, deliver, served.adapter)
+    request = served.engine.submit(prompt_ids, params, deliver, served.adapter, constraint)
     text = TextStream(served.tokenizer, prompt_ids, params.stop_token_ids, params.stop_strings)
     try:
         while True:

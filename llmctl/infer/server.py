@@ -32,6 +32,7 @@ from llmctl.infer.api_schema import (
     OpenAIError,
     SamplingFields,
 )
+from llmctl.infer.constraints import ConstraintError, ConstraintSpec
 from llmctl.infer.decode import PromptTooLong, fit_prompt
 from llmctl.infer.served import ServedModel
 from llmctl.infer.server_metrics import ServerMetrics
@@ -297,6 +298,20 @@ async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[i
     return await asyncio.to_thread(served.tokenizer.encode, text)
 
 
+def check_constraint(served: ServedModel, spec: ConstraintSpec) -> None:
+    """A structured output the model can serve, or a 400 naming what is refused (a schema keyword the engine
+    does not implement, a malformed regex or grammar), before anything is generated."""
+    param = "response_format" if spec.kind in ("json_object", "json_schema") else "structured_outputs"
+    if served.engine.speculation is not None:
+        raise OpenAIError(400, "structured outputs do not combine with serve --draft yet", param=param)
+    try:
+        served.constraints.compile(spec)
+    except ConstraintError as error:
+        raise OpenAIError(
+            400, f"unsupported {param}: {error}", param=param, code="unsupported_constraint"
+        ) from None
+
+
 def check_unicode(text: str, endpoint: Endpoint) -> None:
     """Text no tokenizer or template can take (a lone UTF-16 surrogate, which JSON's \\ud800 escapes can
     carry) is a 400."""
@@ -329,7 +344,10 @@ async def respond(
         user = request_user(body, request)
         logged = LoggedRequest(state.ab_log, body.model, user_digest(user) if user else None, prompt)
     params = body.sampling_params(max_new_tokens, stop_ids)
-    call = ApiCall(served, endpoint, prompt_ids, params, state.metrics, logged)
+    constraint = body.constraint()
+    if constraint is not None:
+        check_constraint(served, constraint)
+    call = ApiCall(served, endpoint, prompt_ids, params, state.metrics, logged, constraint)
     headers = {VARIANT_HEADER: served.name}
     try:
         state.admission.admit(body.n)

@@ -1,0 +1,255 @@
+"""Structured outputs: `response_format` (json_object, json_schema) and vLLM's `structured_outputs` (regex,
+choice, grammar) constrain what the server generates, through the official `openai` client; the same
+requests unconstrained fail the schema, which shows the constraint does the work; what the grammar engine
+refuses is a 400 naming it; constrained and unconstrained rows share the engine without changing each other."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import openai
+import pytest
+from conftest import Collector, running_server
+from pydantic import BaseModel, Field, ValidationError
+
+from llmctl.infer.constraints import ConstraintError, Constraints, ConstraintSpec
+from llmctl.infer.generate import generate_ids
+from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.served import load_served_model
+from llmctl.infer.server import create_app
+
+pytest.importorskip("llguidance")
+
+
+class Ticket(BaseModel):  # a flat object: bounded strings, an enum, bounded integers
+    title: str = Field(max_length=24)
+    severity: Literal["low", "medium", "high"]
+    priority: int = Field(ge=1, le=5)
+
+
+class Owner(BaseModel):
+    name: str = Field(max_length=16)
+    team: Literal["platform", "data", "web"]
+
+
+class Incident(BaseModel):  # nested objects and an array
+    owner: Owner
+    tags: list[Literal["network", "disk", "auth"]] = Field(max_length=3)
+    resolved: bool
+
+
+class Measurement(BaseModel):  # numbers with bounds
+    value: float = Field(ge=-10, le=10)
+    count: int = Field(ge=0, le=1000)
+    unit: Literal["ms", "s"]
+
+
+SCHEMAS = [Ticket, Incident, Measurement]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    return load_served_model("tiny", tiny_checkpoint, max_batch=16)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with running_server(create_app({"tiny": served})) as running:
+        yield openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+
+
+def test_parse_with_a_pydantic_model_validates_fifty_of_fifty_sampled_replies(client):
+    parsed = 0
+    for index in range(50):
+        schema = SCHEMAS[index % len(SCHEMAS)]
+        completion = client.chat.completions.parse(
+            model="tiny",
+            messages=[{"role": "user", "content": f"Report number {index} as JSON."}],
+            response_format=schema,
+            temperature=1.0,
+            max_tokens=100,
+            seed=index,
+        )
+        assert isinstance(completion.choices[0].message.parsed, schema)
+        parsed += 1
+    assert parsed == 50
+
+
+def test_the_same_requests_unconstrained_fail_the_schema(client):
+    """The tiny random model does not write JSON by itself: the constraint is what makes the replies valid."""
+    failures = 0
+    for index in range(12):
+        schema = SCHEMAS[index % len(SCHEMAS)]
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"Report number {index} as JSON."}],
+            temperature=1.0,
+            max_tokens=100,
+            seed=index,
+        )
+        try:
+            schema.model_validate_json(reply.choices[0].message.content)
+        except ValidationError:
+            failures += 1
+    assert failures >= 10
+
+
+def test_a_json_object_is_a_json_object_whenever_it_ends_before_max_tokens(client):
+    """Any object: the random model's strings may run past max_tokens (finish "length"); every reply that
+    ends on its own is an object."""
+    finishes = []
+    for seed in range(6):
+        reply = client.completions.create(
+            model="tiny",
+            prompt="The daemon",
+            max_tokens=100,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"response_format": {"type": "json_object"}},
+        ).choices[0]
+        finishes.append(reply.finish_reason)
+        if reply.finish_reason == "stop":
+            assert isinstance(json.loads(reply.text), dict), reply.text
+        assert reply.text.startswith("{")
+    assert "stop" in finishes
+
+
+def test_regex_choice_and_grammar_hold_under_sampling_streamed_or_not(client):
+    def completion(constraint: dict, seed: int) -> str:
+        arguments = dict(model="tiny", prompt="The daemon", max_tokens=60, temperature=1.0, seed=seed)
+        arguments["extra_body"] = {"structured_outputs": constraint}
+        if seed % 2 == 0:
+            return client.completions.create(**arguments).choices[0].text
+        return "".join(chunk.choices[0].text for chunk in client.completions.create(**arguments, stream=True))
+
+    choices = ["start the daemon", "stop", "reload it"]
+    lark = 'start: "port " NUMBER\nNUMBER: /[1-9][0-9]{1,3}/'
+    for seed in range(4):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", completion({"regex": r"[0-9]{3}-[a-z]{2,4}"}, seed))
+        assert completion({"choice": choices}, seed) in choices
+        assert re.fullmatch(r"port [1-9][0-9]{1,3}", completion({"grammar": lark}, seed))
+        assert completion({"grammar": 'root ::= "yes" | "no"'}, seed) in ("yes", "no")  # GBNF
+
+
+def test_a_structure_cut_by_max_tokens_ends_with_length(client):
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "t", "schema": Ticket.model_json_schema()},
+        },
+        max_tokens=3,
+        temperature=0,
+    )
+    assert reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "names"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"if": {}}}}},
+            "response_format",
+            '"if"',
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
+        (
+            {"response_format": {"type": "json_object", "colour": "red"}},
+            "response_format.colour",
+            "Extra inputs",
+        ),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "regex"),
+        (
+            {"structured_outputs": {"grammar": "start: undefined_rule"}},
+            "structured_outputs",
+            "undefined_rule",
+        ),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs", "choice"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {"regx": "a"}}, "structured_outputs.regx", "Extra inputs"),
+    ],
+)
+def test_what_the_engine_refuses_is_a_400_naming_it(client, extra, param, names):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, extra_body=extra
+        )
+    error = caught.value.body
+    assert error["param"] == param and names in error["message"], error
+
+
+def test_constrained_and_unconstrained_rows_share_the_engine_and_leave_each_other_alone(served):
+    """16 concurrent rows, every other one under a grammar: the unconstrained ones generate exactly what they
+    generate alone, the constrained ones match their regex."""
+    engine, tokenizer = served.engine, served.tokenizer
+    prompts = [tokenizer.encode(f"Line {index} of the manual") for index in range(16)]
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    alone = [list(generate_ids(engine.model, prompt, greedy)) for prompt in prompts[::2]]
+    constraints = Constraints(tokenizer, engine.model.config.vocab_size)
+    collectors = [Collector() for _ in prompts]
+    for index, (prompt, collector) in enumerate(zip(prompts, collectors, strict=True)):
+        constraint = (
+            constraints.compile(ConstraintSpec("regex", r"[a-z]{1,8} [0-9]{2}")) if index % 2 else None
+        )
+        engine.submit(prompt, greedy, collector, constraint=constraint)
+    for collector in collectors:
+        assert collector.done.wait(120)
+    assert [collector.tokens for collector in collectors[::2]] == alone
+    for collector in collectors[1::2]:
+        assert re.fullmatch(r"[a-z]{1,8} [0-9]{2}", tokenizer.decode(collector.tokens)), collector.tokens
+
+
+def test_a_schema_the_engine_cannot_compile_names_the_keyword(served):
+    with pytest.raises(ConstraintError, match='Unimplemented keys: \\["if"\\]'):
+        served.constraints.compile(ConstraintSpec("json_schema", {"type": "object", "if": {}}))
+
+
+def test_chat_replies_follow_a_json_schema_a_regex_or_a_choice(tiny_checkpoint, tmp_path):
+    """`llmctl chat --json-schema FILE | --regex RE | --choice A,B,C`: every sampled reply follows it."""
+    import subprocess
+    import sys
+
+    schema = tmp_path / "ticket.json"
+    # a strict schema, as OpenAI's strict mode writes it: no properties besides those named
+    schema.write_text(json.dumps({**Ticket.model_json_schema(), "additionalProperties": False}))
+    base = [sys.executable, "-m", "llmctl", "chat", str(tiny_checkpoint), "--plain", "--max-tokens", "100"]
+    cases = [  # the tiny model's context is 128 tokens: one JSON reply fills most of it
+        (["--json-schema", str(schema)], "a ticket\n", lambda line: Ticket.model_validate_json(line)),
+        (
+            ["--regex", "[a-z]{2,6} [0-9]{1,3}"],
+            "one\ntwo\nthree\n",
+            lambda line: re.fullmatch(r"[a-z]{2,6} [0-9]{1,3}", line),
+        ),
+        (
+            ["--choice", "yes,no,maybe later"],
+            "one\ntwo\nthree\n",
+            lambda line: line in ("yes", "no", "maybe later"),
+        ),
+    ]
+    for options, questions, check in cases:
+        result = subprocess.run(
+            [*base, *options, "--temperature", "1.0"],
+            input=questions,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        replies = result.stdout.splitlines()
+        assert len(replies) == questions.count("\n") and all(check(reply) for reply in replies), replies
+    refused = subprocess.run(
+        [*base, "--json-schema", str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "not a readable JSON file" in refused.stderr
+
+
+def test_generate_ids_follows_a_constraint_alone(served):
+    """The one-row generator (chat's) masks and stops as the engine does."""
+    constraint = served.constraints.compile(ConstraintSpec("choice", ["alpha", "beta gamma"]))
+    prompt = served.tokenizer.encode("Pick one")
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=1)
+    ids = list(generate_ids(served.engine.model, prompt, params, constraint=constraint))
+    assert served.tokenizer.decode(ids) in ("alpha", "beta gamma")
