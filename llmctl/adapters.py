@@ -117,7 +117,13 @@ def load_adapter_weights(model: torch.nn.Module, path: Path, name: str = DEFAULT
     if any(hasattr(param, "full_tensor") for param in model.parameters()):
         _load_sharded(model, path, state, name)
         return
-    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+    except RuntimeError as error:  # torch's size mismatch: the adapter was trained on a base of another shape
+        reason = next(
+            (line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error)
+        )
+        raise UserError(f"adapter {path} does not fit this base ({reason.rstrip('.')})") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"adapter {path} does not fit its base: unexpected weights {unexpected[:3]}")

@@ -80,6 +80,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        share_like_the_rest(staging)
         fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -92,6 +93,16 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     else:
         staging.rename(target)
     _fsync_path(target.parent)
+
+
+def share_like_the_rest(directory: Path) -> None:
+    """Give files a writer created private (safetensors writes weights 0600) the mode every other file of
+    the directory gets, 0666 less the umask: a checkpoint is not half readable by the team that shares it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.stat().st_mode & 0o077:
+            path.chmod(0o666 & ~mask)
 
 
 LOW_SPACE_BYTES = 64 << 20

@@ -59,19 +59,35 @@ def test_route_is_sticky_per_user_and_feedback_lands_in_the_report(ab_server, ll
             result = response.json()
             assert response.headers["x-llmctl-variant"] == result["model"]
             served[user].add(result["model"])
-            ids.append((result["id"], result["model"]))
+            ids.append((result["id"], result["model"], user))
         assert all(len(variants) == 1 for variants in served.values()), served
         users_on_a = sum(variants == {"A"} for variants in served.values())
         assert 3 <= users_on_a <= 17  # binomial(20, 0.5): within 3 sd
 
         rated = Counter()
-        for index, (completion_id, variant) in enumerate(ids[:100]):
+        for index, (completion_id, variant, user) in enumerate(ids[:100]):
             score = "up" if index % 3 else 0.25
-            response = client.post("/v1/feedback", json={"id": completion_id, "score": score})
+            response = client.post("/v1/feedback", json={"id": completion_id, "score": score, "user": user})
             assert response.status_code == 200 and response.json()["variant"] == variant
             rated[variant] += 1
         assert client.post("/v1/feedback", json={"id": "cmpl-nope", "score": 1}).status_code == 404
-        assert client.post("/v1/feedback", json={"id": ids[0][0], "score": 1.5}).status_code == 400
+        first, _, owner = ids[0]
+        for bad in (1.5, True, "1"):  # JSON true is no score of 1
+            assert (
+                client.post("/v1/feedback", json={"id": first, "score": bad, "user": owner}).status_code
+                == 400
+            )
+        # another user cannot re-rate it (user-1's completion is not user-0's), nor can an anonymous client
+        other = client.post("/v1/feedback", json={"id": first, "score": 0, "user": "user-1"})
+        assert other.status_code == 403 and other.json()["error"]["param"] == "user"
+        assert client.post("/v1/feedback", json={"id": first, "score": 0}).status_code == 403
+        # its user may change their mind twice more (the latest counts), then the ratings stop
+        by_header = {"x-llmctl-user": owner}
+        codes = [
+            client.post("/v1/feedback", json={"id": first, "score": 1}, headers=by_header).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]
 
     records = read_log(log_path)
     assert not any("prompt" in record for record in records)  # no text without --log-prompts

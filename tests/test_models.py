@@ -246,3 +246,32 @@ def test_an_uploaded_version_is_downloaded_once_checked_and_used_without_its_sou
     save_file(weights, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     with pytest.raises(UserError, match="changed since they were registered"):
         registry.resolve("legal@prod")
+
+
+@pytest.mark.parametrize("store", ["random", "truncated", "directory", "ftp", "unreachable"])
+def test_a_registry_store_that_cannot_be_used_is_one_line_within_seconds(store, tmp_path):
+    """Issue 39 #10: a damaged mlflow.db, a directory, an unknown scheme and an unreachable server were
+    tracebacks or minutes of retries."""
+    import time
+
+    from conftest import free_port, run_llmctl
+
+    uri = {
+        "random": f"sqlite:///{tmp_path / 'random.db'}",
+        "truncated": f"sqlite:///{tmp_path / 'truncated.db'}",
+        "directory": f"sqlite:///{tmp_path}",
+        "ftp": "ftp://registry.example/x",
+        "unreachable": f"http://127.0.0.1:{free_port()}",
+    }[store]
+    (tmp_path / "random.db").write_bytes(os.urandom(8192))
+    (tmp_path / "truncated.db").write_bytes(
+        b"SQLite format 3\x00" + bytes(100)
+    )  # a header, then nothing whole
+    started = time.monotonic()
+    for command in (
+        ["models", "list", "--registry", uri],
+        ["models", "show", "legal@prod", "--registry", uri],
+    ):
+        line = one_error_line(run_llmctl(*command, timeout=60))
+        assert "registry" in line, line
+    assert time.monotonic() - started < 40  # two commands, each starting Python and MLflow

@@ -19,6 +19,7 @@ import pytest
 from conftest import (
     REPO,
     hf_llama_directory,
+    one_error_line,
     random_adapter,
     run_llmctl,
     running_server,
@@ -285,3 +286,79 @@ def test_a_corpus_with_no_held_out_window_trains_without_evaluation(sample_pipel
     assert "no held-out loss: the validation split is shorter than one window" in trained.stdout
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert "eval" not in events and events[-1] == "finished"
+
+
+# -- issue 39, medium 11: what was a traceback is one line ------------------------------------------------------
+
+
+def test_an_adapter_forced_onto_a_base_of_another_shape_is_one_line(
+    tiny_checkpoint, sample_pipeline, tmp_path
+):
+    import torch
+
+    from llmctl.adapters import open_adapted
+    from llmctl.checkpoint import save_checkpoint
+    from llmctl.data.tokenizer import open_tokenizer
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.model.hf_format import export_state_dict
+
+    adapter = random_adapter(tiny_checkpoint, tmp_path / "adapter", seed=0)
+    wider = ModelConfig(
+        vocab_size=1024, d_model=96, n_layer=2, n_head=4, n_kv_head=2, d_ff=128, max_seq_len=128
+    )
+    other = save_checkpoint(
+        tmp_path / "wider",
+        wider,
+        export_state_dict(Transformer(wider)),
+        tokenizer=open_tokenizer(sample_pipeline["tokenizer"]),
+    )
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match=r"does not fit this base \(size mismatch for .*lora_A"):
+        open_adapted(adapter, base=other, force=True)
+
+
+def test_a_damaged_corpus_manifest_is_one_line_in_quantize_calibrate(
+    tiny_checkpoint, sample_pipeline, tmp_path
+):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(sample_pipeline["corpus"], corpus)
+    (corpus / "manifest.json").write_text("{not json")
+    out = tmp_path / "q"
+    line = one_error_line(
+        run_llmctl(
+            "quantize",
+            str(tiny_checkpoint),
+            "--method",
+            "int8",
+            "--out",
+            str(out),
+            "--calibrate",
+            str(corpus),
+        )
+    )
+    assert "manifest.json is damaged" in line and "llmctl corpus build" in line
+    assert not out.exists()
+
+
+def test_a_checkpoints_weights_are_as_readable_as_its_other_files(tiny_checkpoint):
+    """Issue 39, low: safetensors wrote the weights 0600 while the rest of the checkpoint was 0644."""
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tiny_checkpoint.iterdir() if path.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask(), modes
+
+
+def test_finetune_base_naming_a_file_says_so(tiny_checkpoint, sample_pipeline, tmp_path):
+    from llmctl.recipe import recipe_from_dict
+    from llmctl.train.finetune import finetune_recipe
+
+    raw = tiny_recipe_dict(sample_pipeline, tmp_path / "run")
+    raw["finetune"] = {"base": str(tiny_checkpoint / "model.safetensors"), "method": "lora"}
+    with pytest.raises(UserError, match="it is a file; name the checkpoint directory"):
+        finetune_recipe(recipe_from_dict(raw))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

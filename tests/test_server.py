@@ -135,6 +135,8 @@ def test_malformed_bodies_are_400_never_500(server):
         response = httpx.post(f"{server}/v1/chat/completions", content=payload, headers=headers)
         assert response.status_code == 400, payload
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        if payload == "{not json":  # a byte offset is no parameter
+            assert response.json()["error"]["param"] is None
     unknown = httpx.post(f"{server}/v1/completions", json={"model": "nope", "prompt": "x"}, headers=headers)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 
@@ -145,6 +147,18 @@ def test_alias_routes_to_both_models_and_metrics_count_them(client, server):
     text = httpx.get(f"{server}/metrics").text
     assert 'llmctl_requests_total{endpoint="text_completion",finish_reason="length",model="other"}' in text
     assert "llmctl_time_to_first_token_seconds_bucket" in text and 'llmctl_queue_depth{model="tiny"}' in text
+
+
+def test_a_request_of_three_choices_counts_one_request_and_three_choices(client, server):
+    def counted(name: str) -> float:
+        prefix = f'{name}{{endpoint="text_completion",finish_reason="length",model="tiny"}} '
+        lines = [line for line in httpx.get(f"{server}/metrics").text.splitlines() if line.startswith(prefix)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = counted("llmctl_requests_total"), counted("llmctl_choices_total")
+    client.completions.create(model="tiny", prompt="x", max_tokens=2, n=3)
+    after = counted("llmctl_requests_total"), counted("llmctl_choices_total")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
 
 
 def test_client_disconnect_frees_the_slot(server):
@@ -331,6 +345,14 @@ def test_the_api_docs_are_behind_the_key_and_the_key_is_checked_exactly(server):
     for wrong in (f"Bearer {API_KEY}x", f"Bearer {API_KEY[:-1]}", API_KEY, ""):
         response = httpx.get(f"{server}/v1/models", headers={"Authorization": wrong})
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_body_over_the_default_limit_with_its_length_gets_a_readable_413(server):
+    """Issue 39, low: a 6 MiB body declaring its length was a connection reset while the client still sent."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "tiny", "prompt": "x" * (6 << 20)}
+    response = httpx.post(f"{server}/v1/completions", json=body, headers=headers, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
 def test_oversized_bodies_and_prompts_are_refused_before_any_work(tiny_checkpoint):

@@ -313,7 +313,13 @@ def read_manifest(corpus: Path) -> dict:
         raise UserError(
             f"not a corpus directory: {corpus} has no {MANIFEST} (build one with llmctl corpus build)"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is damaged ({error}); rebuild the corpus with llmctl corpus build") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is not a corpus manifest; rebuild the corpus with llmctl corpus build")
+    return manifest
 
 
 def split_files(corpus: Path, split: str) -> list[Path]:

@@ -19,6 +19,7 @@ from llmctl.append_log import open_append_log
 from llmctl.train.run_log import parse_record
 
 REMEMBERED_COMPLETIONS = 100_000  # the newest completions that accept feedback
+RATINGS_PER_COMPLETION = 3  # a client may change its mind; the latest rating counts (evaluate.ab_test)
 
 
 def user_digest(user: str) -> str:
@@ -54,6 +55,14 @@ class UnknownCompletion(KeyError):
     """Feedback named a completion id this server has not served (or no longer remembers)."""
 
 
+class ForeignCompletion(PermissionError):
+    """Feedback on a completion served to another user."""
+
+
+class RatedEnough(RuntimeError):
+    """The completion has had its RATINGS_PER_COMPLETION ratings."""
+
+
 class CompletionLog:
     """Append-only JSONL: a `completion` line per served request, a `feedback` line per score. Each line is
     one write() on an O_APPEND descriptor, so a crash loses at most the line in flight, and readers skip a
@@ -62,18 +71,23 @@ class CompletionLog:
     def __init__(self, path: Path, log_prompts: bool = False) -> None:
         self.path, self.log_prompts = Path(path), log_prompts
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.variants: OrderedDict[str, str] = OrderedDict()  # completion id -> variant, newest last
+        # completion id -> (variant, user digest or None), newest last; and ratings given per completion
+        self.variants: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.ratings: dict[str, int] = {}
         if self.path.is_file():
             for record in iter_log(self.path):
                 if record.get("event") == "completion":
-                    self._remember(str(record.get("id")), str(record.get("variant")))
+                    self._remember(str(record.get("id")), str(record.get("variant")), record.get("user"))
+                elif record.get("event") == "feedback":
+                    self.ratings[str(record.get("id"))] = self.ratings.get(str(record.get("id")), 0) + 1
         self.descriptor = open_append_log(self.path)
         self.lock = threading.Lock()
 
-    def _remember(self, completion_id: str, variant: str) -> None:
-        self.variants[completion_id] = variant
+    def _remember(self, completion_id: str, variant: str, user: str | None) -> None:
+        self.variants[completion_id] = (variant, user)
         if len(self.variants) > REMEMBERED_COMPLETIONS:
-            self.variants.popitem(last=False)
+            forgotten, _ = self.variants.popitem(last=False)
+            self.ratings.pop(forgotten, None)
 
     def _append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
@@ -85,14 +99,23 @@ class CompletionLog:
         if self.log_prompts:
             record = {**record, "prompt": prompt, "replies": replies}
         with self.lock:
-            self._remember(record["id"], record["variant"])
+            self._remember(record["id"], record["variant"], record.get("user"))
         self._append({"event": "completion", "time": time.time(), **record})
 
-    def feedback(self, completion_id: str, score: float) -> str:
-        """Record a score in [0, 1] for a served completion; returns its variant."""
-        variant = self.variants.get(completion_id)
-        if variant is None:
-            raise UnknownCompletion(completion_id)
+    def feedback(self, completion_id: str, score: float, user: str | None = None) -> str:
+        """Record a score in [0, 1] for a served completion, from `user` (a user_digest): only the user it
+        was served to rates a completion served to a named user, and at most RATINGS_PER_COMPLETION times.
+        Returns its variant."""
+        with self.lock:
+            known = self.variants.get(completion_id)
+            if known is None:
+                raise UnknownCompletion(completion_id)
+            variant, owner = known
+            if owner is not None and owner != user:
+                raise ForeignCompletion(completion_id)
+            if self.ratings.get(completion_id, 0) >= RATINGS_PER_COMPLETION:
+                raise RatedEnough(completion_id)
+            self.ratings[completion_id] = self.ratings.get(completion_id, 0) + 1
         self._append(
             {
                 "event": "feedback",

@@ -6,7 +6,7 @@ from enum import StrEnum
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from llmctl.infer.constraints import ConstraintSpec
 from llmctl.infer.sampling import SamplingParams
@@ -201,7 +201,9 @@ class FeedbackRequest(BaseModel):
     """POST /v1/feedback: a score for a served completion, in [0, 1] or as thumbs."""
 
     id: str = Field(min_length=1, max_length=128)
-    score: Literal["up", "down"] | float = Field(union_mode="left_to_right")
+    # strict: JSON true is not a score of 1
+    score: Literal["up", "down"] | StrictInt | StrictFloat = Field(union_mode="left_to_right")
+    user: str | None = Field(None, max_length=256)  # the user the completion was served to, if it named one
 
     def value(self) -> float:
         if self.score in ("up", "down"):

@@ -22,7 +22,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl.data.chat import Message
 from llmctl.errors import UserError
-from llmctl.infer.ab_log import CompletionLog, LoggedRequest, UnknownCompletion, choose_variant, user_digest
+from llmctl.infer.ab_log import (
+    RATINGS_PER_COMPLETION,
+    CompletionLog,
+    ForeignCompletion,
+    LoggedRequest,
+    RatedEnough,
+    UnknownCompletion,
+    choose_variant,
+    user_digest,
+)
 from llmctl.infer.api_call import ApiCall
 from llmctl.infer.api_schema import (
     ChatRequest,
@@ -156,10 +165,21 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     message = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+    if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+        offset = location[0] if location else "?"
+        message, location = f"the request body is not valid JSON (at byte {offset})", []
     param = ".".join(location) or None
     return OpenAIError(400, f"{param + ': ' if param else ''}{message}", param=param).response()
+
+
+DRAINED_BYTES = 64 << 20  # an oversized body up to this is read and dropped before the 413; a larger one is cut
+
+
+async def _drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 class BodyLimit:
@@ -175,6 +195,8 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
+            if int(declared) <= DRAINED_BYTES:  # read and dropped, so the client, still sending, can read the 413
+                await _drain(receive)
             await self._refuse(int(declared), scope, receive, send)
             return
         chunks, size = [], 0
@@ -368,12 +390,27 @@ async def feedback(body: FeedbackRequest, request: Request) -> dict:
     if log is None:
         raise OpenAIError(404, "feedback needs a completion log: start llmctl serve with --ab-log FILE")
     score = body.value()
+    user = body.user or request.headers.get(USER_HEADER)
     try:
-        variant = log.feedback(body.id, score)
+        variant = log.feedback(body.id, score, user_digest(user) if user else None)
     except UnknownCompletion:
         raise OpenAIError(
             404,
             f"no completion {body.id!r} was served here (or it is older than the log remembers)",
+            param="id",
+        ) from None
+    except ForeignCompletion:
+        raise OpenAIError(
+            403,
+            f"completion {body.id!r} was served to another user; rate it as that user (user or {USER_HEADER})",
+            type_="permission_error",
+            param="user",
+        ) from None
+    except RatedEnough:
+        raise OpenAIError(
+            429,
+            f"completion {body.id!r} has been rated {RATINGS_PER_COMPLETION} times already; the latest counts",
+            type_="rate_limit_error",
             param="id",
         ) from None
     return {"id": body.id, "object": "feedback", "variant": variant, "score": score}

@@ -16,6 +16,12 @@ class ServerMetrics:
             ["model", "endpoint", "finish_reason"],
             registry=self.registry,
         )
+        self.choices = Counter(
+            "llmctl_choices",
+            "Completed choices (a request with n choices has n)",
+            ["model", "endpoint", "finish_reason"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "llmctl_errors", "Requests whose generation failed", ["model"], registry=self.registry
         )
@@ -93,8 +99,9 @@ class ServerMetrics:
     ) -> None:
         if failed:
             self.errors.labels(model).inc()
+        self.requests.labels(model, endpoint, records[0].finish_reason or "cancelled").inc()
         for record in records:
-            self.requests.labels(model, endpoint, record.finish_reason or "cancelled").inc()
+            self.choices.labels(model, endpoint, record.finish_reason or "cancelled").inc()
             self.prompt_tokens.labels(model).inc(record.prompt_tokens)
             self.generated_tokens.labels(model).inc(record.completion_tokens)
             if record.first_token_at is not None:

@@ -50,7 +50,10 @@ def finetune_recipe(recipe: Recipe) -> Recipe:
             "recipe finetune.base is not set: point it at a checkpoint or a Hugging Face Llama directory"
         )
     base = model_directory(Path(spec.base))  # the newest checkpoint of a run directory, recorded as the base
-    problem = checkpoint_problem(base) if base.is_dir() else "it does not exist"
+    if base.is_dir():
+        problem = checkpoint_problem(base)
+    else:
+        problem = "it is a file; name the checkpoint directory" if base.exists() else "it does not exist"
     if problem or not (base / CONFIG_FILE).is_file():
         raise UserError(f"finetune.base {base}: {problem or 'it is an adapter, not a model'}")
     try:
