@@ -48,7 +48,7 @@ def test_llmctl_serve_without_flags_answers_at_once_and_compiles_in_the_backgrou
     env = {key: value for key, value in os.environ.items() if key != "LLMCTL_COMPILE"}
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "llmctl", "serve", str(tiny_checkpoint), "--port", str(port), "--max-batch", "2"],
+        [sys.executable, "-m", "llmctl", "serve", str(tiny_checkpoint), "--port", str(port), "--max-batch", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

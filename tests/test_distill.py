@@ -94,6 +94,26 @@ def test_the_top_k_loss_over_every_token_is_the_full_loss():
     assert torch.equal(ce, full[1]) and float(three) < float(full[0] - 0.7 * full[1]) / 0.3  # a lower bound
 
 
+@pytest.fixture(scope="module")
+def short_pipeline(sample_pipeline, tmp_path_factory) -> dict:
+    """The sample pipeline with its training tokens cut to 64k: a teacher cache covers every training token,
+    and the whole sample's 518k took most of a minute per test."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    tokens = tmp_path_factory.mktemp("short") / "tokens"
+    shutil.copytree(sample_pipeline["tokens"], tokens)
+    meta = json.loads((tokens / "meta.json").read_text())
+    kept = 65_536
+    width = np.dtype(meta["dtype"]).itemsize
+    (tokens / "train.bin").write_bytes((tokens / "train.bin").read_bytes()[: kept * width])
+    meta["tokens"]["train"] = kept
+    (tokens / "meta.json").write_text(json.dumps(meta))
+    return {**sample_pipeline, "tokens": tokens}
+
+
 def offline_dict(pipeline, teacher, run_dir, cache, top_k=16, steps=6) -> dict:
     raw = student_dict(
         pipeline, run_dir, distill={"teacher": str(teacher), "teacher_cache": str(cache), "top_k": top_k}
@@ -103,13 +123,13 @@ def offline_dict(pipeline, teacher, run_dir, cache, top_k=16, steps=6) -> dict:
 
 
 def test_offline_distillation_reads_the_teachers_top_k_for_each_window(
-    sample_pipeline, tiny_checkpoint, tmp_path
+    short_pipeline, tiny_checkpoint, tmp_path
 ):
     from llmctl.train.distill import top_k_distillation_loss
     from llmctl.train.teacher_cache import META_FILE
 
     cache = tmp_path / "cache"
-    raw = offline_dict(sample_pipeline, tiny_checkpoint, tmp_path / "run", cache)
+    raw = offline_dict(short_pipeline, tiny_checkpoint, tmp_path / "run", cache)
     trainer = DistillTrainer(recipe_from_dict(raw), CPU)
     events = []
     trainer.on_event = events.append
@@ -137,13 +157,13 @@ def test_offline_distillation_reads_the_teachers_top_k_for_each_window(
 
 
 def test_offline_training_never_runs_the_teacher_and_reuses_or_refuses_its_cache(
-    sample_pipeline, tiny_checkpoint, tmp_path
+    short_pipeline, tiny_checkpoint, tmp_path
 ):
     import json
 
     cache = tmp_path / "cache"
     trainer = DistillTrainer(
-        recipe_from_dict(offline_dict(sample_pipeline, tiny_checkpoint, tmp_path / "a", cache)), CPU
+        recipe_from_dict(offline_dict(short_pipeline, tiny_checkpoint, tmp_path / "a", cache)), CPU
     )
     trainer._before_training(0)  # built here; from now on the teacher is gone
     assert trainer.teacher is None and trainer.teacher_parameters == 205_120
@@ -153,6 +173,6 @@ def test_offline_training_never_runs_the_teacher_and_reuses_or_refuses_its_cache
     (event,) = [record for record in records if record["event"] == "teacher_cache"]
     assert event["build_seconds"] is None and event["top_k"] == 16  # fit reused the cache built above
 
-    stale = offline_dict(sample_pipeline, tiny_checkpoint, tmp_path / "b", cache, top_k=8)
+    stale = offline_dict(short_pipeline, tiny_checkpoint, tmp_path / "b", cache, top_k=8)
     with pytest.raises(UserError, match="was built for another top_k; remove it"):
         DistillTrainer(recipe_from_dict(stale), CPU)._before_training(0)
