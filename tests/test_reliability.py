@@ -362,3 +362,73 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# -- issue 39: automatic fallback -------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
+)  # A's loop dies on purpose
+def test_killing_a_variants_engine_mid_load_loses_no_client_request(tiny_checkpoint):
+    """`serve A=.. B=.. --route bot=A:1.0 --fallback bot=B`: A's engine loop dies while 16 clients stream
+    from it; every client gets a whole reply (the rest of an interrupted one from B), none sees an error."""
+    import threading
+
+    from llmctl.infer.served import load_served_model
+    from llmctl.infer.server import create_app
+
+    a = load_served_model("A", tiny_checkpoint, max_batch=16)
+    b = load_served_model("B", tiny_checkpoint, max_batch=16)
+    app = create_app({"A": a, "B": b}, routes={"bot": [("A", 1.0)]}, fallbacks={"bot": "B"})
+    results: list[dict] = []
+
+    def client(index: int, url: str) -> None:
+        body = {
+            "model": "bot",
+            "prompt": f"Request {index}",
+            "max_tokens": 60,
+            "temperature": 0.8,
+            "seed": index,
+        }
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        outcome = {"models": set(), "errors": [], "finish": None, "tokens": 0, "status": None}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            outcome["status"] = response.status_code
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    outcome["errors"].append(event["error"])
+                    continue
+                outcome["models"].add(event["model"])
+                for choice in event["choices"]:
+                    outcome["finish"] = choice["finish_reason"] or outcome["finish"]
+                if event.get("usage"):
+                    outcome["tokens"] = event["usage"]["completion_tokens"]
+        results.append(outcome)
+
+    def kill_the_loop() -> None:
+        raise RuntimeError("a bug in A's loop")  # outside any request: the loop thread dies
+
+    with running_server(app) as running:
+        threads = [threading.Thread(target=client, args=(index, running.url)) for index in range(16)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while a.engine.decode_steps < 5:  # mid-load: replies are streaming from A
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        a.engine._admit = kill_the_loop
+        for thread in threads:
+            thread.join(180)
+        health = httpx.get(f"{running.url}/health")
+        metrics = httpx.get(f"{running.url}/metrics").text
+    assert len(results) == 16
+    assert all(r["status"] == 200 and not r["errors"] for r in results), results
+    assert all(r["models"] <= {"A", "B"} and r["finish"] in ("length", "stop") for r in results), results
+    assert all(r["tokens"] >= 1 for r in results)
+    assert any("B" in r["models"] for r in results)  # some were finished by the fallback
+    assert health.status_code == 200  # B can serve the alias, whatever A's state
+    assert 'llmctl_fallbacks_total{alias="bot",fallback="B",model="A"}' in metrics

@@ -26,6 +26,11 @@ def serve(
     max_concurrency: int = typer.Option(64, min=1, help="Requests in flight before answering 429."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together per step, per model."),
     route: list[str] = typer.Option([], help="Weighted alias for A/B tests: stable=A:0.9,B:0.1."),
+    fallback: list[str] = typer.Option(
+        [],
+        help="ALIAS=MODEL, repeatable: a request of ALIAS (a --route alias or a model) whose model's engine is "
+        "down or fails it is served, or finished, by MODEL (same tokenizer).",
+    ),
     adapter: list[str] = typer.Option(
         [],
         help="LoRA adapters served beside the one base checkpoint, on one copy of its weights: NAME=DIR or "
@@ -144,11 +149,38 @@ def serve(
         from llmctl.infer.ab_log import CompletionLog
 
         log = CompletionLog(ab_log, log_prompts)
+    fallbacks = parse_fallbacks(fallback, served, routes)
     application = create_app(
-        served, routes=routes, api_key=api_key, max_concurrency=max_concurrency, ab_log=log
+        served,
+        routes=routes,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        ab_log=log,
+        fallbacks=fallbacks,
     )
     typer.echo(f"serving {', '.join([*served, *routes])} on http://{host}:{port}/v1")
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+def parse_fallbacks(arguments: list[str], served: dict, routes: dict) -> dict[str, str]:
+    """'bot=B' -> {'bot': 'B'}: the alias (or model) exists, B is served, and B shares its models' tokenizer
+    (a fallback continues a reply from its tokens)."""
+    from llmctl.errors import UserError
+
+    fallbacks = {}
+    for argument in arguments:
+        alias, sep, model = argument.partition("=")
+        if not sep or alias not in {*served, *routes} or model not in served:
+            raise UserError(
+                f"--fallback {argument!r}: expected ALIAS=MODEL with ALIAS a --route alias or a served model and "
+                f"MODEL a served model ({', '.join(sorted(served))})"
+            )
+        variants = [name for name, _ in routes[alias]] if alias in routes else [alias]
+        digest = served[model].tokenizer.sha256()
+        if any(served[name].tokenizer.sha256() != digest for name in variants):
+            raise UserError(f"--fallback {argument!r}: {model} has another tokenizer than {alias}'s models")
+        fallbacks[alias] = model
+    return fallbacks
 
 
 def parse_routes(arguments: list[str], models: set[str]) -> dict[str, list[tuple[str, float]]]:

@@ -9,10 +9,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from llmctl.infer.ab_log import LoggedRequest
 from llmctl.infer.api_schema import Endpoint, OpenAIError
-from llmctl.infer.constraints import ConstraintSpec
+from llmctl.infer.constraints import Constraint, ConstraintSpec
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import Completion, GenerationFailed, ServedModel, stream_completion
 from llmctl.infer.server_metrics import ServerMetrics
@@ -32,9 +33,13 @@ class ApiCall:
         metrics: ServerMetrics,
         logged: LoggedRequest | None = None,
         constraint: ConstraintSpec | None = None,
+        fallback: ServedModel | None = None,
+        alias: str | None = None,
     ) -> None:
         self.served, self.endpoint, self.prompt_ids, self.params = served, endpoint, prompt_ids, params
         self.constraint = constraint  # compiled anew for each choice: a grammar's state is per generation
+        # `serve --fallback ALIAS=MODEL`: a choice whose generation fails goes on there, from where it stopped
+        self.fallback, self.alias = fallback, alias
         self.metrics = metrics
         self.logged = logged  # with `serve --ab-log`: every request is recorded
         self.id = endpoint.id_prefix + uuid.uuid4().hex[:24]
@@ -76,11 +81,41 @@ class ApiCall:
         async for chunk in self._stream(0):
             yield 0, chunk.text, chunk.finish_reason
 
-    def _stream(self, index: int) -> AsyncIterator[TextChunk]:
-        constraint = None if self.constraint is None else self.served.constraints.compile(self.constraint)
-        return stream_completion(
-            self.served, self.prompt_ids, self.params[index], self.records[index], constraint
-        )
+    async def _stream(self, index: int) -> AsyncIterator[TextChunk]:
+        """A choice's text; if its model fails it (a dead engine loop, a failed step) and the alias has a
+        fallback, the rest comes from the fallback, continuing from the tokens already sent."""
+        served, params, record = self.served, self.params[index], self.records[index]
+        try:
+            async for chunk in stream_completion(
+                served, self.prompt_ids, params, record, self._constraint(served)
+            ):
+                yield chunk
+            return
+        except GenerationFailed:
+            if self.fallback is None or self.fallback is served:
+                raise
+        fallback, produced = self.fallback, list(record.tokens)
+        self.metrics.fallbacks.labels(self.alias, served.name, fallback.name).inc()
+        self.served = fallback  # the response names the model that finished it
+        rest = replace(params, max_new_tokens=params.max_new_tokens - len(produced))
+        if rest.max_new_tokens <= 0:
+            record.finish_reason = "length"
+            yield TextChunk("", None, "length")
+            return
+        constraint = self._constraint(fallback, produced)
+        async for chunk in stream_completion(
+            fallback, [*self.prompt_ids, *produced], rest, record, constraint
+        ):
+            yield chunk
+
+    def _constraint(self, served: ServedModel, produced: list[int] = ()) -> Constraint | None:
+        """The choice's grammar for `served`'s vocabulary, advanced over what was already generated."""
+        if self.constraint is None:
+            return None
+        constraint = served.constraints.compile(self.constraint)
+        for token in produced:
+            constraint.advance(token, self.params[0].stop_token_ids)
+        return constraint
 
     async def _merged(self) -> AsyncIterator[ChoiceEvent]:
         """Several choices, each pumped by its own task into one queue, in the order their tokens come."""
@@ -178,14 +213,19 @@ class ApiCall:
             async for index, text, finish in self.events():
                 if text or finish:
                     yield _sse(
-                        {**base, "choices": [self.choice(index, text, finish, stream=True)]}, self.served
+                        {
+                            **base,
+                            "model": self.served.name,
+                            "choices": [self.choice(index, text, finish, stream=True)],
+                        },
+                        self.served,
                     )
         except GenerationFailed as error:  # the stream ends with an error event, never silently
             yield _sse(generation_error(error).body(), self.served)
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": self.usage()}, self.served)
+            yield _sse({**base, "model": self.served.name, "choices": [], "usage": self.usage()}, self.served)
         yield "data: [DONE]\n\n"
 
 

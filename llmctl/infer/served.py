@@ -145,6 +145,7 @@ class Completion:
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None
+    tokens: list[int] = field(default_factory=list)  # what a fallback model continues from
 
 
 async def stream_completion(
@@ -170,6 +171,7 @@ async def stream_completion(
             token, finish = await queue.get()
             if token is not None:
                 record.completion_tokens += 1
+                record.tokens.append(token)
                 if record.first_token_at is None:
                     record.first_token_at = time.perf_counter()
                 started = time.perf_counter()

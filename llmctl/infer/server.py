@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,6 +86,28 @@ class ServerState:
     admission: Admission
     ab_log: CompletionLog | None = None
     watchdog_seconds: float = 1.0
+    fallbacks: dict[str, str] = field(default_factory=dict)  # alias (or model) -> the model that stands in
+
+    def fallback_for(self, name: str, served: ServedModel) -> ServedModel | None:
+        """The model that stands in for `name`'s choice `served`, if `name` has one other than it."""
+        fallback = self.fallbacks.get(name)
+        return None if fallback is None or fallback == served.name else self.models[fallback]
+
+    def ready(self) -> bool:
+        """Every alias has a variant or a fallback that can serve; every model outside the aliases can."""
+        grouped: dict[str, list[str]] = {
+            alias: [
+                *(name for name, _ in variants),
+                *([self.fallbacks[alias]] if alias in self.fallbacks else []),
+            ]
+            for alias, variants in self.routes.items()
+        }
+        grouped |= {
+            name: [name, fallback] for name, fallback in self.fallbacks.items() if name in self.models
+        }
+        covered = {name for names in grouped.values() for name in names}
+        grouped |= {name: [name] for name in self.models if name not in covered}
+        return all(any(self.models[name].engine.alive() for name in names) for names in grouped.values())
 
     def resolve(self, name: str, user: str | None = None) -> ServedModel:
         """A model by name, or a variant of a weighted alias: the same one for every request of a user."""
@@ -172,7 +194,9 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
     return OpenAIError(400, f"{param + ': ' if param else ''}{message}", param=param).response()
 
 
-DRAINED_BYTES = 64 << 20  # an oversized body up to this is read and dropped before the 413; a larger one is cut
+DRAINED_BYTES = (
+    64 << 20
+)  # an oversized body up to this is read and dropped before the 413; a larger one is cut
 
 
 async def _drain(receive) -> None:
@@ -195,7 +219,9 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            if int(declared) <= DRAINED_BYTES:  # read and dropped, so the client, still sending, can read the 413
+            if (
+                int(declared) <= DRAINED_BYTES
+            ):  # read and dropped, so the client, still sending, can read the 413
                 await _drain(receive)
             await self._refuse(int(declared), scope, receive, send)
             return
@@ -251,7 +277,7 @@ async def health(request: Request) -> JSONResponse:
         }
         for name, m in models.items()
     }
-    ready = all(m.engine.alive() for m in models.values())
+    ready = state_of(request).ready()
     return JSONResponse(
         {"status": "ok" if ready else "engine stopped", "models": status}, status_code=200 if ready else 503
     )
@@ -369,7 +395,13 @@ async def respond(
     constraint = body.constraint()
     if constraint is not None:
         check_constraint(served, constraint)
-    call = ApiCall(served, endpoint, prompt_ids, params, state.metrics, logged, constraint)
+    fallback = state.fallback_for(body.model, served)
+    if fallback is not None and not served.engine.alive():  # its loop is down: the fallback serves it all
+        state.metrics.fallbacks.labels(body.model, served.name, fallback.name).inc()
+        served, fallback = fallback, None
+    call = ApiCall(
+        served, endpoint, prompt_ids, params, state.metrics, logged, constraint, fallback, body.model
+    )
     headers = {VARIANT_HEADER: served.name}
     try:
         state.admission.admit(body.n)
@@ -446,10 +478,19 @@ def create_app(
     max_concurrency: int = 64,
     max_body_bytes: int = MAX_BODY_BYTES,
     ab_log: CompletionLog | None = None,
+    fallbacks: dict[str, str] | None = None,
 ) -> FastAPI:
+    """The OpenAI-compatible app over `models`; `routes` are weighted aliases, `fallbacks` name the model that
+    serves an alias's (or a model's) requests when its own fails them."""
     app = FastAPI(title="llmctl", lifespan=lifespan)
     app.state.llmctl = ServerState(
-        models, routes or {}, api_key, ServerMetrics(models), Admission(max_concurrency), ab_log
+        models,
+        routes or {},
+        api_key,
+        ServerMetrics(models),
+        Admission(max_concurrency),
+        ab_log,
+        fallbacks=fallbacks or {},
     )
     app.add_exception_handler(OpenAIError, openai_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

@@ -22,6 +22,12 @@ class ServerMetrics:
             ["model", "endpoint", "finish_reason"],
             registry=self.registry,
         )
+        self.fallbacks = Counter(
+            "llmctl_fallbacks",
+            "Requests (or their rest) served by an alias's fallback model",
+            ["alias", "model", "fallback"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "llmctl_errors", "Requests whose generation failed", ["model"], registry=self.registry
         )
