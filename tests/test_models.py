@@ -275,3 +275,35 @@ def test_a_registry_store_that_cannot_be_used_is_one_line_within_seconds(store, 
         line = one_error_line(run_llmctl(*command, timeout=60))
         assert "registry" in line, line
     assert time.monotonic() - started < 40  # two commands, each starting Python and MLflow
+
+
+def test_two_registers_of_the_same_weights_started_together_leave_one_version(registry, checkpoint):
+    """Issue 39, low: the loser printed MLflow's raw message (and both could become versions)."""
+    command = [sys.executable, "-m", "llmctl", "models", "register", str(checkpoint), "--name", "legal"]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outcomes = sorted((process.wait(120), *process.communicate()) for process in processes)
+    (won, won_out, _), (lost, _, lost_err) = outcomes
+    assert won == 0 and "registered legal@" in won_out
+    line = lost_err.strip()
+    assert lost == 2 and "\n" not in line and line.startswith("error: these weights ") and "legal@" in line, (
+        lost_err
+    )
+    assert len(registry.versions("legal")) == 1
+
+
+def test_a_register_that_lost_the_race_after_the_check_deletes_its_version(registry, checkpoint, monkeypatch):
+    """Both registers passed the check for existing weights: the later version is removed, in one line."""
+    registry.register(checkpoint, "legal")
+    real = registry._versions_with_weights
+    calls = []
+
+    def raced(digest, name=None):  # the first look (before creating) saw nothing yet
+        calls.append(digest)
+        return [] if len(calls) == 1 else real(digest, name)
+
+    monkeypatch.setattr(registry, "_versions_with_weights", raced)
+    with pytest.raises(UserError, match="these weights were registered as legal@1 at the same time"):
+        registry.register(checkpoint, "legal")
+    assert [version.version for version in registry.versions("legal")] == [1]

@@ -3,8 +3,11 @@ absence is one clear line, never an ImportError."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -61,11 +64,29 @@ def mlflow_client(uri: str | None = None) -> MlflowClient:
         check_store(store)
     for name, value in HTTP_DEFAULTS.items():  # a user's own settings win
         os.environ.setdefault(name, value)
-    try:
-        return MlflowClient(tracking_uri=uri, registry_uri=registry)
-    except Exception as error:  # MLflow and SQLAlchemy raise many kinds while opening a store
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot open the model registry at {uri}: {reason}") from None
+    with store_creation_lock(uri):
+        try:
+            return MlflowClient(tracking_uri=uri, registry_uri=registry)
+        except Exception as error:  # MLflow and SQLAlchemy raise many kinds while opening a store
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot open the model registry at {uri}: {reason}") from None
+
+
+@contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """For an SQLite store, an exclusive lock beside the database while MLflow opens it: opening a new store
+    creates its tables, and two commands creating them at once fail each other's migrations."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.parent / f".{database.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def check_store(uri: str) -> None:

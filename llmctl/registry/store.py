@@ -98,13 +98,31 @@ class ModelRegistry:
                     self.client, checkpoint, self.uri, f"{name} {checkpoint.name}"
                 )
             if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
-                self.client.create_registered_model(name)
+                try:
+                    self.client.create_registered_model(name)
+                except self._mlflow_error as error:  # a register running beside this one created it first
+                    if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                        raise
             created = self.client.create_model_version(
                 name, source=source, run_id=run_id, tags=tags, description=note or ""
             )
+        self._keep_the_first_of_concurrent(name, lineage.weights_sha256, int(created.version))
+        with self._errors():
             if alias is not None:
                 self.client.set_registered_model_alias(name, alias, created.version)
         return self.get(ModelReference(name, int(created.version), None))
+
+    def _keep_the_first_of_concurrent(self, name: str, digest: str, version: int) -> None:
+        """Two registers of the same weights started together both pass the check for an existing version;
+        the later version is deleted and its register says which one stands."""
+        same = sorted(self._versions_with_weights(digest, name), key=lambda found: found.version)
+        if same and same[0].version != version:
+            with self._errors():
+                self.client.delete_model_version(name, str(version))
+            raise UserError(
+                f"these weights were registered as {same[0].reference} at the same time, by another "
+                f"llmctl models register; give it another alias instead: llmctl models alias {same[0].reference} ALIAS"
+            )
 
     def get(self, reference: ModelReference | str) -> ModelVersion:
         reference = _as_reference(reference)
