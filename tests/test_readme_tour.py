@@ -1,4 +1,4 @@
-"""The README's tour is a test: every `llmctl` line of it parses against the real command tree (a renamed or
+"""The README's tour (and every command in docs/) is a test: every `llmctl` line of it parses against the real command tree (a renamed or
 removed flag fails here), and runs through the CLI's entry point to a result or one `error:` line, never a
 traceback (the tour's placeholders name files that do not exist, which every command must say in one line;
 `serve BASE --adapter legal=A1` crashed at start before anything was read, issue 39's first defect)."""
@@ -15,11 +15,14 @@ from llmctl.cli import app
 
 
 def tour_commands() -> list[list[str]]:
-    """The tour's command lines as argument lists: comments dropped, `[optional parts]` kept (their flags
-    are documented too), and `a | b` alternatives each a command of the same group."""
-    block = (REPO / "README.md").read_text().split("## A tour of the CLI", 1)[1].split("```", 2)[1]
+    """The command lines of the README's tour and of every code block in docs/, as argument lists: comments
+    dropped, `[optional parts]` kept (their flags are documented too), and `a | b` alternatives each a
+    command of the same group."""
+    blocks = [(REPO / "README.md").read_text().split("## A tour of the CLI", 1)[1].split("```", 2)[1]]
+    for page in sorted((REPO / "docs").glob("*.md")):
+        blocks += page.read_text().split("```")[1::2]  # the inside of each fenced block
     commands = []
-    for line in block.splitlines():
+    for line in (line for block in blocks for line in block.splitlines()):
         line = line.split("  #", 1)[0].strip()
         if not line.startswith("llmctl "):
             continue
