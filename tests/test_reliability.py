@@ -432,3 +432,19 @@ def test_killing_a_variants_engine_mid_load_loses_no_client_request(tiny_checkpo
     assert any("B" in r["models"] for r in results)  # some were finished by the fallback
     assert health.status_code == 200  # B can serve the alias, whatever A's state
     assert 'llmctl_fallbacks_total{alias="bot",fallback="B",model="A"}' in metrics
+
+
+def test_a_variant_with_a_full_batch_already_waiting_sends_new_requests_to_the_fallback(
+    tiny_checkpoint, monkeypatch
+):
+    from llmctl.infer.served import load_served_model
+    from llmctl.infer.server import create_app
+
+    a = load_served_model("A", tiny_checkpoint, max_batch=2)
+    b = load_served_model("B", tiny_checkpoint, max_batch=2)
+    app = create_app({"A": a, "B": b}, routes={"bot": [("A", 1.0)]}, fallbacks={"bot": "B"})
+    body = {"model": "bot", "prompt": "x", "max_tokens": 2}
+    with running_server(app) as running:
+        assert httpx.post(f"{running.url}/v1/completions", json=body, timeout=60).json()["model"] == "A"
+        monkeypatch.setattr(a.engine, "queue_depth", lambda: 2)  # a full batch waits on A
+        assert httpx.post(f"{running.url}/v1/completions", json=body, timeout=60).json()["model"] == "B"

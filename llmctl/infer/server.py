@@ -346,6 +346,13 @@ async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[i
     return await asyncio.to_thread(served.tokenizer.encode, text)
 
 
+def can_take(served: ServedModel) -> bool:
+    """Whether a model should take a new request rather than its fallback: its engine loop runs and it has
+    not a full batch of requests already waiting (its admission limit: more would only queue)."""
+    engine = served.engine
+    return engine.alive() and engine.queue_depth() < engine.max_batch
+
+
 def check_constraint(served: ServedModel, spec: ConstraintSpec) -> None:
     """A structured output the model can serve, or a 400 naming what is refused (a schema keyword the engine
     does not implement, a malformed regex or grammar), before anything is generated."""
@@ -396,7 +403,7 @@ async def respond(
     if constraint is not None:
         check_constraint(served, constraint)
     fallback = state.fallback_for(body.model, served)
-    if fallback is not None and not served.engine.alive():  # its loop is down: the fallback serves it all
+    if fallback is not None and not can_take(served):  # the fallback serves it all
         state.metrics.fallbacks.labels(body.model, served.name, fallback.name).inc()
         served, fallback = fallback, None
     call = ApiCall(
