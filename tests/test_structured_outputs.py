@@ -60,21 +60,17 @@ def client(served):
         yield openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
 
 
+def report_request(index: int) -> dict:
+    """The same sampled request, constrained or not: a report at temperature 1, seeded by its index."""
+    messages = [{"role": "user", "content": f"Report number {index} as JSON."}]
+    return dict(model="tiny", messages=messages, temperature=1.0, max_tokens=100, seed=index)
+
+
 def test_parse_with_a_pydantic_model_validates_fifty_of_fifty_sampled_replies(client):
-    parsed = 0
     for index in range(50):
         schema = SCHEMAS[index % len(SCHEMAS)]
-        completion = client.chat.completions.parse(
-            model="tiny",
-            messages=[{"role": "user", "content": f"Report number {index} as JSON."}],
-            response_format=schema,
-            temperature=1.0,
-            max_tokens=100,
-            seed=index,
-        )
-        assert isinstance(completion.choices[0].message.parsed, schema)
-        parsed += 1
-    assert parsed == 50
+        completion = client.chat.completions.parse(**report_request(index), response_format=schema)
+        assert isinstance(completion.choices[0].message.parsed, schema), index
 
 
 def test_the_same_requests_unconstrained_fail_the_schema(client):
@@ -82,13 +78,7 @@ def test_the_same_requests_unconstrained_fail_the_schema(client):
     failures = 0
     for index in range(12):
         schema = SCHEMAS[index % len(SCHEMAS)]
-        reply = client.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": f"Report number {index} as JSON."}],
-            temperature=1.0,
-            max_tokens=100,
-            seed=index,
-        )
+        reply = client.chat.completions.create(**report_request(index))
         try:
             schema.model_validate_json(reply.choices[0].message.content)
         except ValidationError:

@@ -108,7 +108,9 @@ class ApiCall:
         ):
             yield chunk
 
-    def _constraint(self, served: ServedModel, produced: list[int] = ()) -> Constraint | None:
+    def _constraint(
+        self, served: ServedModel, produced: tuple[int, ...] | list[int] = ()
+    ) -> Constraint | None:
         """The choice's grammar for `served`'s vocabulary, advanced over what was already generated."""
         if self.constraint is None:
             return None
