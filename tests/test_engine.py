@@ -145,9 +145,9 @@ def test_requests_waiting_together_are_prefilled_in_one_forward(model, monkeypat
     groups = []
     real_prefill_rows = engine_module.prefill_rows
 
-    def recording(model, prompts, cache):
+    def recording(model, prompts, cache, **kwargs):
         groups.append(len(prompts))
-        return real_prefill_rows(model, prompts, cache)
+        return real_prefill_rows(model, prompts, cache, **kwargs)
 
     monkeypatch.setattr(engine_module, "prefill_rows", recording)
     prompts = [[1, 2, 3], [5] * 9, [7, 8], [9, 10, 11, 12], [4]]

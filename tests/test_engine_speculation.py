@@ -199,3 +199,34 @@ def test_serve_draft_takes_one_model_and_a_positive_lookahead(llmctl_in_process,
         "error: --draft serves one checkpoint without adapters: give exactly one model (merge an adapter first "
         "with llmctl finetune merge)"
     ]
+
+
+def test_log_probabilities_are_the_targets_with_a_draft_or_without(target):
+    """Each generated token's reported log-probability is the target's, however many a round accepted; a
+    prompt's are scored in full even where a cached prefix could have been reused."""
+    draft = decisive_model(7, d_model=32, n_layer=1, max_seq_len=64)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=2, prompt_logprobs=1)
+    reports = []
+    for engine in (
+        Engine(target, max_batch=2, prefix_cache_tokens=256),
+        Engine(target, max_batch=2, draft=draft),
+    ):
+        engine.start()
+        try:
+            run_all(engine, [([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=3))])  # leaves a prefix cached
+            collector = Collector()
+            request = engine.submit([1, 2, 3, 4, 5, 6], params, collector)
+            assert collector.done.wait(60)
+            reports.append(request)
+        finally:
+            engine.stop()
+    plain, speculative = reports
+    assert [entry.token for entry in plain.logprobs] == plain.generated == speculative.generated
+    for ours, theirs in zip(plain.logprobs, speculative.logprobs, strict=True):
+        assert abs(ours.logprob - theirs.logprob) < 1e-4 and len(ours.top) == 2
+        assert ours.top[0][0] == ours.token  # greedy: the likeliest
+    with torch.inference_mode():
+        scored = torch.log_softmax(target(torch.tensor([[1, 2, 3, 4, 5, 6]]))[0].float(), -1)
+    expected = [float(scored[i, token]) for i, token in enumerate([2, 3, 4, 5, 6])]
+    assert plain.prompt_logprobs[0] is None and len(plain.prompt_logprobs) == 6
+    assert max(abs(e.logprob - x) for e, x in zip(plain.prompt_logprobs[1:], expected, strict=True)) < 1e-4

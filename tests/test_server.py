@@ -111,7 +111,13 @@ def test_wrong_api_key_is_401(server):
         ({"model": "tiny", "prompt": "word " * 400}, "prompt"),
         ({"model": "tiny", "prompt": 42}, "prompt"),
         ({"model": "tiny"}, "prompt"),
-        ({"model": "tiny", "prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
+        ({"model": "tiny", "prompt": [5, 10**9]}, "prompt"),
+        ({"model": "tiny", "prompt": "x", "n": 2, "best_of": 1}, "best_of"),
+        ({"model": "tiny", "prompt": "x", "best_of": 2, "stream": True}, "best_of"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ],
 )
 def test_bad_parameters_get_400_with_an_openai_error_body(client, server, body, param):

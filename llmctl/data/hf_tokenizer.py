@@ -108,6 +108,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """As transformers encodes by default: the post-processor's bos (Llama's) or none (Qwen's)."""
+        return self.backend.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]:
         return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
 

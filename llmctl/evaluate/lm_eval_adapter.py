@@ -20,8 +20,9 @@ from llmctl.infer.text import StopStrings
 
 @register_model("llmctl")
 class LlmctlLM(TemplateLM):
-    """Tokenizes as Hugging Face's Llama tokenizer does for this checkpoint (a bos before every encoding),
-    so scores match lm-eval's own `hf` model type on the same directory."""
+    """Tokenizes as the checkpoint's Hugging Face tokenizer does by default (a bos in front for Llama's, none
+    for Qwen's), so scores match lm-eval's own `hf` model type on the same directory. `add_bos_token=False`
+    encodes without special tokens, as lm-eval's `local-completions` does through a server's /tokenize."""
 
     def __init__(
         self,
@@ -29,9 +30,11 @@ class LlmctlLM(TemplateLM):
         adapter: str | None = None,
         batch_size: int | str = 8,
         max_gen_toks: int = 64,
+        add_bos_token: bool | str = True,
         **kwargs,
     ) -> None:
         super().__init__()
+        self.add_bos_token = str(add_bos_token).lower() not in ("false", "0")
         self.model, self.tokenizer = load_for_inference(Path(pretrained), Path(adapter) if adapter else None)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
@@ -49,8 +52,9 @@ class LlmctlLM(TemplateLM):
         return self.model.config.max_seq_len
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        ids = self.tokenizer.encode(string)
-        return ids if add_special_tokens is False else [self.tokenizer.bos_id, *ids]
+        if add_special_tokens is False or not self.add_bos_token:
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode_with_specials(string)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)

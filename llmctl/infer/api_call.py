@@ -1,5 +1,6 @@
-"""One API request: its n choices run as engine requests whose text streams are merged, counted and shaped
-into an OpenAI response body or server-sent events."""
+"""One API request: its choices (n per prompt, or best_of candidates of which n are kept) run as engine
+requests whose text streams are merged, counted and shaped into an OpenAI response body or server-sent
+events, with the prompt echoed and log-probabilities where asked."""
 
 from __future__ import annotations
 
@@ -9,18 +10,26 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from llmctl.infer.ab_log import LoggedRequest
-from llmctl.infer.api_schema import Endpoint, OpenAIError
+from llmctl.infer.api_logprobs import LogprobWriter
+from llmctl.infer.api_schema import Endpoint, OpenAIError, Reply
 from llmctl.infer.constraints import Constraint, ConstraintSpec
+from llmctl.infer.logprobs import TokenLogprob
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import Completion, GenerationFailed, ServedModel, stream_completion
 from llmctl.infer.server_metrics import ServerMetrics
 from llmctl.infer.text import TextChunk
 
-# (choice index, text delta, finish reason)
-ChoiceEvent = tuple[int, str, str | None]
+# (candidate index, its next chunk)
+ChoiceEvent = tuple[int, TextChunk]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str
 
 
 class ApiCall:
@@ -28,15 +37,19 @@ class ApiCall:
         self,
         served: ServedModel,
         endpoint: Endpoint,
-        prompt_ids: list[int],
+        prompts: list[Prompt],
         params: list[SamplingParams],
         metrics: ServerMetrics,
         logged: LoggedRequest | None = None,
         constraint: ConstraintSpec | None = None,
         fallback: ServedModel | None = None,
         alias: str | None = None,
+        reply: Reply = Reply(),
     ) -> None:
-        self.served, self.endpoint, self.prompt_ids, self.params = served, endpoint, prompt_ids, params
+        # candidate i generates for prompts[i // per_prompt] with params[i % per_prompt]
+        self.served, self.endpoint, self.prompts, self.reply = served, endpoint, prompts, reply
+        self.per_prompt = len(params)
+        self.params = [candidate for _ in prompts for candidate in params]
         self.constraint = constraint  # compiled anew for each choice: a grammar's state is per generation
         # `serve --fallback ALIAS=MODEL`: a choice whose generation fails goes on there, from where it stopped
         self.fallback, self.alias = fallback, alias
@@ -44,27 +57,36 @@ class ApiCall:
         self.logged = logged  # with `serve --ab-log`: every request is recorded
         self.id = endpoint.id_prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.records = [Completion(prompt_tokens=len(prompt_ids)) for _ in params]
-        self.texts = [""] * len(params)
+        self.records = [Completion(prompt_tokens=len(self.prompt_of(i).ids)) for i in range(len(self.params))]
+        self.texts = [""] * len(self.params)
+        self.logprobs: list[list[TokenLogprob | None]] = [[] for _ in self.params]
         self.failed = False
         self.started = time.perf_counter()
+
+    def prompt_of(self, index: int) -> Prompt:
+        return self.prompts[index // self.per_prompt]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(prompt.ids) for prompt in self.prompts)
 
     def usage(self) -> dict:
         completion = sum(r.completion_tokens for r in self.records)
         return {
-            "prompt_tokens": len(self.prompt_ids),
+            "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
-            "total_tokens": len(self.prompt_ids) + completion,
+            "total_tokens": self.prompt_tokens + completion,
         }
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
-        """Text deltas of every choice, as they come."""
+        """Text deltas of every candidate, as they come."""
         choices = self._single() if len(self.params) == 1 else self._merged()
         try:
             async with contextlib.aclosing(choices):
-                async for index, text, finish in choices:
-                    self.texts[index] += text
-                    yield index, text, finish
+                async for index, chunk in choices:
+                    self.texts[index] += chunk.text
+                    self.logprobs[index] += chunk.logprobs
+                    yield index, chunk
         except Exception:  # an engine failure (a disconnect cancels, which is not one)
             self.failed = True
             raise
@@ -79,15 +101,16 @@ class ApiCall:
     async def _single(self) -> AsyncIterator[ChoiceEvent]:
         """One choice streams straight through: no merging task and queue, two task switches a token fewer."""
         async for chunk in self._stream(0):
-            yield 0, chunk.text, chunk.finish_reason
+            yield 0, chunk
 
     async def _stream(self, index: int) -> AsyncIterator[TextChunk]:
         """A choice's text; if its model fails it (a dead engine loop, a failed step) and the alias has a
         fallback, the rest comes from the fallback, continuing from the tokens already sent."""
         served, params, record = self.served, self.params[index], self.records[index]
+        prompt_ids = self.prompt_of(index).ids
         try:
             async for chunk in stream_completion(
-                served, self.prompt_ids, params, record, self._constraint(served)
+                served, prompt_ids, params, record, self._constraint(served)
             ):
                 yield chunk
             return
@@ -103,9 +126,7 @@ class ApiCall:
             yield TextChunk("", None, "length")
             return
         constraint = self._constraint(fallback, produced)
-        async for chunk in stream_completion(
-            fallback, [*self.prompt_ids, *produced], rest, record, constraint
-        ):
+        async for chunk in stream_completion(fallback, [*prompt_ids, *produced], rest, record, constraint):
             yield chunk
 
     def _constraint(
@@ -126,7 +147,7 @@ class ApiCall:
         async def pump(index: int) -> None:
             try:
                 async for chunk in self._stream(index):
-                    await queue.put((index, chunk.text, chunk.finish_reason))
+                    await queue.put((index, chunk))
             except Exception as error:  # surface engine failures to the caller instead of hanging
                 await queue.put(error)
             finally:
@@ -157,7 +178,7 @@ class ApiCall:
             "endpoint": self.endpoint.value,
             "latency_seconds": round(seconds, 6),
             "first_token_seconds": round(min(first), 6) if first else None,
-            "prompt_tokens": len(self.prompt_ids),
+            "prompt_tokens": self.prompt_tokens,
             "completion_tokens": sum(r.completion_tokens for r in self.records),
             "finish_reasons": [
                 r.finish_reason or ("error" if self.failed else "cancelled") for r in self.records
@@ -165,37 +186,76 @@ class ApiCall:
         }
         logged.log.completion(record, logged.prompt, self.texts)
 
-    def choice(self, index: int, text: str | None, finish: str | None, stream: bool) -> dict:
+    def kept(self) -> list[int]:
+        """The candidates the response shows, in order: per prompt, all of them, or where best_of ran more
+        than n, the n whose tokens have the highest mean log-probability."""
+        kept = []
+        for first in range(0, len(self.params), self.per_prompt):
+            candidates = list(range(first, first + self.per_prompt))
+            if self.per_prompt > self.reply.n:
+                candidates = sorted(candidates, key=self._mean_logprob, reverse=True)[: self.reply.n]
+            kept += candidates
+        return kept
+
+    def _mean_logprob(self, index: int) -> float:
+        values = [entry.logprob for entry in self.logprobs[index] if entry is not None]
+        return sum(values) / len(values) if values else float("-inf")
+
+    def writer(self, index: int) -> LogprobWriter:
+        """Log-probabilities of candidate `index` from its first token shown: the prompt's, with echo."""
+        ids = self.prompt_of(index).ids
+        before = None if self.reply.echo else ids[-1]
+        return LogprobWriter(self.served.tokenizer, self.endpoint, before)
+
+    def echoed(self, index: int) -> tuple[str, list[TokenLogprob | None], list[int]]:
+        """The prompt in front of a candidate's text: (text, log-probabilities, ids); empty without echo."""
+        if not self.reply.echo:
+            return "", [], []
+        prompt = self.prompt_of(index)
+        return prompt.text, self.records[index].prompt_logprobs or [None] * len(prompt.ids), prompt.ids
+
+    def choice(
+        self, index: int, text: str | None, finish: str | None, stream: bool, logprobs: dict | None = None
+    ) -> dict:
         if self.endpoint is Endpoint.COMPLETION:
-            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         content = {"content": text} if text is not None else {}
         message = content if stream else {"role": "assistant", **content}
         return {
             "index": index,
             "delta" if stream else "message": message,
             "finish_reason": finish,
-            "logprobs": None,
+            "logprobs": logprobs,
         }
 
     async def complete(self) -> dict:
         finishes: list[str | None] = [None] * len(self.params)
         try:
-            async for index, _, finish in self.events():
-                finishes[index] = finish or finishes[index]
+            async for index, chunk in self.events():
+                finishes[index] = chunk.finish_reason or finishes[index]
         except GenerationFailed as error:
             raise generation_error(error) from None
+        choices = []
+        for position, index in enumerate(self.kept()):
+            prompt_text, prompt_logprobs, prompt_ids = self.echoed(index)
+            logprobs = None
+            if self.reply.logprobs:
+                entries = [*prompt_logprobs, *self.logprobs[index]]
+                tokens = [*prompt_ids, *(entry.token for entry in self.logprobs[index])]
+                logprobs = self.writer(index).write(entries, tokens)
+            text = prompt_text + self.texts[index]
+            choices.append(self.choice(position, text, finishes[index], stream=False, logprobs=logprobs))
         return {
             "id": self.id,
             "object": self.endpoint.value,
             "created": self.created,
             "model": self.served.name,
-            "choices": [
-                self.choice(i, self.texts[i], finishes[i], stream=False) for i in range(len(self.params))
-            ],
+            "choices": choices,
             "usage": self.usage(),
         }
 
     async def sse(self, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events; best_of is never streamed (the request refuses it), so every candidate shows."""
         base = {
             "id": self.id,
             "object": self.endpoint.chunk_object,
@@ -211,17 +271,22 @@ class ApiCall:
                     "logprobs": None,
                 }
                 yield _sse({**base, "choices": [first]}, self.served)
+        writers: dict[int, LogprobWriter] = {}
         try:
-            async for index, text, finish in self.events():
-                if text or finish:
-                    yield _sse(
-                        {
-                            **base,
-                            "model": self.served.name,
-                            "choices": [self.choice(index, text, finish, stream=True)],
-                        },
-                        self.served,
-                    )
+            async for index, chunk in self.events():
+                if index not in writers:  # its first event: the prompt has been prefilled
+                    writers[index] = self.writer(index)
+                    text, entries, ids = self.echoed(index)
+                    if text:
+                        logprobs = writers[index].write(entries, ids) if self.reply.logprobs else None
+                        yield self._chunk(base, self.choice(index, text, None, True, logprobs))
+                if chunk.text or chunk.finish_reason:
+                    logprobs = None
+                    if self.reply.logprobs:
+                        tokens = [entry.token for entry in chunk.logprobs if entry is not None]
+                        logprobs = writers[index].write(chunk.logprobs, tokens)
+                    choice = self.choice(index, chunk.text, chunk.finish_reason, True, logprobs)
+                    yield self._chunk(base, choice)
         except GenerationFailed as error:  # the stream ends with an error event, never silently
             yield _sse(generation_error(error).body(), self.served)
             yield "data: [DONE]\n\n"
@@ -229,6 +294,9 @@ class ApiCall:
         if include_usage:
             yield _sse({**base, "model": self.served.name, "choices": [], "usage": self.usage()}, self.served)
         yield "data: [DONE]\n\n"
+
+    def _chunk(self, base: dict, choice: dict) -> str:
+        return _sse({**base, "model": self.served.name, "choices": [choice]}, self.served)
 
 
 def generation_error(error: GenerationFailed) -> OpenAIError:

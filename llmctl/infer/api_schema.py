@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
@@ -12,7 +13,18 @@ from llmctl.infer.constraints import ConstraintSpec
 from llmctl.infer.sampling import SamplingParams
 
 MAX_SEED = 2**63 - 1 - 16  # choice i of n uses seed + i; torch takes 64-bit seeds
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "tools", "functions", "suffix")
+UNSUPPORTED = ("tools", "functions", "suffix")
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI: 20 on chat, 5 on completions)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the response shows of the candidates: the n kept per prompt (the best by mean token
+    log-probability where best_of ran more), with the prompt in front (echo) and log-probabilities."""
+
+    n: int = 1
+    echo: bool = False
+    logprobs: bool = False
 
 
 class OpenAIError(Exception):
@@ -108,6 +120,7 @@ class SamplingFields(BaseModel):
     user: str | None = Field(None, max_length=256)  # OpenAI's end-user id: keeps an A/B user on one variant
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias from -100 to 100
 
     def check_supported(self) -> None:
         for name in UNSUPPORTED:
@@ -155,9 +168,35 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_new_tokens: int, stop_token_ids: tuple[int, ...]) -> list[SamplingParams]:
-        """One SamplingParams per choice; choice i of a seeded request uses seed + i."""
+    def bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (id, bias) pairs, or a 400 for a key that is no id of the model's vocabulary."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise OpenAIError(
+                    400, f"logit_bias: {key!r} is not a token id below {vocab_size}", param="logit_bias"
+                )
+            if not -100 <= value <= 100:
+                raise OpenAIError(400, f"logit_bias: {value} is outside -100..100", param="logit_bias")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
+
+    def token_logprobs(self) -> int | None:
+        """How many alternatives to report with each generated token's log-probability (None: none)."""
+        raise NotImplementedError
+
+    def candidates(self) -> int:
+        """How many generations run per prompt (best_of may ask for more than the n returned)."""
+        return self.n
+
+    def sampling_params(
+        self, max_new_tokens: int, stop_token_ids: tuple[int, ...], vocab_size: int
+    ) -> list[SamplingParams]:
+        """One SamplingParams per candidate; candidate i of a seeded request uses seed + i."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        logprobs = self.token_logprobs()
+        if self.candidates() > self.n and logprobs is None:
+            logprobs = 0  # best_of ranks the candidates by their tokens' log-probabilities
         return [
             SamplingParams(
                 max_new_tokens=max_new_tokens,
@@ -171,17 +210,58 @@ class SamplingFields(BaseModel):
                 stop_token_ids=stop_token_ids,
                 stop_strings=tuple(stops),
                 seed=None if self.seed is None else self.seed + index,
+                logit_bias=self.bias(vocab_size),
+                logprobs=logprobs,
+                prompt_logprobs=self.echoed_logprobs(),
             )
-            for index in range(self.n)
+            for index in range(self.candidates())
         ]
+
+    def echoed_logprobs(self) -> int | None:
+        """With completions' echo and logprobs: alternatives reported for each prompt token."""
+        return None
+
+    def reply(self) -> Reply:
+        return Reply(n=self.n, logprobs=self.token_logprobs() is not None)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)
+    # text, texts, or token ids: one prompt's or several prompts' (lm-eval's local-completions sends ids)
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16)
 
     def requested_tokens(self) -> int | None:
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens: 0 generates nothing; it needs echo", param="max_tokens")
         return self.max_tokens
+
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def echoed_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def reply(self) -> Reply:
+        return Reply(n=self.n, echo=self.echo, logprobs=self.logprobs is not None)
+
+    def candidates(self) -> int:
+        best_of = self.best_of or self.n
+        if best_of < self.n:
+            raise OpenAIError(400, f"best_of ({best_of}) must be at least n ({self.n})", param="best_of")
+        if best_of > self.n and self.stream:
+            raise OpenAIError(400, "best_of larger than n cannot be streamed", param="best_of")
+        return best_of
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, each text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]  # one prompt's ids
+        return self.prompt
 
 
 class ChatMessage(BaseModel):
@@ -192,9 +272,16 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def token_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class FeedbackRequest(BaseModel):

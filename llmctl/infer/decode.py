@@ -130,17 +130,25 @@ def prefill(
 
 
 @torch.inference_mode()
-def prefill_rows(model: Transformer, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+def prefill_rows(
+    model: Transformer, prompts: list[list[int]], cache: KVCache, all_positions: bool = False
+) -> torch.Tensor:
     """Prompts of different lengths into the rows of `cache`, right-padded in one forward; each row's
-    next-token logits (B, vocab). Causal attention never lets a prompt see the padding after it; the padding
-    written past a row's length is masked out and overwritten by its decode steps (a slot cache)."""
+    next-token logits (B, vocab), or with `all_positions` every position's (B, longest, vocab). Causal
+    attention never lets a prompt see the padding after it; the padding written past a row's length is masked
+    out and overwritten by its decode steps (a slot cache)."""
     width = max(len(prompt) for prompt in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long, device=model.device)
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = torch.tensor(prompt, device=model.device)
     logits = model(ids, kv_cache=cache)
-    last = torch.tensor([len(prompt) - 1 for prompt in prompts], device=model.device)
-    return logits[torch.arange(len(prompts), device=model.device), last]
+    return logits if all_positions else last_positions(logits, prompts)
+
+
+def last_positions(logits: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+    """Each right-padded row's logits at its prompt's last token: (B, longest, vocab) -> (B, vocab)."""
+    last = torch.tensor([len(prompt) - 1 for prompt in prompts], device=logits.device)
+    return logits[torch.arange(len(prompts), device=logits.device), last]
 
 
 StepFunction = Callable[..., torch.Tensor]

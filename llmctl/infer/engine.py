@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmctl.infer.constraints import Constraint, ConstraintError
-from llmctl.infer.decode import compile_decode, decode_step, fit_prompt, prefill_rows, warm_up_decode
+from llmctl.infer.decode import (
+    compile_decode,
+    decode_step,
+    fit_prompt,
+    last_positions,
+    prefill_rows,
+    warm_up_decode,
+)
+from llmctl.infer.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
 from llmctl.infer.sampling import SamplingParams, sample_rows
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
@@ -54,6 +62,10 @@ class Request:
     error: str | None = None
     adapter: str | None = None  # which LoRA adapter of an `AdapterRouter` model serves it (None: the base)
     constraint: Constraint | None = None  # a grammar its tokens must follow (structured output)
+    # with params.logprobs: one entry per generated token, appended before its on_token call
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with params.prompt_logprobs: one per prompt token (None for the first), filled at prefill
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def cancel(self) -> None:
         """Safe from any thread: the engine frees the slot at the next token boundary."""
@@ -271,7 +283,10 @@ class Engine:
             return []
 
     def _reusable(self, request: Request) -> tuple[PrefixEntry | None, int]:
-        return self.prefixes.lookup(request.prompt_ids) if self.prefixes is not None else (None, 0)
+        """A cached prefix to start from; never for a request that scores its whole prompt."""
+        if self.prefixes is None or request.params.prompt_logprobs is not None:
+            return None, 0
+        return self.prefixes.lookup(request.prompt_ids)
 
     def _prefill_after(self, request: Request, slot: int, entry: PrefixEntry, length: int) -> torch.Tensor:
         """Copy a cached prefix into `slot` and prefill only the rest of the prompt after it."""
@@ -307,8 +322,19 @@ class Engine:
         for request in group:
             self._seed(request)
         prompts = [request.prompt_ids for request in group]
+        scored = [request for request in group if request.params.prompt_logprobs is not None]
         with self._routing(group):
-            return prefill_rows(self.model, prompts, self.cache.rows_from(first, len(group)))
+            logits = prefill_rows(
+                self.model, prompts, self.cache.rows_from(first, len(group)), all_positions=bool(scored)
+            )
+        if not scored:
+            return logits
+        for row, request in enumerate(group):
+            if request.params.prompt_logprobs is not None:
+                request.prompt_logprobs = prompt_logprobs(
+                    logits[row], request.prompt_ids, request.params.prompt_logprobs
+                )
+        return last_positions(logits, prompts)
 
     def _decode_step(self) -> None:
         if self.speculation is not None:
@@ -332,11 +358,11 @@ class Engine:
         emitted = self.speculation.accept(self.slots, proposals, logits, self.cache)
         accepted = time.perf_counter()
         self.decode_steps += 1
-        for request, tokens in zip(self.slots, emitted, strict=True):
-            for token in tokens:
+        for row, (request, tokens) in enumerate(zip(self.slots, emitted, strict=True)):
+            for position, token in enumerate(tokens):
                 if self._stopped(request) or self._complete(request):
                     break
-                self._deliver(request, token)
+                self._deliver(request, token, logits[row, position])
         self.seconds["draft"] += drafted - started
         self.seconds["forward"] += verified - drafted
         self.seconds["sampling"] += accepted - verified
@@ -350,7 +376,8 @@ class Engine:
             generated[-1] in request.params.stop_token_ids or len(generated) >= request.params.max_new_tokens
         )
 
-    def _deliver(self, request: Request, token: int) -> None:
+    def _deliver(self, request: Request, token: int, logits: torch.Tensor) -> None:
+        """Hand `token`, drawn from the model's `logits` (vocab,), to its request."""
         if request.history is not None and request.params.penalised:
             request.history = torch.cat([request.history, request.history.new_tensor([[token]])], dim=1)
         if request.constraint is not None:
@@ -359,6 +386,8 @@ class Engine:
             except ConstraintError as error:
                 request.error = str(error)
                 return
+        if request.params.logprobs is not None:
+            request.logprobs += token_logprobs(logits[None], [token], request.params.logprobs)
         request.generated.append(token)
         request.on_token(token, None)
 
@@ -371,7 +400,11 @@ class Engine:
     def _sample_tokens(self, slots: list[int], logits: torch.Tensor) -> None:
         """Each slot's next token from its row of `logits` (masked to its grammar, for a constrained one), all
         rows sampled together; a row whose masking or sampling fails fails its request alone."""
-        live = [(slot, row) for row, slot in enumerate(slots) if not self._stopped(self.slots[slot])]
+        live = [
+            (slot, row)
+            for row, slot in enumerate(slots)
+            if not self._stopped(self.slots[slot]) and self.slots[slot].params.max_new_tokens > 0
+        ]
         if not live:
             return
         started = time.perf_counter()
@@ -380,6 +413,7 @@ class Engine:
             self._constrain(self.slots[slot], row)
         kept = [index for index, (slot, _) in enumerate(live) if not self._stopped(self.slots[slot])]
         requests = [self.slots[live[index][0]] for index in kept]
+        raw = [live[index][1] for index in kept]  # each request's row of the unmasked logits
         rows = rows[kept] if len(kept) < len(live) else rows
         try:
             tokens = self._sample(requests, rows) if requests else []
@@ -393,9 +427,9 @@ class Engine:
                     request.error = f"{type(error).__name__}: {error}"
                     tokens.append(None)
         sampled = time.perf_counter()
-        for request, token in zip(requests, tokens, strict=True):
+        for request, token, row in zip(requests, tokens, raw, strict=True):
             if token is not None:
-                self._deliver(request, token)
+                self._deliver(request, token, logits[row])
         self.seconds["sampling"] += sampled - started
         self.seconds["delivery"] += time.perf_counter() - sampled
 

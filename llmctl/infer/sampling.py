@@ -24,6 +24,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()  # applied to the text by `TextStream`, not to ids
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, added to its logit before sampling)
+    # report each generated token's log-probability and this many of the likeliest alternatives (None: none)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (completions' echo)
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +60,17 @@ def apply_penalties(
         )
         logits = torch.where(seen, penalised, logits)
     return logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's own additions to chosen ids' logits, on a copy."""
+    if not any(row_params.logit_bias for row_params in params):
+        return logits
+    logits = logits.clone()
+    for row, row_params in enumerate(params):
+        for token, bias in row_params.logit_bias:
+            logits[row, token] += bias
+    return logits
 
 
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
@@ -95,6 +110,7 @@ def sample_next(
 ) -> torch.Tensor:
     """Next ids (batch,) from last-position logits (batch, vocab)."""
     logits = apply_penalties(logits.float(), generated, params)
+    logits = apply_logit_bias(logits, [params] * logits.shape[0])
     if params.greedy:
         return greedy_ids(logits)
     draws = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
@@ -131,6 +147,7 @@ def sample_rows(
                 for row, history, row_params in zip(logits, generated, params, strict=True)
             ]
         )
+    logits = apply_logit_bias(logits, params)
     picks = [0] * len(params)
     groups: dict[tuple, list[int]] = {}
     for row, row_params in enumerate(params):
@@ -163,6 +180,7 @@ def distributions(
         for row in penalised:
             history = torch.tensor([histories[row]], dtype=torch.long, device=logits.device)
             logits[row] = apply_penalties(logits[row : row + 1], history, params[row])[0]
+    logits = apply_logit_bias(logits, params)
     probs = torch.empty_like(logits)
     groups: dict[tuple, list[int]] = {}
     for row, row_params in enumerate(params):

@@ -18,6 +18,7 @@ from llmctl.infer.constraints import Constraint, Constraints
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.infer.decode import limit_context, load_draft, load_for_inference, open_chat
 from llmctl.infer.engine import Engine
+from llmctl.infer.logprobs import TokenLogprob
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
 from llmctl.infer.text import TextChunk, TextStream
@@ -146,6 +147,7 @@ class Completion:
     finish_reason: str | None = None
     first_token_at: float | None = None
     tokens: list[int] = field(default_factory=list)  # what a fallback model continues from
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs, after prefill
 
 
 async def stream_completion(
@@ -166,10 +168,16 @@ async def stream_completion(
 
     request = served.engine.submit(prompt_ids, params, deliver, served.adapter, constraint)
     text = TextStream(served.tokenizer, prompt_ids, params.stop_token_ids, params.stop_strings)
+    pending: list[TokenLogprob] = []  # log-probabilities of tokens whose text is not out yet
+    received = 0
     try:
         while True:
             token, finish = await queue.get()
+            record.prompt_logprobs = request.prompt_logprobs  # the prefill has run by the first event
             if token is not None:
+                if params.logprobs is not None:
+                    pending.append(request.logprobs[received])
+                received += 1
                 record.completion_tokens += 1
                 record.tokens.append(token)
                 if record.first_token_at is None:
@@ -177,6 +185,8 @@ async def stream_completion(
                 started = time.perf_counter()
                 chunk = text.push(token)
                 served.stream_seconds["detokenize"] += time.perf_counter() - started
+                if chunk.finish_reason or chunk.text:
+                    chunk.logprobs, pending = pending, []
                 if chunk.finish_reason:
                     record.finish_reason = chunk.finish_reason
                     yield chunk
@@ -188,7 +198,9 @@ async def stream_completion(
                 raise GenerationFailed(request.error or "generation failed")
             if finish is not None:
                 record.finish_reason = "stop" if finish == "stop" else "length"
-                yield text.end(record.finish_reason)
+                end = text.end(record.finish_reason)
+                end.logprobs = pending
+                yield end
                 return
     finally:
         request.cancel()

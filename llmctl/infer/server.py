@@ -32,7 +32,7 @@ from llmctl.infer.ab_log import (
     choose_variant,
     user_digest,
 )
-from llmctl.infer.api_call import ApiCall
+from llmctl.infer.api_call import ApiCall, Prompt
 from llmctl.infer.api_schema import (
     ChatRequest,
     CompletionRequest,
@@ -45,16 +45,18 @@ from llmctl.infer.constraints import ConstraintError, ConstraintSpec
 from llmctl.infer.decode import PromptTooLong, fit_prompt
 from llmctl.infer.served import ServedModel
 from llmctl.infer.server_metrics import ServerMetrics
+from llmctl.infer.tokenizer_routes import add_tokenizer_routes
 
 Routes = dict[str, list[tuple[str, float]]]
 log = logging.getLogger("llmctl.server")
-PROTECTED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json")
+PROTECTED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json", "/tokenize", "/detokenize", "/tokenizer_info")
 USER_HEADER = "x-llmctl-user"  # the A/B user when the body names none
 VARIANT_HEADER = "x-llmctl-variant"  # the model that served a request (a route's chosen variant)
 MAX_BODY_BYTES = 4 << 20
 # A token is at most this many characters (sentencepiece's default piece length is 16): a longer prompt cannot
 # fit the context, and is refused before it is tokenized.
 MAX_CHARS_PER_TOKEN = 64
+MAX_CHOICES = 64  # prompts x candidates in one request; the admission limit counts each
 
 
 class Admission:
@@ -304,14 +306,24 @@ def request_user(body: SamplingFields, request: Request) -> str | None:
 
 async def completions(body: CompletionRequest, request: Request):
     served = state_of(request).resolve(body.model, request_user(body, request))
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
-    if not prompts[0]:
-        raise OpenAIError(400, "prompt is empty", param="prompt")
-    prompt_ids = await tokenize(served, prompts[0], Endpoint.COMPLETION)
+    prompts = [await completion_prompt(served, prompt) for prompt in body.prompts()]
     stop_ids = (served.tokenizer.eos_id,)
-    return await respond(request, served, body, Endpoint.COMPLETION, prompts[0], prompt_ids, stop_ids)
+    return await respond(request, served, body, Endpoint.COMPLETION, prompts, stop_ids)
+
+
+async def completion_prompt(served: ServedModel, prompt: str | list[int]) -> Prompt:
+    """A prompt given as text, or as token ids of the model's vocabulary."""
+    if not prompt:
+        raise OpenAIError(400, "prompt is empty", param="prompt")
+    if isinstance(prompt, str):
+        return Prompt(await tokenize(served, prompt, Endpoint.COMPLETION), prompt)
+    vocab = served.engine.model.config.vocab_size
+    outside = next((token for token in prompt if not 0 <= token < vocab), None)
+    if outside is not None:
+        raise OpenAIError(
+            400, f"prompt: token id {outside} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+        )
+    return Prompt(list(prompt), served.tokenizer.decode(list(prompt)))
 
 
 async def chat_completions(body: ChatRequest, request: Request):
@@ -329,8 +341,8 @@ async def chat_completions(body: ChatRequest, request: Request):
         text = served.chat.render(messages)
     except UserError as error:  # the template's raise_exception: an order of roles it does not take, say
         raise OpenAIError(400, str(error), param="messages", code="chat_template_error") from None
-    prompt_ids = await tokenize(served, text, Endpoint.CHAT)
-    return await respond(request, served, body, Endpoint.CHAT, text, prompt_ids, served.chat.stop_ids)
+    prompt = Prompt(await tokenize(served, text, Endpoint.CHAT), text)
+    return await respond(request, served, body, Endpoint.CHAT, [prompt], served.chat.stop_ids)
 
 
 async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[int]:
@@ -387,18 +399,24 @@ async def respond(
     served: ServedModel,
     body: CompletionRequest | ChatRequest,
     endpoint: Endpoint,
-    prompt: str,
-    prompt_ids: list[int],
+    prompts: list[Prompt],
     stop_ids: tuple[int, ...],
 ):
     state = state_of(request)
     body.check_supported()
-    max_new_tokens = generation_budget(served, prompt_ids, body, endpoint)
+    choices = len(prompts) * body.candidates()
+    if choices > MAX_CHOICES:
+        raise OpenAIError(
+            400, f"{choices} generations asked (prompts x n or best_of); at most {MAX_CHOICES}", param="n"
+        )
+    longest = max((prompt.ids for prompt in prompts), key=len)
+    max_new_tokens = generation_budget(served, longest, body, endpoint)
     logged = None
     if state.ab_log is not None:
         user = request_user(body, request)
-        logged = LoggedRequest(state.ab_log, body.model, user_digest(user) if user else None, prompt)
-    params = body.sampling_params(max_new_tokens, stop_ids)
+        text = "\n".join(prompt.text for prompt in prompts)
+        logged = LoggedRequest(state.ab_log, body.model, user_digest(user) if user else None, text)
+    params = body.sampling_params(max_new_tokens, stop_ids, served.engine.model.config.vocab_size)
     constraint = body.constraint()
     if constraint is not None:
         check_constraint(served, constraint)
@@ -407,20 +425,29 @@ async def respond(
         state.metrics.fallbacks.labels(body.model, served.name, fallback.name).inc()
         served, fallback = fallback, None
     call = ApiCall(
-        served, endpoint, prompt_ids, params, state.metrics, logged, constraint, fallback, body.model
+        served,
+        endpoint,
+        prompts,
+        params,
+        state.metrics,
+        logged,
+        constraint,
+        fallback,
+        body.model,
+        body.reply(),
     )
     headers = {VARIANT_HEADER: served.name}
     try:
-        state.admission.admit(body.n)
+        state.admission.admit(choices)
     except OpenAIError:
         state.metrics.rejected(served.name)
         raise
     if body.stream:
-        return AdmittedStream(call.sse(body.include_usage), state.admission, body.n, headers)
+        return AdmittedStream(call.sse(body.include_usage), state.admission, choices, headers)
     try:
         return JSONResponse(await call.complete(), headers=headers)
     finally:
-        state.admission.release(body.n)
+        state.admission.release(choices)
 
 
 async def feedback(body: FeedbackRequest, request: Request) -> dict:
@@ -475,7 +502,7 @@ def generation_budget(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    return requested or room
+    return room if requested is None else requested
 
 
 def create_app(
@@ -511,4 +538,5 @@ def create_app(
     app.post("/v1/completions")(completions)
     app.post("/v1/chat/completions")(chat_completions)
     app.post("/v1/feedback")(feedback)
+    add_tokenizer_routes(app)
     return app

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmctl.data.tokenizer import Tokenizer
+from llmctl.infer.logprobs import TokenLogprob
 
 PREFIX_TOKENS = 4
 INCOMPLETE = "\ufffd"
@@ -75,6 +76,8 @@ class TextChunk:
     text: str
     token_id: int | None
     finish_reason: str | None = None  # "stop" (stop id or string) or "length"
+    # the tokens this chunk's text came from, where log-probabilities were asked for (None: a prompt's first)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
 class TextStream:
