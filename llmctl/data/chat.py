@@ -8,6 +8,7 @@ The role markers are user-defined symbols of every llmctl tokenizer, so each is 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,8 +20,34 @@ END = CHAT_MARKERS[3]
 
 @dataclass(frozen=True)
 class Message:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    # an assistant turn's calls, as OpenAI's tool_calls objects; a tool turn answers the call of this id
+    tool_calls: tuple[dict, ...] = ()
+    tool_call_id: str | None = None
+
+    def as_template_input(self) -> dict:
+        """The message as chat templates read it (transformers' conversation dicts)."""
+        message: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": _arguments(call["function"])}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments(function: dict) -> object:
+    """A call's arguments as a mapping where they are JSON text (templates write them with tojson)."""
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
 
 
 def marker(role: str) -> str:

@@ -21,7 +21,11 @@ class ChatFormat(Protocol):
     # llmctl puts bos before and eos after a training example of its own format; a template writes its own
     frames_examples: bool
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str: ...
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str: ...
+    @property
+    def takes_tools(self) -> bool: ...
     def training_text(self, messages: list[Message]) -> TrainingText: ...
 
 
@@ -36,7 +40,11 @@ class MarkerFormat:
         for marker in CHAT_MARKERS:
             tokenizer.piece_id(marker)  # each must be one token: the error names the missing one
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    takes_tools = False  # llmctl's own format has no tool turns
+
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         return render_chat(messages, add_generation_prompt)
 
     def training_text(self, messages: list[Message]) -> TrainingText:
@@ -61,8 +69,14 @@ class TemplateFormat:
         self.template, self.stop_ids, self.source = template, stop_ids, template.source
         self.end_marks = tuple(tokenizer.token_text(token_id) for token_id in stop_ids)
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages, add_generation_prompt)
+    @property
+    def takes_tools(self) -> bool:
+        return self.template.takes_tools
+
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        return self.template.render(messages, add_generation_prompt, tools)
 
     def training_text(self, messages: list[Message]) -> TrainingText:
         return self.template.training_text(messages, self.end_marks)

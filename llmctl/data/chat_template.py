@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -110,21 +111,30 @@ class ChatTemplate:
                 f"the chat template of {origin} does not parse: {error} (line {error.lineno})"
             ) from None
         self.marks_generation = GENERATION_TAG.search(source) is not None
+        # whether it reads `tools`, the name transformers passes a request's tools to a template by
+        self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(source))
 
-    def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        conversation = [{"role": message.role, "content": message.content} for message in messages]
+    def _render(
+        self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None
+    ) -> str:
+        conversation = [message.as_template_input() for message in messages]
         for message in messages:
             if GENERATION_START in message.content or GENERATION_END in message.content:
                 raise UserError("a message holds a private-use character llmctl reserves (U+F0001/U+F0002)")
         try:
             return self.template.render(
-                messages=conversation, add_generation_prompt=add_generation_prompt, **self.special_tokens
+                messages=conversation,
+                add_generation_prompt=add_generation_prompt,
+                **({"tools": tools} if tools else {}),
+                **self.special_tokens,
             )
         except jinja2.exceptions.TemplateError as error:  # raise_exception, or the sandbox refusing
             raise UserError(f"the chat template of {self.origin} refused the conversation: {error}") from None
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        text = self._render(messages, add_generation_prompt)
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        text = self._render(messages, add_generation_prompt, tools)
         return text.replace(GENERATION_START, "").replace(GENERATION_END, "")
 
     def training_text(self, messages: list[Message], end_marks: tuple[str, ...]) -> TrainingText:

@@ -21,6 +21,7 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import Completion, GenerationFailed, ServedModel, stream_completion
 from llmctl.infer.server_metrics import ServerMetrics
 from llmctl.infer.text import TextChunk
+from llmctl.infer.tools import ToolCall, may_become_call, parse_tool_calls
 
 # (candidate index, its next chunk)
 ChoiceEvent = tuple[int, TextChunk]
@@ -62,6 +63,7 @@ class ApiCall:
         self.logprobs: list[list[TokenLogprob | None]] = [[] for _ in self.params]
         self.failed = False
         self.started = time.perf_counter()
+        self.shown_as_content: set[int] = set()  # streamed choices whose text turned out to be no tool call
 
     def prompt_of(self, index: int) -> Prompt:
         return self.prompts[index // self.per_prompt]
@@ -215,11 +217,19 @@ class ApiCall:
         return prompt.text, self.records[index].prompt_logprobs or [None] * len(prompt.ids), prompt.ids
 
     def choice(
-        self, index: int, text: str | None, finish: str | None, stream: bool, logprobs: dict | None = None
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        stream: bool,
+        logprobs: dict | None = None,
+        tool_calls: list[dict] | None = None,
     ) -> dict:
         if self.endpoint is Endpoint.COMPLETION:
             return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         content = {"content": text} if text is not None else {}
+        if tool_calls:
+            content = {"content": text or None, "tool_calls": tool_calls}
         message = content if stream else {"role": "assistant", **content}
         return {
             "index": index,
@@ -243,8 +253,12 @@ class ApiCall:
                 entries = [*prompt_logprobs, *self.logprobs[index]]
                 tokens = [*prompt_ids, *(entry.token for entry in self.logprobs[index])]
                 logprobs = self.writer(index).write(entries, tokens)
-            text = prompt_text + self.texts[index]
-            choices.append(self.choice(position, text, finishes[index], stream=False, logprobs=logprobs))
+            text, finish, calls = prompt_text + self.texts[index], finishes[index], []
+            if self.reply.tool_syntax is not None:
+                content, calls = parse_tool_calls(text, self.reply.tool_syntax, self.reply.tool_names)
+                text, finish = (content, "tool_calls") if calls else (text, finish)
+            wired = [call.wire() for call in calls]
+            choices.append(self.choice(position, text, finish, False, logprobs, wired))
         return {
             "id": self.id,
             "object": self.endpoint.value,
@@ -272,20 +286,24 @@ class ApiCall:
                 }
                 yield _sse({**base, "choices": [first]}, self.served)
         writers: dict[int, LogprobWriter] = {}
+        held: dict[int, TextChunk] = {}
         try:
-            async for index, chunk in self.events():
+            async for index, event in self.events():
                 if index not in writers:  # its first event: the prompt has been prefilled
                     writers[index] = self.writer(index)
                     text, entries, ids = self.echoed(index)
                     if text:
                         logprobs = writers[index].write(entries, ids) if self.reply.logprobs else None
                         yield self._chunk(base, self.choice(index, text, None, True, logprobs))
-                if chunk.text or chunk.finish_reason:
+                chunk, calls = self._release(index, event, held)
+                if chunk is not None and (chunk.text or chunk.finish_reason):
                     logprobs = None
                     if self.reply.logprobs:
                         tokens = [entry.token for entry in chunk.logprobs if entry is not None]
                         logprobs = writers[index].write(chunk.logprobs, tokens)
-                    choice = self.choice(index, chunk.text, chunk.finish_reason, True, logprobs)
+                    wired = [call.wire(position) for position, call in enumerate(calls)]
+                    text = chunk.text or (None if calls else "")
+                    choice = self.choice(index, text, chunk.finish_reason, True, logprobs, wired)
                     yield self._chunk(base, choice)
         except GenerationFailed as error:  # the stream ends with an error event, never silently
             yield _sse(generation_error(error).body(), self.served)
@@ -294,6 +312,28 @@ class ApiCall:
         if include_usage:
             yield _sse({**base, "model": self.served.name, "choices": [], "usage": self.usage()}, self.served)
         yield "data: [DONE]\n\n"
+
+    def _release(
+        self, index: int, chunk: TextChunk, held: dict[int, TextChunk]
+    ) -> tuple[TextChunk | None, list[ToolCall]]:
+        """Where tool calls are parsed: text is held back while it may still become a call (None), shown
+        once it cannot, and at the end read for the calls it makes."""
+        syntax = self.reply.tool_syntax
+        if syntax is None or index in self.shown_as_content:
+            return chunk, []
+        hold = held.setdefault(index, TextChunk("", None))
+        hold.text += chunk.text
+        hold.logprobs = [*hold.logprobs, *chunk.logprobs]
+        if not chunk.finish_reason:
+            if may_become_call(hold.text, syntax):
+                return None, []
+            self.shown_as_content.add(index)
+            return held.pop(index), []
+        del held[index]
+        content, calls = parse_tool_calls(hold.text, syntax, self.reply.tool_names)
+        if not calls:
+            return TextChunk(hold.text, None, chunk.finish_reason, hold.logprobs), []
+        return TextChunk(content or "", None, "tool_calls", hold.logprobs), calls
 
     def _chunk(self, base: dict, choice: dict) -> str:
         return _sse({**base, "model": self.served.name, "choices": [choice]}, self.served)

@@ -9,11 +9,13 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from llmctl.data.chat import Message
 from llmctl.infer.constraints import ConstraintSpec
 from llmctl.infer.sampling import SamplingParams
+from llmctl.infer.tools import ToolSyntax
 
 MAX_SEED = 2**63 - 1 - 16  # choice i of n uses seed + i; torch takes 64-bit seeds
-UNSUPPORTED = ("tools", "functions", "suffix")
+UNSUPPORTED = ("functions", "function_call", "suffix")
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI: 20 on chat, 5 on completions)
 
 
@@ -25,6 +27,8 @@ class Reply:
     n: int = 1
     echo: bool = False
     logprobs: bool = False
+    tool_syntax: ToolSyntax | None = None  # where the text is read for the model's tool calls
+    tool_names: frozenset[str] = frozenset()
 
 
 class OpenAIError(Exception):
@@ -264,9 +268,63 @@ class CompletionRequest(SamplingFields):
         return self.prompt
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only on an assistant turn that calls tools
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def message(self) -> Message:
+        """The turn as llmctl's templates take it (OpenAI's "developer" is the system turn)."""
+        if self.content is None and not self.tool_calls:
+            raise OpenAIError(400, f"a {self.role} message needs content", param="messages")
+        content = self.content or ""
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        calls = tuple(call.model_dump() for call in self.tool_calls or ())
+        role = "system" if self.role == "developer" else self.role
+        return Message(role, content, tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(SamplingFields):
@@ -274,6 +332,34 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def functions(self) -> list[dict]:
+        """The tools as the chat template takes them (OpenAI's objects)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
+
+    def forced_functions(self) -> list[dict]:
+        """The functions a reply must call: all with "required", the one named, none otherwise."""
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return []
+        if not self.tools:
+            raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+        if choice == "required":
+            return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+        named = [tool.function for tool in self.tools if tool.function.name == choice.function.name]
+        if not named:
+            raise OpenAIError(
+                400,
+                f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                param="tool_choice",
+            )
+        return [named[0].model_dump(exclude_none=True)]
+
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -13,14 +13,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmctl.data.chat import Message
 from llmctl.errors import UserError
 from llmctl.infer.ab_log import (
     RATINGS_PER_COMPLETION,
@@ -39,6 +38,7 @@ from llmctl.infer.api_schema import (
     Endpoint,
     FeedbackRequest,
     OpenAIError,
+    Reply,
     SamplingFields,
 )
 from llmctl.infer.constraints import ConstraintError, ConstraintSpec
@@ -46,6 +46,7 @@ from llmctl.infer.decode import PromptTooLong, fit_prompt
 from llmctl.infer.served import ServedModel
 from llmctl.infer.server_metrics import ServerMetrics
 from llmctl.infer.tokenizer_routes import add_tokenizer_routes
+from llmctl.infer.tools import call_grammar, syntax_of
 
 Routes = dict[str, list[tuple[str, float]]]
 log = logging.getLogger("llmctl.server")
@@ -308,7 +309,8 @@ async def completions(body: CompletionRequest, request: Request):
     served = state_of(request).resolve(body.model, request_user(body, request))
     prompts = [await completion_prompt(served, prompt) for prompt in body.prompts()]
     stop_ids = (served.tokenizer.eos_id,)
-    return await respond(request, served, body, Endpoint.COMPLETION, prompts, stop_ids)
+    reply, constraint = body.reply(), body.constraint()
+    return await respond(request, served, body, Endpoint.COMPLETION, prompts, stop_ids, reply, constraint)
 
 
 async def completion_prompt(served: ServedModel, prompt: str | list[int]) -> Prompt:
@@ -335,14 +337,38 @@ async def chat_completions(body: ChatRequest, request: Request):
             param="messages",
             code="chat_template_unavailable",
         )
-    messages = [Message(m.role, m.content) for m in body.messages]
+    messages = [m.message() for m in body.messages]
     check_unicode(" ".join(message.content for message in messages), Endpoint.CHAT)
+    tools = body.functions()
+    if (tools or any(m.role == "tool" or m.tool_calls for m in messages)) and not served.chat.takes_tools:
+        raise OpenAIError(
+            400,
+            f"model {served.name!r}'s chat template takes no tools (it never reads `tools`); call it without "
+            "tools, or serve it with --chat-template FILE naming a template that does",
+            param="tools",
+            code="tools_unsupported",
+        )
     try:
-        text = served.chat.render(messages)
+        text = served.chat.render(messages, tools=tools or None)
     except UserError as error:  # the template's raise_exception: an order of roles it does not take, say
         raise OpenAIError(400, str(error), param="messages", code="chat_template_error") from None
     prompt = Prompt(await tokenize(served, text, Endpoint.CHAT), text)
-    return await respond(request, served, body, Endpoint.CHAT, [prompt], served.chat.stop_ids)
+    reply, constraint, forced = body.reply(), body.constraint(), body.forced_functions()
+    if tools:
+        syntax = syntax_of(served.chat.source)
+        if forced and constraint is not None:
+            raise OpenAIError(
+                400,
+                "tool_choice that forces a call does not combine with response_format",
+                param="tool_choice",
+            )
+        if forced:
+            constraint = call_grammar(forced, syntax, several=body.parallel_tool_calls)
+        if body.parses_tool_calls():
+            names = frozenset(tool["function"]["name"] for tool in tools)
+            reply = replace(reply, tool_syntax=syntax, tool_names=names)
+    stop_ids = served.chat.stop_ids
+    return await respond(request, served, body, Endpoint.CHAT, [prompt], stop_ids, reply, constraint)
 
 
 async def tokenize(served: ServedModel, text: str, endpoint: Endpoint) -> list[int]:
@@ -401,6 +427,8 @@ async def respond(
     endpoint: Endpoint,
     prompts: list[Prompt],
     stop_ids: tuple[int, ...],
+    reply: Reply,
+    constraint: ConstraintSpec | None,
 ):
     state = state_of(request)
     body.check_supported()
@@ -417,7 +445,6 @@ async def respond(
         text = "\n".join(prompt.text for prompt in prompts)
         logged = LoggedRequest(state.ab_log, body.model, user_digest(user) if user else None, text)
     params = body.sampling_params(max_new_tokens, stop_ids, served.engine.model.config.vocab_size)
-    constraint = body.constraint()
     if constraint is not None:
         check_constraint(served, constraint)
     fallback = state.fallback_for(body.model, served)
@@ -434,7 +461,7 @@ async def respond(
         constraint,
         fallback,
         body.model,
-        body.reply(),
+        reply,
     )
     headers = {VARIANT_HEADER: served.name}
     try:
