@@ -5,20 +5,26 @@ refuses is a 400 naming it; constrained and unconstrained rows share the engine 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from dataclasses import replace
 from typing import Literal
 
 import openai
 import pytest
+import torch
 from conftest import Collector, running_server
 from pydantic import BaseModel, Field, ValidationError
 
-from llmctl.infer.constraints import ConstraintError, Constraints, ConstraintSpec
-from llmctl.infer.generate import generate_ids
+from llmctl.infer.beam import BeamParams, beam_search
+from llmctl.infer.constraints import ConstraintError, ConstraintSpec
+from llmctl.infer.engine import Engine
+from llmctl.infer.generate import generate_batch, generate_ids, without_stop_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.served import load_served_model
 from llmctl.infer.server import create_app
+from llmctl.infer.speculative import SpeculationStats, speculative_generate_ids
 
 pytest.importorskip("llguidance")
 
@@ -171,25 +177,110 @@ def test_what_the_engine_refuses_is_a_400_naming_it(client, extra, param, names)
     assert error["param"] == param and names in error["message"], error
 
 
+# (spec, the pattern every output it allows matches): a regular expression, a choice, a Lark grammar
+KINDS = [
+    (ConstraintSpec("regex", r"[a-z]{1,8} [0-9]{2}"), r"[a-z]{1,8} [0-9]{2}"),
+    (ConstraintSpec("choice", ["alpha", "beta gamma", "delta"]), r"alpha|beta gamma|delta"),
+    (
+        ConstraintSpec("grammar", 'start: KEY "=" VALUE\nKEY: /[a-z]{2,5}/\nVALUE: /[0-9]{1,2}/'),
+        r"[a-z]{2,5}=[0-9]{1,2}",
+    ),
+]
+
+
 def test_constrained_and_unconstrained_rows_share_the_engine_and_leave_each_other_alone(served):
-    """16 concurrent rows, every other one under a grammar: the unconstrained ones generate exactly what they
-    generate alone, the constrained ones match their regex."""
+    """16 concurrent rows, every other one under a regex, a choice or a grammar and sampled: the
+    unconstrained ones generate exactly what they generate alone, the constrained ones follow theirs."""
     engine, tokenizer = served.engine, served.tokenizer
     prompts = [tokenizer.encode(f"Line {index} of the manual") for index in range(16)]
-    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=(tokenizer.eos_id,))
     alone = [list(generate_ids(engine.model, prompt, greedy)) for prompt in prompts[::2]]
-    constraints = Constraints(tokenizer, engine.model.config.vocab_size)
     collectors = [Collector() for _ in prompts]
     for index, (prompt, collector) in enumerate(zip(prompts, collectors, strict=True)):
-        constraint = (
-            constraints.compile(ConstraintSpec("regex", r"[a-z]{1,8} [0-9]{2}")) if index % 2 else None
-        )
-        engine.submit(prompt, greedy, collector, constraint=constraint)
+        if index % 2:
+            spec, _ = KINDS[index // 2 % 3]
+            sampled = SamplingParams(
+                max_new_tokens=20, temperature=1.0, seed=index, stop_token_ids=(tokenizer.eos_id,)
+            )
+            engine.submit(prompt, sampled, collector, constraint=served.constraints.compile(spec))
+        else:
+            engine.submit(prompt, greedy, collector)
     for collector in collectors:
         assert collector.done.wait(120)
     assert [collector.tokens for collector in collectors[::2]] == alone
-    for collector in collectors[1::2]:
-        assert re.fullmatch(r"[a-z]{1,8} [0-9]{2}", tokenizer.decode(collector.tokens)), collector.tokens
+    for index, collector in enumerate(collectors[1::2]):
+        _, pattern = KINDS[index % 3]
+        text = tokenizer.decode(without_stop_ids(collector.tokens, (tokenizer.eos_id,)))
+        assert re.fullmatch(pattern, text), (pattern, collector.tokens)
+
+
+@pytest.fixture(scope="module")
+def draft(served):
+    """A draft that often disagrees with the model: its weights, perturbed."""
+    model = copy.deepcopy(served.engine.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))
+    return model
+
+
+def generations(generator: str, served, draft, spec: ConstraintSpec) -> list[list[int]]:
+    """Outputs of one generator under `spec`, sampled with several seeds (beam search: its hypotheses)."""
+    model, tokenizer = served.engine.model, served.tokenizer
+    prompt = tokenizer.encode("The configuration file says")
+    stops = (tokenizer.eos_id,)
+
+    def sampled(seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=24, temperature=1.0, seed=seed, stop_token_ids=stops)
+
+    compile_ = served.constraints.compile
+    if generator == "sample":
+        return [
+            list(generate_ids(model, prompt, sampled(seed), constraint=compile_(spec))) for seed in range(4)
+        ]
+    if generator == "batch":
+        constraints = [compile_(spec) for _ in range(4)]
+        params = replace(sampled(0), seed=None)
+        return generate_batch(model, [prompt, prompt[:3]], params, n=2, constraints=constraints)
+    if generator == "beam":
+        diverse = BeamParams(
+            num_beams=4,
+            num_beam_groups=2,
+            diversity_penalty=1.0,
+            num_return_sequences=4,
+            max_new_tokens=24,
+            stop_token_ids=stops,
+        )
+        return [hypothesis.ids for hypothesis in beam_search(model, prompt, diverse, compile_(spec))]
+    if generator == "speculative":
+        stats = SpeculationStats()
+        outputs = [
+            list(speculative_generate_ids(model, draft, prompt, sampled(seed), 3, stats, compile_(spec)))
+            for seed in range(4)
+        ]
+        assert stats.proposed > 0
+        if spec.kind == "regex":  # free enough that the draft's proposals were refused at times
+            assert stats.accepted < stats.proposed
+        return outputs
+    engine = Engine(model, max_batch=4, draft=draft, lookahead=3).start()  # the engine, speculating
+    try:
+        collectors = [Collector() for _ in range(4)]
+        for seed, collector in enumerate(collectors):
+            engine.submit(prompt, sampled(seed), collector, constraint=compile_(spec))
+        assert all(collector.done.wait(120) for collector in collectors)
+        return [collector.tokens for collector in collectors]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("generator", ["sample", "batch", "beam", "speculative", "engine with a draft"])
+@pytest.mark.parametrize("kind", range(len(KINDS)), ids=["regex", "choice", "grammar"])
+def test_every_generator_follows_a_regex_a_choice_and_a_grammar(served, draft, generator, kind):
+    spec, pattern = KINDS[kind]
+    outputs = generations(generator, served, draft, spec)
+    texts = [served.tokenizer.decode(without_stop_ids(ids, (served.tokenizer.eos_id,))) for ids in outputs]
+    assert len(texts) == 4 and all(re.fullmatch(pattern, text) for text in texts), texts
 
 
 def test_a_schema_the_engine_cannot_compile_names_the_keyword(served):

@@ -66,10 +66,6 @@ def chat(
     path = resolve_checkpoint(checkpoint)
     draft_path = resolve_checkpoint(draft) if draft is not None else None
     constraint = reply_constraint(json_schema, regex, choice)
-    if constraint is not None and draft is not None:
-        from llmctl.errors import UserError
-
-        raise UserError("--json-schema, --regex and --choice do not combine with --draft yet")
 
     def load() -> ChatSession:
         model, tokenizer = load_for_inference(path, adapter, force_base=force)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmctl.infer.constraints import Constraint
 from llmctl.infer.decode import PaddedBatch
 from llmctl.model import Transformer
 
@@ -90,16 +91,25 @@ class _Group:
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, prompt_ids: list[int], params: BeamParams) -> list[Hypothesis]:
-    """The `num_return_sequences` best hypotheses, best first."""
+def beam_search(
+    model: Transformer, prompt_ids: list[int], params: BeamParams, constraint: Constraint | None = None
+) -> list[Hypothesis]:
+    """The `num_return_sequences` best hypotheses, best first. Under `constraint` every beam carries its own
+    grammar state: each beam's candidates are the tokens its grammar allows, and a beam whose grammar is
+    complete ends at its next step (with a stop id that costs it nothing)."""
+    if constraint is not None and not params.stop_token_ids:
+        raise ValueError("a constrained beam search needs stop_token_ids to end its hypotheses with")
     batch = PaddedBatch(model, [prompt_ids], params.max_new_tokens)
     device = model.device
     group_size = params.num_beams // params.num_beam_groups
     groups = [_Group(group_size) for _ in range(params.num_beam_groups)]
     batch.select(torch.zeros(params.num_beams, dtype=torch.long, device=device))
     logits = batch.logits
+    states = [constraint.copy() for _ in range(params.num_beams)] if constraint is not None else None
     for generated in range(1, batch.budget + 1):
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        if states is not None:
+            _constrain(log_probs, states, params.stop_token_ids)
         chosen_this_step = torch.zeros(log_probs.shape[-1])
         parents, tokens = [], []
         last = generated == batch.budget
@@ -115,6 +125,32 @@ def beam_search(model: Transformer, prompt_ids: list[int], params: BeamParams) -
         if all(group.done(params) for group in groups) or last:
             break
         batch.select(torch.tensor(parents, device=device))
+        if states is not None:
+            alive = torch.cat([group.scores for group in groups]) > NEG_INF / 2
+            states = [
+                _branch(states[parent], token, params.stop_token_ids) if live else states[parent]
+                for parent, token, live in zip(parents, tokens, alive.tolist(), strict=True)
+            ]
         logits = batch.step(torch.tensor(tokens, device=device))
     finished = sorted((h for group in groups for h in group.finished), key=lambda h: -h.score)
     return finished[: params.num_return_sequences]
+
+
+def _constrain(log_probs: torch.Tensor, states: list[Constraint], stop_ids: tuple[int, ...]) -> None:
+    """Each beam's row, in place: what its grammar does not allow costs NEG_INF; a complete grammar's beam
+    may only stop, at no cost."""
+    for row, state in enumerate(states):
+        if state.finished:
+            log_probs[row] = NEG_INF
+            log_probs[row, list(stop_ids)] = 0.0
+        else:
+            log_probs[row].masked_fill_(~state.allowed(stop_ids)[: log_probs.shape[-1]], NEG_INF)
+
+
+def _branch(parent: Constraint, token: int, stop_ids: tuple[int, ...]) -> Constraint:
+    """A new beam's grammar: its parent's, advanced by the token it chose. (A beam that is no candidate, its
+    score NEG_INF because too few tokens were allowed to fill the beams, keeps its parent's, unadvanced.)"""
+    state = parent.copy()
+    if not state.finished:
+        state.advance(token, stop_ids)
+    return state

@@ -136,7 +136,14 @@ class ChatSession:
         params = replace(self.settings, stop_token_ids=stop_ids)
         started, produced, parts = time.perf_counter(), 0, []
         if self.draft is not None:
-            ids = speculative_generate_ids(self.model, self.draft, prompt_ids, params, self.lookahead)
+            ids = speculative_generate_ids(
+                self.model,
+                self.draft,
+                prompt_ids,
+                params,
+                self.lookahead,
+                constraint=self.compiled_constraint(),
+            )
         else:
             if self.prefixes is None:
                 self.prefixes = PrefixCache(max_tokens=context)

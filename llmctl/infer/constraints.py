@@ -115,11 +115,27 @@ class Constraint:
         allowed = self.allowed(stop_ids).to(logits.device)
         logits.masked_fill_(~allowed[: logits.shape[-1]], float("-inf"))
 
-    def advance(self, token: int, stop_ids: tuple[int, ...] = ()) -> None:
+    def advance(self, token: int, stop_ids: tuple[int, ...] = ()) -> bool:
+        """Take the token sampled; False where it was a stop token the grammar need not see."""
         if token in stop_ids and self.matcher.is_accepting():
-            return  # the generation ends on it; the grammar need not know the template's end token
+            return False  # the generation ends on it; the grammar need not know the template's end token
         if not self.matcher.consume_token(token):
             raise ConstraintError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
+        return True
+
+    def rollback(self, tokens: int) -> None:
+        """Forget the last `tokens` advanced (a speculative round's refused proposals)."""
+        if tokens and not self.matcher.rollback(tokens):
+            raise ConstraintError(f"the grammar cannot roll back {tokens} tokens: {self.matcher.get_error()}")
+
+    def copy(self) -> Constraint:
+        """An independent state from here on (a beam that branches)."""
+        return Constraint(self.matcher.deep_copy(), self.vocab_size)
+
+    def mask(self, logits: torch.Tensor, stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+        """A copy of a row of logits with what the grammar does not allow next at -inf."""
+        allowed = self.allowed(stop_ids).to(logits.device)
+        return logits.masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
 
     @property
     def finished(self) -> bool:

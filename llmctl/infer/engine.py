@@ -141,8 +141,6 @@ class Engine:
         adapter: str | None = None,
         constraint: Constraint | None = None,
     ) -> Request:
-        if constraint is not None and self.speculation is not None:
-            raise ValueError("constrained decoding does not combine with a draft model yet")
         prompt_ids = fit_prompt(prompt_ids, self.context)  # raises PromptTooLong before anything is queued
         request = Request(
             next(self.ids), prompt_ids, params, on_token, adapter=adapter, constraint=constraint
@@ -370,8 +368,11 @@ class Engine:
 
     @staticmethod
     def _complete(request: Request) -> bool:
-        """It has generated a stop id or its `max_new_tokens`: later tokens of a round are not its own."""
+        """It has generated a stop id or its `max_new_tokens`, or completed its grammar: later tokens of a round
+        are not its own."""
         generated = request.generated
+        if request.constraint is not None and request.constraint.finished:
+            return True
         return bool(generated) and (
             generated[-1] in request.params.stop_token_ids or len(generated) >= request.params.max_new_tokens
         )

@@ -78,9 +78,16 @@ def generate_ids(
 
 @torch.inference_mode()
 def generate_batch(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams, n: int = 1, pad_id: int = 0
+    model: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int = 1,
+    pad_id: int = 0,
+    constraints: list[Constraint | None] | None = None,
 ) -> list[list[int]]:
-    """New ids for every prompt (n consecutive outputs per prompt), stop ids included where hit."""
+    """New ids for every prompt (n consecutive outputs per prompt), stop ids included where hit. With
+    `constraints`, one per output (or None), each output follows its own grammar and ends where it is
+    complete."""
     batch = PaddedBatch(model, prompts, params.max_new_tokens, pad_id)
     device = model.device
     if n > 1:  # the n samples of a prompt share its prefill
@@ -90,10 +97,22 @@ def generate_batch(
     outputs: list[list[int]] = [[] for _ in range(len(history))]
     done = torch.zeros(len(history), dtype=torch.bool, device=device)
     stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
+    if constraints is not None and len(constraints) != len(history):
+        raise ValueError(f"{len(constraints)} constraints for {len(history)} outputs")
     for produced in range(batch.budget):
+        live = (~done).nonzero().flatten().tolist()
+        if constraints is not None:
+            logits = logits.clone()
+            for row in live:
+                if constraints[row] is not None:
+                    constraints[row].allow(logits[row], params.stop_token_ids)
         next_ids = sample_next(logits, params, history, generator)
-        for row in (~done).nonzero().flatten().tolist():
+        for row in live:
             outputs[row].append(int(next_ids[row]))
+            if constraints is not None and constraints[row] is not None:
+                constraints[row].advance(outputs[row][-1], params.stop_token_ids)
+                if constraints[row].finished:
+                    done[row] = True
         done |= torch.isin(next_ids, stop)
         if bool(done.all()) or produced == batch.budget - 1:
             break

@@ -395,8 +395,6 @@ def check_constraint(served: ServedModel, spec: ConstraintSpec) -> None:
     """A structured output the model can serve, or a 400 naming what is refused (a schema keyword the engine
     does not implement, a malformed regex or grammar), before anything is generated."""
     param = "response_format" if spec.kind in ("json_object", "json_schema") else "structured_outputs"
-    if served.engine.speculation is not None:
-        raise OpenAIError(400, "structured outputs do not combine with serve --draft yet", param=param)
     try:
         served.constraints.compile(spec)
     except ConstraintError as error:

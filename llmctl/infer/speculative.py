@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmctl.infer.constraints import Constraint
 from llmctl.infer.decode import fit_prompt, prefill
 from llmctl.infer.sampling import SamplingParams, distributions, inverse_cdf
 from llmctl.model import KVCache, Transformer
@@ -56,8 +57,12 @@ def speculative_generate_ids(
     params: SamplingParams,
     lookahead: int = DEFAULT_LOOKAHEAD,
     stats: SpeculationStats | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[int]:
     """Yield new token ids as `generate_ids` does, up to `lookahead` draft tokens checked per target pass.
+    Under `constraint` the draft proposes from its masked distribution and the target checks each proposal
+    against its own, masked at the same position, so the output follows the grammar with the target's
+    masked distribution.
 
     Each round the newest token (not yet in either cache) and the draft's proposals go through the target
     together; proposal i is kept with probability min(1, p_i / q_i), the first one refused is replaced by a
@@ -83,19 +88,28 @@ def speculative_generate_ids(
     while True:
         # proposals must leave room for the verifying pass within the context, and need not pass the budget
         k = max(0, min(lookahead, budget - produced - 1, context - target_cache.length - 1))
-        proposals, draft_probs = _propose(draft, draft_cache, draft_pending, params, generator, k, history)
+        proposals, draft_probs, allowed = _propose(
+            draft, draft_cache, draft_pending, params, generator, k, history, constraint
+        )
         verify = torch.tensor([[newest, *proposals]], device=target.device)
         histories = [history + proposals[:index] for index in range(k + 1)]
-        target_probs = distributions(target(verify, kv_cache=target_cache)[0], [params] * (k + 1), histories)
+        logits = target(verify, kv_cache=target_cache)[0]
+        for position, mask in enumerate(allowed):
+            logits[position].masked_fill_(~mask.to(logits.device), float("-inf"))
+        target_probs = distributions(logits, [params] * (k + 1), histories)
         accepted, token = accept(proposals, draft_probs, target_probs, generator)
         stats.proposed += k
         stats.accepted += accepted
         stats.target_passes += 1
         for emitted in [*proposals[:accepted], token]:
+            if constraint is not None:
+                constraint.advance(emitted, params.stop_token_ids)
             yield emitted
             history.append(emitted)
             produced += 1
             if emitted in params.stop_token_ids or produced == budget:
+                return
+            if constraint is not None and constraint.finished:
                 return
         # forget what was refused: the target cached newest + k proposals, the draft its pending + k - 1
         target_cache.length -= k - accepted
@@ -114,22 +128,33 @@ def _propose(
     generator: torch.Generator | None,
     k: int,
     history: list[int],
-) -> tuple[list[int], list[torch.Tensor]]:
+    constraint: Constraint | None = None,
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
     """Feed the draft the tokens it has not seen, then sample `k` proposals after `history`, each with the
-    distribution it was drawn from."""
+    distribution it was drawn from; under `constraint`, masked to it, with what the grammar allows at each of
+    the k + 1 positions the target checks (the grammar itself is left where it was)."""
     proposals: list[int] = []
     drawn_from: list[torch.Tensor] = []
-    if not k:
-        return proposals, drawn_from
-    logits = draft(torch.tensor([pending], device=draft.device), kv_cache=cache)[0, -1:]
-    pending.clear()
+    allowed: list[torch.Tensor] = []
+    advanced = 0
+    if k:
+        logits = draft(torch.tensor([pending], device=draft.device), kv_cache=cache)[0, -1:]
+        pending.clear()
     for step in range(k):
+        if constraint is not None:
+            allowed.append(constraint.allowed(params.stop_token_ids))
+            logits = logits.masked_fill(~allowed[-1].to(logits.device), float("-inf"))
         probs = distributions(logits, [params], [history + proposals])[0]
         proposals.append(draw(probs, generator))
         drawn_from.append(probs)
+        if constraint is not None:
+            advanced += constraint.advance(proposals[-1], params.stop_token_ids)
         if step < k - 1:
             logits = draft(torch.tensor([[proposals[-1]]], device=draft.device), kv_cache=cache)[0, -1:]
-    return proposals, drawn_from
+    if constraint is not None:
+        allowed.append(constraint.allowed(params.stop_token_ids))
+        constraint.rollback(advanced)
+    return proposals, drawn_from, allowed
 
 
 def accept(

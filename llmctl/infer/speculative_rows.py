@@ -37,6 +37,8 @@ class Proposals:
     drawn_from: list[list[torch.Tensor]]
     histories: list[list[int]]  # what each row's penalties count before the proposals (empty: no penalties)
     start: torch.Tensor  # (rows,): the cache lengths before the round
+    # a constrained row's allowed tokens at each position of the verifying pass (width + 1); None: free
+    allowed: list[list[torch.Tensor] | None]
 
     @property
     def width(self) -> int:
@@ -45,6 +47,22 @@ class Proposals:
 
 def _history(request: Request) -> list[int]:
     return request.history[0].tolist() if request.params.penalised and request.history is not None else []
+
+
+def _masked(
+    logits: torch.Tensor, requests: list[Request], allowed: list[list[torch.Tensor] | None]
+) -> torch.Tensor:
+    """The draft's next-token logits (rows, vocab) with each constrained row masked to its grammar, whose
+    mask is kept for the target's pass at the same position."""
+    if all(row_allowed is None for row_allowed in allowed):
+        return logits
+    logits = logits.clone()
+    for row, request in enumerate(requests):
+        if request.constraint is not None:
+            mask = request.constraint.allowed(request.params.stop_token_ids).to(logits.device)
+            allowed[row].append(mask)
+            logits[row].masked_fill_(~mask[: logits.shape[-1]], float("-inf"))
+    return logits
 
 
 def _pick(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -104,16 +122,31 @@ class DraftRows:
         feed = torch.stack([torch.tensor(before, device=device), newest], dim=1)  # (rows, 2)
         if width == 0:  # near the context's end the target's pass goes alone; the draft still keeps up
             decode_rows(self.draft, feed, self.cache)
+        allowed: list[list[torch.Tensor] | None] = [
+            [] if r.constraint is not None else None for r in requests
+        ]
+        advanced = [0] * batch  # tokens each row's grammar took, given back after the round
         for _ in range(width):
             logits = decode_rows(self.draft, feed, self.cache)[:, -1]
+            logits = _masked(logits, requests, allowed)
             probs = distributions(
                 logits, [r.params for r in requests], [h + t for h, t in zip(histories, tokens, strict=True)]
             )
             for row, request in enumerate(requests):
                 tokens[row].append(_pick(probs[row], request.params, request.generator))
                 drawn_from[row].append(probs[row])
+                if request.constraint is not None:
+                    advanced[row] += request.constraint.advance(
+                        tokens[row][-1], request.params.stop_token_ids
+                    )
             feed = torch.tensor([[row_tokens[-1]] for row_tokens in tokens], device=device)
-        return Proposals(newest, tokens, drawn_from, histories, start)
+        for row, request in enumerate(requests):
+            if (
+                request.constraint is not None
+            ):  # what may follow the last proposal; then the grammar forgets them
+                allowed[row].append(request.constraint.allowed(request.params.stop_token_ids))
+                request.constraint.rollback(advanced[row])
+        return Proposals(newest, tokens, drawn_from, histories, start, allowed)
 
     @torch.inference_mode()
     def verify(self, proposals: Proposals, target_cache: SlotKVCache) -> torch.Tensor:
@@ -135,6 +168,11 @@ class DraftRows:
             for history, tokens in zip(proposals.histories, proposals.tokens, strict=True)
             for index in range(width + 1)
         ]
+        if any(row_allowed is not None for row_allowed in proposals.allowed):
+            logits = logits.clone()  # the engine reports log-probabilities from the unmasked logits
+            for row, row_allowed in enumerate(proposals.allowed):
+                for position, mask in enumerate(row_allowed or ()):
+                    logits[row, position].masked_fill_(~mask.to(logits.device), float("-inf"))
         target_probs = distributions(logits.reshape(-1, logits.shape[-1]), params, histories)
         target_probs = target_probs.view(len(requests), width + 1, -1)
         emitted, kept_counts = [], []
