@@ -230,3 +230,41 @@ def test_lm_eval_local_completions_scores_as_the_in_process_adapter(
     )
     accuracy = {name: run["results"]["domain_cloze"]["acc,none"] for name, run in runs.items()}
     assert accuracy["local-completions"] == accuracy["llmctl"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "value"),
+    [
+        ("completions", "suffix", "tail"),
+        ("chat/completions", "functions", [{"name": "f", "parameters": {}}]),
+        ("chat/completions", "function_call", "auto"),
+        ("chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
+        ("chat/completions", "modalities", ["text", "audio"]),
+        ("chat/completions", "prediction", {"type": "content", "content": "x"}),
+        ("chat/completions", "web_search_options", {}),
+        ("completions", "n", 2),  # with 40 prompts: 80 generations, more than one request may ask
+    ],
+)
+def test_a_field_that_would_change_the_output_and_is_not_supported_is_a_400(server, endpoint, field, value):
+    body = {"model": "tiny", "max_tokens": 2, field: value}
+    if endpoint == "completions":
+        body["prompt"] = ["x"] * 40 if field == "n" else "x"
+    else:
+        body["messages"] = [{"role": "user", "content": "x"}]
+    response = httpx.post(f"{server}/v1/{endpoint}", json=body, headers=HEADERS)
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+
+
+def test_fields_that_only_describe_the_request_are_accepted(client):
+    result = client.chat.completions.create(
+        model="tiny",
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        max_completion_tokens=3,
+        store=False,
+        metadata={"team": "docs"},
+        modalities=["text"],
+    )
+    assert result.choices[0].finish_reason in ("stop", "length")

@@ -15,7 +15,8 @@ from llmctl.infer.sampling import SamplingParams
 from llmctl.infer.tools import ToolSyntax
 
 MAX_SEED = 2**63 - 1 - 16  # choice i of n uses seed + i; torch takes 64-bit seeds
-UNSUPPORTED = ("functions", "function_call", "suffix")
+# fields that would change what is generated and are not supported: a 400 naming them, never dropped
+UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "prediction", "web_search_options")
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI: 20 on chat, 5 on completions)
 
 
@@ -127,9 +128,14 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias from -100 to 100
 
     def check_supported(self) -> None:
+        extra = self.model_extra or {}
         for name in UNSUPPORTED:
-            if (self.model_extra or {}).get(name) not in (None, False, 0):
+            if extra.get(name) not in (None, False, 0):
                 raise OpenAIError(400, f"{name} is not supported by this server", param=name)
+        if extra.get("modalities") not in (None, ["text"]):
+            raise OpenAIError(
+                400, 'only text output is supported here (modalities: ["text"])', param="modalities"
+            )
 
     def constraint(self) -> ConstraintSpec | None:
         """What response_format or structured_outputs asks the output to be, or None for free text."""

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -107,6 +108,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.decode_steps = 0
         self.restarts = 0
+        self.masks: ThreadPoolExecutor | None = None  # computes grammar masks while a forward runs
         # where the engine thread's time goes, cumulative: /metrics exposes it, benchmarks/serve.py --profile
         # splits a step with it
         self.seconds = dict.fromkeys(("prefill", "forward", "sampling", "delivery"), 0.0)
@@ -181,6 +183,8 @@ class Engine:
             self.wakeup.notify()
         if self.thread is not None:
             self.thread.join()
+        if self.masks is not None:
+            self.masks.shutdown()
 
     # -- the loop (engine thread only) ---------------------------------------------------------------------
 
@@ -339,12 +343,20 @@ class Engine:
             self._speculative_step()
             return
         started = time.perf_counter()
+        # the constrained rows' masks are computed while the forward runs (llguidance releases the GIL)
+        constrained = [r for r in self.slots if r.constraint is not None and not self._stopped(r)]
+        masks = self._mask_worker().submit(_masks_of, constrained) if constrained else None
         last = torch.tensor([request.generated[-1] for request in self.slots], device=self.device)
         with self._routing(self.slots):
             logits = decode_step(self.model, last, self.cache)
         self.seconds["forward"] += time.perf_counter() - started
         self.decode_steps += 1
-        self._sample_tokens(list(range(len(self.slots))), logits)
+        self._sample_tokens(list(range(len(self.slots))), logits, masks.result() if masks else None)
+
+    def _mask_worker(self) -> ThreadPoolExecutor:
+        if self.masks is None:
+            self.masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-masks")
+        return self.masks
 
     def _speculative_step(self) -> None:
         """One speculative round for every active row: draft proposals, one verifying forward, acceptance."""
@@ -398,9 +410,15 @@ class Engine:
             return contextlib.nullcontext()
         return self.router.route([request.adapter for request in rows])
 
-    def _sample_tokens(self, slots: list[int], logits: torch.Tensor) -> None:
-        """Each slot's next token from its row of `logits` (masked to its grammar, for a constrained one), all
-        rows sampled together; a row whose masking or sampling fails fails its request alone."""
+    def _sample_tokens(
+        self,
+        slots: list[int],
+        logits: torch.Tensor,
+        masks: dict[int, torch.Tensor | ConstraintError] | None = None,
+    ) -> None:
+        """Each slot's next token from its row of `logits` (masked to its grammar, for a constrained one: by
+        its mask in `masks` where computed ahead), all rows sampled together; a row whose masking or sampling
+        fails fails its request alone."""
         live = [
             (slot, row)
             for row, slot in enumerate(slots)
@@ -411,7 +429,8 @@ class Engine:
         started = time.perf_counter()
         rows = logits[[row for _, row in live]]  # a copy: masking it leaves `logits` as it was
         for (slot, _), row in zip(live, rows, strict=True):
-            self._constrain(self.slots[slot], row)
+            request = self.slots[slot]
+            self._constrain(request, row, (masks or {}).get(request.id))
         kept = [index for index, (slot, _) in enumerate(live) if not self._stopped(self.slots[slot])]
         requests = [self.slots[live[index][0]] for index in kept]
         raw = [live[index][1] for index in kept]  # each request's row of the unmasked logits
@@ -435,12 +454,17 @@ class Engine:
         self.seconds["delivery"] += time.perf_counter() - sampled
 
     @staticmethod
-    def _constrain(request: Request, row: torch.Tensor) -> None:
-        """Mask the row to the tokens the request's grammar allows; a grammar that allows none fails it."""
+    def _constrain(request: Request, row: torch.Tensor, mask: torch.Tensor | ConstraintError | None) -> None:
+        """Mask the row to the tokens the request's grammar allows (`mask`, or computed now); a grammar that
+        allows none fails it."""
         if request.constraint is None:
             return
         try:
-            request.constraint.allow(row, request.params.stop_token_ids)
+            if mask is None:
+                mask = _masks_of([request])[request.id]
+            if isinstance(mask, ConstraintError):
+                raise mask
+            row.masked_fill_(~mask.to(row.device)[: row.shape[-1]], float("-inf"))
         except ConstraintError as error:
             request.error = str(error)
 
@@ -492,3 +516,14 @@ class Engine:
                     self.speculation.move(last, slot)
                 self.slots[slot] = self.slots[last]
             self.slots.pop()
+
+
+def _masks_of(requests: list[Request]) -> dict[int, torch.Tensor | ConstraintError]:
+    """Each constrained request's allowed next tokens, by request id (or why its grammar cannot go on)."""
+    masks: dict[int, torch.Tensor | ConstraintError] = {}
+    for request in requests:
+        try:
+            masks[request.id] = request.constraint.allowed(request.params.stop_token_ids)
+        except ConstraintError as error:
+            masks[request.id] = error
+    return masks
