@@ -343,8 +343,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     if (tools or any(m.role == "tool" or m.tool_calls for m in messages)) and not served.chat.takes_tools:
         raise OpenAIError(
             400,
-            f"model {served.name!r}'s chat template takes no tools (it never reads `tools`); call it without "
-            "tools, or serve it with --chat-template FILE naming a template that does",
+            f"the chat template of model {served.name!r} takes no tools (it never reads `tools`); call it "
+            "without tools, or serve it with --chat-template FILE naming a template that does",
             param="tools",
             code="tools_unsupported",
         )
