@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import byte_level_tokenizer, llama_cpp_greedy, sample_texts
@@ -17,10 +19,12 @@ from test_families import FAMILIES, hf_model
 from llmctl.checkpoint import open_checkpoint
 from llmctl.compress.gguf_export import read_gguf_model, write_gguf
 from llmctl.compress.gguf_import import import_gguf
+from llmctl.compress.gguf_rope import llama3_scaling, rope_frequency_divisors
 from llmctl.compress.gguf_vocabulary import pre_tokenizer_spec, read_vocabulary
 from llmctl.errors import UserError
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
+from llmctl.model import ModelConfig
 from llmctl.model.hf_format import export_state_dict
 
 gguf = pytest.importorskip("gguf")
@@ -28,9 +32,16 @@ pytest.importorskip("transformers")
 
 EXPORTED = [family for family in FAMILIES if "yarn" not in family]
 ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-# transformers' GGUF loader drops the llama architecture's attention biases and RoPE scaling, and reads no
-# attention.key_length for qwen3 (so a head_dim apart from d_model / n_head); llama.cpp reads them all
-READ_BY_TRANSFORMERS = ["llama-2", "smollm2 (tied, 3 of 9 kv heads)", "mistral", "qwen2.5 (q/k/v bias)"]
+# transformers' GGUF loader drops the llama architecture's attention biases and linear RoPE scaling, and reads
+# no attention.key_length for qwen3 (so a head_dim apart from d_model / n_head); llama.cpp reads them all.
+# Llama 3's rope_freqs, which it drops too, `llmctl import` reads back itself.
+READ_BY_TRANSFORMERS = [
+    "llama-2",
+    "llama-3.2 (llama3 rope, tied)",
+    "smollm2 (tied, 3 of 9 kv heads)",
+    "mistral",
+    "qwen2.5 (q/k/v bias)",
+]
 TEXT = "Set port = 8080 in 2024; naïve café ✓ 日本 — isn't it?\n\n  def f(x): return x**2"
 
 
@@ -78,7 +89,7 @@ def test_an_export_holds_the_familys_architecture_and_reads_back_to_the_same_log
     assert ("rope_freqs.weight" in names) == (model.config.rope_scaling == "llama3")
     ids = torch.randint(0, model.config.vocab_size, (2, 100))  # past the original context of the scaled ones
     with torch.no_grad():
-        assert (read_gguf_model(path, model.config)(ids) - model(ids)).abs().max().item() < 1e-4
+        assert (read_gguf_model(path)(ids) - model(ids)).abs().max().item() < 1e-4
 
 
 def test_transformers_reads_the_export_as_the_same_model_and_tokenizer(exported, request, tmp_path):
@@ -148,3 +159,16 @@ def test_what_llama_cpp_cannot_hold_is_refused_in_one_line(tokenizer_directory, 
     with pytest.raises(UserError, match="YaRN"):
         write_gguf(tmp_path / "y.gguf", model.config, export_state_dict(model), tokenizer.path, "f32", "t")
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_llama3_rope_freqs_read_back_as_the_releases_settings():
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) as llama.cpp stores them give back their own config values;
+    divisors that no Llama 3 scaling makes are refused."""
+    base = ModelConfig(vocab_size=64, d_model=2048, n_layer=1, n_head=32, n_kv_head=8, max_seq_len=131072,
+                       rope_theta=500000.0)  # fmt: skip
+    for factor in (8.0, 32.0):
+        release = dict(rope_scaling="llama3", rope_factor=factor, rope_original_max_seq_len=8192,
+                       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)  # fmt: skip
+        assert llama3_scaling(rope_frequency_divisors(replace(base, **release)), base) == release
+    with pytest.raises(ValueError, match="no Llama 3 scaling"):
+        llama3_scaling(np.linspace(1.0, 8.0, 32, dtype=np.float32) ** 2, base)

@@ -11,12 +11,13 @@ a `rope_freqs` tensor of per-pair divisors. And a GGUF records the tokenizer's t
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llmctl.compress.gguf_rope import llama3_scaling, rope_frequency_divisors
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.transformer import meta_without_init
@@ -104,15 +105,6 @@ def _rotary_rows(name: str, weight: torch.Tensor, config: ModelConfig, permute) 
         if f".{projection}." in name:
             return permute(weight, count)
     return weight
-
-
-def rope_frequency_divisors(config: ModelConfig) -> np.ndarray:
-    """Llama 3 scaling as llama.cpp stores it: each rotary pair's base frequency over its scaled one."""
-    from llmctl.model.layers import rotary_frequencies
-
-    scaled, _ = rotary_frequencies(config)
-    plain, _ = rotary_frequencies(replace(config, rope_scaling=None))
-    return (plain / scaled).numpy().astype(np.float32)
 
 
 def _tensor_type(gguf, name: str, weight: np.ndarray, file_type: str):
@@ -226,10 +218,10 @@ def write_gguf(
         partial.unlink(missing_ok=True)
 
 
-def read_gguf_model(path: Path, rope_from: ModelConfig | None = None) -> Transformer:
+def read_gguf_model(path: Path) -> Transformer:
     """The model a GGUF file holds, its tensors dequantized to fp32 (what llama.cpp computes with): for
-    measuring an export's quality with llmctl's own evaluation. A file with Llama 3 `rope_freqs` takes its
-    scaling settings from `rope_from` (the source's config), checked against the tensor."""
+    measuring an export's quality with llmctl's own evaluation. Llama 3 `rope_freqs` are read back into the
+    scaling settings that give them (`gguf_rope.llama3_scaling`)."""
     gguf = require_gguf()
     reader = gguf.GGUFReader(str(path))
     architecture = reader.fields["general.architecture"].contents()
@@ -265,20 +257,22 @@ def read_gguf_model(path: Path, rope_from: ModelConfig | None = None) -> Transfo
     )
     if field("rope.scaling.type") == "linear":
         settings |= {"rope_scaling": "linear", "rope_factor": field("rope.scaling.factor")}
-    if "rope_freqs.weight" in tensors:
-        if rope_from is None or rope_from.rope_scaling != "llama3":
-            raise UserError(f"{path} holds Llama 3 rope_freqs; read it with the source checkpoint's config")
-        settings |= {key: value for key, value in asdict(rope_from).items() if key.startswith("rope_")}
     config = ModelConfig(**settings)
+    if "rope_freqs.weight" in tensors:
+        divisors = gguf.quants.dequantize(
+            tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type
+        )
+        try:
+            config = replace(config, **llama3_scaling(divisors, config))
+        except ValueError as error:
+            raise UserError(f"{path}: {error}") from None
     by_gguf_name = {gguf_name: hf for hf, gguf_name in tensor_names(config).items()}
     state = {}
     for tensor in reader.tensors:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
         weight = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy
-        if tensor.name == "rope_freqs.weight":
-            if not torch.allclose(weight, torch.from_numpy(rope_frequency_divisors(config)), rtol=1e-5):
-                raise UserError(f"{path}: its rope_freqs differ from the source config's Llama 3 scaling")
+        if tensor.name == "rope_freqs.weight":  # read into the config above
             continue
         hf_name = by_gguf_name[tensor.name]
         state[hf_name] = _rotary_rows(hf_name, weight, config, _rope_halves)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from llmctl.checkpoint import save_checkpoint
+from llmctl.compress.gguf_rope import llama3_scaling
 from llmctl.compress.gguf_vocabulary import pre_tokenizer_name, pre_tokenizer_spec
 from llmctl.data.tokenizer import HF_TOKENIZER_FILE, open_tokenizer
 from llmctl.errors import UserError, require_extra
@@ -29,15 +31,11 @@ def import_gguf(path: Path, out: Path) -> Path:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as error:
         raise UserError(f"cannot read {path} as a GGUF model: {error}") from None
-    names = {tensor.name for tensor in reader.tensors}
     fields = reader.fields
     pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
     token_count = len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields else None
-    if "rope_freqs.weight" in names:  # llama.cpp's form of Llama 3.1+'s RoPE scaling, which the loader drops
-        raise UserError(
-            f"{path} holds Llama 3.1-style RoPE frequencies (rope_freqs), which llmctl import does not read "
-            "yet; use the model's Hugging Face directory, which llmctl opens as it is"
-        )
+    # llama.cpp's form of Llama 3.1+'s RoPE scaling, which transformers' loader drops: read back below
+    rope_freqs = next((tensor for tensor in reader.tensors if tensor.name == "rope_freqs.weight"), None)
     source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(**source)
@@ -47,6 +45,9 @@ def import_gguf(path: Path, out: Path) -> Path:
         raise UserError(f"cannot read {path} as a GGUF model: {reason}") from None
     try:
         config = from_hf_config(model.config.to_dict())
+        if rope_freqs is not None:
+            divisors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type)
+            config = replace(config, **llama3_scaling(divisors, config))
     except ValueError as error:
         raise UserError(f"{path}: {error}") from None
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}

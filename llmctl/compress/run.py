@@ -31,7 +31,7 @@ from llmctl.compress.quantize import (
 from llmctl.data.tokenizer import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.decode import compile_decode, load_for_inference
-from llmctl.model import ModelConfig, Transformer
+from llmctl.model import Transformer
 from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
 
 Progress = Callable[[str], None]
@@ -136,7 +136,7 @@ def export_gguf(
     del model
     gc.collect()
     source_report = measure_artefacts([("source", Path(source))], heldout, progress)
-    return [*source_report, measure_export(out, f"gguf {file_type}", tokenizer, heldout, progress, config)]
+    return [*source_report, measure_export(out, f"gguf {file_type}", tokenizer, heldout, progress)]
 
 
 def export_onnx(
@@ -162,12 +162,10 @@ def measure_export(
     tokenizer: Tokenizer,
     heldout: list[str],
     progress: Progress = lambda message: None,
-    source_config: ModelConfig | None = None,
 ) -> ArtefactReport:
     """An export measured on its own weights in its own runtime: perplexity (with llmctl's evaluation) of a
     GGUF file's dequantized tensors or of onnxruntime's logits for an ONNX directory, and batch-1 decode
-    speed of llama.cpp (where llama-cpp-python is installed) or onnxruntime, timed as llmctl's is. A GGUF
-    file's Llama 3 RoPE scaling is read with `source_config`."""
+    speed of llama.cpp (where llama-cpp-python is installed) or onnxruntime, timed as llmctl's is."""
     if Path(path).is_dir():
         from llmctl.compress.onnx_export import OnnxCausalLM
 
@@ -180,7 +178,7 @@ def measure_export(
         return report
     from llmctl.compress.gguf_export import read_gguf_model
 
-    model = read_gguf_model(path, source_config)
+    model = read_gguf_model(path)
     report = measure_model(label, path, model, tokenizer, heldout, progress, decode=False)
     report.decode_tokens_per_second, report.note = llama_cpp_decode_speed(path)
     return report
