@@ -84,7 +84,11 @@ class TrainSection(Section):
     )
     micro_batch_size: int = Field(8, gt=0, description="sequences per device per forward pass")
     global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, over all devices")
-    seq_len: int | None = Field(None, gt=1, description="default: model.max_seq_len")
+    seq_len: int | None = Field(
+        None,
+        gt=1,
+        description="default: model.max_seq_len; a finetune on examples: its longest example, rounded up to 64",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 1337

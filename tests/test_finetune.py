@@ -15,7 +15,14 @@ from conftest import REPO, hf_llama_directory, one_error_line, random_adapter, r
 
 from llmctl.data.chat import END, Message
 from llmctl.data.chat_format import MarkerFormat
-from llmctl.data.instructions import IGNORE, pack_examples, read_examples, tokenize_example
+from llmctl.data.instructions import (
+    IGNORE,
+    Example,
+    example_window,
+    pack_examples,
+    read_examples,
+    tokenize_example,
+)
 from llmctl.data.loader import window_batch
 from llmctl.data.tokenizer import open_tokenizer
 from llmctl.errors import UserError
@@ -548,3 +555,30 @@ def test_qlora_trains_lora_over_an_int4_base_and_merges_into_its_dequantized_wei
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), trainer.model.eval()(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_the_window_is_the_longest_example_not_the_bases_context(tiny_checkpoint, tmp_path):
+    """Without train.seq_len, chats pack into windows as long as the longest needs (rounded up to 64, within
+    the context), not the base's whole context (SmolLM2's 8192 positions ran a 4-chat batch out of 24 GiB);
+    a recipe's own seq_len stays."""
+
+    def example(length: int) -> Example:
+        return Example(np.zeros(length, dtype=np.int64), np.ones(length, dtype=bool))
+
+    assert example_window([example(30), example(65)], 8192) == 64  # 64 inputs predict 65 ids
+    assert example_window([example(30), example(66)], 8192) == 128
+    assert example_window([example(5000)], 2048) == 2048
+    examples = write_examples(tmp_path / "examples.jsonl", 8)
+    short = tmp_path / "short.jsonl"
+    short.write_text(
+        "".join(line for line in examples.read_text().splitlines(keepends=True) if "prompt" in line)
+    )
+    fitted = FinetuneTrainer(
+        finetune_recipe(recipe_from_dict(finetune_dict(tiny_checkpoint, short, tmp_path / "a"))), CPU
+    )
+    assert fitted.seq_len == 64 < fitted.model.config.max_seq_len
+    chosen = FinetuneTrainer(
+        finetune_recipe(recipe_from_dict(finetune_dict(tiny_checkpoint, short, tmp_path / "b", seq_len=96))),
+        CPU,
+    )
+    assert chosen.seq_len == 96

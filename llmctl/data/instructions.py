@@ -131,6 +131,17 @@ class PackedWindows:
         return len(self.ids)
 
 
+WINDOW_MULTIPLE = 64
+
+
+def example_window(examples: list[Example], context: int) -> int:
+    """A finetune's window when the recipe sets none: the longest example's length, rounded up to a multiple of
+    64, within the model's context. A base trained for 8k or 128k positions would otherwise pack short chats
+    into windows of its whole context, whose attention alone outgrows a machine's memory."""
+    longest = max((len(example.ids) - 1 for example in examples), default=1)  # inputs: all but the last id
+    return max(2, min(context, -(-longest // WINDOW_MULTIPLE) * WINDOW_MULTIPLE))
+
+
 def pack_examples(
     examples: list[Example],
     seq_len: int,

@@ -20,6 +20,7 @@ from llmctl.adapters import adapter_state, add_lora, load_adapter_weights, lora_
 from llmctl.checkpoint import checkpoint_problem, model_directory, open_model, save_checkpoint
 from llmctl.data.chat_format import open_chat_format
 from llmctl.data.instructions import (
+    example_window,
     examples_fingerprint,
     pack_examples,
     read_examples,
@@ -166,11 +167,17 @@ class FinetuneTrainer(Trainer):
                 "no held-out examples: set finetune.val_fraction above 0 or finetune.val_examples"
             )
 
-        def windows(chosen):
-            tokenized = [tokenize_example(messages, tokenizer, chat) for messages in chosen]
-            return pack_examples(tokenized, self.seq_len, tokenizer.pad_id, spec.packing, spec.overlong)
+        tokenized = [tokenize_example(messages, tokenizer, chat) for messages in examples]
+        tokenized_held_out = [tokenize_example(messages, tokenizer, chat) for messages in held_out]
+        if (
+            train.seq_len is None
+        ):  # windows as long as the longest example needs, not the base's whole context
+            self.seq_len = example_window(tokenized + tokenized_held_out, self.seq_len)
 
-        packed, held_out_packed = windows(examples), windows(held_out)
+        def windows(chosen):
+            return pack_examples(chosen, self.seq_len, tokenizer.pad_id, spec.packing, spec.overlong)
+
+        packed, held_out_packed = windows(tokenized), windows(tokenized_held_out)
         self.summary = ExamplesSummary(
             packed.examples, packed.truncated, packed.skipped, len(packed), len(held_out_packed)
         )
