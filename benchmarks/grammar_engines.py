@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine, sample_tokenizer
-from llmctl.data.tokenizer import Tokenizer, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.infer.constraints import ConstraintSpec, llguidance_tokenizer, longest_first, sentencepiece_bytes
 
 SCHEMA = {

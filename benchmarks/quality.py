@@ -47,7 +47,8 @@ import torch
 from benchmarks.common import machine
 from llmctl.data.corpus import CorpusOptions, build_corpus
 from llmctl.data.token_files import encode_corpus
-from llmctl.data.tokenizer import Tokenizer, open_tokenizer, train_tokenizer
+from llmctl.data.tokenizer import open_tokenizer, train_tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.evaluate.perplexity import document_nlls
 from llmctl.evaluate.scoring import sliding_windows
 from llmctl.model.config import default_ffn_size

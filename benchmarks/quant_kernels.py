@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import machine
-from llmctl.compress.qlinear import Int4Linear, Int8Linear
+from llmctl.quantization.qlinear import Int4Linear, Int8Linear
 
 SHAPES = {"q/k/v/o": (768, 768), "gate/up": (2048, 768), "down": (768, 2048), "head": (32000, 768)}
 

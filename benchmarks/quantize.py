@@ -23,11 +23,11 @@ from llmctl.checkpoint import open_checkpoint, save_checkpoint
 from llmctl.compress.gguf_export import write_gguf
 from llmctl.compress.measure import heldout_texts
 from llmctl.compress.onnx_export import write_onnx
-from llmctl.compress.quantize import QuantizationSettings
 from llmctl.compress.run import Calibration, measure_artefacts, measure_export, write_quantized
 from llmctl.evaluate.runner import read_texts
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import export_state_dict
+from llmctl.quantization.quantize import QuantizationSettings
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 SHAPE = ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, max_seq_len=1024)

@@ -23,11 +23,12 @@ from llmctl.checkpoint import (
     is_adapter,
     open_checkpoint,
 )
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.digests import digest_problem, weights_sha256
 from llmctl.errors import UserError
 from llmctl.model import Transformer
 from llmctl.model.hf_format import read_quantization_config
+from llmctl.quantization.quantize import dequantize_model
 
 if TYPE_CHECKING:
     from peft import LoraConfig, LoraModel
@@ -235,8 +236,6 @@ def open_adapted(
     check_adapter_base(adapter, base, force)
     model, tokenizer = open_checkpoint(base, dtype=dtype)
     if merge and read_quantization_config(base) is not None:  # a QLoRA adapter merges into the float weights
-        from llmctl.compress.quantize import dequantize_model
-
         dequantize_model(model)
     lora = add_lora(model, config)
     load_adapter_weights(model, adapter)

@@ -1,8 +1,10 @@
 """Append-only JSONL files that several readers follow while one process writes (metrics.jsonl, the A/B
-completion log): opened so that a line a crash left half-written spoils only itself."""
+completion log): opened so that a line a crash left half-written spoils only itself, and read a line at a
+time, a line that is no JSON object (that half-written one) skipped."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,3 +16,12 @@ def open_append_log(path: Path) -> int:
     if size and os.pread(descriptor, 1, size - 1) != b"\n":
         os.write(descriptor, b"\n")
     return descriptor
+
+
+def parse_record(line: bytes | str) -> dict | None:
+    """One line's record, or None for a line that is no JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -21,11 +21,13 @@ from safetensors.torch import save_file
 
 from llmctl.atomic import atomic_directory, disk_full
 from llmctl.data.chat_template import TEMPLATE_FILE
-from llmctl.data.tokenizer import Tokenizer, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.digests import digest_problem, write_digest_manifest
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import CONFIG_FILE, load_model, read_quantization_config, write_model_files
+from llmctl.quantization.quantize import QuantizationSettings, empty_quantized_model
 
 RECIPE_FILE = "recipe.toml"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA run's checkpoints are PEFT adapter directories
@@ -132,11 +134,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def model_directory(path: Path) -> Path:
-    """A checkpoint as given, a registered NAME@VERSION / NAME@ALIAS (its weights checked), or the newest
-    checkpoint of a run directory."""
-    from llmctl.registry.reference import resolve_model_path
-
-    path = resolve_model_path(path)
+    """A checkpoint as given, or the newest checkpoint of a run directory. (A registered NAME@VERSION is
+    resolved to its path by the commands: `commands.checkpoint_args`.)"""
+    path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         return latest_checkpoint(path) or path
     return path
@@ -193,8 +193,6 @@ def _quantized_layers(path: Path) -> Callable[[Transformer], Transformer] | None
     settings = read_quantization_config(path)
     if settings is None:
         return None
-    from llmctl.compress.quantize import QuantizationSettings, empty_quantized_model
-
     return partial(empty_quantized_model, settings=QuantizationSettings.from_config(settings))
 
 

@@ -253,7 +253,7 @@ def hf_llama_directory(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmctl.data.tokenizer import CHAT_MARKERS
+    from llmctl.data.tokenizer_base import CHAT_MARKERS
 
     tokenizer = byte_level_tokenizer(texts, (*(CHAT_MARKERS if chat_markers else ()), *special_tokens))
     path.mkdir(parents=True)

@@ -177,7 +177,7 @@ def test_chat_and_serve_reserve_at_most_8192_positions_unless_asked(tmp_path):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_a_quantized_qwen2_keeps_its_biases_through_a_save(tmp_path, method):
     from llmctl.checkpoint import open_model
-    from llmctl.compress.quantize import QuantizationSettings, quantize_model
+    from llmctl.quantization.quantize import QuantizationSettings, quantize_model
 
     hf_model("qwen2.5 (q/k/v bias)").save_pretrained(tmp_path / "hf")
     model = load_model(tmp_path / "hf")

@@ -516,9 +516,9 @@ def test_qlora_trains_lora_over_an_int4_base_and_merges_into_its_dequantized_wei
 ):
     from llmctl.adapters import open_adapted
     from llmctl.checkpoint import latest_checkpoint, open_checkpoint, save_checkpoint
-    from llmctl.compress.qlinear import Int4Linear
-    from llmctl.compress.quantize import QuantizationSettings, quantize_model
     from llmctl.model.hf_format import export_state_dict
+    from llmctl.quantization.qlinear import Int4Linear
+    from llmctl.quantization.quantize import QuantizationSettings, quantize_model
 
     model, tokenizer = open_checkpoint(tiny_checkpoint)
     settings = QuantizationSettings("int4", group_size=32)

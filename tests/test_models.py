@@ -16,7 +16,7 @@ import torch
 from conftest import one_error_line, serving, tiny_recipe_dict
 from safetensors.torch import load_file, save_file
 
-from llmctl.checkpoint import model_directory
+from llmctl.commands.checkpoint_args import checkpoint_path
 from llmctl.digests import write_digest_manifest
 from llmctl.errors import UserError
 from llmctl.model.hf_format import WEIGHTS_FILE
@@ -91,7 +91,7 @@ def test_an_edited_config_is_refused_even_with_its_manifest_rewritten(llmctl, re
 
 def test_changed_or_moved_weights_are_refused_with_one_line(llmctl, registry, checkpoint, sample_pipeline):
     registry.register(checkpoint, "legal", alias="prod")
-    assert model_directory(Path("legal@prod")) == checkpoint.resolve()
+    assert checkpoint_path(Path("legal@prod")) == checkpoint.resolve()
 
     weights = load_file(str(checkpoint / WEIGHTS_FILE))
     weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
@@ -100,7 +100,7 @@ def test_changed_or_moved_weights_are_refused_with_one_line(llmctl, registry, ch
     line = one_error_line(llmctl("eval", "legal@prod", "--data", str(sample_pipeline["corpus"])))
     assert line.startswith("error: legal@prod (version 1): the weights in") and "changed since" in line
     with pytest.raises(UserError, match="changed since they were registered"):
-        model_directory(Path("legal@1"))
+        checkpoint_path(Path("legal@1"))
 
     shutil.rmtree(checkpoint)
     with pytest.raises(UserError, match="no longer exists"):
@@ -221,7 +221,7 @@ def test_a_path_that_looks_like_a_reference_is_still_a_path(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     shutil.copytree(checkpoint, tmp_path / "legal@prod")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # never asked: the path exists
-    assert model_directory(Path("legal@prod")) == Path("legal@prod")
+    assert checkpoint_path(Path("legal@prod")) == Path("legal@prod")
 
 
 def test_an_uploaded_version_is_downloaded_once_checked_and_used_without_its_source(

@@ -14,8 +14,8 @@ from test_finetune import CPU, finetune_dict, write_examples
 
 from llmctl.checkpoint import latest_checkpoint, open_checkpoint
 from llmctl.compress.prune import magnitude_mask, prune_model
-from llmctl.compress.quantize import block_linear_names
 from llmctl.errors import UserError
+from llmctl.quantization.quantize import block_linear_names
 from llmctl.recipe import recipe_from_dict
 from llmctl.train.finetune import FinetuneTrainer, finetune_recipe
 

@@ -13,12 +13,12 @@ from torch import nn
 
 from llmctl.checkpoint import latest_checkpoint, open_checkpoint
 from llmctl.compress.gptq import gptq_weight
-from llmctl.compress.qlinear import Int4Linear, Int8Embedding, Int8Linear, int4_quantize
-from llmctl.compress.quantize import QuantizationSettings
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
 from llmctl.kernels import MAX_ROWS, decode_ops
+from llmctl.quantization.qlinear import Int4Linear, Int8Embedding, Int8Linear, int4_quantize
+from llmctl.quantization.quantize import QuantizationSettings
 from llmctl.recipe import load_recipe
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.trainer import Trainer
@@ -208,10 +208,10 @@ def test_settings_refuse_a_group_size_the_kernels_do_not_take():
 
 def test_a_tied_model_keeps_one_int8_matrix_for_embedding_and_head(sample_pipeline, tmp_path):
     from llmctl.checkpoint import save_checkpoint
-    from llmctl.compress.quantize import quantize_model
     from llmctl.data.tokenizer import open_tokenizer
     from llmctl.model import ModelConfig, Transformer
     from llmctl.model.hf_format import export_state_dict
+    from llmctl.quantization.quantize import quantize_model
 
     torch.manual_seed(0)
     config = ModelConfig(

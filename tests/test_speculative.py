@@ -64,3 +64,28 @@ def test_a_foreign_vocabulary_is_refused():
     target = model(0)
     with pytest.raises(ValueError, match="vocabulary"):
         list(speculative_generate_ids(target, model(1, vocab_size=50), [1], SamplingParams()))
+
+
+def test_the_draft_and_the_verifying_pass_run_through_the_decode_step():
+    """Speculative decoding's forwards go through `infer.decode`: a step installed as `compile_decode`
+    installs the compiled one runs the draft's steps (one or two tokens) and the target's verifying pass
+    (the proposals and one more), and the output is still the target's own."""
+    from llmctl.infer import decode
+
+    target, draft = (
+        decisive_model(0, max_seq_len=64),
+        decisive_model(7, d_model=32, n_layer=1, max_seq_len=64),
+    )
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+    alone = list(generate_ids(target, [1, 2, 3], greedy))
+    widths: dict[str, set[int]] = {"target": set(), "draft": set()}
+
+    def recording(model, ids, keys, values, positions, span):
+        widths["target" if model is target else "draft"].add(ids.shape[1])
+        return decode._rows_step(model, ids, keys, values, positions, span)
+
+    decode.use_compiled_step(target, recording)
+    decode.use_compiled_step(draft, recording)
+    assert list(speculative_generate_ids(target, draft, [1, 2, 3], greedy, lookahead=3)) == alone
+    assert widths["draft"] <= {1, 2} and 1 in widths["draft"]
+    assert max(widths["target"]) == 4  # the newest token and three proposals, checked in one pass

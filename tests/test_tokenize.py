@@ -9,7 +9,8 @@ import pytest
 
 from llmctl.data.corpus import iter_texts
 from llmctl.data.token_files import encode_corpus, read_meta
-from llmctl.data.tokenizer import BOS_ID, CHAT_MARKERS, EOS_ID, PAD_ID, open_tokenizer, train_tokenizer
+from llmctl.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, open_tokenizer, train_tokenizer
+from llmctl.data.tokenizer_base import CHAT_MARKERS
 from llmctl.errors import UserError
 
 

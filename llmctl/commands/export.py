@@ -28,7 +28,7 @@ def export(
 ) -> None:
     """Write the model and its tokenizer as one file for another runtime, and compare it with the source."""
     from llmctl.atomic import check_output
-    from llmctl.checkpoint import model_directory
+    from llmctl.commands.checkpoint_args import checkpoint_path
     from llmctl.compress.gguf_export import FILE_TYPES
     from llmctl.compress.run import export_gguf, export_onnx
     from llmctl.errors import UserError
@@ -44,7 +44,7 @@ def export(
             raise UserError(f"--type {type} is a GGUF type; an ONNX export is written f32, so leave it out")
         require_onnx()
         require_onnxruntime()
-    checkpoint = model_directory(checkpoint)
+    checkpoint = checkpoint_path(checkpoint)
     check_output(out, [checkpoint], overwrite)
     texts = heldout_for(heldout, None, heldout_tokens)
 

@@ -59,9 +59,9 @@ def register(
 ) -> None:
     """Give a checkpoint the next version number of NAME, recording its weights, tokenizer and corpus
     digests, recipe and parent."""
-    from llmctl.checkpoint import model_directory
+    from llmctl.commands.checkpoint_args import checkpoint_path
 
-    path = model_directory(checkpoint)
+    path = checkpoint_path(checkpoint)
     if path != checkpoint:
         console.print(f"registering the newest checkpoint of {checkpoint}: {path}", markup=False)
     version = _registry(registry).register(path, name, alias, note, upload)

@@ -29,13 +29,13 @@ def prune(
     from rich.table import Table
 
     from llmctl.atomic import check_output
-    from llmctl.checkpoint import model_directory
+    from llmctl.commands.checkpoint_args import checkpoint_path
     from llmctl.compress.run import prune_checkpoint
     from llmctl.errors import UserError
 
     if method not in ("magnitude", "2:4"):
         raise UserError(f"unknown pruning method {method!r}; use magnitude or 2:4")
-    checkpoint = model_directory(checkpoint)
+    checkpoint = checkpoint_path(checkpoint)
     check_output(out, [checkpoint], overwrite)
     texts = heldout_for(heldout, None, heldout_tokens)
     reports, sparsities = prune_checkpoint(

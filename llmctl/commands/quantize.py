@@ -47,17 +47,17 @@ def quantize(
     """Quantize every projection's weights, write a checkpoint chat/serve/eval open directly, and compare
     it with the source: size, held-out perplexity, decode speed."""
     from llmctl.atomic import check_output
-    from llmctl.checkpoint import model_directory
-    from llmctl.compress.quantize import QuantizationSettings
+    from llmctl.commands.checkpoint_args import checkpoint_path
     from llmctl.compress.run import Calibration, quantize_checkpoint
     from llmctl.errors import UserError
     from llmctl.evaluate.runner import read_texts
+    from llmctl.quantization.quantize import QuantizationSettings
 
     try:
         settings = QuantizationSettings(method, group_size, head=head, embeddings=embeddings)
     except ValueError as error:
         raise UserError(str(error)) from None
-    checkpoint = model_directory(checkpoint)
+    checkpoint = checkpoint_path(checkpoint)
     check_output(out, [checkpoint], overwrite)
     texts = heldout_for(heldout, calibrate, heldout_tokens)
     calibration = None

@@ -48,9 +48,10 @@ def add_recipe_command(
             False, "--tui", help="Watch the run in the Textual monitor; quitting it checkpoints and stops."
         ),
     ) -> None:
+        from llmctl.commands.checkpoint_args import resolve_recipe_references
         from llmctl.recipe import load_recipe
 
-        recipe = load_recipe(recipe_path, overrides)
+        recipe = resolve_recipe_references(load_recipe(recipe_path, overrides))
         if resolve is not None:
             recipe = resolve(recipe)
         world_size = nproc * nnodes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +31,8 @@ def train(
     """Train a sentencepiece model (byte fallback, special and chat tokens) and report its fertility."""
     from rich.console import Console
 
-    from llmctl.data.tokenizer import MODEL_FILE, train_tokenizer
+    from llmctl.data.tokenizer import train_tokenizer
+    from llmctl.data.tokenizer_base import MODEL_FILE
 
     out = out or corpus.parent / "tokenizer"
     report = train_tokenizer(
@@ -89,16 +91,18 @@ def encode(
     from llmctl.data.token_files import encode_corpus
 
     out = out or corpus.parent / "tokens"
-    engine = None
+    shard_writer = None
     if executor is not None:
         from llmctl.errors import require_extra
 
         require_extra("datatrove", "distributed", "tokenize encode --executor")
+        from llmctl.data.distributed import encode_shards_distributed
         from llmctl.data.executors import EngineSettings
         from llmctl.recipe import load_recipe
 
         settings = load_recipe(recipe).data.executor_settings if recipe else {}
         engine = EngineSettings(executor, tasks, os.cpu_count() or 1, settings)
+        shard_writer = partial(encode_shards_distributed, engine=engine)
     manifest = read_manifest(corpus)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress("tokenize encode", total) as advance:
@@ -110,7 +114,7 @@ def encode(
             on_progress=advance,
             overwrite=overwrite,
             per_shard=per_shard,
-            engine=engine,
+            shard_writer=shard_writer,
         )
     state = "up to date" if meta["up_to_date"] else f"{meta['mb_per_second']:.2f} MB/s"
     counts = ", ".join(f"{split} {count:,}" for split, count in meta["tokens"].items())

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 
 

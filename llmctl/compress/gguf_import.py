@@ -15,7 +15,8 @@ import torch
 from llmctl.checkpoint import save_checkpoint
 from llmctl.compress.gguf_rope import llama3_scaling
 from llmctl.compress.gguf_vocabulary import pre_tokenizer_name, pre_tokenizer_spec
-from llmctl.data.tokenizer import HF_TOKENIZER_FILE, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.tokenizer_base import HF_TOKENIZER_FILE
 from llmctl.errors import UserError, require_extra
 from llmctl.model.hf_format import from_hf_config, without_tied_head
 

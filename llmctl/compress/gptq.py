@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmctl.compress.qlinear import Int4Linear, Int8Linear
-from llmctl.compress.quantize import QuantizationSettings, quantized_linear_names
 from llmctl.model import Transformer
+from llmctl.quantization.qlinear import Int4Linear, Int8Linear
+from llmctl.quantization.quantize import QuantizationSettings, quantized_linear_names
 
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse stable
 BLOCK = 128  # columns whose updates are applied lazily together (same result, far fewer passes)

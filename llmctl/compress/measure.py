@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.evaluate.perplexity import perplexity
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmctl.atomic import atomic_directory
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.hf_format import (

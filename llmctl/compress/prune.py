@@ -9,8 +9,8 @@ from typing import Literal
 
 import torch
 
-from llmctl.compress.quantize import block_linear_names
 from llmctl.model import Transformer
+from llmctl.quantization.quantize import block_linear_names
 
 PruneMethod = Literal["magnitude", "2:4"]
 

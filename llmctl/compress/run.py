@@ -21,18 +21,18 @@ from llmctl.compress.measure import (
     best_tokens_per_second,
     measure_model,
 )
-from llmctl.compress.quantize import (
+from llmctl.data.tokenizer_base import Tokenizer
+from llmctl.errors import UserError
+from llmctl.infer.decode import compile_decode, load_for_inference
+from llmctl.model import Transformer
+from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
+from llmctl.quantization.quantize import (
     QuantizationSettings,
     dequantize_model,
     dequantized_state,
     quantize_model,
     quantized_linear_names,
 )
-from llmctl.data.tokenizer import Tokenizer
-from llmctl.errors import UserError
-from llmctl.infer.decode import compile_decode, load_for_inference
-from llmctl.model import Transformer
-from llmctl.model.hf_format import CONFIG_FILE, export_state_dict, read_quantization_config
 
 Progress = Callable[[str], None]
 

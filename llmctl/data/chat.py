@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from llmctl.data.tokenizer import CHAT_MARKERS
+from llmctl.data.tokenizer_base import CHAT_MARKERS
 
 ROLES = ("system", "user", "assistant")
 END = CHAT_MARKERS[3]

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from llmctl.data.chat import END, Message, render_chat
 from llmctl.data.chat_template import GENERATION_CONFIG_FILE, ChatTemplate, TrainingText, find_chat_template
-from llmctl.data.tokenizer import CHAT_MARKERS, Tokenizer
+from llmctl.data.tokenizer_base import CHAT_MARKERS, Tokenizer
 from llmctl.errors import UserError
 
 

@@ -22,7 +22,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmctl.data.chat import Message
-from llmctl.data.tokenizer import TOKENIZER_CONFIG_FILE
+from llmctl.data.tokenizer_base import TOKENIZER_CONFIG_FILE
 from llmctl.errors import UserError
 
 TEMPLATE_FILE = "chat_template.jinja"

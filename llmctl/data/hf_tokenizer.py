@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as RustTokenizer
 
 from llmctl.data.chat_template import GENERATION_CONFIG_FILE, TEMPLATE_FILE, TEMPLATE_JSON_FILE
-from llmctl.data.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, missing_piece_error
+from llmctl.data.tokenizer_base import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, missing_piece_error
 from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 

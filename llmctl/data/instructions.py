@@ -18,7 +18,7 @@ import numpy as np
 
 from llmctl.data.chat import ROLES, Message
 from llmctl.data.chat_format import ChatFormat
-from llmctl.data.tokenizer import CHAT_MARKERS, Tokenizer
+from llmctl.data.tokenizer_base import CHAT_MARKERS, Tokenizer
 from llmctl.errors import UserError
 
 IGNORE = -100  # the target id that carries no loss (torch's cross-entropy default)

@@ -10,17 +10,18 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.corpus import MANIFEST, SPLITS, iter_texts, iter_texts_of, read_manifest, split_files
-from llmctl.data.tokenizer import Tokenizer, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 
-if TYPE_CHECKING:  # datatrove is an optional extra
-    from llmctl.data.executors import EngineSettings
+# writes every split's token files, one per corpus shard, into a directory (datatrove's tasks do, in
+# llmctl.data.distributed): (corpus, tokenizer file, directory, threads=) -> each split's shard entries
+ShardWriter = Callable[..., dict[str, list[dict]]]
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -102,12 +103,12 @@ def encode_corpus(
     on_progress: Callable[[int], None] | None = None,
     overwrite: bool = False,
     per_shard: bool = False,
-    engine: EngineSettings | None = None,
+    shard_writer: ShardWriter | None = None,
 ) -> dict:
     """Encode every split; a no-op returning the existing meta when inputs are unchanged. `per_shard` writes
     one token file per corpus shard (what many encoders can write side by side) instead of one per split;
-    with an `engine`, datatrove's tasks write those files (llmctl.data.distributed), the same bytes."""
-    if engine is not None and not per_shard:
+    a `shard_writer` (datatrove's tasks: llmctl.data.distributed) writes those files, the same bytes."""
+    if shard_writer is not None and not per_shard:
         raise UserError("tokenize encode --executor writes one token file per shard: add --per-shard")
     corpus, out = Path(corpus), Path(out)
     read_manifest(corpus)
@@ -125,10 +126,8 @@ def encode_corpus(
     documents: dict[str, int] = {}
     shards: dict[str, list[dict]] = {}
     with atomic_directory(out) as staging:
-        if engine is not None:
-            from llmctl.data.distributed import encode_shards_distributed
-
-            shards = encode_shards_distributed(corpus, Path(tokenizer_path), staging, engine, threads)
+        if shard_writer is not None:
+            shards = shard_writer(corpus, Path(tokenizer_path), staging, threads=threads)
         elif per_shard:
             shards = {
                 split: [encode_shard(encoder, source, staging) for source in split_files(corpus, split)]

@@ -9,21 +9,25 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import sentencepiece as spm
 
 from llmctl.atomic import atomic_directory, check_output
 from llmctl.data.corpus import iter_texts, read_manifest
+from llmctl.data.hf_tokenizer import HFTokenizer
+from llmctl.data.tokenizer_base import (
+    CHAT_MARKERS,
+    HF_TOKENIZER_FILE,
+    MODEL_FILE,
+    TOKENIZER_CONFIG_FILE,
+    Tokenizer,
+    missing_piece_error,
+)
 from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-MODEL_FILE = "tokenizer.model"
-HF_TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 REPORT_FILE = "tokenizer_report.json"
 MAX_TRAINING_SENTENCES = 2_000_000
 MAX_SENTENCE_BYTES = 16384
@@ -31,31 +35,6 @@ MAX_SENTENCE_BYTES = 16384
 # of its own. Lossless; 1-2% more text per token, and 1.6% / 0.0% / 1.4% fewer bits per byte on the quality
 # benchmark's three held-out sets (benchmarks/RESULTS.md).
 LAYOUT_PIECES = ("\n", "\n\n", "\n\n\n")
-
-
-class Tokenizer(Protocol):
-    """What engines need from a tokenizer, whichever backend reads the file."""
-
-    path: Path
-
-    @property
-    def vocab_size(self) -> int: ...
-    @property
-    def bos_id(self) -> int: ...
-    @property
-    def eos_id(self) -> int: ...
-    @property
-    def pad_id(self) -> int: ...
-    def sha256(self) -> str: ...
-    def encode(self, text: str) -> list[int]: ...
-    def encode_with_specials(self, text: str) -> list[int]: ...
-    def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]: ...
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
-    def decode(self, ids: list[int]) -> str: ...
-    def pieces(self, text: str) -> list[str]: ...
-    def piece_id(self, piece: str) -> int: ...
-    def token_text(self, token_id: int) -> str: ...
-    def copy_into(self, directory: Path, model_max_length: int) -> None: ...
 
 
 def open_tokenizer(path: str | Path) -> Tokenizer:
@@ -68,17 +47,8 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
                 return open_tokenizer(path / name)
         raise UserError(f"{path} holds no tokenizer: expected {MODEL_FILE} or {HF_TOKENIZER_FILE}")
     if path.suffix == ".json":
-        from llmctl.data.hf_tokenizer import HFTokenizer
-
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)
-
-
-def missing_piece_error(path: Path, piece: str) -> UserError:
-    return UserError(
-        f"tokenizer {path} has no special token {piece!r}; llmctl's chat template needs "
-        f"{', '.join(CHAT_MARKERS)} as single tokens"
-    )
 
 
 class SentencePieceTokenizer:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 from llmctl.evaluate.scoring import batched_continuation_logprobs, sliding_windows
 from llmctl.model import Transformer

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmctl.append_log import open_append_log
-from llmctl.train.run_log import parse_record
+from llmctl.append_log import open_append_log, parse_record
 
 REMEMBERED_COMPLETIONS = 100_000  # the newest completions that accept feedback
 RATINGS_PER_COMPLETION = 3  # a client may change its mind; the latest rating counts (evaluate.ab_test)

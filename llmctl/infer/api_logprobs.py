@@ -3,7 +3,7 @@ top_logprobs, text_offset) and chat's `content` list of {token, logprob, bytes, 
 
 from __future__ import annotations
 
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.infer.api_schema import Endpoint
 from llmctl.infer.logprobs import TokenLogprob
 

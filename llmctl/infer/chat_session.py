@@ -15,7 +15,7 @@ from pathlib import Path
 from llmctl.atomic import atomic_write_text
 from llmctl.data.chat import Message
 from llmctl.data.chat_format import ChatFormat
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.infer.constraints import Constraint, Constraints, ConstraintSpec
 from llmctl.infer.decode import PromptTooLong
 from llmctl.infer.generate import generate_ids

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from llmctl.data.tokenizer import CHAT_MARKERS, Tokenizer
+from llmctl.data.tokenizer_base import CHAT_MARKERS, Tokenizer
 from llmctl.errors import require_extra
 
 Kind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]

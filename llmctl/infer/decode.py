@@ -20,7 +20,7 @@ import torch
 from llmctl.checkpoint import is_adapter, open_checkpoint
 from llmctl.data.chat_format import ChatFormat, open_chat_format
 from llmctl.data.chat_template import TEMPLATE_FILE
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.cpu_decode import use_decode_kernels
 from llmctl.kernels import decode_ops

@@ -15,7 +15,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,9 @@ from llmctl.infer.decode import (
     prefill_rows,
     warm_up_decode,
 )
-from llmctl.infer.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
+from llmctl.infer.logprobs import prompt_logprobs, token_logprobs
 from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
+from llmctl.infer.request import Request, TokenCallback
 from llmctl.infer.sampling import SamplingParams, sample_rows
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD
 from llmctl.infer.speculative_rows import DraftRows
@@ -40,37 +40,9 @@ from llmctl.model import Transformer
 if TYPE_CHECKING:
     from llmctl.adapters import AdapterRouter
 
-# on_token(token_id, finish_reason): token_id is None only on the final call; finish_reason is None
-# until the request ends with "stop" (a stop id), "length" (max tokens or context), "cancelled" or
-# "error" (this request failed; `Request.error` says why, and the engine serves the others on).
-TokenCallback = Callable[[int | None, str | None], None]
 log = logging.getLogger("llmctl.engine")
 # prompt tokens (rows x the longest) prefilled in one forward: bounds its (rows, width, vocab) logits
 PREFILL_TOKENS = 2048
-
-
-@dataclass
-class Request:
-    id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_token: TokenCallback
-    submitted: float = field(default_factory=time.perf_counter)
-    generated: list[int] = field(default_factory=list)
-    history: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    cancelled: bool = False
-    error: str | None = None
-    adapter: str | None = None  # which LoRA adapter of an `AdapterRouter` model serves it (None: the base)
-    constraint: Constraint | None = None  # a grammar its tokens must follow (structured output)
-    # with params.logprobs: one entry per generated token, appended before its on_token call
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    # with params.prompt_logprobs: one per prompt token (None for the first), filled at prefill
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    def cancel(self) -> None:
-        """Safe from any thread: the engine frees the slot at the next token boundary."""
-        self.cancelled = True
 
 
 class Engine:

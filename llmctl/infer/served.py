@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from llmctl.data.chat_format import ChatFormat
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.background_compile import compile_in_background
 from llmctl.infer.constraints import Constraint, Constraints

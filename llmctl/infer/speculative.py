@@ -2,8 +2,9 @@
 pass, and the standard accept/reject rule (Leviathan et al. 2023, Chen et al. 2023) keeps the output
 distribution exactly the target's. Greedy output is token-identical to decoding the target alone.
 
-Both models keep a static KV cache; tokens the target rejects are forgotten by moving its write position
-back, so nothing is copied.
+Both models keep a one-row slot cache and run through `infer.decode` (`prefill`, `decode_rows`), so a
+compiled decode step and the CPU kernels serve the draft's steps and the target's verifying pass as they
+serve any decode; tokens the target rejects are forgotten by setting the row's length back, nothing is copied.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.infer.constraints import Constraint
-from llmctl.infer.decode import fit_prompt, prefill
+from llmctl.infer.decode import decode_rows, fit_prompt, prefill
 from llmctl.infer.sampling import SamplingParams, distributions, inverse_cdf
-from llmctl.model import KVCache, Transformer
+from llmctl.model import Transformer
+from llmctl.model.kv_cache import SlotKVCache
 
 DEFAULT_LOOKAHEAD = 4
 
@@ -78,22 +80,25 @@ def speculative_generate_ids(
         torch.Generator(device=target.device).manual_seed(params.seed) if params.seed is not None else None
     )
     room = len(prompt_ids) + budget + lookahead + 1
-    target_cache, draft_cache = target.new_kv_cache(1, max_len=room), draft.new_kv_cache(1, max_len=room)
+    target_cache = target.new_kv_cache(1, max_len=room, slots=True)
+    draft_cache = draft.new_kv_cache(1, max_len=room, slots=True)
     if len(prompt_ids) > 1:  # the last prompt token goes in with the first proposals
-        prefill(target, torch.tensor([prompt_ids[:-1]], device=target.device), target_cache)
-        prefill(draft, torch.tensor([prompt_ids[:-1]], device=draft.device), draft_cache)
+        for model, cache in ((target, target_cache), (draft, draft_cache)):
+            prefill(model, torch.tensor([prompt_ids[:-1]], device=model.device), cache.row(0))
+            cache.lengths[0] = len(prompt_ids) - 1
     newest, draft_pending = prompt_ids[-1], [prompt_ids[-1]]
     history = list(prompt_ids)  # the prompt and every token emitted: what the penalties count
     produced = 0
     while True:
         # proposals must leave room for the verifying pass within the context, and need not pass the budget
-        k = max(0, min(lookahead, budget - produced - 1, context - target_cache.length - 1))
+        start = int(target_cache.lengths[0])
+        k = max(0, min(lookahead, budget - produced - 1, context - start - 1))
         proposals, draft_probs, allowed = _propose(
             draft, draft_cache, draft_pending, params, generator, k, history, constraint
         )
         verify = torch.tensor([[newest, *proposals]], device=target.device)
         histories = [history + proposals[:index] for index in range(k + 1)]
-        logits = target(verify, kv_cache=target_cache)[0]
+        logits = decode_rows(target, verify, target_cache)[0]
         for position, mask in enumerate(allowed):
             logits[position].masked_fill_(~mask.to(logits.device), float("-inf"))
         target_probs = distributions(logits, [params] * (k + 1), histories)
@@ -112,9 +117,9 @@ def speculative_generate_ids(
             if constraint is not None and constraint.finished:
                 return
         # forget what was refused: the target cached newest + k proposals, the draft its pending + k - 1
-        target_cache.length -= k - accepted
+        target_cache.lengths[0] = start + 1 + accepted
         if k:
-            draft_cache.length -= (k - 1) - min(accepted, k - 1)
+            draft_cache.lengths[0] -= (k - 1) - min(accepted, k - 1)
             draft_pending = proposals[k - 1 :] if accepted == k else []
         draft_pending = [*draft_pending, token]
         newest = token
@@ -122,7 +127,7 @@ def speculative_generate_ids(
 
 def _propose(
     draft: Transformer,
-    cache: KVCache,
+    cache: SlotKVCache,
     pending: list[int],
     params: SamplingParams,
     generator: torch.Generator | None,
@@ -138,7 +143,7 @@ def _propose(
     allowed: list[torch.Tensor] = []
     advanced = 0
     if k:
-        logits = draft(torch.tensor([pending], device=draft.device), kv_cache=cache)[0, -1:]
+        logits = decode_rows(draft, torch.tensor([pending], device=draft.device), cache)[0, -1:]
         pending.clear()
     for step in range(k):
         if constraint is not None:
@@ -150,7 +155,7 @@ def _propose(
         if constraint is not None:
             advanced += constraint.advance(proposals[-1], params.stop_token_ids)
         if step < k - 1:
-            logits = draft(torch.tensor([[proposals[-1]]], device=draft.device), kv_cache=cache)[0, -1:]
+            logits = decode_rows(draft, torch.tensor([[proposals[-1]]], device=draft.device), cache)[0, -1:]
     if constraint is not None:
         allowed.append(constraint.allowed(params.stop_token_ids))
         constraint.rollback(advanced)

@@ -14,18 +14,15 @@ cached then, without a draft step of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from llmctl.infer.decode import compile_decode, decode_rows, prefill_rows, warm_up_decode
+from llmctl.infer.request import Request
 from llmctl.infer.sampling import SamplingParams, distributions
 from llmctl.infer.speculative import DEFAULT_LOOKAHEAD, SpeculationStats, accept, check_draft, draw
 from llmctl.model import Transformer
 from llmctl.model.kv_cache import SlotKVCache
-
-if TYPE_CHECKING:
-    from llmctl.infer.engine import Request
 
 
 @dataclass

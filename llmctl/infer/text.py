@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from llmctl.data.tokenizer import Tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.infer.logprobs import TokenLogprob
 
 PREFIX_TOKENS = 4

@@ -37,13 +37,3 @@ def registered_reference(spec: str | Path) -> ModelReference | None:
     if Path(text).exists():
         return None
     return parse_reference(text)
-
-
-def resolve_model_path(spec: str | Path) -> Path:
-    """A checkpoint path as given, or the digest-checked path of a registered version."""
-    reference = registered_reference(spec)
-    if reference is None:
-        return Path(spec)
-    from llmctl.registry.store import ModelRegistry
-
-    return ModelRegistry().resolve(reference)

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from llmctl.append_log import open_append_log
-from llmctl.train.run_log import METRICS_FILE, parse_record
+from llmctl.append_log import open_append_log, parse_record
+from llmctl.train.run_log import METRICS_FILE
 
 SCALAR_EVENTS = ("step", "eval")  # the events whose numbers go to the loggers
 

@@ -9,13 +9,14 @@ number of points however long the run, so memory stays flat.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmctl.append_log import parse_record
 
 METRICS_FILE = "metrics.jsonl"  # every record of a run, appended by rank 0
 RANKS_DIR = "ranks"  # under torchrun, ranks/rank-N.jsonl: each rank's own throughput records
@@ -91,14 +92,6 @@ class LineTail:
         self.offset += len(chunk)
         *lines, self.partial = (self.partial + chunk).split(b"\n")
         return [record for line in lines if (record := parse_record(line)) is not None], restarted
-
-
-def parse_record(line: bytes | str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 @dataclass

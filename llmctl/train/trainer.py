@@ -21,7 +21,8 @@ from llmctl.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpo
 from llmctl.data.instructions import IGNORE
 from llmctl.data.loader import TokenFile, WindowSampler, validation_batches
 from llmctl.data.token_files import read_meta, token_stream_fingerprint
-from llmctl.data.tokenizer import Tokenizer, open_tokenizer
+from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 from llmctl.infer.generate import generate_ids, without_stop_ids
 from llmctl.infer.sampling import SamplingParams

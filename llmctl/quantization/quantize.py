@@ -9,9 +9,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llmctl.compress.qlinear import Int4Linear, Int8Embedding, Int8Linear, keep_bias
 from llmctl.model import Transformer
 from llmctl.model.layers import RMSNorm
+from llmctl.quantization.qlinear import Int4Linear, Int8Embedding, Int8Linear, keep_bias
 
 QUANT_METHOD = "llmctl"  # the `quant_method` transformers reads; it has no integration for this one
 GROUP_SIZES = (32, 64, 128)

@@ -1,0 +1,46 @@
+"""What every tokenizer backend shares: the interface engines use (`Tokenizer`), the files a tokenizer is read
+from, and llmctl's chat markers, which must each be one token of a tokenizer llmctl's own template runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from llmctl.errors import UserError
+
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MODEL_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class Tokenizer(Protocol):
+    """What engines need from a tokenizer, whichever backend reads the file."""
+
+    path: Path
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    def sha256(self) -> str: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_with_specials(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]: ...
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def pieces(self, text: str) -> list[str]: ...
+    def piece_id(self, piece: str) -> int: ...
+    def token_text(self, token_id: int) -> str: ...
+    def copy_into(self, directory: Path, model_max_length: int) -> None: ...
+
+
+def missing_piece_error(path: Path, piece: str) -> UserError:
+    return UserError(
+        f"tokenizer {path} has no special token {piece!r}; llmctl's chat template needs "
+        f"{', '.join(CHAT_MARKERS)} as single tokens"
+    )
