@@ -28,7 +28,7 @@ WORKERS = 2
 def with_datatrove(files: list[Path], work: Path) -> dict:
     """llmctl's own process stage (`corpus build --executor local`), one task per file, 2 at once."""
     from llmctl.data.corpus import CorpusOptions
-    from llmctl.data.distributed import process_inputs
+    from llmctl.data.datatrove_stages import process_inputs
     from llmctl.data.executors import EngineSettings, run_stage
     from llmctl.data.spans import input_spans
 

@@ -68,7 +68,7 @@ def run_build(sources: list[str], out: Path, executor: str | None, workers: int)
     if executor is None:
         manifest = build_corpus(sources, out, options)
     else:
-        from llmctl.data.distributed import build_corpus_distributed
+        from llmctl.data.datatrove_stages import build_corpus_distributed
         from llmctl.data.executors import EngineSettings
 
         manifest = build_corpus_distributed(

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from conftest import running_server
 
-from llmctl.evaluate.ab_test import compare, variant_stats
+from llmctl.evaluate.ab_stats import compare, variant_stats
 from llmctl.infer.ab_log import CompletionLog, choose_variant, read_log
 
 pytest.importorskip("fastapi")

@@ -11,7 +11,7 @@ from conftest import SHARED_TECHDOCS as TECHDOCS
 from test_corpus import WORDS, prose
 
 from llmctl.data.corpus import CorpusOptions, build_corpus, iter_texts
-from llmctl.data.distributed import build_corpus_distributed
+from llmctl.data.datatrove_stages import build_corpus_distributed
 from llmctl.data.executors import EngineSettings
 
 

@@ -20,7 +20,7 @@ from test_corpus import prose
 from test_distributed_corpus import near_copy, texts
 
 from llmctl.data.corpus import CorpusOptions
-from llmctl.data.distributed import build_corpus_distributed, encode_shards_distributed
+from llmctl.data.datatrove_stages import build_corpus_distributed, encode_shards_distributed
 from llmctl.data.executors import EngineSettings
 from llmctl.errors import UserError
 

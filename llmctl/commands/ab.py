@@ -28,7 +28,7 @@ def report(
     from rich.console import Console
     from rich.table import Table
 
-    from llmctl.evaluate.ab_test import compare, percentile, variant_stats
+    from llmctl.evaluate.ab_stats import compare, percentile, variant_stats
     from llmctl.infer.ab_log import read_log
 
     if not log.is_file():

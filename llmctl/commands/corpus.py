@@ -101,7 +101,7 @@ def build(
         from llmctl.errors import require_extra
 
         require_extra("datatrove", "distributed", "corpus build --executor")
-        from llmctl.data.distributed import build_corpus_distributed
+        from llmctl.data.datatrove_stages import build_corpus_distributed
         from llmctl.data.executors import EngineSettings
 
         engine = EngineSettings(executor, tasks, workers or os.cpu_count() or 1, executor_settings)

@@ -57,7 +57,7 @@ def add_recipe_command(
         world_size = nproc * nnodes
         arguments = [*command_words, str(recipe_path), *(arg for o in overrides for arg in ("--set", o))]
         if dry_run:
-            from llmctl.commands.train_report import print_plan
+            from llmctl.commands.train_console import print_plan
             from llmctl.train.plan import make_plan
 
             print_plan(recipe, make_plan(recipe, world_size=world_size))
@@ -99,7 +99,7 @@ def add_recipe_command(
 def _fit(trainer_class: type, recipe, context, resume, overwrite, before_fit, after_fit):
     """Own the trainer in this frame only: its DDP reducer must be freed before the process group is
     destroyed (freeing it afterwards joins gloo's worker thread while holding the GIL: a deadlock)."""
-    from llmctl.commands.train_report import TrainingConsole
+    from llmctl.commands.train_console import TrainingConsole
 
     console = TrainingConsole(enabled=context.is_main)
     trainer = trainer_class(recipe, context, on_event=console.on_event)

@@ -96,7 +96,7 @@ def encode(
         from llmctl.errors import require_extra
 
         require_extra("datatrove", "distributed", "tokenize encode --executor")
-        from llmctl.data.distributed import encode_shards_distributed
+        from llmctl.data.datatrove_stages import encode_shards_distributed
         from llmctl.data.executors import EngineSettings
         from llmctl.recipe import load_recipe
 

@@ -20,7 +20,7 @@ from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.errors import UserError
 
 # writes every split's token files, one per corpus shard, into a directory (datatrove's tasks do, in
-# llmctl.data.distributed): (corpus, tokenizer file, directory, threads=) -> each split's shard entries
+# llmctl.data.datatrove_stages): (corpus, tokenizer file, directory, threads=) -> each split's shard entries
 ShardWriter = Callable[..., dict[str, list[dict]]]
 
 META_FILE = "meta.json"
@@ -107,7 +107,7 @@ def encode_corpus(
 ) -> dict:
     """Encode every split; a no-op returning the existing meta when inputs are unchanged. `per_shard` writes
     one token file per corpus shard (what many encoders can write side by side) instead of one per split;
-    a `shard_writer` (datatrove's tasks: llmctl.data.distributed) writes those files, the same bytes."""
+    a `shard_writer` (datatrove's tasks: llmctl.data.datatrove_stages) writes those files, the same bytes."""
     if shard_writer is not None and not per_shard:
         raise UserError("tokenize encode --executor writes one token file per shard: add --per-shard")
     corpus, out = Path(corpus), Path(out)

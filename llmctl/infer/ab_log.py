@@ -18,7 +18,7 @@ from pathlib import Path
 from llmctl.append_log import open_append_log, parse_record
 
 REMEMBERED_COMPLETIONS = 100_000  # the newest completions that accept feedback
-RATINGS_PER_COMPLETION = 3  # a client may change its mind; the latest rating counts (evaluate.ab_test)
+RATINGS_PER_COMPLETION = 3  # a client may change its mind; the latest rating counts (evaluate.ab_stats)
 
 
 def user_digest(user: str) -> str:

@@ -1,2 +1,2 @@
-"""Textual apps: the chat UI (and, later, the training monitor). Drives the engines the CLI drives; never
-imported by them."""
+"""Textual apps: the training monitor (`llmctl monitor`, `train --tui`) and the chat screen (`llmctl chat`, and
+inside the monitor). Drive the engines the CLI drives; never imported by them."""
