@@ -19,6 +19,10 @@ class WallClock:
         self.elapsed_before = elapsed_before
         self.started = time.perf_counter()
 
+    def restart(self, elapsed_before: float = 0.0) -> None:
+        """Count from now, after `elapsed_before` seconds of earlier sessions (a resumed run's)."""
+        self.elapsed_before, self.started = elapsed_before, time.perf_counter()
+
     def elapsed(self) -> float:
         """Seconds spent on this run, earlier sessions included; the slowest rank's, so all ranks agree."""
         local = torch.tensor(self.elapsed_before + time.perf_counter() - self.started, dtype=torch.float64)

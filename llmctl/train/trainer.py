@@ -79,6 +79,27 @@ class TrainResult:
     samples: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass
+class LoopState:
+    """Where the training loop stands: the last step done, the last checkpoint, the last validation."""
+
+    step: int
+    last_saved: Path | None = None
+    val_loss: float | None = None
+    stopped: bool = False  # a stop was requested: the loop ended early
+
+
+@dataclass
+class ThroughputWindow:
+    """Tokens trained since the last logged step, and when that window began."""
+
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def restart(self) -> None:
+        self.tokens, self.started = 0, time.perf_counter()
+
+
 @dataclass(frozen=True)
 class StepStats:
     """One optimizer step: the loss averaged over its micro-batches and ranks, the lr and gradient norm."""
@@ -209,20 +230,48 @@ class Trainer:
                 self.run_lock = None
 
     def _fit(self, resume: str | None) -> TrainResult:
-        start_step, elapsed_before = 0, 0.0
+        """Resume (or start), open the run's logs, loop, and report how the run ended."""
+        checkpoint, start_step, rejected = self._resume(resume)
+        self._open_run_logs(start_step, resumed=checkpoint is not None)
+        self._emit(self._started(start_step))
+        if checkpoint is not None:
+            self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
+        for path, reason in rejected:
+            self._emit(CheckpointRejected(step=start_step, path=str(path), reason=reason))
+        self._before_training(start_step)
+        with self._stop_on_signals():
+            run = self._loop(start_step)
+        samples = [] if run.stopped else self.samples()
+        if not run.stopped:
+            self._emit_samples(run.step, samples)
+            saved = str(run.last_saved) if run.last_saved else None
+            self._emit(Finished(step=run.step, checkpoint=saved, val_loss=run.val_loss))
+        self._close_run_logs()
+        return TrainResult(
+            self.run_dir, run.step, run.last_saved, run.val_loss, run.stopped, self.skipped_steps, samples
+        )
+
+    def _resume(self, resume: str | None) -> tuple[Path | None, int, list[tuple[Path, str]]]:
+        """The checkpoint resumed from (its weights, optimizer and clock restored), its step, and the newer
+        checkpoints passed over as unusable, with why."""
         rejected: list[tuple[Path, str]] = []
         checkpoint = resume_checkpoint(
             self.run_dir, resume, lambda path, reason: rejected.append((path, reason))
         )
-        if checkpoint is not None:
-            state = read_trainer_state(checkpoint)
-            check_resume_matches(checkpoint, self.recipe, token_stream_fingerprint(self.meta), state)
-            self._load_weights(checkpoint)
-            restore_trainer_state(self.model, self.optimizer, state, self.context.is_main)
-            self.scaler.load_state_dict(state["scaler"])
-            start_step, self.skipped_steps = state["step"], state["skipped_steps"]
-            elapsed_before = state.get("elapsed_seconds", 0.0)
-        self.clock = WallClock(self.recipe.train.max_minutes, self.context, elapsed_before)
+        if checkpoint is None:
+            self.clock.restart()
+            return None, 0, rejected
+        state = read_trainer_state(checkpoint)
+        check_resume_matches(checkpoint, self.recipe, token_stream_fingerprint(self.meta), state)
+        self._load_weights(checkpoint)
+        restore_trainer_state(self.model, self.optimizer, state, self.context.is_main)
+        self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = state["skipped_steps"]
+        self.clock.restart(elapsed_before=state.get("elapsed_seconds", 0.0))
+        return checkpoint, state["step"], rejected
+
+    def _open_run_logs(self, start_step: int, resumed: bool) -> None:
+        """The run's recipe and metrics on rank 0 (and the configured loggers); each rank's own under torchrun."""
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
@@ -231,64 +280,69 @@ class Trainer:
                 self.run_dir,
                 self.recipe.name,
                 self.recipe.model_dump(mode="json", exclude_none=True),
-                resume_step=start_step if checkpoint else None,
+                resume_step=start_step if resumed else None,
             )
             self.metrics = MetricsWriter(self.run_dir, loggers)
         if self.context.is_distributed:
             self.rank_metrics = MetricsWriter(
                 self.run_dir / RANKS_DIR, file_name=f"rank-{self.context.rank}.jsonl"
             )
-        total = self.recipe.train.steps
-        self._emit(self._started(start_step))
-        if checkpoint is not None:
-            self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
-        for path, reason in rejected:
-            self._emit(CheckpointRejected(step=start_step, path=str(path), reason=reason))
-        self._before_training(start_step)
-        last_saved, val_loss, stopping = None, None, False
-        with self._stop_on_signals():
-            step = start_step
-            window_started, window_tokens = time.perf_counter(), 0
-            time_fraction = self.clock.fraction()
-            while step < total and not budget_spent(time_fraction):
-                stats = self.train_step(step, time_fraction)
-                step += 1
-                time_fraction = self.clock.fraction()
-                last = step == total or budget_spent(time_fraction)
-                window_tokens += self.recipe.train.global_batch_size * self.seq_len
-                if not stats.finite:
-                    self._emit(StepSkipped(step=step, grad_norm=stats.grad_norm))
-                if step % self.recipe.train.log_every == 0 or last:
-                    elapsed = time.perf_counter() - window_started
-                    logged = self._step_logged(stats, window_tokens, elapsed)
-                    self._emit(logged)
-                    self._report_rank(logged)
-                    window_started, window_tokens = time.perf_counter(), 0
-                eval_every = self.recipe.train.eval_every
-                if self.val_batches and ((eval_every and step % eval_every == 0) or last):
-                    val_loss = self.evaluate()
-                    self._emit(Evaluated(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
-                sample_every = self.recipe.train.sample_every
-                if sample_every and step % sample_every == 0 and not last and self.strategy != "fsdp":
-                    self._emit_samples(step, self.samples())
-                every = self.recipe.checkpoint.every
-                stopping = any_rank(self.stop_requested, self.context)
-                if (every and step % every == 0) or last or stopping:
-                    last_saved = self.save(step)
-                if stopping:
-                    self._emit(Interrupted(step=step, checkpoint=str(last_saved) if last_saved else None))
-                    break
-        samples = [] if stopping else self.samples()
-        if not stopping:
-            self._emit_samples(step, samples)
-            self._emit(
-                Finished(step=step, checkpoint=str(last_saved) if last_saved else None, val_loss=val_loss)
-            )
+
+    def _close_run_logs(self) -> None:
         for writer in (self.metrics, self.rank_metrics):
             if writer is not None:
                 writer.close()
         self.metrics = self.rank_metrics = None
-        return TrainResult(self.run_dir, step, last_saved, val_loss, stopping, self.skipped_steps, samples)
+
+    def _loop(self, start_step: int) -> LoopState:
+        """Steps until the recipe's count or the time budget, each followed by the periodic actions; a stop
+        request (a signal, the monitor) ends it after a checkpoint."""
+        run, window = LoopState(start_step), ThroughputWindow()
+        total = self.recipe.train.steps
+        time_fraction = self.clock.fraction()
+        while run.step < total and not budget_spent(time_fraction):
+            stats = self.train_step(run.step, time_fraction)
+            run.step += 1
+            time_fraction = self.clock.fraction()
+            last = run.step == total or budget_spent(time_fraction)
+            window.tokens += self.recipe.train.global_batch_size * self.seq_len
+            if not stats.finite:
+                self._emit(StepSkipped(step=run.step, grad_norm=stats.grad_norm))
+            self._log_if_due(run.step, stats, window, last)
+            self._validate_if_due(run, last)
+            self._sample_if_due(run.step, last)
+            self._checkpoint_if_due(run, last)
+            if run.stopped:
+                break
+        return run
+
+    def _log_if_due(self, step: int, stats: StepStats, window: ThroughputWindow, last: bool) -> None:
+        if step % self.recipe.train.log_every == 0 or last:
+            logged = self._step_logged(stats, window.tokens, time.perf_counter() - window.started)
+            self._emit(logged)
+            self._report_rank(logged)
+            window.restart()
+
+    def _validate_if_due(self, run: LoopState, last: bool) -> None:
+        every = self.recipe.train.eval_every
+        if self.val_batches and ((every and run.step % every == 0) or last):
+            run.val_loss = self.evaluate()
+            self._emit(Evaluated(step=run.step, val_loss=run.val_loss, val_ppl=math.exp(run.val_loss)))
+
+    def _sample_if_due(self, step: int, last: bool) -> None:
+        every = self.recipe.train.sample_every  # the last step's samples come with the run's end
+        if every and step % every == 0 and not last and self.strategy != "fsdp":
+            self._emit_samples(step, self.samples())
+
+    def _checkpoint_if_due(self, run: LoopState, last: bool) -> None:
+        """A checkpoint on the recipe's cadence, at the end, and when any rank was asked to stop."""
+        every = self.recipe.checkpoint.every
+        run.stopped = any_rank(self.stop_requested, self.context)
+        if (every and run.step % every == 0) or last or run.stopped:
+            run.last_saved = self.save(run.step)
+        if run.stopped:
+            saved = str(run.last_saved) if run.last_saved else None
+            self._emit(Interrupted(step=run.step, checkpoint=saved))
 
     def train_step(self, step: int, time_fraction: float | None = None) -> StepStats:
         """One optimizer step (0-based `step`): accumulate gradients over micro-batches, clip, update.
