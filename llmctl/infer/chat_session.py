@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -16,8 +16,17 @@ from llmctl.atomic import atomic_write_text
 from llmctl.data.chat import Message
 from llmctl.data.chat_format import ChatFormat
 from llmctl.data.tokenizer_base import Tokenizer
-from llmctl.infer.constraints import Constraint, Constraints, ConstraintSpec
-from llmctl.infer.decode import PromptTooLong
+from llmctl.errors import UserError
+from llmctl.infer.constraints import Constraint, ConstraintError, Constraints, ConstraintSpec
+from llmctl.infer.decode import (
+    PromptTooLong,
+    compile_decode,
+    limit_context,
+    load_draft,
+    load_for_inference,
+    open_chat,
+    warm_up_decode,
+)
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams
@@ -155,3 +164,44 @@ class ChatSession:
                 yield chunk.text
         self.last_tokens_per_second = produced / max(time.perf_counter() - started, 1e-9)
         self.history.append(Message("assistant", "".join(parts)))
+
+
+@dataclass
+class ChatOptions:
+    """What `llmctl chat` was asked for: the model (and adapter), its template and context, the sampling, a
+    draft, a constraint on every reply."""
+
+    path: Path
+    adapter: Path | None = None
+    force: bool = False  # an adapter on other base weights than it was trained on
+    chat_template: Path | None = None
+    context: int | None = None
+    system: str | None = None
+    settings: SamplingParams = field(default_factory=lambda: chat_sampling())
+    compile: bool = False  # compile the decode step before the first reply
+    draft: Path | None = None
+    lookahead: int = DEFAULT_LOOKAHEAD
+    constraint: ConstraintSpec | None = None
+
+    def open(self, report: Callable[[str], None] = lambda line: None) -> ChatSession:
+        """Load the model and everything the session needs, failing now (a UserError) on what a first reply
+        would fail on: a missing template, a draft of another tokenizer, a schema the engine refuses. Load it
+        in `runtime.in_passing_thread` where replies come from other threads."""
+        model, tokenizer = load_for_inference(self.path, self.adapter, force_base=self.force)
+        limit_context(model, self.context)
+        chat_format = open_chat(self.path, tokenizer, self.adapter, self.chat_template)
+        if self.compile:
+            report("compiling the decode step (once per start; tens of seconds)...")
+            compile_decode(model)
+            warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))
+        session = ChatSession(model, tokenizer, chat_format, system=self.system, settings=self.settings)
+        if self.draft is not None:
+            session.draft = load_draft(self.draft, tokenizer, model)
+            session.lookahead = self.lookahead
+        if self.constraint is not None:
+            session.constraint = self.constraint
+            try:
+                session.compiled_constraint()
+            except ConstraintError as error:
+                raise UserError(f"cannot constrain the replies: {error}") from None
+        return session
