@@ -16,18 +16,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from llmctl.atomic import check_output
 from llmctl.checkpoint import (
     ADAPTER_BASE_FILE,
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    RECIPE_FILE,
     is_adapter,
     open_checkpoint,
+    save_checkpoint,
 )
 from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.digests import digest_problem, weights_sha256
 from llmctl.errors import UserError
 from llmctl.model import Transformer
-from llmctl.model.hf_format import read_quantization_config
+from llmctl.model.hf_format import export_state_dict, read_quantization_config
 from llmctl.quantization.quantize import dequantize_model
 
 if TYPE_CHECKING:
@@ -241,3 +244,22 @@ def open_adapted(
     load_adapter_weights(model, adapter)
     model = lora.merge_and_unload() if merge else lora.model
     return model.eval(), tokenizer
+
+
+def merge_adapter(
+    adapter: Path, out: Path, base: Path | None = None, overwrite: bool = False, force: bool = False
+) -> Path:
+    """Fold an adapter into its base's weights (the one it records, unless `base`): a plain checkpoint at
+    `out`, written atomically with the adapter's recipe. Returns the base merged into."""
+    base = base or base_of(adapter)
+    check_output(out, [adapter, base], overwrite)
+    model, tokenizer = open_adapted(adapter, base=base, merge=True, force=force)
+    recipe = Path(adapter) / RECIPE_FILE
+    save_checkpoint(
+        out,
+        model.config,
+        export_state_dict(model),
+        recipe_toml=recipe.read_text() if recipe.is_file() else None,
+        tokenizer=tokenizer,
+    )
+    return base

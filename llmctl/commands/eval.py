@@ -53,9 +53,9 @@ def run(
     evaluator = Evaluator(path, seed=seed, adapter=adapter)
     results: dict = {}
     if suite:
-        from llmctl.evaluate.suite import load_suite
+        from llmctl.evaluate.suite import domain_suite_for, load_suite
 
-        suite_file = domain_suite_file(path, data) if suite == "domain" else Path(suite)
+        suite_file = domain_suite_for(path, data) if suite == "domain" else Path(suite)
         results.update(evaluator.run_suite(load_suite(suite_file)))
     elif data:
         results["perplexity"] = evaluator.perplexity(data, window, stride)
@@ -86,29 +86,6 @@ def check_results_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / 'eval.json'}")
     check_output(out, inputs, overwrite)
-
-
-def domain_suite_file(checkpoint: Path, data: Path | None) -> Path:
-    """--data may be a built suite folder or a corpus; with neither, the corpus named in the checkpoint's recipe."""
-    from llmctl.checkpoint import RECIPE_FILE
-    from llmctl.errors import UserError
-    from llmctl.evaluate.suite import SUITE_FILE, build_domain_suite
-    from llmctl.recipe import load_recipe
-
-    if data and (data / SUITE_FILE).is_file():
-        return data / SUITE_FILE
-    corpus = data
-    if corpus is None:
-        if not (checkpoint / RECIPE_FILE).is_file():
-            raise UserError(f"{checkpoint} records no recipe, so its corpus is unknown; pass --data CORPUS")
-        named = load_recipe(checkpoint / RECIPE_FILE).data.corpus
-        if not named:
-            raise UserError(f"the recipe of {checkpoint} names no data.corpus; pass --data CORPUS")
-        corpus = Path(named)
-    suite_dir = corpus.parent / f"{corpus.name}-domain-suite"
-    if not (suite_dir / SUITE_FILE).is_file():
-        build_domain_suite(corpus, suite_dir)
-    return suite_dir / SUITE_FILE
 
 
 @app.command()

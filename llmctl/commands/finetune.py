@@ -63,20 +63,7 @@ def merge(
     ),
 ) -> None:
     """Fold an adapter into its base's weights: a checkpoint that chat, serve, eval and export open directly."""
-    from llmctl.adapters import base_of, open_adapted
-    from llmctl.atomic import check_output
-    from llmctl.checkpoint import RECIPE_FILE, save_checkpoint
-    from llmctl.model.hf_format import export_state_dict
+    from llmctl.adapters import merge_adapter
 
-    base = base or base_of(adapter)
-    check_output(out, [adapter, base], overwrite)
-    model, tokenizer = open_adapted(adapter, base=base, merge=True, force=force)
-    recipe = adapter / RECIPE_FILE
-    save_checkpoint(
-        out,
-        model.config,
-        export_state_dict(model),
-        recipe_toml=recipe.read_text() if recipe.is_file() else None,
-        tokenizer=tokenizer,
-    )
+    base = merge_adapter(adapter, out, base, overwrite, force)
     typer.echo(f"merged {adapter} into {base} -> {out}")

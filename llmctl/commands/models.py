@@ -163,10 +163,11 @@ def diff(
     registry: str | None = registry_option(),
 ) -> None:
     """Two versions side by side: lineage, the recipe keys that differ, and every attached metric."""
-    from llmctl.registry.lineage import recipe_keys
+    from llmctl.registry.diff import diff_versions
 
     store = _registry(registry)
     a, b = store.get(first), store.get(second)
+    diff = diff_versions(a, b, all_keys)
     table = Table(title=f"{a.reference} vs {b.reference}")
     for column, justify in (
         ("", "left"),
@@ -175,36 +176,13 @@ def diff(
         ("change", "right"),
     ):
         table.add_column(column, justify=justify)
-    lineage_keys = (
-        "kind",
-        "weights_sha256",
-        "files_sha256",
-        "tokenizer_sha256",
-        "corpus_manifest_sha256",
-        "parent_version",
-    )
-    for key in (*lineage_keys, "quantization"):
-        left, right = a.lineage(key) or "", b.lineage(key) or ""
-        if left or right:
-            short = 12 if key.endswith("sha256") else None
-            table.add_row(key, left[:short], right[:short], "" if left == right else "differs")
-    table.add_section()
-    recipe_a, recipe_b = recipe_keys(a.lineage("recipe")), recipe_keys(b.lineage("recipe"))
-    if (
-        not recipe_a or not recipe_b
-    ):  # a quantized or downloaded model records no recipe: one row, not every key
-        table.add_row("recipe", "recorded" if recipe_a else "—", "recorded" if recipe_b else "—", "")
-        recipe_a = recipe_b = {}
-    for key in sorted(set(recipe_a) | set(recipe_b)):
-        left, right = recipe_a.get(key, "—"), recipe_b.get(key, "—")
-        if left != right or all_keys:
-            table.add_row(key, left, right, "" if left == right else "differs")
-    table.add_section()
-    metrics_a, metrics_b = _metrics(a), _metrics(b)
-    for key in sorted(set(metrics_a) | set(metrics_b)):
-        left, right = metrics_a.get(key), metrics_b.get(key)
-        change = f"{right - left:+,.4f}" if left is not None and right is not None else ""
-        table.add_row(key, _number(left), _number(right), change)
+    for rows in (diff.lineage, diff.recipe):
+        for row in rows:
+            table.add_row(row.key, row.left, row.right, "differs" if row.differs else "")
+        table.add_section()
+    for metric in diff.metrics:
+        change = "" if metric.change is None else f"{metric.change:+,.4f}"
+        table.add_row(metric.key, _number(metric.left), _number(metric.right), change)
     console.print(table)
 
 
@@ -251,11 +229,3 @@ def _time(seconds: float) -> str:
 
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:,.4f}"
-
-
-def _metrics(version: ModelVersion) -> dict[str, float]:
-    return {
-        f"{label}: {metric}": number
-        for label, attached in version.evals().items()
-        for metric, number in attached["metrics"].items()
-    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Literal
 
 import numpy as np
 
+from llmctl.atomic import atomic_write_text, check_output
 from llmctl.data.chat import ROLES, Message
 from llmctl.data.chat_format import ChatFormat
+from llmctl.data.corpus import SPLITS, iter_texts, read_manifest
 from llmctl.data.tokenizer_base import CHAT_MARKERS, Tokenizer
 from llmctl.errors import UserError
 
@@ -194,3 +197,29 @@ def examples_fingerprint(files: list[Path], tokenizer: Tokenizer, settings: str)
         digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
     digest.update(f"{tokenizer.sha256()} {settings}".encode())
     return digest.hexdigest()
+
+
+def write_starter_set(
+    corpus: Path,
+    out: Path,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> int:
+    """A starter instruction set from a corpus's documents, "Explain: HEADING" -> the section's first
+    paragraph, written to `out` as prompt/completion JSONL (a seeded sample of at most `limit`); the count."""
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    read_manifest(corpus)
+    check_output(out, [corpus], overwrite)
+    examples = section_examples(list(iter_texts(corpus, split)))
+    if not examples:
+        raise UserError(
+            f"no heading + paragraph sections found in the {split} split of {corpus}; write examples by hand "
+            '(JSONL: {"prompt": ..., "completion": ...})'
+        )
+    if limit is not None and len(examples) > limit:
+        examples = random.Random(seed).sample(examples, limit)
+    atomic_write_text(out, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples))
+    return len(examples)

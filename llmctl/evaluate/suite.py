@@ -14,10 +14,11 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmctl.atomic import atomic_directory
+from llmctl.checkpoint import RECIPE_FILE
 from llmctl.data.corpus import iter_texts
 from llmctl.data.instructions import heading_sections
 from llmctl.errors import UserError
-from llmctl.recipe import describe_errors
+from llmctl.recipe import describe_errors, load_recipe
 
 SUITE_FILE = "suite.toml"
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -127,3 +128,22 @@ def cloze_task_yaml(data_file: Path) -> str:
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
+
+
+def domain_suite_for(checkpoint: Path, data: Path | None) -> Path:
+    """The domain suite file for `eval --suite domain`: `data` may be a built suite folder or a corpus (its
+    suite built beside it once); with neither, the corpus named in the checkpoint's recipe."""
+    if data and (data / SUITE_FILE).is_file():
+        return data / SUITE_FILE
+    corpus = data
+    if corpus is None:
+        if not (checkpoint / RECIPE_FILE).is_file():
+            raise UserError(f"{checkpoint} records no recipe, so its corpus is unknown; pass --data CORPUS")
+        named = load_recipe(checkpoint / RECIPE_FILE).data.corpus
+        if not named:
+            raise UserError(f"the recipe of {checkpoint} names no data.corpus; pass --data CORPUS")
+        corpus = Path(named)
+    suite_dir = corpus.parent / f"{corpus.name}-domain-suite"
+    if not (suite_dir / SUITE_FILE).is_file():
+        build_domain_suite(corpus, suite_dir)
+    return suite_dir / SUITE_FILE
