@@ -26,9 +26,8 @@ def report(
 ) -> None:
     """Requests, feedback rate and mean score (95% CI), latency percentiles and a test per variant."""
     from rich.console import Console
-    from rich.table import Table
 
-    from llmctl.evaluate.ab_stats import compare, percentile, variant_stats
+    from llmctl.evaluate.ab_stats import compare, variant_stats
     from llmctl.infer.ab_log import read_log
 
     if not log.is_file():
@@ -39,6 +38,20 @@ def report(
     if control is not None and control not in stats:
         raise UserError(f"--control {control!r} served nothing in {log} (variants: {', '.join(stats)})")
     control = control or max(stats.values(), key=lambda s: s.requests).name
+
+    table = variant_table(log, stats, control)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(table)
+    for name, variant in stats.items():
+        if name != control:
+            console.print(compare(stats[control], variant, alpha).verdict(), markup=False)
+
+
+def variant_table(log: Path, stats: dict, control: str):
+    """One row per variant: requests, users, feedback, mean score and its interval, latency percentiles."""
+    from rich.table import Table
+
+    from llmctl.evaluate.ab_stats import percentile
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else f"{value:{spec}}"
@@ -69,8 +82,4 @@ def report(
             *(number(percentile(variant.latencies, q), ".3f") for q in (50, 95, 99)),
             number(percentile(variant.first_token, 50), ".3f"),
         )
-    console = Console(highlight=False, soft_wrap=True)
-    console.print(table)
-    for name, variant in stats.items():
-        if name != control:
-            console.print(compare(stats[control], variant, alpha).verdict(), markup=False)
+    return table

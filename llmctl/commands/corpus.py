@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,90 +14,100 @@ from llmctl.data.compression import DOCUMENT_BYTES
 app = typer.Typer(add_completion=False, help="Build and inspect training corpora.", no_args_is_help=True)
 
 
-@app.command()
-def build(
-    sources: list[str] = typer.Argument(..., help="Files, folders or quoted globs of .txt/.md/.jsonl/.html."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory (written atomically)."),
-    recipe: Path | None = typer.Option(
-        None,
-        help="Take filter thresholds, cleaning rules and executor settings from this recipe's [data] section.",
+Sources = Annotated[
+    list[str], typer.Argument(help="Files, folders or quoted globs of .txt/.md/.jsonl/.html.")
+]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output corpus directory (written atomically).")]
+RecipeFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="Take filter thresholds, cleaning rules and executor settings from this recipe's [data] section."
     ),
-    text_field: str = typer.Option("text", help="JSONL field, or Parquet/CSV column, holding the text."),
-    html: str = typer.Option(
-        "main", help="HTML: main (the main content, trafilatura; the html extra) or all (all visible text)."
+]
+TextField = Annotated[str, typer.Option(help="JSONL field, or Parquet/CSV column, holding the text.")]
+Html = Annotated[
+    str,
+    typer.Option(
+        help="HTML: main (the main content, trafilatura; the html extra) or all (all visible text)."
     ),
-    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phones, IPs, card numbers."),
-    exact_dedup: bool = typer.Option(True, "--exact-dedup/--no-exact-dedup"),
-    near_dedup: bool = typer.Option(
-        True, "--near-dedup/--no-near-dedup", help="MinHash LSH near-duplicates."
-    ),
-    near_dup_threshold: float = typer.Option(0.8, min=0.05, max=1.0, help="Jaccard similarity that counts."),
-    val_fraction: float = typer.Option(0.05, min=0.0, max=0.9, help="Share of documents held out."),
-    seed: int = typer.Option(0, help="Seed of the train/val split."),
-    min_chars: int | None = typer.Option(None, help="Filter: minimum characters."),
-    max_chars: int | None = typer.Option(None, help="Filter: maximum characters."),
-    min_alpha_fraction: float | None = typer.Option(None, help="Filter: minimum share of letters."),
-    max_repeated_line_fraction: float | None = typer.Option(
-        None, help="Filter: maximum share of repeated lines."
-    ),
-    max_repeated_ngram_fraction: float | None = typer.Option(None, help="Filter: maximum repeated 5-grams."),
-    language: str | None = typer.Option(
-        None, help="Filter: keep only this language (ISO code; needs py3langid)."
-    ),
-    max_document_bytes: int = typer.Option(
-        DOCUMENT_BYTES,
+]
+ScrubPii = Annotated[bool, typer.Option("--scrub-pii", help="Replace e-mails, phones, IPs, card numbers.")]
+ExactDedup = Annotated[bool, typer.Option("--exact-dedup/--no-exact-dedup")]
+NearDedup = Annotated[bool, typer.Option("--near-dedup/--no-near-dedup", help="MinHash LSH near-duplicates.")]
+NearDupThreshold = Annotated[float, typer.Option(min=0.05, max=1.0, help="Jaccard similarity that counts.")]
+ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of documents held out.")]
+Seed = Annotated[int, typer.Option(help="Seed of the train/val split.")]
+MinChars = Annotated[int | None, typer.Option(help="Filter: minimum characters.")]
+MaxChars = Annotated[int | None, typer.Option(help="Filter: maximum characters.")]
+MinAlpha = Annotated[float | None, typer.Option(help="Filter: minimum share of letters.")]
+MaxRepeatedLines = Annotated[float | None, typer.Option(help="Filter: maximum share of repeated lines.")]
+MaxRepeatedNgrams = Annotated[float | None, typer.Option(help="Filter: maximum repeated 5-grams.")]
+Language = Annotated[
+    str | None, typer.Option(help="Filter: keep only this language (ISO code; needs py3langid).")
+]
+MaxDocumentBytes = Annotated[
+    int,
+    typer.Option(
         min=1,
         help="Skip a document (a file, a JSONL line, a DOCX's parts) that grows past this many bytes as it is "
         "decompressed or extracted; memory stays bounded by it.",
     ),
-    strict: bool = typer.Option(False, help="Stop at the first unreadable file or malformed line."),
-    workers: int = typer.Option(
-        0, min=0, help="Worker processes, or with --executor tasks at once (0: one per core)."
+]
+Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable file or malformed line.")]
+Workers = Annotated[
+    int, typer.Option(min=0, help="Worker processes, or with --executor tasks at once (0: one per core).")
+]
+Executor = Annotated[
+    str | None,
+    typer.Option(
+        help="Run as datatrove stages: local, ray or slurm (the distributed extra); default: embedded."
     ),
-    executor: str | None = typer.Option(
-        None,
-        help="Run as datatrove stages: local, ray or slurm (the distributed extra); default: embedded.",
-    ),
-    tasks: int = typer.Option(2, min=1, help="With --executor: input shards of the per-document stages."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+]
+Tasks = Annotated[int, typer.Option(min=1, help="With --executor: input shards of the per-document stages.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory.")]
+THRESHOLDS = (
+    "min_chars",
+    "max_chars",
+    "min_alpha_fraction",
+    "max_repeated_line_fraction",
+    "max_repeated_ngram_fraction",
+    "language",
+)
+
+
+@app.command()
+def build(
+    context: typer.Context,
+    sources: Sources,
+    out: Out,
+    recipe: RecipeFile = None,
+    text_field: TextField = "text",
+    html: Html = "main",
+    scrub_pii: ScrubPii = False,
+    exact_dedup: ExactDedup = True,
+    near_dedup: NearDedup = True,
+    near_dup_threshold: NearDupThreshold = 0.8,
+    val_fraction: ValFraction = 0.05,
+    seed: Seed = 0,
+    min_chars: MinChars = None,
+    max_chars: MaxChars = None,
+    min_alpha_fraction: MinAlpha = None,
+    max_repeated_line_fraction: MaxRepeatedLines = None,
+    max_repeated_ngram_fraction: MaxRepeatedNgrams = None,
+    language: Language = None,
+    max_document_bytes: MaxDocumentBytes = DOCUMENT_BYTES,
+    strict: Strict = False,
+    workers: Workers = 0,
+    executor: Executor = None,
+    tasks: Tasks = 2,
+    overwrite: Overwrite = False,
 ) -> None:
     """Clean, filter, scrub, deduplicate and split documents into JSONL shards with a manifest."""
     from llmctl.commands.corpus_report import print_build_summary
-    from llmctl.commands.progress import byte_progress
-    from llmctl.data.clean import CleaningRules
-    from llmctl.data.corpus import CorpusOptions, build_corpus
-    from llmctl.data.filters import FilterRules
+    from llmctl.data.corpus import build_corpus
     from llmctl.data.sources import expand_sources
 
-    filters, cleaning, executor_settings = FilterRules(), CleaningRules(), {}
-    if recipe:
-        from llmctl.recipe import load_recipe
-
-        data = load_recipe(recipe).data
-        filters, cleaning, executor_settings = data.filters, data.cleaning, data.executor_settings
-    thresholds = {
-        "min_chars": min_chars,
-        "max_chars": max_chars,
-        "min_alpha_fraction": min_alpha_fraction,
-        "max_repeated_line_fraction": max_repeated_line_fraction,
-        "max_repeated_ngram_fraction": max_repeated_ngram_fraction,
-        "language": language,
-    }
-    filters = validated_filters(filters, {k: v for k, v in thresholds.items() if v is not None})
-    options = CorpusOptions(
-        filters=filters,
-        cleaning=cleaning,
-        text_field=text_field,
-        html=html,
-        scrub_pii=scrub_pii,
-        exact_dedup=exact_dedup,
-        near_dup_threshold=near_dup_threshold if near_dedup else None,
-        val_fraction=val_fraction,
-        seed=seed,
-        strict=strict,
-        workers=workers,
-        max_document_bytes=max_document_bytes,
-    )
+    options, executor_settings = corpus_options(context.params)
     if executor is not None:
         from llmctl.errors import require_extra
 
@@ -107,10 +118,43 @@ def build(
         engine = EngineSettings(executor, tasks, workers or os.cpu_count() or 1, executor_settings)
         manifest = build_corpus_distributed(sources, out, options, engine, overwrite=overwrite)
     else:
+        from llmctl.commands.progress import byte_progress
+
         total = sum(path.stat().st_size for path in expand_sources(sources)[0])
         with byte_progress("corpus build", total) as advance:
             manifest = build_corpus(sources, out, options, on_progress=advance, overwrite=overwrite)
     print_build_summary(out, manifest)
+
+
+def corpus_options(flags: dict):
+    """`corpus build`'s flags (Click's parameter dict) as CorpusOptions: the recipe's [data] filters and
+    cleaning rules, with the filter thresholds given on the command line over them; and its executor settings."""
+    from llmctl.data.clean import CleaningRules
+    from llmctl.data.corpus import CorpusOptions
+    from llmctl.data.filters import FilterRules
+
+    filters, cleaning, executor_settings = FilterRules(), CleaningRules(), {}
+    if flags["recipe"]:
+        from llmctl.recipe import load_recipe
+
+        data = load_recipe(flags["recipe"]).data
+        filters, cleaning, executor_settings = data.filters, data.cleaning, data.executor_settings
+    given = {name: flags[name] for name in THRESHOLDS if flags[name] is not None}
+    options = CorpusOptions(
+        filters=validated_filters(filters, given),
+        cleaning=cleaning,
+        text_field=flags["text_field"],
+        html=flags["html"],
+        scrub_pii=flags["scrub_pii"],
+        exact_dedup=flags["exact_dedup"],
+        near_dup_threshold=flags["near_dup_threshold"] if flags["near_dedup"] else None,
+        val_fraction=flags["val_fraction"],
+        seed=flags["seed"],
+        strict=flags["strict"],
+        workers=flags["workers"],
+        max_document_bytes=flags["max_document_bytes"],
+    )
+    return options, executor_settings
 
 
 def validated_filters(base, overrides: dict):
@@ -170,11 +214,32 @@ def plan(
 ) -> None:
     """Raw text, build and encode hours per node, and disk for a token budget, at the measured rates."""
     from rich.console import Console
-    from rich.table import Table
 
     from llmctl.data.plan import plan_corpus
 
     result = plan_corpus(tokens, corpus, tokens_dir, nodes, vocab_size)
+    table = plan_table(result, tokens, nodes)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"Rates come from {corpus} ({result.measured_on_mb:.1f} MB of input) and {tokens_dir}; they scale with "
+        "nodes only while storage keeps up, and a small measuring build under-states them (start-up time).",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count:,.0f} B"
+
+
+def plan_table(result, tokens: float, nodes: int):
+    """`corpus plan`'s estimates, each beside the measurement it comes from."""
+    from rich.table import Table
+
     table = Table(title=f"data for {tokens:,.0f} tokens on {nodes} node{'s' * (nodes > 1)}")
     table.add_column("")
     table.add_column("estimate", justify="right")
@@ -205,18 +270,4 @@ def plan(
     ]
     for row in rows:
         table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"Rates come from {corpus} ({result.measured_on_mb:.1f} MB of input) and {tokens_dir}; they scale with "
-        "nodes only while storage keeps up, and a small measuring build under-states them (start-up time).",
-        markup=False,
-        highlight=False,
-    )
-
-
-def _bytes(count: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if count >= size:
-            return f"{count / size:,.1f} {unit}"
-    return f"{count:,.0f} B"
+    return table

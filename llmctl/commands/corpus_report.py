@@ -60,6 +60,11 @@ def print_stats(corpus: Path) -> None:
         lengths.add_row(label, *(str(histogram[split][index]) for split in SPLITS))
     console.print(lengths)
 
+    print_manifest_tables(manifest)
+
+
+def print_manifest_tables(manifest: dict) -> None:
+    """What the build changed and removed, and where the documents came from."""
     cleaned = Table(title="cleaning: characters changed per rule (recipe section data.cleaning)")
     cleaned.add_column("rule")
     cleaned.add_column("characters", justify="right")

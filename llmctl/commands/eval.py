@@ -51,29 +51,8 @@ def run(
     if out is not None:  # checked before the evaluation, which may take hours
         check_results_file(out, [p for p in (path, data) if p is not None], overwrite)
     evaluator = Evaluator(path, seed=seed, adapter=adapter)
-    results: dict = {}
-    if suite:
-        from llmctl.evaluate.suite import domain_suite_for, load_suite
-
-        suite_file = domain_suite_for(path, data) if suite == "domain" else Path(suite)
-        results.update(evaluator.run_suite(load_suite(suite_file)))
-    elif data:
-        results["perplexity"] = evaluator.perplexity(data, window, stride)
-    if tasks:
-        results.update(
-            evaluator.lm_eval([t.strip() for t in tasks.split(",") if t.strip()], include_path, limit)
-        )
-    record = evaluator.record(
-        results,
-        suite,
-        {
-            "data": str(data) if data else None,
-            "tasks": tasks,
-            "window": window,
-            "stride": stride,
-            "limit": limit,
-        },
-    )
+    names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
+    record = evaluator.evaluate(data, suite, names, include_path, limit, window, stride)
     print_results(record)
     if out:
         write_results(out, record)

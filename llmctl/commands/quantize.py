@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,38 +12,60 @@ from llmctl.commands.compress_report import HELDOUT_TOKENS, heldout_for, print_a
 app = typer.Typer(add_completion=False)
 
 
-@app.command(name="quantize")
-def quantize(
-    checkpoint: Path = typer.Argument(
-        ...,
-        help="The float checkpoint, run directory (its newest), NAME@VERSION|ALIAS or LoRA adapter (merged first).",
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="The float checkpoint, run directory (its newest), NAME@VERSION|ALIAS or LoRA adapter (merged first)."
     ),
-    method: str = typer.Option(..., help="int8 (per output channel) or int4 (group-wise)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The quantized checkpoint directory to write."),
-    group_size: int = typer.Option(64, help="int4: input columns per scale (32, 64 or 128)."),
-    calibrate: Path | None = typer.Option(
-        None,
+]
+Method = Annotated[str, typer.Option(help="int8 (per output channel) or int4 (group-wise).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="The quantized checkpoint directory to write.")]
+GroupSize = Annotated[int, typer.Option(help="int4: input columns per scale (32, 64 or 128).")]
+Calibrate = Annotated[
+    Path | None,
+    typer.Option(
         help="Calibrated rounding (GPTQ) against this text's activations: a corpus dir (its train split), "
-        ".jsonl or .txt. Without it, plain round-to-nearest.",
+        ".jsonl or .txt. Without it, plain round-to-nearest."
     ),
-    calibration_windows: int = typer.Option(128, min=1, help="Calibration windows to draw."),
-    calibration_length: int = typer.Option(256, min=8, help="Tokens per calibration window."),
-    heldout: Path | None = typer.Option(
-        None,
+]
+CalibrationWindows = Annotated[int, typer.Option(min=1, help="Calibration windows to draw.")]
+CalibrationLength = Annotated[int, typer.Option(min=8, help="Tokens per calibration window.")]
+Heldout = Annotated[
+    Path | None,
+    typer.Option(
         help="Held-out text for the perplexity column: corpus dir (its val split), .jsonl or .txt "
-        "(default: the --calibrate corpus's val split).",
+        "(default: the --calibrate corpus's val split)."
     ),
-    heldout_tokens: int = HELDOUT_TOKENS,
-    head: bool = typer.Option(True, "--head/--skip-head", help="Quantize the LM head too."),
-    embeddings: bool = typer.Option(
-        True, "--embeddings/--skip-embeddings", help="Hold the token embedding int8 per row."
-    ),
-    compile: bool = typer.Option(
-        False,
+]
+Head = Annotated[bool, typer.Option("--head/--skip-head", help="Quantize the LM head too.")]
+Embeddings = Annotated[
+    bool, typer.Option("--embeddings/--skip-embeddings", help="Hold the token embedding int8 per row.")
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
         "--compile",
         help="Time decoding with the compiled step that serve/chat --compile use (about a minute more).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
+
+
+@app.command(name="quantize")
+def quantize(
+    checkpoint: Checkpoint,
+    method: Method,
+    out: Out,
+    group_size: GroupSize = 64,
+    calibrate: Calibrate = None,
+    calibration_windows: CalibrationWindows = 128,
+    calibration_length: CalibrationLength = 256,
+    heldout: Heldout = None,
+    heldout_tokens: int = HELDOUT_TOKENS,
+    head: Head = True,
+    embeddings: Embeddings = True,
+    compile: Compile = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Quantize every projection's weights, write a checkpoint chat/serve/eval open directly, and compare
     it with the source: size, held-out perplexity, decode speed."""

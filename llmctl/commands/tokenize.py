@@ -82,8 +82,6 @@ def encode(
     ),
 ) -> None:
     """Encode every split into a flat uint16/uint32 token file plus meta.json (a no-op when up to date)."""
-    import os
-
     from rich.console import Console
 
     from llmctl.commands.progress import byte_progress
@@ -91,18 +89,7 @@ def encode(
     from llmctl.data.token_files import encode_corpus
 
     out = out or corpus.parent / "tokens"
-    shard_writer = None
-    if executor is not None:
-        from llmctl.errors import require_extra
-
-        require_extra("datatrove", "distributed", "tokenize encode --executor")
-        from llmctl.data.datatrove_stages import encode_shards_distributed
-        from llmctl.data.executors import EngineSettings
-        from llmctl.recipe import load_recipe
-
-        settings = load_recipe(recipe).data.executor_settings if recipe else {}
-        engine = EngineSettings(executor, tasks, os.cpu_count() or 1, settings)
-        shard_writer = partial(encode_shards_distributed, engine=engine)
+    shard_writer = datatrove_shard_writer(executor, recipe, tasks) if executor is not None else None
     manifest = read_manifest(corpus)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress("tokenize encode", total) as advance:
@@ -144,3 +131,20 @@ def show(
     for piece, token_id in zip(tok.pieces(text), ids, strict=True):
         table.add_row(repr(piece), str(token_id))
     Console().print(table)
+
+
+def datatrove_shard_writer(executor: str, recipe: Path | None, tasks: int):
+    """`--executor`: the token files written by datatrove tasks (the recipe's executor settings)."""
+    import os
+
+    from llmctl.errors import require_extra
+
+    require_extra("datatrove", "distributed", "tokenize encode --executor")
+    from llmctl.data.datatrove_stages import encode_shards_distributed
+    from llmctl.data.executors import EngineSettings
+    from llmctl.recipe import load_recipe
+
+    settings = load_recipe(recipe).data.executor_settings if recipe else {}
+    return partial(
+        encode_shards_distributed, engine=EngineSettings(executor, tasks, os.cpu_count() or 1, settings)
+    )

@@ -12,7 +12,7 @@ from llmctl.data.jsonl import read_jsonl, string_field
 from llmctl.digests import file_sha256
 from llmctl.errors import UserError
 from llmctl.evaluate.perplexity import perplexity
-from llmctl.evaluate.suite import Suite, Task
+from llmctl.evaluate.suite import Suite, Task, domain_suite_for, load_suite
 from llmctl.evaluate.text_metrics import generation_metrics
 from llmctl.infer.decode import load_for_inference
 from llmctl.infer.generate import generate_batch, without_stop_ids
@@ -107,6 +107,35 @@ class Evaluator:
 
     def run_suite(self, suite: Suite) -> dict:
         return {task.name: self.run_task(task) for task in suite.tasks}
+
+    def evaluate(
+        self,
+        data: Path | None = None,
+        suite: str | None = None,
+        tasks: list[str] | None = None,
+        include_path: Path | None = None,
+        limit: int | None = None,
+        window: int | None = None,
+        stride: int | None = None,
+    ) -> dict:
+        """What `llmctl eval` asks for, as one results record: a suite ("domain": the checkpoint's corpus's,
+        built once) or perplexity on `data`, and lm-eval `tasks`."""
+        results: dict = {}
+        if suite:
+            suite_file = domain_suite_for(self.checkpoint, data) if suite == "domain" else Path(suite)
+            results.update(self.run_suite(load_suite(suite_file)))
+        elif data:
+            results["perplexity"] = self.perplexity(data, window, stride)
+        if tasks:
+            results.update(self.lm_eval(tasks, include_path, limit))
+        config = {
+            "data": str(data) if data else None,
+            "tasks": ",".join(tasks) if tasks else None,
+            "window": window,
+            "stride": stride,
+            "limit": limit,
+        }
+        return self.record(results, suite, config)
 
     def record(self, results: dict, suite: str | None, config: dict) -> dict:
         return {
