@@ -119,17 +119,16 @@ def validated(call) -> dict:
     return arguments
 
 
+def ask(client, **options):
+    """The weather question with both tools, sampled: the grammar, not the random model, makes the calls."""
+    return client.chat.completions.create(
+        model="qwen", messages=ASK, tools=TOOLS, max_tokens=300, temperature=1.0, **options
+    )
+
+
 def test_required_tool_choice_returns_calls_that_validate(client):
     for seed in range(2):
-        result = client.chat.completions.create(
-            model="qwen",
-            messages=ASK,
-            tools=TOOLS,
-            tool_choice="required",
-            max_tokens=300,
-            temperature=1.0,
-            seed=seed,
-        )
+        result = ask(client, tool_choice="required", seed=seed)
         choice = result.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
         for call in choice.message.tool_calls:
@@ -138,31 +137,14 @@ def test_required_tool_choice_returns_calls_that_validate(client):
 
 
 def test_a_named_function_and_no_parallel_calls(client):
-    result = client.chat.completions.create(
-        model="qwen",
-        messages=ASK,
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "raise_alert"}},
-        parallel_tool_calls=False,
-        max_tokens=300,
-        temperature=1.0,
-        seed=3,
-    )
+    named = {"type": "function", "function": {"name": "raise_alert"}}
+    result = ask(client, tool_choice=named, parallel_tool_calls=False, seed=3)
     (call,) = result.choices[0].message.tool_calls
     assert call.function.name == "raise_alert" and validated(call)["level"] in ("low", "high")
 
 
 def test_streamed_tool_calls(client):
-    stream = client.chat.completions.create(
-        model="qwen",
-        messages=ASK,
-        tools=TOOLS,
-        tool_choice="required",
-        max_tokens=300,
-        temperature=1.0,
-        seed=7,
-        stream=True,
-    )
+    stream = ask(client, tool_choice="required", seed=7, stream=True)
     calls: dict[int, dict] = {}
     finish, content = None, ""
     for chunk in stream:

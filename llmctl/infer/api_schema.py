@@ -192,8 +192,9 @@ class SamplingFields(BaseModel):
         return tuple(pairs)
 
     def token_logprobs(self) -> int | None:
-        """How many alternatives to report with each generated token's log-probability (None: none)."""
-        raise NotImplementedError
+        """How many alternatives to report with each generated token's log-probability (None: none); each
+        endpoint reads its own fields for it."""
+        return None
 
     def candidates(self) -> int:
         """How many generations run per prompt (best_of may ask for more than the n returned)."""
