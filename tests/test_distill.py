@@ -134,14 +134,14 @@ def test_offline_distillation_reads_the_teachers_top_k_for_each_window(
     events = []
     trainer.on_event = events.append
     teacher = trainer.teacher  # offline training lets go of it once the cache is open
-    trainer._before_training(0)
+    trainer.before_training(0)
     assert (cache / META_FILE).is_file() and not (tmp_path / ".cache.partial").exists()
     (built,) = events
     assert built.build_seconds is not None and built.rows == len(trainer.sampler.tokens) - 1
 
     # the rows read for a micro-batch are what the teacher says about those windows, to fp16 precision
     for step in (0, 3):
-        inputs, targets = trainer._micro_batch(step, 1)
+        inputs, targets = trainer.micro_batch(step, 1)
         values, indices, normalizer = trainer._cached_teacher
         with torch.no_grad():
             logits = teacher(inputs, document_ids=trainer._document_ids(inputs))
@@ -165,7 +165,7 @@ def test_offline_training_never_runs_the_teacher_and_reuses_or_refuses_its_cache
     trainer = DistillTrainer(
         recipe_from_dict(offline_dict(short_pipeline, tiny_checkpoint, tmp_path / "a", cache)), CPU
     )
-    trainer._before_training(0)  # built here; from now on the teacher is gone
+    trainer.before_training(0)  # built here; from now on the teacher is gone
     assert trainer.teacher is None and trainer.teacher_parameters == 205_120
     result = trainer.fit()
     assert math.isfinite(result.val_loss)
@@ -175,4 +175,4 @@ def test_offline_training_never_runs_the_teacher_and_reuses_or_refuses_its_cache
 
     stale = offline_dict(short_pipeline, tiny_checkpoint, tmp_path / "b", cache, top_k=8)
     with pytest.raises(UserError, match="was built for another top_k; remove it"):
-        DistillTrainer(recipe_from_dict(stale), CPU)._before_training(0)
+        DistillTrainer(recipe_from_dict(stale), CPU).before_training(0)

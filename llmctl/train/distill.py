@@ -107,7 +107,7 @@ class DistillTrainer(Trainer):
         self.cache: TeacherCache | None = None
         self._cached_teacher: tuple[torch.Tensor, ...] | None = None  # the micro-batch's rows
 
-    def _before_training(self, start_step: int) -> None:
+    def before_training(self, start_step: int) -> None:
         """Offline mode: open the teacher cache, building it first (every rank a share) when it is missing."""
         spec = self.recipe.distill
         if not spec.teacher_cache:
@@ -139,8 +139,8 @@ class DistillTrainer(Trainer):
             )
         )
 
-    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
-        """The windows, and in offline mode the cached teacher rows of the same windows for `_loss`."""
+    def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
+        """The windows, and in offline mode the cached teacher rows of the same windows for `batch_loss`."""
         if self.cache is not None:
             starts = self.sampler.micro_batch_starts(
                 step,
@@ -150,9 +150,9 @@ class DistillTrainer(Trainer):
                 self.recipe.train.micro_batch_size,
             )
             self._cached_teacher = self.cache.windows(starts, self.seq_len)
-        return super()._micro_batch(step, micro_step)
+        return super().micro_batch(step, micro_step)
 
-    def _loss(
+    def batch_loss(
         self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         student = self.forward(inputs, document_ids=documents)

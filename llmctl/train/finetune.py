@@ -142,10 +142,10 @@ class FinetuneTrainer(Trainer):
 
     # -- data ----------------------------------------------------------------------------------------------
 
-    def _open_data(self) -> None:
+    def open_data(self) -> None:
         tokenizer = self.tokenizer = open_tokenizer(self.base)
         if not self.recipe.finetune.examples:  # continued pretraining on `tokenize encode` files
-            super()._open_data()
+            super().open_data()
             return
         spec, train = self.recipe.finetune, self.recipe.train
         chat = open_chat_format(
@@ -204,7 +204,7 @@ class FinetuneTrainer(Trainer):
 
     # -- model ---------------------------------------------------------------------------------------------
 
-    def _build_model(self) -> Transformer:
+    def build_model(self) -> Transformer:
         model = open_model(self.base, device=self.context.device).train()
         if model.config.vocab_size < self.tokenizer.vocab_size:
             raise UserError(
@@ -230,7 +230,7 @@ class FinetuneTrainer(Trainer):
         adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return self.model.config.flops_per_token(self.seq_len, frozen=True) + 6 * adapter
 
-    def _lr_scale(self, name: str) -> float:
+    def lr_scale(self, name: str) -> float:
         """Layer-wise decay: layer i of n at decay^(n - i), embeddings at decay^(n + 1), head and final norm at 1."""
         decay, layers = self.recipe.finetune.layer_lr_decay, self.model.config.n_layer
         if decay == 1.0:
@@ -242,10 +242,10 @@ class FinetuneTrainer(Trainer):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        return adapter_state(self.model) if self.lora is not None else super()._model_state()
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model) if self.lora is not None else super().model_state()
 
-    def _write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
+    def write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
         """A full checkpoint, or a PEFT adapter that records its base's digest; either carries the recipe's
         own chat template where it names one, so the result chats as it was trained."""
         template = self.recipe.finetune.chat_template
@@ -262,8 +262,8 @@ class FinetuneTrainer(Trainer):
             chat_template=Path(template).read_text(encoding="utf-8") if template else None,
         )
 
-    def _load_weights(self, checkpoint: Path) -> None:
+    def load_weights(self, checkpoint: Path) -> None:
         if self.lora is None:
-            super()._load_weights(checkpoint)
+            super().load_weights(checkpoint)
         else:
             load_adapter_weights(self.model, checkpoint)

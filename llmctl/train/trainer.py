@@ -115,6 +115,18 @@ class StepStats:
 
 
 class Trainer:
+    """The one training loop (pretraining as it is). Finetuning and distillation extend it by overriding its
+    public extension points, each called at one place of the loop:
+
+    - `open_data()`: the training and validation data (token files here; examples in finetuning);
+    - `build_model()`: the model to train (a base with LoRA, a quantized base);
+    - `lr_scale(name)`: a parameter's share of the scheduled learning rate;
+    - `before_training(start_step)`: work once the run is set up (distillation's teacher cache);
+    - `micro_batch(step, micro_step)`: one micro-batch's tensors;
+    - `batch_loss(inputs, targets, documents)`: the loss of one micro-batch (distillation's KL);
+    - `model_state()`, `write_checkpoint(directory, model_state, trainer_state)`, `load_weights(checkpoint)`:
+      what a checkpoint holds and how it is written and read back (PEFT adapters in finetuning)."""
+
     def __init__(
         self, recipe: Recipe, context: DistributedContext, on_event: EventHandler | None = None
     ) -> None:
@@ -129,7 +141,7 @@ class Trainer:
         self.accum = grad_accum_steps(recipe, context.world_size)
         self.seq_len = recipe.seq_len
         self.tokenizer: Tokenizer | None = None
-        self._open_data()
+        self.open_data()
         self.stop_requested = False
         self.skipped_steps = 0
         self.clock = WallClock(recipe.train.max_minutes, context)
@@ -140,18 +152,18 @@ class Trainer:
         if context.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.model = self._build_model()
+        self.model = self.build_model()
         self.model.activation_checkpointing = recipe.train.activation_checkpointing
         self.wrapped = wrap_model(self.model, self.strategy, recipe.train.precision, context)
         self.forward = torch.compile(self.wrapped) if recipe.train.compile else self.wrapped
-        self.optimizer = build_optimizer(self.model, recipe.optim, context.device, self._lr_scale)
+        self.optimizer = build_optimizer(self.model, recipe.optim, context.device, self.lr_scale)
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=recipe.train.precision == "fp16")
         self.peak_flops = device_peak_flops(context.device, recipe.train.precision)
         self.flops_per_token = self._flops_per_token()
 
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def _open_data(self) -> None:
+    def open_data(self) -> None:
         """Sets `meta` (special ids, vocabulary size, data fingerprint), `tokenizer`, `sampler` and
         `val_batches`: here from `tokenize encode` files, checked to fit the model and the tokenizer (the
         recipe's data.tokenizer, unless a subclass has set one)."""
@@ -186,7 +198,7 @@ class Trainer:
             self.context.world_size,
         )
 
-    def _build_model(self) -> Transformer:
+    def build_model(self) -> Transformer:
         """A freshly initialised model of the recipe's shape, on the run's device."""
         config = self.recipe.model.to_config(
             bos_token_id=self.meta["bos_id"],
@@ -200,7 +212,7 @@ class Trainer:
         """The FLOPs a training step spends per token, what MFU counts: every weight trained here."""
         return self.model.config.flops_per_token(self.seq_len)
 
-    def _lr_scale(self, name: str) -> float:
+    def lr_scale(self, name: str) -> float:
         """A parameter's share of the scheduled learning rate (1 here; layer-wise decay overrides it)."""
         return 1.0
 
@@ -238,7 +250,7 @@ class Trainer:
             self._emit(Resumed(step=start_step, checkpoint=str(checkpoint)))
         for path, reason in rejected:
             self._emit(CheckpointRejected(step=start_step, path=str(path), reason=reason))
-        self._before_training(start_step)
+        self.before_training(start_step)
         with self._stop_on_signals():
             run = self._loop(start_step)
         samples = [] if run.stopped else self.samples()
@@ -263,7 +275,7 @@ class Trainer:
             return None, 0, rejected
         state = read_trainer_state(checkpoint)
         check_resume_matches(checkpoint, self.recipe, token_stream_fingerprint(self.meta), state)
-        self._load_weights(checkpoint)
+        self.load_weights(checkpoint)
         restore_trainer_state(self.model, self.optimizer, state, self.context.is_main)
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = state["skipped_steps"]
@@ -356,12 +368,12 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.context.device)
         for micro_step in range(self.accum):
-            inputs, targets, *segments = self._micro_batch(step, micro_step)
+            inputs, targets, *segments = self.micro_batch(step, micro_step)
             documents = self._document_ids(inputs, *segments)
             inputs = inputs.to(self.context.device, non_blocking=True)
             targets = targets.to(self.context.device, non_blocking=True)
             with self._gradient_sync(micro_step == self.accum - 1), self._autocast():
-                loss, cross_entropy = self._loss(inputs, targets, documents)
+                loss, cross_entropy = self.batch_loss(inputs, targets, documents)
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += cross_entropy.detach()
         self.scaler.unscale_(self.optimizer)
@@ -383,17 +395,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def _before_training(self, start_step: int) -> None:
+    def before_training(self, start_step: int) -> None:
         """Work a subclass needs done once the run has started and before its first step (every rank)."""
 
-    def _micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
+    def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
         """This rank's (inputs, targets) for one micro-step of an optimizer step, and for packed examples
         the example each position belongs to."""
         return self.sampler.micro_batch(
             step, micro_step, self.context.rank, self.context.world_size, self.recipe.train.micro_batch_size
         )
 
-    def _loss(
+    def batch_loss(
         self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to minimise, the cross-entropy to report) of one micro-batch."""
@@ -422,7 +434,7 @@ class Trainer:
 
     def save(self, step: int) -> Path | None:
         """Collective under FSDP (every rank gathers); only rank 0 writes."""
-        model_state = self._model_state()
+        model_state = self.model_state()
         optimizer_state = full_optimizer_state(self.model, self.optimizer)
         elapsed = self.clock.elapsed()
         if not self.context.is_main:
@@ -438,16 +450,16 @@ class Trainer:
             "world_size": self.context.world_size,
             "data_fingerprint": token_stream_fingerprint(self.meta),
         }
-        path = self._write_checkpoint(step_directory(self.run_dir, step), model_state, trainer_state)
+        path = self.write_checkpoint(step_directory(self.run_dir, step), model_state, trainer_state)
         prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep_last, newest_step=step)
         self._emit(CheckpointSaved(step=step, path=str(path)))
         return path
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
+    def model_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of the model (collective under FSDP)."""
         return full_model_state(self.model)
 
-    def _write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
+    def write_checkpoint(self, directory: Path, model_state: dict, trainer_state: dict) -> Path:
         return save_checkpoint(
             directory,
             self.model.config,
@@ -457,7 +469,7 @@ class Trainer:
             trainer_state=trainer_state,
         )
 
-    def _load_weights(self, checkpoint: Path) -> None:
+    def load_weights(self, checkpoint: Path) -> None:
         load_model_weights(self.model, checkpoint, self.context.is_main)
 
     def samples(self) -> list[tuple[str, str]]:
