@@ -177,7 +177,7 @@ class ChatOptions:
     chat_template: Path | None = None
     context: int | None = None
     system: str | None = None
-    settings: SamplingParams = field(default_factory=lambda: chat_sampling())
+    settings: SamplingParams = field(default_factory=chat_sampling)
     compile: bool = False  # compile the decode step before the first reply
     draft: Path | None = None
     lookahead: int = DEFAULT_LOOKAHEAD
