@@ -79,8 +79,9 @@ class TrainSection(Section):
     steps: int = Field(1000, gt=0, description="optimizer steps; with max_minutes, the most to run")
     max_minutes: float | None = Field(
         None,
-        gt=0,
-        description="wall-clock budget: the schedule follows the share spent; stops and saves at the end",
+        ge=0,
+        description="wall-clock budget: the schedule follows the share spent; stops and saves at the end "
+        "(0: none, the steps decide)",
     )
     micro_batch_size: int = Field(8, gt=0, description="sequences per device per forward pass")
     global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, over all devices")
@@ -277,7 +278,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     raw = _read_with_extends(path, seen=())
     raw.setdefault("name", path.stem)
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return recipe_from_dict(raw, source=str(path))
 
 
@@ -347,20 +348,21 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         return raw
     base = _read_with_extends(path.parent / parent, seen=(*seen, resolved))
     base.pop("name", None)  # a child recipe is its own run, named after its own file unless it says otherwise
-    return _deep_merge(base, raw)
+    return deep_merge(base, raw)
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.key=value` in a raw recipe dict; the value is read as TOML, else taken as a string."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {override!r}: expected section.key=value, e.g. --set optim.lr=3e-4")

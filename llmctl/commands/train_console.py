@@ -134,13 +134,22 @@ class TrainingConsole:
             return
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
         if result.val_loss is not None:
             self._print(
                 f"done: step {result.final_step}, val loss {result.val_loss:.4f}, "
                 f"checkpoint {escape(str(result.checkpoint))}"
             )
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live status and close the run's train.log."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
         if self.log_file is not None:
             self.log_file.close()
+            self.log_file = None
 
     def _print(self, line: str) -> None:
         (self.progress.console if self.progress is not None else self.console).print(line)

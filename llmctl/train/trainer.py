@@ -360,9 +360,14 @@ class Trainer:
         """One optimizer step (0-based `step`): accumulate gradients over micro-batches, clip, update.
 
         `time_fraction`, the share of a wall-clock budget spent, sets the schedule's progress in place of
-        the step count. Steps with non-finite gradients leave the weights unchanged and count as skipped.
+        the step count, or the share of steps done where that is further: the run ends at whichever budget
+        runs out first, and the schedule has decayed by then. Steps with non-finite gradients leave the
+        weights unchanged and count as skipped.
         """
-        lr = lr_at(step, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.schedule, time_fraction)
+        total = self.recipe.train.steps
+        if time_fraction is not None:
+            time_fraction = max(time_fraction, step / total)
+        lr = lr_at(step, total, self.recipe.optim.lr, self.recipe.schedule, time_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints of earlier versions
         self.model.train()

@@ -1,0 +1,201 @@
+"""`llmctl up DOCS`: one command from a folder of mixed documents to a registered, served model with a card
+and a report; re-runs reuse what is unchanged, an interrupted training resumes bitwise, a base is adapted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port, one_error_line, sample_texts, server_ready
+from safetensors.torch import load_file
+from test_formats import write_pdf
+
+# Steps, not minutes, bound training here, so the runs are short and an interrupted one can be compared.
+STEPS = ["--set", "train.max_minutes=0", "--set", "train.steps=40", "--set", "train.eval_every=10"]
+
+
+def write_documents(folder: Path, texts: list[str]) -> None:
+    """The texts as txt, md and html files in nested folders, plus a PDF and a Word document."""
+    from docx import Document as WordDocument
+
+    for index, text in enumerate(texts):
+        kind = ("txt", "md", "html")[index % 3]
+        body = f"<html><body><main><p>{text}</p></main></body></html>" if kind == "html" else text
+        target = folder / ("manuals" if index % 2 else "") / f"doc{index}.{kind}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body, encoding="utf-8")
+    lines = texts[0][:2000].encode("latin-1", "replace").decode("latin-1").replace("(", "[").replace(")", "]")
+    write_pdf(folder / "guide.pdf", [lines[i : i + 90] for i in range(0, len(lines), 90)])
+    word = WordDocument()
+    word.add_heading("Operating procedure", level=1)
+    word.add_paragraph(texts[1][:3000])
+    word.save(folder / "procedure.docx")
+
+
+def up(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmctl", "up", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen, expected: int = 0) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == expected, output
+    return output
+
+
+def stage_lines(output: str) -> dict[str, str]:
+    """'name reused: ...' / 'name done in ...' -> name: 'reused' or 'done'."""
+    found = {}
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) > 2 and words[1] in ("reused:", "done"):
+            found[words[0]] = "reused" if words[1] == "reused:" else "done"
+    return found
+
+
+@pytest.fixture
+def environment(tmp_path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "200",
+    }
+
+
+def test_up_serves_a_registered_model_reuses_stages_and_resumes_an_interrupted_training(
+    tmp_path, environment
+):
+    from openai import OpenAI
+
+    texts = sample_texts(24)
+    docs, out = tmp_path / "docs", tmp_path / "acme"
+    write_documents(docs, texts[:20])
+    port = free_port()
+    first = up(
+        str(docs),
+        "--out",
+        str(out),
+        "--budget",
+        "3m",
+        *STEPS,
+        "--serve",
+        "--port",
+        str(port),
+        env=environment,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not server_ready(f"http://127.0.0.1:{port}"):
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, "llmctl up never served"
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.completions.create(model="model", prompt="The Python", max_tokens=8, temperature=0)
+        assert reply.choices[0].text and reply.usage.completion_tokens > 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output = first.communicate(timeout=60)[0]
+    assert "registered as docs@1" in output, output
+    card = (out / "model" / "README.md").read_text()
+    assert (
+        card.startswith("---\nlibrary_name: transformers")
+        and "bits_per_byte" in card
+        and "## Limitations" in card
+    )
+    assert (out / "report" / "report.html").is_file()
+    from mlflow import MlflowClient
+
+    version = MlflowClient(environment["MLFLOW_TRACKING_URI"]).get_model_version("docs", "1")
+    assert "llmctl.eval.heldout" in version.tags and version.tags["llmctl.weights_sha256"]
+
+    again = stage_lines(finish(up(str(docs), "--out", str(out), "--budget", "3m", *STEPS, env=environment)))
+    assert set(again.values()) == {"reused"} and {"corpus", "train", "register", "report"} <= set(again)
+
+    # One more document: corpus onward is redone. Interrupted while training, then run again, the training
+    # resumes and ends with the weights of an uninterrupted run of the same recipe.
+    (docs / "added.md").write_text(texts[22], encoding="utf-8")
+    interrupted = up(str(docs), "--out", str(out), "--budget", "3m", *STEPS, env=environment)
+    seen = ""
+    while "step     10/" not in seen:
+        line = interrupted.stdout.readline()
+        assert line, seen
+        seen += line
+    interrupted.send_signal(signal.SIGINT)
+    assert "run the same llmctl up command again" in finish(interrupted, expected=130)
+    resumed = finish(up(str(docs), "--out", str(out), "--budget", "3m", *STEPS, env=environment))
+    before, after = stage_lines(seen), stage_lines(resumed)
+    assert {before[name] for name in ("corpus", "tokenizer", "tokens", "size")} == {"done"}, before
+    assert after["corpus"] == "reused" and after["train"] == after["register"] == "done", after
+    assert "resumed from" in resumed
+
+    ledger = json.loads((out / "up.json").read_text())
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        ledger["stages"]["size"]["result"]["recipe"].replace(str(out / "train"), str(tmp_path / "alone"))
+    )
+    subprocess.run(
+        [sys.executable, "-m", "llmctl", "train", str(recipe)],
+        cwd=REPO,
+        env=environment,
+        check=True,
+        capture_output=True,
+    )
+    step = f"step-{ledger['stages']['train']['result']['steps']:08d}"
+    ours = load_file(out / "train" / "checkpoints" / step / "model.safetensors")
+    alone = load_file(tmp_path / "alone" / "checkpoints" / step / "model.safetensors")
+    assert ours.keys() == alone.keys() and all((ours[name] == alone[name]).all() for name in ours)
+
+
+def test_up_adapts_a_base_and_its_held_out_perplexity_falls(tmp_path, environment, tiny_checkpoint):
+    docs, out = tmp_path / "docs", tmp_path / "adapted"
+    write_documents(docs, sample_texts(20))
+    settings = ["--set", "quantize.enabled=false", "--set", "chat.share=0.3", "--set", "chat.min_minutes=0"]
+    arguments = [str(docs), "--base", str(tiny_checkpoint), "--out", str(out), "--budget", "1m", *settings]
+    output = finish(
+        up(*arguments, "--set", "train.max_minutes=0", "--set", "train.steps=30", env=environment)
+    )
+    base = json.loads((out / "evaluate-base.json").read_text())["results"]["perplexity"]
+    adapted = json.loads((out / "evaluate.json").read_text())["results"]["perplexity"]
+    assert adapted["bits_per_byte"] < base["bits_per_byte"], output
+    assert stage_lines(output)["chat"] == "done" and (out / "instructions.jsonl").is_file()
+    assert f"adapted from `{tiny_checkpoint}`" in (out / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("empty", "holds no files"),
+        ("unreadable", "no .txt, .md"),
+        ("budget", "leaves"),
+        ("base-file", "is not a model"),
+        ("base-folder", "is not a model"),
+        ("duration", "give a duration such as 30m"),
+        ("stage", "unknown stage 'training'"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(tmp_path, llmctl_in_process, case, expected):
+    docs, out = tmp_path / "docs", tmp_path / "out"
+    docs.mkdir()
+    if case != "empty":
+        (docs / ("data.bin" if case == "unreadable" else "a.txt")).write_text("Some text. " * 200)
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "folder").mkdir()
+    extra = {
+        "budget": ["--budget", "5s"],
+        "base-file": ["--base", str(tmp_path / "notes.txt")],
+        "base-folder": ["--base", str(tmp_path / "folder")],
+        "duration": ["--budget", "soon"],
+        "stage": ["--set", "training.steps=3"],
+    }.get(case, [])
+    line = one_error_line(llmctl_in_process("up", str(docs), "--out", str(out), *extra))
+    assert expected in line, line
+    assert not out.exists()
