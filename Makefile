@@ -31,8 +31,11 @@ lint: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/import_cycles.py
 
+# Two workers, one thread each: half the suite is interpreter start-up and waiting, which then overlaps.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 demo: install
 	bash scripts/demo.sh $(DEMO)

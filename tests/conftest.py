@@ -30,7 +30,7 @@ def run_llmctl(
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), env.get("PYTHONPATH", "")])
-    env.setdefault("COLUMNS", "200")
+    env["COLUMNS"] = "200"  # wide tables whatever the terminal (pytest-xdist's workers have none)
     result = subprocess.run(
         [sys.executable, "-m", "llmctl", *args],
         cwd=cwd,

@@ -436,6 +436,25 @@ def test_a_dead_engine_is_reported_and_restarted_by_the_watchdog(tiny_checkpoint
 @pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnhandledThreadExceptionWarning"
 )  # the loop dies on purpose
+def test_a_request_waiting_through_two_dead_loops_fails_so_a_fallback_can_serve_it(tiny_checkpoint):
+    """A loop that died once may have died of something else: its waiting requests wait for the next loop.
+    One that dies again with them still waiting fails them (they may be the cause), rather than leaving
+    their clients hanging while the watchdog restarts it for ever."""
+    served = load_served_model("tiny", tiny_checkpoint, max_batch=1)
+    served.engine._admit = lambda: (_ for _ in ()).throw(RuntimeError("a bug in the loop"))
+    finished: list[str | None] = []
+    served.engine.submit(
+        [1, 2], SamplingParams(max_new_tokens=1), lambda token, finish: finished.append(finish)
+    )
+    for expected in ([], ["error"]):
+        wait_until(lambda: not served.engine.alive(), message="the loop should have died")
+        assert served.engine.restart_if_dead() and finished == expected
+    served.engine.stop()
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
+)  # the loop dies on purpose
 async def test_health_is_503_while_an_engine_is_dead(tiny_checkpoint):
     served = load_served_model("tiny", tiny_checkpoint, max_batch=1)
     app = create_app({"tiny": served})  # in-process: no lifespan, so no watchdog repairs it behind our back

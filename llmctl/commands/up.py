@@ -55,8 +55,9 @@ def up(
     from llmctl.commands.checkpoint_args import resolve_model_path
     from llmctl.commands.up_console import UpConsole
     from llmctl.pipeline.budget import parse_duration
+    from llmctl.pipeline.request import TrainingInterrupted, UpRequest
     from llmctl.pipeline.settings import read_settings
-    from llmctl.pipeline.up import TrainingInterrupted, UpPipeline, UpRequest
+    from llmctl.pipeline.up import UpPipeline
 
     name = name or _model_name(docs)
     request = UpRequest(
@@ -70,12 +71,12 @@ def up(
     )
     console = UpConsole()
     pipeline = UpPipeline(request, console.on_event, console.on_training_event)
-    planned = pipeline.plan()
-    console.print_plan(request, planned)
+    plan = pipeline.plan()
+    console.print_plan(request, plan.stages)
     if dry_run:
         return
     try:
-        result = pipeline.run(planned)
+        result = pipeline.run(plan)
     except (TrainingInterrupted, KeyboardInterrupt) as stopped:
         console.interrupted(request, stopped)
         sys.exit(130)

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from llmctl.commands.train_console import TrainingConsole
 from llmctl.pipeline.budget import PlannedStage
-from llmctl.pipeline.up import StageDone, StageStarted, UpRequest, UpResult
+from llmctl.pipeline.request import StageDone, StageStarted, UpRequest, UpResult
 
 TRAINING_STAGES = ("train", "adapt", "chat")
 

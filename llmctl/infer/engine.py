@@ -135,10 +135,17 @@ class Engine:
         return self.thread is not None and self.thread.is_alive()
 
     def restart_if_dead(self) -> bool:
-        """The watchdog's repair: fail the requests a dead loop held and start a new loop. True if it did."""
+        """The watchdog's repair: fail the requests a dead loop held, and the waiting ones that have now seen
+        two loops die (one of them may be the cause; a fallback model can serve them), and start a new loop.
+        True if it did."""
         if not self.running or self.alive():
             return False
-        for request in self.slots:
+        with self.wakeup:
+            for request in self.waiting:
+                request.engine_deaths += 1
+            doomed = [request for request in self.waiting if request.engine_deaths >= 2]
+            self.waiting = deque(request for request in self.waiting if request.engine_deaths < 2)
+        for request in [*self.slots, *doomed]:
             request.error = "the engine stopped while serving this request"
             request.on_token(None, "error")
         self.slots.clear()

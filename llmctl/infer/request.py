@@ -31,6 +31,7 @@ class Request:
     generator: torch.Generator | None = None
     cancelled: bool = False
     error: str | None = None
+    engine_deaths: int = 0  # engine loops that died while it waited; a second fails it (it may be the cause)
     adapter: str | None = None  # which LoRA adapter of an `AdapterRouter` model serves it (None: the base)
     constraint: Constraint | None = None  # a grammar its tokens must follow (structured output)
     # with params.logprobs: one entry per generated token, appended before its on_token call
