@@ -12,6 +12,7 @@ from llmctl.errors import UserError
 CORPUS_BYTES_PER_SECOND = 2.5e6
 TOKENIZER_BYTES_PER_SECOND = 2e6
 ENCODE_BYTES_PER_SECOND = 5e6
+IMPORT_BYTES_PER_SECOND = 5e6  # of GGUF file: SmolLM2-135M's 100 MB Q4_1 took 20 s
 BYTES_PER_TOKEN = 4
 STAGE_OVERHEAD_SECONDS = 3.0  # imports, opening the model, writing
 MEASURE_DECODE_SECONDS = 15.0  # quantize: both models' decode speed
@@ -37,6 +38,11 @@ def data_stage_seconds(document_bytes: int, tokenizer: bool) -> dict[str, float]
     if not tokenizer:
         del seconds["tokenizer"]
     return seconds
+
+
+def import_seconds(gguf_bytes: int) -> float:
+    """Dequantizing a GGUF file through transformers and writing it in fp32."""
+    return STAGE_OVERHEAD_SECONDS + gguf_bytes / IMPORT_BYTES_PER_SECOND
 
 
 def evaluation_seconds(heldout_bytes: int, parameters: int, flops_per_second: float) -> float:

@@ -13,15 +13,28 @@ from llmctl.data.corpus import iter_texts
 from llmctl.digests import write_digest_manifest
 
 CARD_FILE = "README.md"
-HELDOUT_DOCUMENTS = 200  # quantization's perplexity check
+HELDOUT_TOKENS = 125_000  # about 500 KB of the held-out split: evaluation stays bounded on a large corpus
+QUANTIZATION_TOKENS = 25_000  # of those, what int8's perplexity cost is measured on
+EVAL_WINDOW = 1024  # positions per scored window, whatever the model's context (a base's may be 8k+)
 MAX_QUANTIZATION_COST = 0.01  # int8 is served when faster and at most 1% worse in held-out perplexity
 
 
-def evaluate_checkpoint(checkpoint: Path, corpus: Path, out: Path) -> dict:
-    """`llmctl eval CKPT --data CORPUS --out OUT`: held-out perplexity and bits per byte."""
+def write_heldout(corpus: Path, out: Path) -> int:
+    """The evaluation set: the leading held-out documents up to HELDOUT_TOKENS, as JSONL; its count."""
+    from llmctl.compress.measure import heldout_texts
+
+    texts = heldout_texts(list(iter_texts(corpus, "val")), HELDOUT_TOKENS)
+    atomic_write_text(out, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts))
+    return len(texts)
+
+
+def evaluate_checkpoint(checkpoint: Path, heldout: Path, out: Path) -> dict:
+    """`llmctl eval CKPT --data HELDOUT --window W --out OUT`: perplexity and bits per byte."""
     from llmctl.evaluate.runner import Evaluator
 
-    record = Evaluator(checkpoint).evaluate(data=corpus)
+    evaluator = Evaluator(checkpoint)
+    window = min(EVAL_WINDOW, evaluator.model.config.max_seq_len)
+    record = evaluator.evaluate(data=heldout, window=window)
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     numbers = record["results"]["perplexity"]
     kept = {key: numbers[key] for key in ("token_perplexity", "bits_per_byte", "documents", "tokens")}
@@ -29,16 +42,17 @@ def evaluate_checkpoint(checkpoint: Path, corpus: Path, out: Path) -> dict:
     return {**kept, "file": str(out), "summary": summary}
 
 
-def quantize_if_faster(model: Path, corpus: Path, out: Path) -> dict:
-    """int8 at `out`, kept when it decodes faster at no more than MAX_QUANTIZATION_COST more perplexity on
-    the held-out split; removed otherwise."""
-    from llmctl.compress.run import quantize_checkpoint
+def quantize_if_faster(model: Path, heldout: Path, out: Path) -> dict:
+    """int8 at `out`, kept when it decodes faster at no more than MAX_QUANTIZATION_COST more perplexity;
+    removed otherwise. Both are measured as `llmctl quantize` measures them, on part of the held-out set."""
+    from llmctl.compress.measure import heldout_texts
+    from llmctl.compress.run import write_quantized
     from llmctl.quantization.quantize import QuantizationSettings
 
-    heldout = list(iter_texts(corpus, "val"))[:HELDOUT_DOCUMENTS]
-    source, int8 = quantize_checkpoint(model, out, QuantizationSettings("int8"), heldout)
-    cost = int8.change_against(source) or 0.0
-    before, after = source.decode_tokens_per_second or 0.0, int8.decode_tokens_per_second or 0.0
+    write_quantized(model, out, QuantizationSettings("int8"))
+    texts = heldout_texts([record["text"] for record in map(json.loads, heldout.open())], QUANTIZATION_TOKENS)
+    (float_perplexity, before), (int8_perplexity, after) = (_measure(path, texts) for path in (model, out))
+    cost = int8_perplexity / float_perplexity - 1
     kept = after > before and cost <= MAX_QUANTIZATION_COST
     if not kept:
         shutil.rmtree(out, ignore_errors=True)
@@ -47,6 +61,17 @@ def quantize_if_faster(model: Path, corpus: Path, out: Path) -> dict:
         "kept": kept,
         "summary": f"int8 {verdict}: perplexity {cost:+.2%}, decode {before:.0f} -> {after:.0f} tokens/s",
     }
+
+
+def _measure(checkpoint: Path, texts: list[str]) -> tuple[float, float]:
+    """Held-out perplexity and batch-1 decode tokens/s of a checkpoint loaded as chat and serve load it."""
+    from llmctl.compress.measure import decode_tokens_per_second
+    from llmctl.evaluate.perplexity import perplexity
+    from llmctl.infer.decode import load_for_inference
+
+    model, tokenizer = load_for_inference(checkpoint)
+    window = min(EVAL_WINDOW, model.config.max_seq_len)
+    return perplexity(model, tokenizer, texts, window).token_perplexity, decode_tokens_per_second(model)
 
 
 def deliver_model(served: Path, out: Path, card: str) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 from llmctl.errors import UserError
 from llmctl.pipeline import budget
 from llmctl.pipeline.budget import PlannedStage
-from llmctl.pipeline.request import UpRequest, is_gguf
+from llmctl.pipeline.delivery import HELDOUT_TOKENS, QUANTIZATION_TOKENS
+from llmctl.pipeline.request import UpRequest, gguf_parameters, is_gguf
 from llmctl.pipeline.settings import UpSettings
 from llmctl.pipeline.sizing import choose_shape, vocabulary_size
 
@@ -22,8 +23,8 @@ class Plan:
 
     def seconds_after_training(self) -> float:
         """The planned seconds of the stages after training: evaluation, quantization, registration."""
-        data = ("corpus", "tokenizer", "tokens")
-        return sum(stage.seconds for stage in self.stages if not stage.training and stage.name not in data)
+        before = ("import", "corpus", "tokenizer", "tokens", "evaluate-base")
+        return sum(stage.seconds for stage in self.stages if not stage.training and stage.name not in before)
 
 
 def vocabulary_for(settings: UpSettings, text_bytes: int) -> int:
@@ -37,17 +38,22 @@ def make_plan(request: UpRequest, document_bytes: int, started: float) -> Plan:
 
     settings = request.settings
     data = budget.data_stage_seconds(document_bytes, tokenizer=request.base is None)
+    if is_gguf(request.base):
+        data["import"] = budget.import_seconds(Path(request.base).stat().st_size)
     check_budget(request, {**data, "register": budget.REGISTER_SECONDS}, started)
     vocab = vocabulary_for(settings, document_bytes)
     flops = measured_flops_per_second(vocab)
-    heldout = int(document_bytes * settings.corpus_options().val_fraction)
+    heldout = min(int(document_bytes * settings.corpus_options().val_fraction), 4 * HELDOUT_TOKENS)
     parameters = estimated_parameters(request, vocab, document_bytes, sum(data.values()), flops)
-    evaluations = 1 if request.base is None else 2
     after = {
-        "evaluate": evaluations * budget.evaluation_seconds(heldout, parameters, flops),
-        "quantize": budget.quantize_seconds(heldout, parameters, flops) if settings.quantize else 0.0,
+        "evaluate": budget.evaluation_seconds(heldout, parameters, flops),
+        "quantize": budget.quantize_seconds(min(heldout, 4 * QUANTIZATION_TOKENS), parameters, flops)
+        if settings.quantize
+        else 0.0,
         "register": budget.REGISTER_SECONDS,
     }
+    if request.base is not None:
+        after["evaluate-base"] = after["evaluate"]
     chat = settings.chat
     train, chat_seconds = budget.training_split(
         check_budget(request, {**data, **after}, started),
@@ -81,7 +87,7 @@ def estimated_parameters(
 
 def base_parameters(base: Path) -> int:
     if is_gguf(base):
-        return Path(base).stat().st_size // 2  # about: most GGUF files hold 4-8 bits a weight
+        return gguf_parameters(base)
     from llmctl.model.hf_format import read_config
 
     return read_config(Path(base)).num_parameters()
@@ -98,13 +104,20 @@ def plan_rows(
 ) -> list[PlannedStage]:
     """Disk: the corpus about the documents' size, the tokens half of it; a training run two checkpoints of
     weights and optimizer moments (a LoRA run's adapters are small, its merged copy is not)."""
-    rows = [
-        PlannedStage("corpus", "clean, filter, de-duplicate and split the documents", data["corpus"], text)
-    ]
+    rows = []
+    if "import" in data:
+        rows.append(
+            PlannedStage("import", "the GGUF file as a checkpoint (fp32)", data["import"], 4 * parameters)
+        )
+    what = "clean, filter, de-duplicate and split the documents"
+    rows.append(PlannedStage("corpus", what, data["corpus"], text))
     if "tokenizer" in data:
         what = "a sentencepiece vocabulary sized for the corpus"
         rows.append(PlannedStage("tokenizer", what, data["tokenizer"], 1 << 20))
     rows.append(PlannedStage("tokens", "encode both splits", data["tokens"], text // 2))
+    if request.base is not None:
+        what = "held-out perplexity of the base, to compare against"
+        rows.append(PlannedStage("evaluate-base", what, after["evaluate-base"], 1 << 20))
     if request.base is None:
         rows.append(PlannedStage("train", "pretrain the shape the time allows", train, 36 * parameters, True))
     else:

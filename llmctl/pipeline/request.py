@@ -76,6 +76,7 @@ def check_request(request: UpRequest) -> tuple[list[Path], int]:
 
 def check_base(base: Path) -> None:
     if is_gguf(base):
+        gguf_parameters(base)
         return
     if not base.exists():
         raise UserError(f"--base {base} does not exist; give a model directory, a .gguf file or NAME@ALIAS")
@@ -86,3 +87,15 @@ def check_base(base: Path) -> None:
 
 def is_gguf(path: Path | None) -> bool:
     return path is not None and Path(path).is_file() and Path(path).suffix == ".gguf"
+
+
+def gguf_parameters(path: Path) -> int:
+    """The weights a GGUF file holds, read from its header (the file is memory-mapped, not loaded)."""
+    from llmctl.errors import require_extra
+
+    gguf = require_extra("gguf", "export", "reading GGUF files")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as error:
+        raise UserError(f"--base {path} is not a GGUF model llmctl can read: {error}") from None
+    return sum(int(tensor.n_elements) for tensor in reader.tensors)

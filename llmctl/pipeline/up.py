@@ -31,6 +31,7 @@ class UpPipeline:
         self.request, self.settings = request, request.settings
         self.on_event, self.on_training_event = on_event, on_training_event
         self.out = Path(request.out)
+        self.heldout = self.out / "heldout.jsonl"  # the evaluation set: part of the corpus's held-out split
         self.started = time.perf_counter()  # the budget counts from here: checks and plan included
         self.documents, self.document_bytes = check_request(request)
         self.keys: dict[str, str] = {}
@@ -63,13 +64,13 @@ class UpPipeline:
         evaluation = []
         if base is not None:
             self.model_key = self.keys.get("import") or str(base)
-            evaluation.append(("base", self._evaluate("evaluate-base", base, corpus)))
+            evaluation.append(("base", self._evaluate("evaluate-base", base)))
             trained = self._adapt(base, tokens, corpus)
         else:
             trained = self._pretrain(corpus, tokenizer, tokens)
         final = self._chat(trained, corpus)
-        evaluation.append(("adapted" if base else "trained", self._evaluate("evaluate", final, corpus)))
-        served = self._quantize(final, corpus)
+        evaluation.append(("adapted" if base else "trained", self._evaluate("evaluate", final)))
+        served = self._quantize(final)
         model = self._deliver(served, corpus, evaluation)
         registered, report = self._register(model), self._report()
         return UpResult(model, registered, model / delivery.CARD_FILE, report, evaluation, self.done)
@@ -134,7 +135,8 @@ class UpPipeline:
             train, val = (manifest["splits"][split]["documents"] for split in ("train", "val"))
             if not train:
                 raise UserError(f"no document of {docs} kept any text after cleaning and filtering")
-            return {"summary": f"{train:,} training and {val:,} held-out documents"}
+            evaluated = delivery.write_heldout(out, self.heldout)
+            return {"summary": f"{train:,} training and {val:,} held-out documents ({evaluated} evaluated)"}
 
         inputs = (documents_digest(self.documents, docs), repr(options))
         self._stage("corpus", "clean, filter, de-duplicate and split", inputs, build)
@@ -267,23 +269,26 @@ class UpPipeline:
 
     # -- after training --------------------------------------------------------------------------------------
 
-    def _evaluate(self, name: str, checkpoint: Path, corpus: Path) -> dict:
+    def _evaluate(self, name: str, checkpoint: Path) -> dict:
         out = self.out / f"{name}.json"
         inputs = (self.model_key, self.keys["corpus"])
         return self._stage(
             name,
             "held-out perplexity",
             inputs,
-            lambda again: delivery.evaluate_checkpoint(checkpoint, corpus, out),
+            lambda again: delivery.evaluate_checkpoint(checkpoint, self.heldout, out),
         )
 
-    def _quantize(self, model: Path, corpus: Path) -> Path:
+    def _quantize(self, model: Path) -> Path:
         if not self.settings.quantize:
             return model
         out = self.out / "int8"
         what = "int8, kept when faster at <= 1% perplexity"
         result = self._stage(
-            "quantize", what, (self.model_key,), lambda again: delivery.quantize_if_faster(model, corpus, out)
+            "quantize",
+            what,
+            (self.model_key,),
+            lambda again: delivery.quantize_if_faster(model, self.heldout, out),
         )
         if not result["kept"]:
             return model
