@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pty
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -327,3 +332,35 @@ def serving(*args: str, timeout: float = 180) -> Iterator[str]:
     finally:
         server.terminate()
         server.communicate(timeout=60)
+
+
+class Terminal:
+    """A command on a pseudo-terminal (what the Textual monitor needs), with what it has drawn so far."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.controller, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.process = subprocess.Popen(
+            command, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
+            env={**env, "TERM": "xterm-256color"}, start_new_session=True,
+        )  # fmt: skip
+        os.close(terminal)
+        self.shown: list[bytes] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):  # the terminal closes when the command ends
+            while chunk := os.read(self.controller, 65536):
+                self.shown.append(chunk)
+
+    def stop_with(self, keys: bytes) -> int:
+        """Type `keys`; the command's exit code."""
+        os.write(self.controller, keys)
+        try:
+            return self.process.wait(timeout=120)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+    def text(self) -> str:
+        return b"".join(self.shown).decode(errors="replace")

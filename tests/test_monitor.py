@@ -3,24 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import html
 import json
 import os
-import pty
 import re
-import struct
-import subprocess
 import sys
-import termios
-import threading
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import tomli_w
-from conftest import REPO, tiny_recipe_dict, wait_until
+from conftest import Terminal, tiny_recipe_dict, wait_until
 
 from llmctl.train.run_log import RunLog, Series
 
@@ -284,38 +277,13 @@ def test_train_tui_follows_the_run_and_q_stops_it_with_a_checkpoint(sample_pipel
     (tmp_path / "recipe.toml").write_text(
         tomli_w.dumps(tiny_recipe_dict(sample_pipeline, run, steps=100_000))
     )
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    command = subprocess.Popen(
-        [sys.executable, "-m", "llmctl", "train", str(tmp_path / "recipe.toml"), "--tui"],
-        cwd=REPO,
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        env=dict(os.environ, TERM="xterm-256color"),
-        start_new_session=True,
+    terminal = Terminal(
+        [sys.executable, "-m", "llmctl", "train", str(tmp_path / "recipe.toml"), "--tui"], dict(os.environ)
     )
-    os.close(terminal)
-    shown: list[bytes] = []
-
-    def drain() -> None:
-        with contextlib.suppress(OSError):  # the terminal closes when the command ends
-            while chunk := os.read(controller, 65536):
-                shown.append(chunk)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        wait_until(lambda: RunLog(run).read_all().step >= 2, timeout=120, message="training did not start")
-        wait_until(
-            lambda: b"llmctl monitor" in b"".join(shown), timeout=30, message="the monitor did not draw"
-        )
-        os.write(controller, b"q")
-        assert command.wait(timeout=120) == 130
-    finally:
-        if command.poll() is None:
-            command.kill()
-    output = b"".join(shown).decode(errors="replace")
-    assert f"stopped; continue with: llmctl train {tmp_path / 'recipe.toml'} --resume auto" in output
+    wait_until(lambda: RunLog(run).read_all().step >= 2, timeout=120, message="training did not start")
+    wait_until(lambda: "llmctl monitor" in terminal.text(), timeout=30, message="the monitor did not draw")
+    assert terminal.stop_with(b"q") == 130
+    assert f"stopped; continue with: llmctl train {tmp_path / 'recipe.toml'} --resume auto" in terminal.text()
     log = RunLog(run).read_all()
     assert log.status() == "interrupted" and log.last_checkpoint is not None
 

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, one_error_line, sample_texts, server_ready
+from conftest import REPO, Terminal, free_port, one_error_line, sample_texts, server_ready, wait_until
 from safetensors.torch import load_file
 from test_formats import write_pdf
+
+from llmctl.train.run_log import RunLog
 
 # Steps, not minutes, bound training here, so the runs are short and an interrupted one can be compared.
 STEPS = ["--set", "train.max_minutes=0", "--set", "train.steps=40", "--set", "train.eval_every=10"]
@@ -38,11 +40,14 @@ def write_documents(folder: Path, texts: list[str]) -> None:
     word.save(folder / "procedure.docx")
 
 
+def up_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmctl", "up", *args]
+
+
 def up(*args: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "llmctl", "up", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        up_command(*args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(process: subprocess.Popen, expected: int = 0) -> str:
@@ -120,20 +125,31 @@ def test_up_serves_a_registered_model_reuses_stages_and_resumes_an_interrupted_t
     again = stage_lines(finish(up(str(docs), "--out", str(out), "--budget", "3m", *STEPS, env=environment)))
     assert set(again.values()) == {"reused"} and {"corpus", "train", "register", "report"} <= set(again)
 
-    # One more document: corpus onward is redone. Interrupted while training, then run again, the training
-    # resumes and ends with the weights of an uninterrupted run of the same recipe.
+    # One more document: corpus onward is redone. Watched with --tui, whose q interrupts the training (as
+    # Ctrl-C does), then run again: the training resumes and ends with the weights of an uninterrupted run.
+    keys = {name: stage["key"] for name, stage in json.loads((out / "up.json").read_text())["stages"].items()}
     (docs / "added.md").write_text(texts[22], encoding="utf-8")
-    interrupted = up(str(docs), "--out", str(out), "--budget", "3m", *STEPS, env=environment)
-    seen = ""
-    while "step     10/" not in seen:
-        line = interrupted.stdout.readline()
-        assert line, seen
-        seen += line
-    interrupted.send_signal(signal.SIGINT)
-    assert "run the same llmctl up command again" in finish(interrupted, expected=130)
+    started = time.time()
+    shown = Terminal(up_command(str(docs), "--out", str(out), "--budget", "3m", *STEPS, "--tui"), environment)
+    metrics = out / "train" / "metrics.jsonl"
+    wait_until(
+        lambda: (
+            metrics.is_file()
+            and metrics.stat().st_mtime > started
+            and RunLog(out / "train").read_all().step >= 10
+        ),
+        timeout=180,
+        message="the new training did not start",
+    )
+    assert shown.stop_with(b"q") == 130
+    assert "continue with: llmctl up" in shown.text()
+    stages = json.loads((out / "up.json").read_text())["stages"]
+    assert all(
+        stages[name]["key"] != keys[name] and stages[name]["done"] for name in ("corpus", "tokenizer", "size")
+    )
+    assert not stages["train"]["done"]
     resumed = finish(up(str(docs), "--out", str(out), "--budget", "3m", *STEPS, env=environment))
-    before, after = stage_lines(seen), stage_lines(resumed)
-    assert {before[name] for name in ("corpus", "tokenizer", "tokens", "size")} == {"done"}, before
+    after = stage_lines(resumed)
     assert after["corpus"] == "reused" and after["train"] == after["register"] == "done", after
     assert "resumed from" in resumed
 
@@ -180,6 +196,8 @@ def test_up_adapts_a_base_and_its_held_out_perplexity_falls(tmp_path, environmen
         ("base-folder", "is not a model"),
         ("duration", "give a duration such as 30m"),
         ("stage", "unknown stage 'training'"),
+        ("name", "model name 'legal/v2' is not usable"),
+        ("tui-serve", "--tui and --serve"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(tmp_path, llmctl_in_process, case, expected):
@@ -195,6 +213,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, llmctl_in_process, case
         "base-folder": ["--base", str(tmp_path / "folder")],
         "duration": ["--budget", "soon"],
         "stage": ["--set", "training.steps=3"],
+        "name": ["--name", "legal/v2"],
+        "tui-serve": ["--tui", "--serve"],
     }.get(case, [])
     line = one_error_line(llmctl_in_process("up", str(docs), "--out", str(out), *extra))
     assert expected in line, line

@@ -55,17 +55,20 @@ def monitor_class() -> type:
     return MonitorApp
 
 
-def train_with_monitor(run_dir: Path, arguments: list[str], resume_arguments: list[str]) -> int:
-    """`llmctl train RECIPE --tui`: the trainer runs as a child process (`llmctl ARGUMENTS`) while the monitor
-    follows its run directory; quitting the monitor asks the trainer to checkpoint and stop. Returns the
-    trainer's exit code; its console output is printed when it failed."""
+def train_with_monitor(
+    run_dirs: list[Path], arguments: list[str], resume_arguments: list[str], show_output: bool = False
+) -> int:
+    """`llmctl train RECIPE --tui` (and `llmctl up --tui`): the trainer runs as a child process (`llmctl
+    ARGUMENTS`) while the monitor follows its run directories; quitting the monitor asks the trainer to
+    checkpoint and stop. Returns the trainer's exit code; the end of its console output is printed when it
+    failed, or always with `show_output`."""
     monitor = monitor_class()  # a missing extra fails here, before training starts
     with tempfile.TemporaryFile("w+") as output:
         training = subprocess.Popen(
             [sys.executable, "-m", "llmctl", *arguments], stdout=output, stderr=subprocess.STDOUT, text=True
         )
         os.nice(MONITOR_NICENESS)  # after the trainer started, which keeps its own priority
-        app = monitor([run_dir], training=training)
+        app = monitor(run_dirs, training=training)
         try:
             app.run()
         finally:
@@ -75,7 +78,7 @@ def train_with_monitor(run_dir: Path, arguments: list[str], resume_arguments: li
                     f"waiting for the trainer to checkpoint and stop (pid {training.pid}) ...", err=True
                 )
             code = training.wait()
-        if code != 0:
+        if code != 0 or show_output:
             output.seek(0)
             sys.stderr.write(output.read()[-4000:])
     if code == 130:

@@ -161,7 +161,7 @@ def _relaunch(
         from llmctl.commands.monitor import train_with_monitor
 
         child = [*forwarded, *launch.torchrun_arguments()]
-        return train_with_monitor(recipe.run_dir, child, [*arguments, "--resume", "auto"])
+        return train_with_monitor([recipe.run_dir], child, [*arguments, "--resume", "auto"])
     from llmctl.train.distributed import launch_torchrun
 
     return launch_torchrun(launch.nproc, launch.nnodes, launch.node_rank, launch.rdzv_endpoint, forwarded)

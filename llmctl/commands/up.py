@@ -35,6 +35,11 @@ Overrides = Annotated[
 ]
 Settings = Annotated[Path | None, typer.Option(help="A TOML file of the same stage settings as --set.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show the plan and stop.")]
+Tui = Annotated[
+    bool,
+    typer.Option("--tui", help="Watch training in the Textual monitor; quitting it checkpoints and stops."),
+]
+RUN_DIRECTORIES = {"train": "train", "adapt": "adapt", "chat": "chat-train"}  # training stage -> its run
 
 
 @app.command(name="up")
@@ -49,16 +54,22 @@ def up(
     overrides: Overrides = [],  # noqa: B006  (Typer reads the default; it is never mutated)
     settings: Settings = None,
     dry_run: DryRun = False,
+    tui: Tui = False,
 ) -> None:
     """Corpus, tokenizer, training (or adaptation of --base), evaluation, int8 when it pays, a registry
     version and model card, a report, and with --serve the API: re-running reuses every unchanged stage."""
     from llmctl.commands.checkpoint_args import resolve_model_path
     from llmctl.commands.up_console import UpConsole
+    from llmctl.errors import UserError
     from llmctl.pipeline.budget import parse_duration
     from llmctl.pipeline.request import TrainingInterrupted, UpRequest
     from llmctl.pipeline.settings import read_settings
     from llmctl.pipeline.up import UpPipeline
 
+    if tui and serve:
+        raise UserError(
+            "--tui and --serve: run without --tui to serve at the end, or serve NAME@latest after"
+        )
     name = name or _model_name(docs)
     request = UpRequest(
         docs=docs,
@@ -75,6 +86,8 @@ def up(
     console.print_plan(request, plan.stages)
     if dry_run:
         return
+    if tui:
+        raise typer.Exit(_under_monitor(request, [stage.name for stage in plan.stages]))
     try:
         result = pipeline.run(plan)
     except (TrainingInterrupted, KeyboardInterrupt) as stopped:
@@ -82,9 +95,22 @@ def up(
         sys.exit(130)
     console.print_summary(request, result, port if serve else None)
     if serve:
-        from llmctl.commands.serve import serve as serve_command
+        _serve(result.model, port)
 
-        serve_command(models=[str(result.model)], port=port, compile=None)
+
+def _serve(model: Path, port: int) -> None:
+    from llmctl.commands.serve import serve
+
+    serve(models=[str(model)], port=port, compile=None)
+
+
+def _under_monitor(request, stages: list[str]) -> int:
+    """This command again, without --tui, as a child the monitor follows; its exit code."""
+    from llmctl.commands.monitor import train_with_monitor
+
+    runs = [request.out / RUN_DIRECTORIES[stage] for stage in stages if stage in RUN_DIRECTORIES]
+    arguments = [argument for argument in sys.argv[1:] if argument != "--tui"]
+    return train_with_monitor(runs, arguments, arguments, show_output=True)
 
 
 def _model_name(docs: Path) -> str:

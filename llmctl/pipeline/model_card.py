@@ -19,8 +19,9 @@ class CardFacts:
     served: str = "float32"
 
 
-def model_card(facts: CardFacts) -> str:
-    header = {
+def metadata(facts: CardFacts) -> dict:
+    """The card's YAML header: what the Hub indexes, the held-out figures as a model-index entry."""
+    return {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["llmctl", "domain-adapted" if facts.base else "from-scratch"],
@@ -37,11 +38,14 @@ def model_card(facts: CardFacts) -> str:
                             {"type": "bits_per_byte", "value": round(result["bits_per_byte"], 4)},
                         ],
                     }
-                    for label, result in facts.evaluation[-1:]
+                    for _, result in facts.evaluation[-1:]
                 ],
             }
         ],
     }
+
+
+def model_card(facts: CardFacts) -> str:
     rows = "\n".join(
         f"| {label} | {result['token_perplexity']:.3f} | {result['bits_per_byte']:.4f} | {result['documents']:,} |"
         for label, result in facts.evaluation
@@ -52,7 +56,7 @@ def model_card(facts: CardFacts) -> str:
     licence = "- The base model's licence and its own limits apply to this model too.\n" if facts.base else ""
     origin = f"adapted from `{facts.base}`" if facts.base else "trained from scratch"
     return f"""---
-{yaml.safe_dump(header, sort_keys=False).strip()}
+{yaml.safe_dump(metadata(facts), sort_keys=False).strip()}
 ---
 
 # {facts.name}

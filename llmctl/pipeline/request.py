@@ -11,6 +11,7 @@ from llmctl.data.sources import expand_sources
 from llmctl.errors import UserError
 from llmctl.model.hf_format import CONFIG_FILE
 from llmctl.pipeline.settings import UpSettings
+from llmctl.registry.reference import check_model_name
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TrainingInterrupted(Exception):
 def check_request(request: UpRequest) -> tuple[list[Path], int]:
     """The documents to read and their bytes, or the first problem with the request."""
     docs, out = Path(request.docs), Path(request.out)
+    check_model_name(request.name)
     if not docs.is_dir():
         raise UserError(f"{docs} is not a folder; give the folder of documents to build the model from")
     if out.resolve() == docs.resolve() or docs.resolve() in out.resolve().parents:

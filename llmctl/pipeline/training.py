@@ -3,6 +3,7 @@ base, LoRA on starter instructions), and one fit that resumes an interrupted run
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from llmctl.recipe import Recipe, deep_merge, recipe_from_dict
 ADAPT_CONTEXT = 512  # continued pretraining windows on a CPU, whatever the base's context
 ADAPTER_CHECKPOINT_EVERY = 20  # steps: LoRA steps are short, and an adapter checkpoint is small
 UNBOUNDED_STEPS = 1_000_000  # a finetune on a time budget stops on its clock
+CHAT_EPOCHS = 2  # passes over the starter instructions at most
 
 
 def pretrain_recipe(
@@ -58,16 +60,20 @@ def adapt_recipe(name: str, base: Path, seconds: float, paths: dict[str, Path], 
     }
 
 
-def chat_recipe(name: str, model: Path, examples: Path, seconds: float, run: Path) -> dict:
-    """LoRA on the starter instructions, rendered with the model's own chat template (or llmctl's)."""
+def chat_recipe(name: str, model: Path, examples: Path, count: int, seconds: float, run: Path) -> dict:
+    """LoRA on the `count` starter instructions, rendered with the model's own chat template (or llmctl's),
+    for `seconds` or CHAT_EPOCHS passes, whichever ends first: on a small model, time enough for 17 passes
+    over 400 examples learnt them by heart (held-out instruction loss 7.4) and took its held-out perplexity
+    on the documents from 33 to 888."""
+    batch = 8
     return {
         "name": f"{name}-chat",
         "finetune": {"base": str(model), "method": "lora", "examples": str(examples)},
         "train": {
-            "steps": UNBOUNDED_STEPS,
+            "steps": max(10, math.ceil(CHAT_EPOCHS * count / batch)),
             "max_minutes": seconds / 60,
-            "micro_batch_size": 8,
-            "global_batch_size": 8,
+            "micro_batch_size": batch,
+            "global_batch_size": batch,
             "eval_every": 0,
             "eval_batches": 4,
         },

@@ -244,9 +244,8 @@ class UpPipeline:
 
         def finetune(again: bool) -> dict:
             count = write_starter_set(corpus, examples, limit=self.settings.chat.examples, overwrite=True)
-            raw = training.chat_recipe(
-                self.request.name, model, examples, self.chat_seconds, self.out / "chat-train"
-            )
+            run = self.out / "chat-train"
+            raw = training.chat_recipe(self.request.name, model, examples, count, self.chat_seconds, run)
             result = self._fit(training.with_overrides(raw, {}, finetune=True), again)
             return {**result, "summary": f"{count} starter instructions, {result['summary']}"}
 

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmctl.errors import UserError
+
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 REFERENCE = re.compile(rf"^(?P<name>{NAME})@(?P<ref>[A-Za-z0-9][A-Za-z0-9_.-]*)$")
 LATEST = "latest"  # the newest version, without an alias of that name
@@ -37,3 +39,10 @@ def registered_reference(spec: str | Path) -> ModelReference | None:
     if Path(text).exists():
         return None
     return parse_reference(text)
+
+
+def check_model_name(name: str) -> None:
+    if not re.fullmatch(NAME, name):
+        raise UserError(
+            f"model name {name!r} is not usable; use letters, digits, '.', '_' or '-' (no '@' or '/')"
+        )

@@ -19,7 +19,7 @@ from llmctl.evaluate.results import flatten
 from llmctl.registry.artifacts import cached_copy, is_local_source, is_tracking_server, upload_checkpoint
 from llmctl.registry.lineage import TAG_PREFIX, Lineage, read_lineage
 from llmctl.registry.mlflow_client import TRAINING_RUN_FILE, mlflow_client, tracking_uri
-from llmctl.registry.reference import LATEST, NAME, ModelReference, parse_reference
+from llmctl.registry.reference import LATEST, ModelReference, check_model_name, parse_reference
 
 EVAL_TAG = TAG_PREFIX + "eval."
 
@@ -72,7 +72,7 @@ class ModelRegistry:
         the checkpoint into the store's artefacts (default: only for a tracking server, which refuses local
         paths); otherwise the version points at the directory where it is."""
         checkpoint = Path(checkpoint).resolve()
-        _check_name(name)
+        check_model_name(name)
         if alias is not None:
             _check_alias(alias)
         problem = _checkpoint_problem(checkpoint)
@@ -291,13 +291,6 @@ def _as_reference(reference: ModelReference | str) -> ModelReference:
             f"{reference!r} is not a model reference; write NAME@VERSION or NAME@ALIAS (e.g. demo@3)"
         )
     return parsed
-
-
-def _check_name(name: str) -> None:
-    if not re.fullmatch(NAME, name):
-        raise UserError(
-            f"model name {name!r} is not usable; use letters, digits, '.', '_' or '-' (no '@' or '/')"
-        )
 
 
 def _check_alias(alias: str) -> None:
