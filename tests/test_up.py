@@ -12,12 +12,25 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Terminal, free_port, one_error_line, sample_texts, server_ready, wait_until
+from conftest import (
+    REPO,
+    Terminal,
+    free_port,
+    hf_llama_directory,
+    one_error_line,
+    sample_texts,
+    server_ready,
+    wait_until,
+)
 from safetensors.torch import load_file
 from test_formats import write_pdf
 
 from llmctl.train.run_log import RunLog
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # Steps, not minutes, bound training here, so the runs are short and an interrupted one can be compared.
 STEPS = ["--set", "train.max_minutes=0", "--set", "train.steps=40", "--set", "train.eval_every=10"]
 
@@ -184,6 +197,17 @@ def test_up_adapts_a_base_and_its_held_out_perplexity_falls(tmp_path, environmen
     assert adapted["bits_per_byte"] < base["bits_per_byte"], output
     assert stage_lines(output)["chat"] == "done" and (out / "instructions.jsonl").is_file()
     assert f"adapted from `{tiny_checkpoint}`" in (out / "model" / "README.md").read_text()
+
+
+def test_the_chat_stage_runs_only_on_a_model_with_a_chat_format(tmp_path, tiny_checkpoint):
+    from llmctl.pipeline.training import can_chat
+
+    without = hf_llama_directory(tmp_path / "plain", sample_texts(20), chat_markers=False)
+    with_template = hf_llama_directory(
+        tmp_path / "chatml", sample_texts(20), special_tokens=("<|im_start|>", "<|im_end|>"),
+        tokenizer_config={"chat_template": CHATML},
+    )  # fmt: skip
+    assert can_chat(tiny_checkpoint) and can_chat(with_template) and not can_chat(without)
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,20 @@ def chat_recipe(name: str, model: Path, examples: Path, count: int, seconds: flo
     }
 
 
+def can_chat(model: Path) -> bool:
+    """Whether the model has a chat format to finetune on: its own template, or llmctl's markers in its
+    vocabulary (a tokenizer llmctl trained)."""
+    from llmctl.data.chat_format import open_chat_format
+    from llmctl.data.tokenizer import open_tokenizer
+    from llmctl.errors import UserError
+
+    try:
+        open_chat_format(model, open_tokenizer(model))
+    except UserError:
+        return False
+    return True
+
+
 def with_overrides(raw: dict, overrides: dict, finetune: bool) -> Recipe:
     """The recipe with the user's `--set` sections over it, validated (a finetune's shape from its base)."""
     recipe = recipe_from_dict(deep_merge(raw, overrides), source="llmctl up --set")

@@ -235,6 +235,9 @@ class UpPipeline:
 
         if not self.chat_seconds:
             return model
+        if not training.can_chat(model):
+            self._finished(StageDone("chat", 0.0, "skipped: the model has no chat template", False))
+            return model
         if not section_examples(list(iter_texts(corpus, "train"))):
             self._finished(
                 StageDone("chat", 0.0, "skipped: no headed sections to make instructions from", False)
