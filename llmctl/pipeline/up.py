@@ -63,7 +63,6 @@ class UpPipeline:
         tokens = self._tokens(corpus, tokenizer)
         evaluation = []
         if base is not None:
-            self.model_key = self.keys.get("import") or str(base)
             evaluation.append(("base", self._evaluate("evaluate-base", base)))
             trained = self._adapt(base, tokens, corpus)
         else:
@@ -110,11 +109,17 @@ class UpPipeline:
     # -- the data --------------------------------------------------------------------------------------------
 
     def _import_base(self) -> Path | None:
+        """The base as a checkpoint directory (a GGUF file imported), and its key: the digest of its files,
+        so a base changed in place is trained on again."""
+        from llmctl.digests import file_sha256, files_sha256
+
         base = self.request.base
+        if base is None:
+            return None
         if not is_gguf(base):
+            self.model_key = files_sha256(base)
             return base
         from llmctl.compress.gguf_import import import_gguf
-        from llmctl.digests import file_sha256
 
         out = self.out / "base"
 
@@ -124,6 +129,7 @@ class UpPipeline:
             return {"summary": f"{base.name} -> {out}"}
 
         self._stage("import", "turn the GGUF file into a checkpoint", (file_sha256(base),), convert)
+        self.model_key = self.keys["import"]
         return out
 
     def _corpus(self) -> Path:
@@ -161,7 +167,7 @@ class UpPipeline:
         from llmctl.data.token_files import encode_corpus
 
         out = self.out / "tokens"
-        upstream = self.keys.get("tokenizer") or self.keys.get("import") or str(tokenizer)
+        upstream = self.keys.get("tokenizer") or self.model_key  # the base's, when it brings the tokenizer
 
         def encode(again: bool) -> dict:
             counts = encode_corpus(corpus, tokenizer, out, overwrite=True)["tokens"]
