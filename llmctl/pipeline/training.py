@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmctl.checkpoint import latest_checkpoint
 from llmctl.pipeline.request import TrainingInterrupted
 from llmctl.pipeline.sizing import MAX_EPOCHS, MICRO_BATCH, ShapeChoice
 from llmctl.recipe import Recipe, deep_merge, recipe_from_dict
+
+if TYPE_CHECKING:
+    from llmctl.train.distributed import DistributedContext
 
 ADAPT_CONTEXT = 512  # continued pretraining windows on a CPU, whatever the base's context
 ADAPTER_CHECKPOINT_EVERY = 20  # steps: LoRA steps are short, and an adapter checkpoint is small
@@ -105,7 +109,7 @@ def with_overrides(raw: dict, overrides: dict, finetune: bool) -> Recipe:
     return finetune_recipe(recipe)
 
 
-def fit(recipe: Recipe, again: bool, context, on_event: Callable[[object], None]) -> dict:
+def fit(recipe: Recipe, again: bool, context: DistributedContext, on_event: Callable[[object], None]) -> dict:
     """Train in this process, resuming when an earlier attempt of this recipe (`again`) left a checkpoint."""
     if recipe.finetune.base:
         from llmctl.train.finetune import FinetuneTrainer as TrainerClass
