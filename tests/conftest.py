@@ -28,6 +28,27 @@ SHARED_TECHDOCS = REPO.parent / "shared" / "data" / "techdocs"
 os.environ["LLMCTL_COMPILE"] = "0"
 
 
+# The slowest files first (minutes, measured in CI): `make test`'s two workers then end together, instead of
+# one running a long file alone at the end while the other waits.
+SLOWEST_FIRST = (
+    "test_up.py",
+    "test_compiled_decode.py",
+    "test_models.py",
+    "test_quantize.py",
+    "test_open_models.py",
+    "test_run_safety.py",
+    "test_finetune.py",
+    "test_distributed.py",
+    "test_executors.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def run_llmctl(
     *args: str, cwd: Path = REPO, pythonpath: list[Path] = (), check: bool = False, timeout: float = 600
 ) -> subprocess.CompletedProcess:
