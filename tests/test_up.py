@@ -222,6 +222,8 @@ def test_the_chat_stage_runs_only_on_a_model_with_a_chat_format(tmp_path, tiny_c
         ("stage", "unknown stage 'training'"),
         ("name", "model name 'legal/v2' is not usable"),
         ("tui-serve", "--tui and --serve"),
+        ("truthy-string", "--set quantize.enabled='no': expected bool"),
+        ("share", "--set chat.share='half': expected float"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(tmp_path, llmctl_in_process, case, expected):
@@ -239,6 +241,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, llmctl_in_process, case
         "stage": ["--set", "training.steps=3"],
         "name": ["--name", "legal/v2"],
         "tui-serve": ["--tui", "--serve"],
+        "truthy-string": ["--set", "quantize.enabled=no"],
+        "share": ["--set", "chat.share=half"],
     }.get(case, [])
     line = one_error_line(llmctl_in_process("up", str(docs), "--out", str(out), *extra))
     assert expected in line, line

@@ -74,12 +74,26 @@ def read_settings(file: Path | None, overrides: list[str]) -> UpSettings:
     tokenizer = _section(raw, "tokenizer", ("vocab_size", "model_type"))
     chat_keys = tuple(f.name for f in dataclasses.fields(ChatSettings))
     quantize = _section(raw, "quantize", ("enabled",))
-    try:
-        chat = ChatSettings(**_section(raw, "chat", chat_keys))
-    except TypeError as error:
-        raise UserError(f"chat settings: {error}") from None
+    chat = ChatSettings(**_section(raw, "chat", chat_keys))
+    for setting in dataclasses.fields(ChatSettings):
+        _check_type(f"chat.{setting.name}", getattr(chat, setting.name), type(setting.default))
+    enabled = quantize.get("enabled", True)
+    _check_type("quantize.enabled", enabled, bool)
     recipe = {name: raw[name] for name in RECIPE_SECTIONS if name in raw}
-    return UpSettings(corpus, tokenizer, recipe, chat, bool(quantize.get("enabled", True)))
+    return UpSettings(corpus, tokenizer, recipe, chat, enabled)
+
+
+def _check_type(key: str, value: Any, expected: type) -> None:
+    """A setting of the wrong kind (`--set quantize.enabled=no`) is one line, not a silent truthy string."""
+    numeric = expected is float and isinstance(value, int) and not isinstance(value, bool)
+    if not (numeric or (isinstance(value, expected) and (expected is bool or not isinstance(value, bool)))):
+        raise UserError(
+            f"--set {key}={value!r}: expected {expected.__name__}, e.g. {key}={_example(expected)}"
+        )
+
+
+def _example(expected: type) -> str:
+    return {bool: "false", int: "200", float: "0.2"}[expected]
 
 
 def _section(raw: dict[str, Any], name: str, keys: tuple[str, ...]) -> dict[str, Any]:
