@@ -114,11 +114,14 @@ class Transformer(nn.Module):
     def new_kv_cache(
         self, batch_size: int, max_len: int | None = None, slots: bool = False
     ) -> KVCache | SlotKVCache:
-        """A static cache; `slots=True` gives per-row positions for continuous batching."""
+        """A static cache; `slots=True` gives per-row positions for continuous batching. Its tensors are plain
+        ones even when made under inference mode: a compiled decode step's graphs hold to the kind of tensor
+        they were traced on, and a cache made in `generate_ids` must run the graphs a warm-up traced."""
         max_len = max_len or self.config.max_seq_len
         weight = self.model.norm.weight  # a float parameter even when the embedding is quantized
-        keys, values = layer_buffers(self.config, batch_size, max_len, weight.dtype, weight.device)
-        return (SlotKVCache if slots else KVCache)(keys, values, max_len)
+        with torch.inference_mode(False):
+            keys, values = layer_buffers(self.config, batch_size, max_len, weight.dtype, weight.device)
+            return (SlotKVCache if slots else KVCache)(keys, values, max_len)
 
     def forward(
         self,
