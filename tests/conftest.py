@@ -188,18 +188,22 @@ def llmctl():
 
 @pytest.fixture
 def llmctl_in_process(monkeypatch, capsys):
-    """`llmctl ARGS` through the CLI's own entry point, in this process: for bad input, which fails before any
-    work, so each case does not pay a fresh interpreter's few seconds of imports."""
+    """`llmctl ARGS` through the CLI's own entry point, in this process: for commands whose process is not what
+    a test is about, so that each call does not pay a fresh interpreter's imports (2 s for torch, 4 s with
+    MLflow). Signals, terminals, servers, torchrun and crashes keep `llmctl`'s real process."""
     from llmctl.cli import main
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
         monkeypatch.setattr(sys, "argv", ["llmctl", *args])
         monkeypatch.setenv("COLUMNS", "200")
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
             main()
         captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, exited.value.code, captured.out, captured.err)
+        result = subprocess.CompletedProcess(args, exited.value.code or 0, captured.out, captured.err)
+        if check and result.returncode != 0:
+            raise AssertionError(f"llmctl {' '.join(args)} failed ({result.returncode}):\n{captured.err}")
+        return result
 
     return run
 

@@ -114,10 +114,10 @@ def test_plugin_cannot_shadow_a_builtin(llmctl, tmp_path):
     assert "already provided by llmctl" in result.stderr
 
 
-def test_misspelt_recipe_key_is_one_line_exit_2(llmctl, tmp_path):
+def test_misspelt_recipe_key_is_one_line_exit_2(llmctl_in_process, tmp_path):
     recipe = tmp_path / "typo.toml"
     recipe.write_text('extends = "%s"\n[train]\nlerning_rate = 1e-3\n' % (REPO / "recipes" / "tiny.toml"))
-    result = llmctl("train", str(recipe), "--dry-run")
+    result = llmctl_in_process("train", str(recipe), "--dry-run")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -146,17 +146,17 @@ def test_a_recipe_the_trainer_would_refuse_is_one_line_before_anything_starts(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]  # no run directory left behind
 
 
-def test_set_override_with_unknown_key_names_it(llmctl):
-    result = llmctl("train", "recipes/tiny.toml", "--dry-run", "--set", "model.d_modle=64")
+def test_set_override_with_unknown_key_names_it(llmctl_in_process):
+    result = llmctl_in_process("train", "recipes/tiny.toml", "--dry-run", "--set", "model.d_modle=64")
     assert result.returncode == 2 and "model.d_modle" in result.stderr and "model.d_model" in result.stderr
 
 
-def test_1_3b_dry_run_prints_exact_parameters_and_memory(llmctl):
+def test_1_3b_dry_run_prints_exact_parameters_and_memory(llmctl_in_process):
     from llmctl.recipe import load_recipe
 
     expected = load_recipe(REPO / "recipes" / "1.3b.toml").model.to_config().num_parameters()
     assert 1.25e9 < expected < 1.40e9
-    out = llmctl("train", "recipes/1.3b.toml", "--dry-run", "--nproc", "8", check=True).stdout
+    out = llmctl_in_process("train", "recipes/1.3b.toml", "--dry-run", "--nproc", "8", check=True).stdout
     assert f"{expected:,}" in out
     assert "memory per device (estimate)" in out and "fsdp" in out and "bf16" in out
 

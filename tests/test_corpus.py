@@ -126,10 +126,10 @@ def test_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
-def test_malformed_line_with_strict_is_one_line_exit_2_from_the_cli(tmp_path, llmctl):
+def test_malformed_line_with_strict_is_one_line_exit_2_from_the_cli(tmp_path, llmctl_in_process):
     source = tmp_path / "docs.jsonl"
     source.write_text(json.dumps({"text": prose(5)}) + "\n{broken\n")
-    result = llmctl("corpus", "build", str(source), "--out", str(tmp_path / "out"), "--strict")
+    result = llmctl_in_process("corpus", "build", str(source), "--out", str(tmp_path / "out"), "--strict")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and f"{source}:2" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -150,11 +150,11 @@ def test_binary_and_invalid_utf8_files_are_skipped(tmp_path):
     assert manifest["documents_read"] == 2 and manifest["skipped_inputs"] == 3
 
 
-def test_inputs_that_yield_no_document_are_an_error_and_write_nothing(tmp_path, llmctl):
+def test_inputs_that_yield_no_document_are_an_error_and_write_nothing(tmp_path, llmctl_in_process):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "blob.txt").write_bytes(b"abc\x00" * 100)
     (tmp_path / "in" / "data.json").write_text("{}")
-    result = llmctl("corpus", "build", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    result = llmctl_in_process("corpus", "build", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "no documents kept: 0 read" in line and "2 inputs skipped" in line
@@ -259,10 +259,10 @@ def test_html_is_converted_to_visible_text():
     assert "var x" not in text and "menu" not in text
 
 
-def test_zero_thresholds_from_the_cli_switch_filters_off(tmp_path, llmctl):
+def test_zero_thresholds_from_the_cli_switch_filters_off(tmp_path, llmctl_in_process):
     source = write_jsonl(tmp_path / "docs.jsonl", ["tiny", " ".join(str(n) for n in range(300))])
     out = tmp_path / "out"
-    llmctl(
+    llmctl_in_process(
         "corpus",
         "build",
         str(source),
@@ -278,16 +278,18 @@ def test_zero_thresholds_from_the_cli_switch_filters_off(tmp_path, llmctl):
     assert manifest["filtered"] == {} and manifest["options"]["filters"]["min_chars"] == 0
 
 
-def test_corpus_stats_shows_what_each_cleaning_rule_changed(tmp_path, llmctl):
+def test_corpus_stats_shows_what_each_cleaning_rule_changed(tmp_path, llmctl_in_process):
     source = write_jsonl(tmp_path / "docs.jsonl", ["Mojibake: donâ€™t panic. " + prose(13)])
-    llmctl("corpus", "build", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0", check=True)
-    out = llmctl("corpus", "stats", str(tmp_path / "out"), check=True).stdout
+    llmctl_in_process(
+        "corpus", "build", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0", check=True
+    )
+    out = llmctl_in_process("corpus", "stats", str(tmp_path / "out"), check=True).stdout
     assert any("fix_mojibake" in line and line.rstrip(" │").endswith("3") for line in out.splitlines())
 
 
-def test_a_threshold_out_of_range_is_one_line(tmp_path, llmctl):
+def test_a_threshold_out_of_range_is_one_line(tmp_path, llmctl_in_process):
     source = write_jsonl(tmp_path / "docs.jsonl", [prose(14)])
-    result = llmctl(
+    result = llmctl_in_process(
         "corpus", "build", str(source), "--out", str(tmp_path / "out"), "--min-alpha-fraction", "2"
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -136,9 +136,9 @@ def test_lm_eval_adapter_matches_lm_evals_hf_model(tiny_checkpoint, domain_suite
             assert abs(a - b) <= 1e-4, (a, b)
 
 
-def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, llmctl):
+def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, llmctl_in_process):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    result = llmctl(
+    result = llmctl_in_process(
         "eval",
         str(tiny_checkpoint),
         "--suite",
@@ -154,7 +154,7 @@ def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, 
     assert record["suite"] == "domain" and len(record["checkpoint_sha256"]) == 64 and record["llmctl_version"]
     assert set(record["results"]) == {"heldout", "cloze", "headings"}
     assert 0.0 <= record["results"]["cloze"]["domain_cloze"]["acc"] <= 1.0
-    not_text = llmctl(
+    not_text = llmctl_in_process(
         "eval",
         str(tiny_checkpoint),
         "--data",
@@ -169,11 +169,13 @@ def test_cli_suite_results_and_compare(tiny_checkpoint, domain_suite, tmp_path, 
     assert not second.exists()  # nothing half-written on error
     text_file = tmp_path / "doc.txt"
     text_file.write_text("The Python tutorial explains lists and dictionaries.")
-    llmctl("eval", str(tiny_checkpoint), "--data", str(text_file), "--out", str(second), check=True)
-    table = llmctl("eval", "compare", str(first), str(second), check=True).stdout
+    llmctl_in_process(
+        "eval", str(tiny_checkpoint), "--data", str(text_file), "--out", str(second), check=True
+    )
+    table = llmctl_in_process("eval", "compare", str(first), str(second), check=True).stdout
     assert "difference" in table and "token_perplexity" in table
     assert "paired bootstrap" not in table  # different documents: nothing to pair
-    same = llmctl("eval", "compare", str(first), str(first), check=True).stdout
+    same = llmctl_in_process("eval", "compare", str(first), str(first), check=True).stdout
     documents = len(record["results"]["heldout"]["per_document"]["nll"])
     assert "heldout: bits per byte, second - first = +0.0000" in same
     assert f"paired bootstrap over {documents} documents): no significant difference" in same
@@ -200,8 +202,8 @@ def test_paired_bootstrap_finds_a_real_difference_and_not_a_random_one():
     assert paired_bootstrap(result(first), other_documents) is None
 
 
-def test_include_path_task_runs_offline_from_the_cli(tiny_checkpoint, domain_suite, llmctl):
-    result = llmctl(
+def test_include_path_task_runs_offline_from_the_cli(tiny_checkpoint, domain_suite, llmctl_in_process):
+    result = llmctl_in_process(
         "eval",
         str(tiny_checkpoint),
         "--tasks",
@@ -255,7 +257,7 @@ def test_user_errors_are_one_line(tiny_checkpoint, domain_suite, tmp_path, llmct
 
 
 def test_results_files_are_never_replaced_without_overwrite_or_written_into_an_input(
-    tiny_checkpoint, tmp_path, llmctl
+    tiny_checkpoint, tmp_path, llmctl_in_process
 ):
     data = tmp_path / "notes.txt"
     data.write_text("A short note about modules and files.\n" * 20)
@@ -266,10 +268,14 @@ def test_results_files_are_never_replaced_without_overwrite_or_written_into_an_i
         (data, ["--overwrite"], "overlaps the input"),
         (tiny_checkpoint / "eval.json", ["--overwrite"], "overlaps the input"),
     ):
-        result = llmctl("eval", str(tiny_checkpoint), "--data", str(data), "--out", str(out), *flags)
+        result = llmctl_in_process(
+            "eval", str(tiny_checkpoint), "--data", str(data), "--out", str(out), *flags
+        )
         assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert kept.read_text() == "a user's file" and not (tiny_checkpoint / "eval.json").exists()
-    llmctl("eval", str(tiny_checkpoint), "--data", str(data), "--out", str(kept), "--overwrite", check=True)
+    llmctl_in_process(
+        "eval", str(tiny_checkpoint), "--data", str(data), "--out", str(kept), "--overwrite", check=True
+    )
     assert json.loads(kept.read_text())["results"]["perplexity"]["tokens"] > 0
 
 

@@ -123,7 +123,9 @@ def test_an_adapter_opens_with_peft_on_transformers_and_gives_llmctls_logits(lor
     torch.testing.assert_close(ours_merged, ours, atol=1e-4, rtol=0)
 
 
-def test_an_adapter_is_refused_on_other_weights_at_its_base_path(tiny_checkpoint, tmp_path):
+def test_an_adapter_is_refused_on_other_weights_at_its_base_path(
+    tiny_checkpoint, tmp_path, llmctl_in_process
+):
     """The adapter records its base's weights digest; another model put at the base's path is refused by
     chat and merge in one line naming both digests, unless --force."""
     import shutil
@@ -151,11 +153,11 @@ def test_an_adapter_is_refused_on_other_weights_at_its_base_path(tiny_checkpoint
         ["chat", str(adapter), "--plain"],
         ["finetune", "merge", str(adapter), "--out", str(merged)],
     ):
-        line = one_error_line(run_llmctl(*command))
+        line = one_error_line(llmctl_in_process(*command))
         assert f"trained on base weights sha256 {trained_on[:12]}" in line and other[:12] in line, line
         assert "--force" in line
     assert not merged.exists()
-    run_llmctl("finetune", "merge", str(adapter), "--out", str(merged), "--force", check=True)
+    llmctl_in_process("finetune", "merge", str(adapter), "--out", str(merged), "--force", check=True)
     assert (merged / "model.safetensors").is_file()
 
 
@@ -338,7 +340,9 @@ def test_the_tokenizer_json_backend_round_trips_and_finds_its_special_tokens(tmp
         open_tokenizer(tmp_path / "broken.json")
 
 
-def test_finetuning_a_hugging_face_llama_directory_then_chatting_with_the_adapter(tmp_path):
+def test_finetuning_a_hugging_face_llama_directory_then_chatting_with_the_adapter(
+    tmp_path, llmctl_in_process
+):
     texts = [json.loads(line)["text"] for line in (REPO / "data" / "sample" / "train.jsonl").open()][:200]
     base = hf_llama_directory(tmp_path / "hf", texts)
     examples = write_examples(tmp_path / "examples.jsonl", 24)
@@ -348,7 +352,7 @@ def test_finetuning_a_hugging_face_llama_directory_then_chatting_with_the_adapte
         f"[train]\nsteps = 4\nmicro_batch_size = 2\nglobal_batch_size = 2\nlog_every = 2\neval_batches = 1\n"
         f'[checkpoint]\ndir = "{tmp_path / "run"}"\n'
     )
-    trained = run_llmctl("finetune", str(recipe), check=True)
+    trained = llmctl_in_process("finetune", str(recipe), check=True)
     assert "trainable" in trained.stdout and "examples: 24 used" in trained.stdout
     adapter = tmp_path / "run" / "checkpoints" / "step-00000004"
     chat = subprocess.run(
@@ -376,9 +380,9 @@ def test_finetuning_a_hugging_face_llama_directory_then_chatting_with_the_adapte
     assert chat.stdout.strip()  # a reply, decoded by the tokenizer.json backend
 
     merged = tmp_path / "merged"
-    run_llmctl("finetune", "merge", str(adapter), "--out", str(merged), check=True)
+    llmctl_in_process("finetune", "merge", str(adapter), "--out", str(merged), check=True)
     assert (merged / "tokenizer.json").is_file() and (merged / "model.safetensors").is_file()
-    again = run_llmctl("finetune", "merge", str(adapter), "--out", str(merged))
+    again = llmctl_in_process("finetune", "merge", str(adapter), "--out", str(merged))
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
@@ -501,15 +505,17 @@ def test_continued_pretraining_of_a_hugging_face_base_on_token_files_it_encoded(
         FinetuneTrainer(finetune_recipe(recipe_from_dict(raw)), CPU)
 
 
-def test_corpus_instructions_makes_examples_from_headed_sections(sample_pipeline, tmp_path):
+def test_corpus_instructions_makes_examples_from_headed_sections(
+    sample_pipeline, tmp_path, llmctl_in_process
+):
     out = tmp_path / "instructions.jsonl"
-    result = run_llmctl(
+    result = llmctl_in_process(
         "corpus", "instructions", str(sample_pipeline["corpus"]), "--out", str(out), "--limit", "50"
     )
     assert result.returncode == 0, result.stderr
     examples = read_examples(out)
     assert len(examples) == 50 and all(m[0].content.startswith("Explain: ") for m in examples)
-    again = run_llmctl("corpus", "instructions", str(sample_pipeline["corpus"]), "--out", str(out))
+    again = llmctl_in_process("corpus", "instructions", str(sample_pipeline["corpus"]), "--out", str(out))
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import one_error_line, serving, tiny_recipe_dict
+from conftest import one_error_line, run_llmctl, serving, tiny_recipe_dict
 from safetensors.torch import load_file, save_file
 
 from llmctl.commands.checkpoint_args import checkpoint_path
@@ -34,6 +34,13 @@ def registry(tmp_path, monkeypatch) -> ModelRegistry:
     """A fresh SQLite registry, also what every `llmctl` subprocess of the test opens (the env var)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return ModelRegistry()
+
+
+@pytest.fixture
+def llmctl(llmctl_in_process):
+    """`llmctl` run in this process: these tests are about the registry, not the CLI's process (which
+    chat and serve below keep), and each fresh interpreter would pay MLflow's 4 s of imports."""
+    return llmctl_in_process
 
 
 @pytest.fixture
@@ -205,12 +212,12 @@ def test_training_logs_to_mlflow_resumes_its_run_and_versions_link_to_it(
     assert "val: perplexity/bits_per_byte" in diff
 
 
-def test_without_mlflow_models_and_references_name_the_extra(llmctl, tmp_path):
+def test_without_mlflow_models_and_references_name_the_extra(tmp_path):
     stub = tmp_path / "stub" / "mlflow"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text('raise ImportError("No module named mlflow")\n')
     for command in (["models", "list"], ["eval", "legal@prod", "--data", str(tmp_path)]):
-        line = one_error_line(llmctl(*command, pythonpath=[stub.parent]))
+        line = one_error_line(run_llmctl(*command, pythonpath=[stub.parent]))
         assert (
             line
             == "error: MLflow is not installed; install the registry extra: pip install 'llmctl[registry]'"

@@ -40,10 +40,10 @@ def test_a_gguf_from_llmctls_exporter_imports_back(tiny_checkpoint, tmp_path, fi
     assert imported_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
 
 
-def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path, llmctl_in_process):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"not a gguf file at all")
-    line = one_error_line(run_llmctl("import", str(fake), "--out", str(tmp_path / "out")))
+    line = one_error_line(llmctl_in_process("import", str(fake), "--out", str(tmp_path / "out")))
     assert line.startswith(f"error: cannot read {fake} as a GGUF model")
     assert not (tmp_path / "out").exists()
 
@@ -99,7 +99,7 @@ def test_the_real_model_serves_chat_and_stops_at_im_end(smollm2):
 
 
 @needs_smollm2
-def test_lora_on_the_real_model_trains_on_its_template_and_chats(smollm2, tmp_path):
+def test_lora_on_the_real_model_trains_on_its_template_and_chats(smollm2, tmp_path, llmctl_in_process):
     examples = tmp_path / "examples.jsonl"
     with examples.open("w") as out:
         for port in range(8):
@@ -114,7 +114,7 @@ def test_lora_on_the_real_model_trains_on_its_template_and_chats(smollm2, tmp_pa
         "[train]\nsteps = 2\nmicro_batch_size = 2\nglobal_batch_size = 2\nlog_every = 1\neval_batches = 1\n"
         f'seq_len = 64\n[checkpoint]\ndir = "{tmp_path / "run"}"\n'
     )
-    trained = run_llmctl("finetune", str(recipe), check=True)
+    trained = llmctl_in_process("finetune", str(recipe), check=True)
     assert "examples: 6 used" in trained.stdout
     adapter = tmp_path / "run" / "checkpoints" / "step-00000002"
     tokenizer = open_tokenizer(smollm2)

@@ -142,8 +142,9 @@ def quantize(llmctl, source: Path, out: Path, *options: str, heldout: Path) -> d
 
 @pytest.mark.slow
 def test_on_the_demo_model_int8_and_calibrated_int4_cost_little_and_reload_to_generate(
-    llmctl, demo_model, sample_pipeline, tmp_path
+    llmctl_in_process, demo_model, sample_pipeline, tmp_path
 ):
+    llmctl = llmctl_in_process
     corpus = sample_pipeline["corpus"]
     int8 = quantize(llmctl, demo_model, tmp_path / "int8", "--method", "int8", heldout=corpus)
     rtn = quantize(llmctl, demo_model, tmp_path / "int4-rtn", "--method", "int4", heldout=corpus)

@@ -21,7 +21,6 @@ from conftest import (
     hf_llama_directory,
     one_error_line,
     random_adapter,
-    run_llmctl,
     running_server,
     sample_texts,
     serving,
@@ -260,7 +259,9 @@ def test_invalid_utf8_in_a_body_is_a_400(two_models):
 # -- a corpus too small to hold anything out -----------------------------------------------------------------
 
 
-def test_a_corpus_with_no_held_out_window_trains_without_evaluation(sample_pipeline, tmp_path):
+def test_a_corpus_with_no_held_out_window_trains_without_evaluation(
+    sample_pipeline, tmp_path, llmctl_in_process
+):
     """Two long documents leave the validation split empty: training runs and says it measures no held-out
     loss, instead of refusing to start."""
     import tomli_w
@@ -269,8 +270,8 @@ def test_a_corpus_with_no_held_out_window_trains_without_evaluation(sample_pipel
     source = tmp_path / "two.jsonl"
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     corpus, tokens = tmp_path / "corpus", tmp_path / "tokens"
-    run_llmctl("corpus", "build", str(source), "--out", str(corpus), "--val-fraction", "0", check=True)
-    run_llmctl(
+    llmctl_in_process("corpus", "build", str(source), "--out", str(corpus), "--val-fraction", "0", check=True)
+    llmctl_in_process(
         "tokenize",
         "encode",
         str(corpus),
@@ -282,7 +283,7 @@ def test_a_corpus_with_no_held_out_window_trains_without_evaluation(sample_pipel
     )
     recipe = tiny_recipe_dict({"tokens": tokens, "tokenizer": sample_pipeline["tokenizer"]}, tmp_path / "run")
     (tmp_path / "tiny.toml").write_text(tomli_w.dumps(recipe))
-    trained = run_llmctl("train", str(tmp_path / "tiny.toml"), check=True)
+    trained = llmctl_in_process("train", str(tmp_path / "tiny.toml"), check=True)
     assert "no held-out loss: the validation split is shorter than one window" in trained.stdout
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert "eval" not in events and events[-1] == "finished"
@@ -318,7 +319,7 @@ def test_an_adapter_forced_onto_a_base_of_another_shape_is_one_line(
 
 
 def test_a_damaged_corpus_manifest_is_one_line_in_quantize_calibrate(
-    tiny_checkpoint, sample_pipeline, tmp_path
+    tiny_checkpoint, sample_pipeline, tmp_path, llmctl_in_process
 ):
     import shutil
 
@@ -327,7 +328,7 @@ def test_a_damaged_corpus_manifest_is_one_line_in_quantize_calibrate(
     (corpus / "manifest.json").write_text("{not json")
     out = tmp_path / "q"
     line = one_error_line(
-        run_llmctl(
+        llmctl_in_process(
             "quantize",
             str(tiny_checkpoint),
             "--method",

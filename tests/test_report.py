@@ -40,11 +40,13 @@ def two_runs(sample_pipeline, tmp_path_factory):
     return runs, root / "eval.json"
 
 
-def test_report_writes_images_and_a_page_that_holds_them(two_runs, tmp_path, llmctl):
+def test_report_writes_images_and_a_page_that_holds_them(two_runs, tmp_path, llmctl_in_process):
     from PIL import Image
 
     (base, hot), eval_file = two_runs
-    result = llmctl("report", str(base), str(hot), "--eval", str(eval_file), "--out", str(tmp_path / "out"))
+    result = llmctl_in_process(
+        "report", str(base), str(hot), "--eval", str(eval_file), "--out", str(tmp_path / "out")
+    )
     assert result.returncode == 0, result.stderr
     page = tmp_path / "out" / "report.html"
     assert result.stdout.strip() == f"report: {page}"
@@ -67,19 +69,21 @@ def test_report_writes_images_and_a_page_that_holds_them(two_runs, tmp_path, llm
     assert "Samples at step 6" in text and "lr = 0.01" in text
 
 
-def test_report_refuses_bad_input_without_writing(two_runs, tmp_path, llmctl):
+def test_report_refuses_bad_input_without_writing(two_runs, tmp_path, llmctl_in_process):
     (base, _), eval_file = two_runs
-    result = llmctl("report", str(tmp_path), "--out", str(tmp_path / "out"))
+    result = llmctl_in_process("report", str(tmp_path), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr and not (tmp_path / "out").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    result = llmctl("report", str(base), "--out", str(tmp_path / "taken"))
+    result = llmctl_in_process("report", str(base), "--out", str(tmp_path / "taken"))
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    result = llmctl("report", str(base), "--out", str(base.parent), "--overwrite")
+    result = llmctl_in_process("report", str(base), "--out", str(base.parent), "--overwrite")
     assert result.returncode == 2 and "would replace the run" in result.stderr
     assert (base / "metrics.jsonl").is_file()
     (tmp_path / "bad.json").write_text("{")
-    result = llmctl("report", str(base), "--eval", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"))
+    result = llmctl_in_process(
+        "report", str(base), "--eval", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")
+    )
     assert result.returncode == 2 and "not a readable JSON file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

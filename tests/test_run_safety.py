@@ -46,22 +46,24 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "step"}
 
 
-def test_a_run_directory_holding_another_run_is_never_taken_over(sample_pipeline, tmp_path, llmctl):
+def test_a_run_directory_holding_another_run_is_never_taken_over(
+    sample_pipeline, tmp_path, llmctl_in_process
+):
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.toml", sample_pipeline, run, steps=4)
-    llmctl("train", str(recipe), check=True)
+    llmctl_in_process("train", str(recipe), check=True)
     before = snapshot(run)
 
-    refused = llmctl("train", str(recipe))
+    refused = llmctl_in_process("train", str(recipe))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     assert "holds an earlier run" in line and "--resume auto" in line and "--overwrite" in line
     assert snapshot(run) == before  # nothing deleted, nothing appended
 
-    contradiction = llmctl("train", str(recipe), "--resume", "auto", "--overwrite")
+    contradiction = llmctl_in_process("train", str(recipe), "--resume", "auto", "--overwrite")
     assert contradiction.returncode == 2 and snapshot(run) == before
 
-    llmctl("train", str(recipe), "--overwrite", check=True)
+    llmctl_in_process("train", str(recipe), "--overwrite", check=True)
     records = read_metrics(run)
     assert [r["event"] for r in records].count("started") == 1  # a clean start, not an append
 
@@ -99,10 +101,12 @@ def test_metrics_are_appended_and_a_torn_last_line_is_tolerated(sample_pipeline,
     assert sorted(step_losses(run)) == list(range(1, 9))
 
 
-def test_resume_refuses_a_recipe_that_voids_exactness_and_allows_the_rest(sample_pipeline, tmp_path, llmctl):
+def test_resume_refuses_a_recipe_that_voids_exactness_and_allows_the_rest(
+    sample_pipeline, tmp_path, llmctl_in_process
+):
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.toml", sample_pipeline, run, steps=4)
-    llmctl("train", str(recipe), check=True)
+    llmctl_in_process("train", str(recipe), check=True)
     before = snapshot(run)
     for overrides, keys in (
         (["--set", "model.d_model=96"], ["model.d_model 64 -> 96"]),
@@ -111,12 +115,14 @@ def test_resume_refuses_a_recipe_that_voids_exactness_and_allows_the_rest(sample
             ["train.seed", "global_batch_size"],
         ),
     ):
-        result = llmctl("train", str(recipe), "--resume", "auto", "--set", "train.steps=6", *overrides)
+        result = llmctl_in_process(
+            "train", str(recipe), "--resume", "auto", "--set", "train.steps=6", *overrides
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         (line,) = result.stderr.strip().splitlines()
         assert "exact resume" in line and all(key in line for key in keys), line
         assert snapshot(run) == before
-    allowed = llmctl(
+    allowed = llmctl_in_process(
         "train", str(recipe), "--resume", "auto", "--set", "train.steps=6", "--set", "optim.lr=1e-3"
     )
     assert allowed.returncode == 0, allowed.stderr

@@ -103,7 +103,9 @@ def test_a_missing_or_truncated_shard_file_is_one_clear_error(two_layouts, tmp_p
         TokenFile(copy, "train")
 
 
-def test_corpus_plan_scales_the_measured_rates_to_the_token_budget(sample_pipeline, llmctl, tmp_path):
+def test_corpus_plan_scales_the_measured_rates_to_the_token_budget(
+    sample_pipeline, llmctl_in_process, tmp_path
+):
     from llmctl.data.plan import plan_corpus
 
     corpus, tokens_dir = sample_pipeline["corpus"], sample_pipeline["tokens"]
@@ -121,22 +123,22 @@ def test_corpus_plan_scales_the_measured_rates_to_the_token_budget(sample_pipeli
     assert eight.encode_hours_per_node == pytest.approx(one.encode_hours_per_node / 8)
     assert eight.token_disk_bytes == 105e9 * 4
 
-    shown = llmctl("corpus", "plan", "--tokens", "105e9", "--corpus", str(corpus), "--tokens-dir", str(tokens_dir),
+    shown = llmctl_in_process("corpus", "plan", "--tokens", "105e9", "--corpus", str(corpus), "--tokens-dir", str(tokens_dir),
                    check=True).stdout  # fmt: skip
     assert "raw text needed" in shown and "h per node" in shown
-    missing = llmctl(
+    missing = llmctl_in_process(
         "corpus", "plan", "--tokens", "1e9", "--corpus", str(corpus), "--tokens-dir", str(tmp_path)
     )
     assert missing.returncode == 2 and "has no meta.json" in missing.stderr
 
 
 def test_encoding_on_the_datatrove_engine_writes_the_same_files_and_index(
-    two_layouts, sample_pipeline, llmctl
+    two_layouts, sample_pipeline, llmctl_in_process
 ):
     pytest.importorskip("datatrove", reason="the distributed extra")
     corpus, out = two_layouts["root"] / "corpus", two_layouts["root"] / "engine"
     command = ["tokenize", "encode", str(corpus), "-t", str(sample_pipeline["tokenizer"]), "--out", str(out)]
-    result = llmctl(*command, "--per-shard", "--executor", "local", "--tasks", "3", check=True)
+    result = llmctl_in_process(*command, "--per-shard", "--executor", "local", "--tasks", "3", check=True)
     assert "up to date" not in result.stdout
     meta, reference = json.loads((out / "meta.json").read_text()), two_layouts["meta"]
     for key in ("shards", "tokens", "documents", "text_bytes", "fingerprint", "stream", "dtype"):
@@ -147,13 +149,15 @@ def test_encoding_on_the_datatrove_engine_writes_the_same_files_and_index(
     assert (
         sorted(path.name for path in out.parent.iterdir() if "datatrove" in path.name) == []
     )  # work removed
-    assert "up to date" in llmctl(*command, "--per-shard", check=True).stdout  # the same layout, either way
+    assert (
+        "up to date" in llmctl_in_process(*command, "--per-shard", check=True).stdout
+    )  # the same layout, either way
 
-    refused = llmctl(*command[:-1], str(out.parent / "x"), "--executor", "local")
+    refused = llmctl_in_process(*command[:-1], str(out.parent / "x"), "--executor", "local")
     assert (
         refused.returncode == 2
         and "--executor writes one token file per shard: add --per-shard" in refused.stderr
     )
-    refused = llmctl(*command[:-1], str(out.parent / "x"), "--per-shard", "--executor", "slurm")
+    refused = llmctl_in_process(*command[:-1], str(out.parent / "x"), "--per-shard", "--executor", "slurm")
     assert refused.returncode == 2 and "--executor slurm needs partition and time" in refused.stderr
     assert not (out.parent / "x").exists()

@@ -75,11 +75,11 @@ def test_reencoding_unchanged_inputs_is_a_no_op(sample_pipeline):
     assert (sample_pipeline["tokens"] / "train.bin").stat().st_mtime_ns == before
 
 
-def test_missing_tokenizer_is_a_clear_error(sample_pipeline, tmp_path, llmctl):
+def test_missing_tokenizer_is_a_clear_error(sample_pipeline, tmp_path, llmctl_in_process):
     with pytest.raises(UserError, match="tokenizer not found"):
         encode_corpus(sample_pipeline["corpus"], tmp_path / "nope.model", tmp_path / "tokens")
     (tmp_path / "vocab.model").write_text("not a sentencepiece model")
-    result = llmctl("tokenize", "show", str(tmp_path / "vocab.model"), "hello")
+    result = llmctl_in_process("tokenize", "show", str(tmp_path / "vocab.model"), "hello")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "is not a sentencepiece model" in line
@@ -100,17 +100,19 @@ def test_a_damaged_token_file_is_never_up_to_date_and_never_trained_on(sample_pi
     assert not meta["up_to_date"] and len(TokenFile(tokens, "train")) == meta["tokens"]["train"]
 
 
-def test_tokenize_show_prints_pieces_and_ids(sample_pipeline, llmctl):
-    out = llmctl("tokenize", "show", str(sample_pipeline["tokenizer"]), "import os", check=True).stdout
+def test_tokenize_show_prints_pieces_and_ids(sample_pipeline, llmctl_in_process):
+    out = llmctl_in_process(
+        "tokenize", "show", str(sample_pipeline["tokenizer"]), "import os", check=True
+    ).stdout
     tok = open_tokenizer(sample_pipeline["tokenizer"])
     for piece, token_id in zip(tok.pieces("import os"), tok.encode("import os"), strict=True):
         assert repr(piece) in out and str(token_id) in out
 
 
-def test_cli_pipeline_end_to_end(tmp_path, llmctl):
+def test_cli_pipeline_end_to_end(tmp_path, llmctl_in_process):
     from conftest import SAMPLE
 
-    llmctl(
+    llmctl_in_process(
         "corpus",
         "build",
         str(SAMPLE / "val.jsonl"),
@@ -122,9 +124,9 @@ def test_cli_pipeline_end_to_end(tmp_path, llmctl):
     )
     manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
     assert manifest["documents_read"] == 10
-    stats = llmctl("corpus", "stats", str(tmp_path / "corpus"), check=True).stdout
+    stats = llmctl_in_process("corpus", "stats", str(tmp_path / "corpus"), check=True).stdout
     assert "document length" in stats and "near duplicates" in stats
-    llmctl("tokenize", "train", str(tmp_path / "corpus"), "--vocab", "512", check=True)
+    llmctl_in_process("tokenize", "train", str(tmp_path / "corpus"), "--vocab", "512", check=True)
     encode = (
         "tokenize",
         "encode",
@@ -132,8 +134,8 @@ def test_cli_pipeline_end_to_end(tmp_path, llmctl):
         "-t",
         str(tmp_path / "tokenizer" / "tokenizer.model"),
     )
-    assert "MB/s" in llmctl(*encode, check=True).stdout
-    assert "up to date" in llmctl(*encode, check=True).stdout
+    assert "MB/s" in llmctl_in_process(*encode, check=True).stdout
+    assert "up to date" in llmctl_in_process(*encode, check=True).stdout
 
 
 @pytest.mark.parametrize("command", ["corpus build", "tokenize train", "tokenize encode", "eval suite build"])

@@ -436,7 +436,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_a_crafted_trainer_state_cannot_run_code_on_resume(sample_pipeline, tmp_path, llmctl):
+def test_a_crafted_trainer_state_cannot_run_code_on_resume(sample_pipeline, tmp_path, llmctl_in_process):
     import tomli_w
 
     recipe = tiny_recipe(sample_pipeline, tmp_path / "run", steps=4)
@@ -452,10 +452,10 @@ def test_a_crafted_trainer_state_cannot_run_code_on_resume(sample_pipeline, tmp_
             | {"train": {**recipe.train.model_dump(exclude_none=True), "steps": 6}}
         )
     )
-    result = llmctl("train", str(path), "--resume", str(checkpoint))
+    result = llmctl_in_process("train", str(path), "--resume", str(checkpoint))
     assert result.returncode == 2 and "does not match its digest" in result.stderr
     write_digest_manifest(checkpoint)  # a crafted checkpoint comes with a matching manifest
-    result = llmctl("train", str(path), "--resume", str(checkpoint))
+    result = llmctl_in_process("train", str(path), "--resume", str(checkpoint))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a trainer state llmctl wrote" in lines[0]
