@@ -28,7 +28,8 @@ from llmctl.data.tokenizer import open_tokenizer
 from llmctl.errors import UserError
 from llmctl.recipe import recipe_from_dict
 from llmctl.train.distributed import DistributedContext
-from llmctl.train.finetune import FinetuneTrainer, finetune_recipe
+from llmctl.train.finetune import FinetuneTrainer, finetune_plan, finetune_recipe
+from llmctl.train.plan import make_plan
 
 CPU = DistributedContext(0, 0, 1, torch.device("cpu"))
 
@@ -96,6 +97,34 @@ def open_base(path):
     from llmctl.checkpoint import open_model
 
     return open_model(path)
+
+
+def test_a_finetunes_dry_run_plans_what_the_trainer_runs(tiny_checkpoint, tmp_path, llmctl_in_process):
+    """The plan's windows (sized from the examples, not the base's context), trainable parameters (LoRA: the
+    adapter alone, which alone has gradients and optimizer state) and FLOPs per token are the trainer's own;
+    under QLoRA the base weighs its quantized files."""
+    examples = write_examples(tmp_path / "examples.jsonl", 24)
+    plans = {}
+    for method in ("lora", "full"):
+        recipe = finetune_recipe(
+            recipe_from_dict(finetune_dict(tiny_checkpoint, examples, tmp_path / method, method))
+        )
+        plan, trainer = finetune_plan(recipe), FinetuneTrainer(recipe, CPU)
+        trainable = sum(param.numel() for param in trainer.model.parameters() if param.requires_grad)
+        assert (plan.seq_len, plan.trainable) == (trainer.seq_len, trainable) and plan.seq_len < 256
+        assert plan.flops_per_token == trainer.flops_per_token
+        assert plan.memory["gradients"] == 4 * trainable and plan.memory["optimizer"] == 8 * trainable
+        plans[method] = plan
+    assert plans["lora"].trainable < plans["full"].trainable == plans["full"].parameters
+    qlora = make_plan(recipe, adapter=1000, base_bytes=10**6)
+    assert qlora.memory["weights"] == 10**6 + 4000 and qlora.memory["gradients"] == 4000
+
+    (tmp_path / "lora.toml").write_text(
+        f'[finetune]\nbase = "{tiny_checkpoint}"\nexamples = "{examples}"\n'
+        f'[checkpoint]\ndir = "{tmp_path / "dry"}"\n'
+    )
+    shown = llmctl_in_process("finetune", str(tmp_path / "lora.toml"), "--dry-run", check=True).stdout
+    assert "trainable (adapter)" in shown and not (tmp_path / "dry").exists()
 
 
 def test_an_adapter_opens_with_peft_on_transformers_and_gives_llmctls_logits(lora_run, tiny_checkpoint):

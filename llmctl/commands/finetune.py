@@ -39,6 +39,12 @@ def _resolve(recipe):
     return finetune_recipe(recipe)
 
 
+def _plan(recipe, world_size: int):
+    from llmctl.train.finetune import finetune_plan
+
+    return finetune_plan(recipe, world_size)
+
+
 add_recipe_command(
     app,
     "run",
@@ -46,6 +52,7 @@ add_recipe_command(
     ["finetune", "run"],
     _trainer,
     resolve=_resolve,
+    plan=_plan,
     before_fit=print_examples_summary,
 )
 

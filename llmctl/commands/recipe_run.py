@@ -63,11 +63,13 @@ class Launch:
 @dataclass(frozen=True)
 class RecipeCommand:
     """One of `train`, `finetune`, `distill`: its words, its trainer (imported lazily), how it completes a loaded
-    recipe, and the lines it prints on rank 0 before and after fitting."""
+    recipe, how it plans one (default: `train.plan.make_plan`), and the lines it prints on rank 0 before and
+    after fitting."""
 
     words: list[str]
     trainer_class: Callable[[], type]
     resolve: Callable | None = None
+    plan: Callable | None = None
     before_fit: Callable | None = None
     after_fit: Callable | None = None
 
@@ -79,13 +81,14 @@ def add_recipe_command(
     command_words: list[str],
     trainer_class: Callable[[], type],
     resolve: Callable | None = None,
+    plan: Callable | None = None,
     before_fit: Callable | None = None,
     after_fit: Callable | None = None,
 ) -> None:
     """Register `llmctl <command_words> RECIPE [options]` on `app`. `trainer_class()` imports the trainer
-    lazily; `resolve(recipe)` completes a loaded recipe; `before_fit(trainer)` and `after_fit(trainer,
-    result)` print a command's own lines on rank 0."""
-    spec = RecipeCommand(command_words, trainer_class, resolve, before_fit, after_fit)
+    lazily; `resolve(recipe)` completes a loaded recipe; `plan(recipe, world_size)` is its dry run's plan;
+    `before_fit(trainer)` and `after_fit(trainer, result)` print a command's own lines on rank 0."""
+    spec = RecipeCommand(command_words, trainer_class, resolve, plan, before_fit, after_fit)
 
     @app.command(name=name, help=summary)
     def command(
@@ -124,7 +127,7 @@ def run_recipe(
     if dry_run:
         from llmctl.commands.train_console import print_plan
 
-        print_plan(recipe, make_plan(recipe, world_size=launch.world_size))
+        print_plan(recipe, (spec.plan or make_plan)(recipe, launch.world_size))
         return
     arguments = [*spec.words, str(recipe_path), *(arg for o in overrides for arg in ("--set", o))]
     forwarded = [

@@ -23,6 +23,7 @@ def print_plan(recipe: Recipe, plan: TrainingPlan) -> None:
     table.add_column(justify="right")
     rows = [
         ("parameters", f"{plan.parameters:,} ({plan.parameters / 1e9:.2f}B)"),
+        *([("trainable (adapter)", f"{plan.trainable:,}")] if plan.trainable != plan.parameters else []),
         ("devices", f"{plan.world_size} ({plan.strategy}, {plan.precision})"),
         ("micro batch x accumulation", f"{plan.micro_batch_size} x {plan.grad_accum_steps}"),
         ("sequence length", f"{plan.seq_len:,}"),

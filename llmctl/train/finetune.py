@@ -12,14 +12,16 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
 
 from llmctl.adapters import adapter_state, add_lora, load_adapter_weights, lora_config
 from llmctl.checkpoint import checkpoint_problem, model_directory, open_model, save_checkpoint
-from llmctl.data.chat_format import open_chat_format
+from llmctl.data.chat_format import ChatFormat, open_chat_format
 from llmctl.data.instructions import (
+    Example,
     example_window,
     examples_fingerprint,
     pack_examples,
@@ -28,6 +30,7 @@ from llmctl.data.instructions import (
 )
 from llmctl.data.loader import ExampleSampler, example_validation_batches
 from llmctl.data.tokenizer import open_tokenizer
+from llmctl.data.tokenizer_base import Tokenizer
 from llmctl.digests import weights_sha256
 from llmctl.errors import UserError
 from llmctl.model import Transformer
@@ -36,6 +39,7 @@ from llmctl.recipe import ModelSection, Recipe, recipe_from_dict, width_scaled_l
 from llmctl.train.distributed import DistributedContext
 from llmctl.train.events import EventHandler
 from llmctl.train.optim import is_hidden_matrix
+from llmctl.train.plan import TrainingPlan, make_plan
 from llmctl.train.trainer import Trainer
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -79,6 +83,55 @@ def finetune_recipe(recipe: Recipe) -> Recipe:
         if key not in recipe.optim.model_fields_set:  # pretraining's defaults are measured from scratch only
             raw["optim"][key] = finetuning_default
     return recipe_from_dict(raw, source=f"recipe {recipe.name}")
+
+
+def tokenized_examples(
+    recipe: Recipe, tokenizer: Tokenizer, chat: ChatFormat
+) -> tuple[list[Example], list[Example]]:
+    """The finetune's training and held-out examples, tokenized: `val_examples`, or `val_fraction` of the
+    examples drawn with the run's seed."""
+    spec = recipe.finetune
+    examples = read_examples(Path(spec.examples))
+    if spec.val_examples:
+        held_out = read_examples(Path(spec.val_examples))
+    else:
+        random.Random(recipe.train.seed).shuffle(examples)
+        count = max(1, round(len(examples) * spec.val_fraction)) if spec.val_fraction else 0
+        if count >= len(examples):
+            raise UserError(
+                f"{spec.examples} has too few examples to hold {count} out; add more or set val_examples"
+            )
+        held_out, examples = examples[:count], examples[count:]
+    if not held_out:
+        raise UserError("no held-out examples: set finetune.val_fraction above 0 or finetune.val_examples")
+    return (
+        [tokenize_example(messages, tokenizer, chat) for messages in examples],
+        [tokenize_example(messages, tokenizer, chat) for messages in held_out],
+    )
+
+
+def finetune_plan(recipe: Recipe, world_size: int = 1) -> TrainingPlan:
+    """The dry run's plan of a recipe resolved by `finetune_recipe`, as the trainer will run it: windows as long
+    as its examples need (what `open_data` settles), and under LoRA the adapter alone with gradients and
+    optimizer state (counted on a meta-device model, so no weights are read); under QLoRA the base weighs
+    its quantized files."""
+    spec, base = recipe.finetune, Path(recipe.finetune.base)
+    seq_len = recipe.seq_len
+    if spec.examples and recipe.train.seq_len is None:
+        tokenizer = open_tokenizer(base)
+        chat = open_chat_format(base, tokenizer, Path(spec.chat_template) if spec.chat_template else None)
+        seq_len = example_window([*chain(*tokenized_examples(recipe, tokenizer, chat))], seq_len)
+    if spec.method == "full":
+        return make_plan(recipe, world_size, seq_len=seq_len)
+    lora = spec.lora
+    with torch.device("meta"):
+        model = Transformer(recipe.model.to_config())
+        add_lora(model, lora_config(lora.rank, lora.alpha, lora.dropout, lora.targets))
+    adapter = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    quantized = (
+        sum(path.stat().st_size for path in base.glob("*.safetensors")) if spec.method == "qlora" else None
+    )
+    return make_plan(recipe, world_size, seq_len=seq_len, adapter=adapter, base_bytes=quantized)
 
 
 @dataclass(frozen=True)
@@ -151,24 +204,7 @@ class FinetuneTrainer(Trainer):
         chat = open_chat_format(
             self.base, tokenizer, Path(spec.chat_template) if spec.chat_template else None
         )
-        examples = read_examples(Path(spec.examples))
-        if spec.val_examples:
-            held_out = read_examples(Path(spec.val_examples))
-        else:
-            random.Random(train.seed).shuffle(examples)
-            count = max(1, round(len(examples) * spec.val_fraction)) if spec.val_fraction else 0
-            if count >= len(examples):
-                raise UserError(
-                    f"{spec.examples} has too few examples to hold {count} out; add more or set val_examples"
-                )
-            held_out, examples = examples[:count], examples[count:]
-        if not held_out:
-            raise UserError(
-                "no held-out examples: set finetune.val_fraction above 0 or finetune.val_examples"
-            )
-
-        tokenized = [tokenize_example(messages, tokenizer, chat) for messages in examples]
-        tokenized_held_out = [tokenize_example(messages, tokenizer, chat) for messages in held_out]
+        tokenized, tokenized_held_out = tokenized_examples(self.recipe, tokenizer, chat)
         if (
             train.seq_len is None
         ):  # windows as long as the longest example needs, not the base's whole context

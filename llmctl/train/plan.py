@@ -23,6 +23,7 @@ class TrainingPlan:
     tokens_per_step: int
     flops_per_token: int
     memory: dict[str, float]  # bytes per device, by component
+    trainable: int  # the parameters with gradients and optimizer state: all, or a LoRA adapter's
 
     @property
     def total_tokens(self) -> int:
@@ -50,11 +51,21 @@ def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
     return recipe.train.global_batch_size // per_step
 
 
-def make_plan(recipe: Recipe, world_size: int = 1) -> TrainingPlan:
+def make_plan(
+    recipe: Recipe,
+    world_size: int = 1,
+    *,
+    seq_len: int | None = None,
+    adapter: int = 0,
+    base_bytes: int | None = None,
+) -> TrainingPlan:
+    """The plan of training every weight at the recipe's sequence length, or of a finetune: `seq_len` its
+    windows, `adapter` the parameters of a LoRA adapter (the base then frozen: no gradients, optimizer state or
+    weight-gradient FLOPs for it), `base_bytes` a quantized base's own size (QLoRA)."""
     config = recipe.model.to_config()
     parameters = config.num_parameters()
     strategy = resolve_strategy(recipe, world_size)
-    seq, micro = recipe.seq_len, recipe.train.micro_batch_size
+    seq, micro = seq_len or recipe.seq_len, recipe.train.micro_batch_size
     if seq > config.max_seq_len:
         raise UserError(f"train.seq_len ({seq}) exceeds model.max_seq_len ({config.max_seq_len})")
     if recipe.optim.name == "muon" and strategy == "fsdp":
@@ -63,13 +74,17 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> TrainingPlan:
             'set optim.name = "adamw", or distributed.strategy = "ddp"'
         )
     shards = world_size if strategy == "fsdp" else 1
+    trainable = adapter or parameters
     # fp32 master weights and gradients, and the optimizer's fp32 moments: AdamW keeps two per parameter,
     # Muon one per hidden-matrix weight (AdamW's two for the embeddings). FSDP shards all of them.
     lookup_tables = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
-    moments = 8 * parameters if recipe.optim.name == "adamw" else 4 * parameters + 4 * lookup_tables
+    if recipe.optim.name == "adamw":
+        moments = 8 * trainable
+    else:
+        moments = 4 * trainable + (0 if adapter else 4 * lookup_tables)
     memory = {
-        "weights": 4 * parameters / shards,
-        "gradients": 4 * parameters / shards,
+        "weights": ((4 * parameters if base_bytes is None else base_bytes) + 4 * adapter) / shards,
+        "gradients": 4 * trainable / shards,
         "optimizer": moments / shards,
     }
     activation_bytes = 2 if recipe.train.precision in ("bf16", "fp16") else 4
@@ -97,6 +112,7 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> TrainingPlan:
         seq_len=seq,
         steps=recipe.train.steps,
         tokens_per_step=recipe.train.global_batch_size * seq,
-        flops_per_token=config.flops_per_token(seq),
+        flops_per_token=config.flops_per_token(seq, frozen=bool(adapter)) + 6 * adapter,
         memory=memory,
+        trainable=trainable,
     )
