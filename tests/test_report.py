@@ -87,3 +87,7 @@ def test_report_refuses_bad_input_without_writing(two_runs, tmp_path, llmctl_in_
     )
     assert result.returncode == 2 and "not a readable JSON file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    page = tmp_path / "report.html"
+    result = llmctl_in_process("report", str(base), "--out", str(page))
+    assert result.returncode == 2 and f"--out {tmp_path / 'report'} writes" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not page.exists()

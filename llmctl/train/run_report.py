@@ -68,6 +68,11 @@ def eval_files_for(run_dir: Path, given: list[Path], only_run: bool) -> list[Pat
 def write_report(run_dirs: list[Path], out: Path, eval_files: list[Path], overwrite: bool = False) -> Path:
     """Write the plots and the page into `out` (replaced whole, or left as it was on failure). `out` may lie
     inside a run directory, never over one."""
+    if out.suffix.lower() in (".html", ".htm"):
+        raise UserError(
+            f"--out {out} names a page, but it is the folder for the page and its plots: "
+            f"--out {out.with_suffix('')} writes {out.with_suffix('') / REPORT_PAGE}"
+        )
     only_run = len(run_dirs) == 1
     reports = [load_run(run_dir, eval_files_for(run_dir, eval_files, only_run)) for run_dir in run_dirs]
     claimed = {path for report in reports for path, _ in report.evals}
