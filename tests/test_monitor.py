@@ -7,6 +7,7 @@ import html
 import json
 import os
 import re
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -159,6 +160,30 @@ async def test_monitor_shows_the_last_line_and_follows_what_is_appended(tmp_path
         await pilot.pause()
         assert "step 130/240" in summary_text(app) and "train loss 4.5000" in summary_text(app)
         assert app.logs[run].curves["loss"].steps[-1] == 130
+
+
+async def test_the_childs_last_line_heads_the_screen_before_any_run_exists(tmp_path):
+    """`llmctl up --tui`: the stages before training write no run directory, so the monitor shows the child's
+    latest console line (read from the tail of its output file) until, and while, its training runs."""
+    from llmctl.tui.monitor import MonitorApp
+
+    output = tmp_path / "output.txt"
+    output.write_text("llmctl up docs -> runs/acme\ncorpus done in 1.3s: 18 training documents\n\n")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        app = MonitorApp([tmp_path / "runs"], poll_seconds=60, training=child, training_output=output)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            assert app.sub_title == "corpus done in 1.3s: 18 training documents"
+            with output.open("a") as file:
+                file.write("x" * 5000 + "\ntokenizer done in 0.1s: 1,024 pieces\r\n└────┴────┘\n")
+            app.poll()
+            await pilot.pause()
+            assert app.sub_title == "tokenizer done in 0.1s: 1,024 pieces"
+            assert "tokenizer done in 0.1s" in str(app.query_one("HeaderTitle").render())
+    finally:
+        child.kill()
+        child.wait()
 
 
 async def test_ranks_of_a_torchrun_run_get_a_row_each(tmp_path):

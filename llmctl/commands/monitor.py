@@ -63,12 +63,16 @@ def train_with_monitor(
     checkpoint and stop. Returns the trainer's exit code; the end of its console output is printed when it
     failed, or always with `show_output`."""
     monitor = monitor_class()  # a missing extra fails here, before training starts
-    with tempfile.TemporaryFile("w+") as output:
+    with tempfile.NamedTemporaryFile("w+") as output:
         training = subprocess.Popen(
-            [sys.executable, "-m", "llmctl", *arguments], stdout=output, stderr=subprocess.STDOUT, text=True
+            [sys.executable, "-m", "llmctl", *arguments],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line reaches the file, and the screen, at once
         )
         os.nice(MONITOR_NICENESS)  # after the trainer started, which keeps its own priority
-        app = monitor(run_dirs, training=training)
+        app = monitor(run_dirs, training=training, training_output=Path(output.name))
         try:
             app.run()
         finally:

@@ -25,6 +25,19 @@ EVENTS_SHOWN = 8
 BAR_WIDTH = 30
 
 
+def last_line(path: Path, tail_bytes: int = 4096) -> str:
+    """The last line with words of a file another process is writing (not a table's border), read from its
+    tail only."""
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, 2) - tail_bytes))
+            text = file.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if any(map(str.isalnum, line))]
+    return lines[-1] if lines else ""
+
+
 def progress_bar(step: int, total: int | None) -> str:
     if not total:
         return ""
@@ -89,11 +102,13 @@ class MonitorApp(App):
         roots: list[Path],
         poll_seconds: float = 1.0,
         training: subprocess.Popen | None = None,
+        training_output: Path | None = None,
     ) -> None:
         super().__init__()
         self.roots = [Path(root) for root in roots]
         self.poll_seconds = poll_seconds
         self.training = training  # `llmctl train --tui`: the trainer this monitor started
+        self.training_output = training_output  # its console output, whose last line heads the screen
         self.training_ended = False
         self.stop_requested = False  # whether quitting asked the trainer to stop
         self.logs: dict[Path, RunLog] = {}
@@ -144,6 +159,8 @@ class MonitorApp(App):
             self._draw_summary(self.logs[self.selected])  # the age and status move on without new lines
 
     def _watch_training(self) -> None:
+        if self.training_output is not None:  # what the child says before any run exists (`up`'s stages)
+            self.sub_title = last_line(self.training_output)
         if self.training is None or self.training_ended or self.training.poll() is None:
             return
         self.training_ended = True
