@@ -69,7 +69,8 @@ def train_with_monitor(
             stdout=output,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line reaches the file, and the screen, at once
+            # each line reaches the file, and the monitor's header, at once
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         os.nice(MONITOR_NICENESS)  # after the trainer started, which keeps its own priority
         app = monitor(run_dirs, training=training, training_output=Path(output.name))
