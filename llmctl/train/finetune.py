@@ -12,7 +12,6 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -85,6 +84,15 @@ def finetune_recipe(recipe: Recipe) -> Recipe:
     return recipe_from_dict(raw, source=f"recipe {recipe.name}")
 
 
+def examples_chat_format(recipe: Recipe, tokenizer: Tokenizer) -> ChatFormat:
+    """How the finetune's examples are rendered: `finetune.chat_template`, else the base's own template (or
+    llmctl's markers)."""
+    spec = recipe.finetune
+    return open_chat_format(
+        Path(spec.base), tokenizer, Path(spec.chat_template) if spec.chat_template else None
+    )
+
+
 def tokenized_examples(
     recipe: Recipe, tokenizer: Tokenizer, chat: ChatFormat
 ) -> tuple[list[Example], list[Example]]:
@@ -119,8 +127,8 @@ def finetune_plan(recipe: Recipe, world_size: int = 1) -> TrainingPlan:
     seq_len = recipe.seq_len
     if spec.examples and recipe.train.seq_len is None:
         tokenizer = open_tokenizer(base)
-        chat = open_chat_format(base, tokenizer, Path(spec.chat_template) if spec.chat_template else None)
-        seq_len = example_window([*chain(*tokenized_examples(recipe, tokenizer, chat))], seq_len)
+        examples, held_out = tokenized_examples(recipe, tokenizer, examples_chat_format(recipe, tokenizer))
+        seq_len = example_window(examples + held_out, seq_len)
     if spec.method == "full":
         return make_plan(recipe, world_size, seq_len=seq_len)
     lora = spec.lora
@@ -201,9 +209,7 @@ class FinetuneTrainer(Trainer):
             super().open_data()
             return
         spec, train = self.recipe.finetune, self.recipe.train
-        chat = open_chat_format(
-            self.base, tokenizer, Path(spec.chat_template) if spec.chat_template else None
-        )
+        chat = examples_chat_format(self.recipe, tokenizer)
         tokenized, tokenized_held_out = tokenized_examples(self.recipe, tokenizer, chat)
         if (
             train.seq_len is None
