@@ -1,6 +1,7 @@
-"""Fast by default: chat and serve compile their decode step in a background thread while the eager step
-answers (the engine's side: tests/test_compiled_decode.py's fixture); a failure leaves the eager step, the
-compiled artefacts are kept in a per-user cache across runs, and `llmctl serve` does it without flags."""
+"""Fast by default: where the fused step does not serve every step (tests/test_decode_step.py), chat and serve
+compile their decode step in a background thread while the eager step answers (the engine's side:
+tests/test_compiled_decode.py's fixture); a failure leaves the eager step, the compiled artefacts are kept in
+a per-user cache across runs, and `llmctl serve` does it without flags."""
 
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ def test_compiled_artefacts_go_to_a_per_user_cache_unless_one_is_set(monkeypatch
 
 
 def test_llmctl_serve_without_flags_answers_at_once_and_compiles_in_the_background(tiny_checkpoint):
+    """More rows than the fused step takes (llmctl.infer.fused_step), so the engine's steps of 17 rows need the
+    compiled step."""
     import httpx
 
     env = {key: value for key, value in os.environ.items() if key != "LLMCTL_COMPILE"}
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "llmctl", "serve", str(tiny_checkpoint), "--port", str(port), "--max-batch", "1"],
+        [sys.executable, "-m", "llmctl", "serve", str(tiny_checkpoint), "--port", str(port), "--max-batch", "17"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

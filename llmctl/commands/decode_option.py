@@ -9,7 +9,8 @@ COMPILE = typer.Option(
     None,
     "--compile/--no-compile",
     envvar="LLMCTL_COMPILE",
-    help="Compile the decode step (torch.compile). By default on a CPU it compiles in the background while the "
-    "eager step answers and takes over when ready (artefacts are cached, so later starts are quicker); "
+    help="Compile the decode step (torch.compile) for the steps llmctl's fused CPU kernel does not run (quantized "
+    "or adapted layers, more than 16 rows). By default on a CPU it compiles in the background while the eager "
+    "step answers and takes over when ready (artefacts are cached, so later starts are quicker); "
     "--compile: before the first answer; --no-compile: never (debugging).",
 )

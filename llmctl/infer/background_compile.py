@@ -1,6 +1,8 @@
-"""Fast by default: the compiled decode step (llmctl.infer.decode.compile_decode) is built in a background
-thread while the eager step answers, and takes over between two steps once it is warmed up, so `llmctl chat`
-and `llmctl serve` need no flag to reach the compiled speed and answer from the first second.
+"""Fast by default: where the fused step (llmctl.infer.fused_step) does not serve every step (quantized or
+adapted layers, more rows than it takes), the compiled decode step (llmctl.infer.decode.compile_decode) is
+built in a background thread while the eager step answers, and takes over between two steps once it is warmed
+up, so `llmctl chat` and `llmctl serve` need no flag to reach the compiled speed and answer from the first
+second.
 
 The warm-up runs on a scratch cache with the served cache's slots and a few positions (the cache length is a
 symbolic size of the compiled graphs), so the live cache is never touched. Inductor's compiled artefacts are
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmctl.infer.decode import compiled_step, use_compiled_step, warm_up_decode
+from llmctl.infer.fused_step import fused_serves_all
 from llmctl.model import Transformer
 
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
@@ -32,10 +35,13 @@ def keep_compiled_artefacts() -> Path:
 
 def compile_in_background(
     model: Transformer, slots: int, report: Callable[[str], None] = lambda message: None
-) -> threading.Thread:
+) -> threading.Thread | None:
     """Compile and warm up `model`'s decode step for a cache of `slots` rows in a daemon thread, then swap it
     in. A failure (no C++ compiler, say) is reported and the eager step stays. The thread ends when done,
-    so its OpenMP workers do not outlive it (llmctl.runtime)."""
+    so its OpenMP workers do not outlive it (llmctl.runtime). None, and nothing compiled, where the fused
+    step (llmctl.infer.fused_step) serves every step of that many rows already."""
+    if fused_serves_all(model, slots):
+        return None
     keep_compiled_artefacts()
 
     def build() -> None:

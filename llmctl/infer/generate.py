@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from llmctl.infer.constraints import Constraint
-from llmctl.infer.decode import PaddedBatch, decode_step, fit_prompt, prefill
+from llmctl.infer.decode import PaddedBatch, decode_step, fit_prompt, prefill_first_row
 from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams, sample_next
 from llmctl.model import Transformer
@@ -47,10 +47,8 @@ def generate_ids(
     entry, reused = prefixes.lookup(prompt_ids) if prefixes is not None else (None, 0)
     if entry is not None:
         PrefixCache.restore(entry, reused, cache, 0)
-    rest = cache.row(0)
-    rest.length = reused
-    logits = prefill(model, torch.tensor([prompt_ids[reused:]], device=model.device), rest)
-    cache.lengths[0] = len(prompt_ids)
+    cache.lengths[0] = reused
+    logits = prefill_first_row(model, prompt_ids[reused:], cache)
     history = torch.tensor([prompt_ids], device=model.device)
     generator = _generator(params, model.device)
     produced: list[int] = []

@@ -1,6 +1,7 @@
-"""llmctl's few-row CPU kernels (few_rows.cpp), compiled for this CPU on first use and cached by torch's
-extension builder: the fp32, int8 and int4 projections of up to `MAX_ROWS` rows (decode) run through them,
-and fp32 projections of one input (q, k and v; gate and up) as one call."""
+"""llmctl's few-row CPU kernels, compiled for this CPU on first use and cached by torch's extension builder:
+the fp32, int8 and int4 projections of up to `MAX_ROWS` rows (decode) and fp32 projections of one input (q,
+k and v; gate and up) as one call (few_rows.cpp), and a whole fp32 decode step of up to `MAX_ROWS` new
+tokens (decode_step.cpp, llmctl.infer.fused_step)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 16  # kMaxRows in the kernel; more rows (prefill) are compute-bound and go to BLAS
-SOURCE = Path(__file__).with_name("few_rows.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("few_rows.cpp", "decode_step.cpp")]
 _loaded = False  # whether `decode_ops` has built and loaded them: what a compiled graph checks
 
 
@@ -33,7 +34,7 @@ def decode_ops():
         with _sole_builder(build_directory):
             cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(source) for source in SOURCES],
                 # OpenMP makes ATen's parallel_for parallel; the process already holds torch's libgomp.so.1
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
