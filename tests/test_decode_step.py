@@ -10,7 +10,13 @@ from conftest import decisive_model
 
 from llmctl.infer.background_compile import compile_in_background
 from llmctl.infer.cpu_decode import use_decode_kernels
-from llmctl.infer.decode import _rows_step, decode_rows, load_for_inference, prefill_first_row
+from llmctl.infer.decode import (
+    _rows_step,
+    decode_rows,
+    limit_context,
+    load_for_inference,
+    prefill_first_row,
+)
 from llmctl.infer.fused_step import fused_step_for, use_fused_step
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.sampling import SamplingParams
@@ -106,6 +112,29 @@ def test_layers_the_kernel_does_not_compute_keep_the_other_steps():
     assert fused_step_for(adapted, 1, 1) is None
 
 
+def test_a_layer_or_weight_replaced_after_loading_leaves_the_fused_step():
+    """What the kernel reads is fixed when the step is made: anything set on the model later (an adapter's
+    wrapper, a quantized layer, another head, a new parameter) sends its steps back to the model's forward."""
+    model = jittered()
+    use_fused_step(model)
+    model.model.layers[1].mlp.down_proj = _Wrapped(model.model.layers[1].mlp.down_proj)
+    assert fused_step_for(model, 1, 1) is None
+    other = jittered()
+    use_fused_step(other)
+    other.model.norm.weight = torch.nn.Parameter(torch.zeros_like(other.model.norm.weight))
+    assert fused_step_for(other, 1, 1) is None
+    reloaded = jittered()
+    use_fused_step(reloaded)
+    with torch.no_grad():  # weights loaded in place are read by the next step
+        reloaded.lm_head.weight.mul_(-1)
+    cache = reloaded.new_kv_cache(1, slots=True)
+    with torch.inference_mode():
+        fused = decode_rows(reloaded, torch.tensor([[3]]), cache)
+        cache.lengths.zero_()
+        eager = decode_rows(reloaded, torch.tensor([[3]]), cache, step=_rows_step)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+
+
 class _Wrapped(torch.nn.Module):
     """A stand-in for an adapter or quantized wrapper: a linear the kernel cannot read as plain weights."""
 
@@ -120,6 +149,7 @@ class _Wrapped(torch.nn.Module):
 
 def test_chat_and_serve_load_the_fused_step_and_compile_nothing_it_serves(tiny_checkpoint):
     loaded, _ = load_for_inference(tiny_checkpoint)
+    limit_context(loaded, 64)  # new RoPE tables, read by every step: the fused step stays
     assert fused_step_for(loaded, 1, 1) is not None
     # chat's one row, serve's default 16; more rows compile (tests/test_background_compile.py)
     assert compile_in_background(loaded, MAX_ROWS) is None

@@ -16,6 +16,10 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from llmctl.infer.cpu_decode import DecodeLinear
 from llmctl.kernels import MAX_ROWS, decode_ops
@@ -25,14 +29,15 @@ from llmctl.model.layers import RMSNorm
 
 
 class FusedStep:
-    """The kernel's arguments that do not change between steps: the model's weights, in the kernel's order."""
+    """The kernel's arguments that do not change between steps: the model's parameters themselves, in the
+    kernel's order (so that weights loaded or changed in place are what the next step reads)."""
 
     def __init__(self, model: Transformer) -> None:
         config = model.config
-        self.weights = [weight.detach() for weight in layer_weights(model)]
-        self.embedding = model.model.embed_tokens.weight.detach()
-        self.norm = model.model.norm.weight.detach()
-        self.head = model.lm_head.weight.detach()
+        self.weights = layer_weights(model)
+        self.embedding = model.model.embed_tokens.weight
+        self.norm = model.model.norm.weight
+        self.head = model.lm_head.weight
         self.shape = (config.n_head, config.kv_heads, config.norm_eps)
         self.options = (config.attention_bias, config.output_bias, config.qk_norm)
 
@@ -110,21 +115,38 @@ def _plain(model: Transformer) -> bool:
 
 
 _fused_steps: weakref.WeakKeyDictionary[Transformer, FusedStep] = weakref.WeakKeyDictionary()
+# every module of a model with a fused step -> that model: a module or parameter set on one of them later (an
+# adapter, a quantized layer, another head) is one the kernel would not read, so the model's fused step goes
+_parts: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Transformer]] = weakref.WeakKeyDictionary()
+_watching: list[object] = []  # the registration hooks, installed with the first fused step
 
 
 def use_fused_step(model: Transformer) -> bool:
     """Run this model's decode steps of up to MAX_ROWS new tokens in the fused kernel from now on, where
-    its layers allow it and the kernels are built here. Call it once the model's modules are final (after
-    merging adapters, limiting the context). Returns whether it applies."""
+    its layers allow it and the kernels are built here. Returns whether it applies. Replacing one of its
+    modules or parameters afterwards returns the model to the other steps."""
     if model.device.type != "cpu" or not _plain(model) or decode_ops() is None:
         return False
+    if not _watching:
+        _watching.append(register_module_module_registration_hook(_forget_changed))
+        _watching.append(register_module_parameter_registration_hook(_forget_changed))
     _fused_steps[model] = FusedStep(model)
+    for module in model.modules():
+        _parts[module] = weakref.ref(model)
     return True
+
+
+def _forget_changed(module: nn.Module, name: str, value: object) -> None:
+    """A registration hook: a part of a fused model changed, so its fused step would compute the old model."""
+    owner = _parts.get(module)
+    model = owner() if owner is not None else None
+    if model is not None:
+        _fused_steps.pop(model, None)
 
 
 def fused_step_for(model: Transformer, batch: int, width: int) -> FusedStep | None:
     """The model's fused step where it serves a step of `batch` rows of `width` new tokens, else None."""
-    if batch * width > MAX_ROWS:
+    if not 1 <= batch * width <= MAX_ROWS:
         return None
     return _fused_steps.get(model)
 
