@@ -1,11 +1,12 @@
-"""Decode speed in one run, on identical weights: llmctl (eager, and with the compiled decode step), Hugging
-Face transformers `generate` and llama.cpp on F32 and Q8_0 GGUF exports, greedy, batch 1 and batch 8, against this
-machine's memory-bandwidth bound measured in the same run (every weight used is read once per decode step).
+"""Decode speed in one run, on identical weights: llmctl (eager, with the compiled decode step, and with the
+fused step that chat and serve run by default), Hugging Face transformers `generate` and llama.cpp on F32 and
+Q8_0 GGUF exports, greedy, batch 1 and batch 8, the same 16-token prompt for all, against this machine's
+memory-bandwidth bound measured in the same run (every weight used is read once per decode step).
 
     .venv/bin/python -m benchmarks.decode [--shapes tiny,134m,smollm2] [--new-tokens 128] [--batch 8]
 
 llama.cpp needs `pip install 'llmctl[llama]'` (llama-cpp-python, built from source); its row says so when it
-is missing. Batch 8 of the compiled step runs through the serving engine (eight requests at once).
+is missing. Batch 8 runs through the serving engine (eight requests at once).
 """
 
 from __future__ import annotations
@@ -76,6 +77,22 @@ def engine_generate(engine: Engine, prompts: list[list[int]], params: SamplingPa
         remaining.acquire()
 
 
+def alone_and_served(
+    model: Transformer, engine: Engine, prompt: list[int], greedy: SamplingParams, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Tokens/s of one prompt through `generate_ids` (chat's path), then of `args.batch` at once through the
+    running `engine` (serve's), which is stopped after."""
+    try:
+        return (
+            rate(lambda: list(generate_ids(model, prompt, greedy)), args.new_tokens),
+            rate(
+                lambda: engine_generate(engine, [prompt] * args.batch, greedy), args.new_tokens * args.batch
+            ),
+        )
+    finally:
+        engine.stop()
+
+
 def weight_bytes_per_step(config: ModelConfig) -> int:
     """fp32 bytes a decode step must read: every matmul weight (the embedding table gives one row)."""
     untied_embedding = 0 if config.tie_embeddings else config.vocab_size * config.d_model
@@ -143,22 +160,10 @@ def measure(
     # `llmctl serve --compile`: loaded and warmed up in a passing thread
     engine = in_passing_thread(lambda: Engine(compiled, max_batch=args.batch, compile=True).start())
     compile_seconds = time.perf_counter() - started
-    try:
-        rows["llmctl compiled"] = (
-            rate(lambda: list(generate_ids(compiled, prompt, greedy)), args.new_tokens),
-            rate(lambda: engine_generate(engine, prompts, greedy), batch_tokens),
-        )
-    finally:
-        engine.stop()
+    rows["llmctl compiled"] = alone_and_served(compiled, engine, prompt, greedy, args)
     in_passing_thread(lambda: use_fused_step(ours))  # what `load_for_inference` does for chat and serve
     engine = in_passing_thread(lambda: Engine(ours, max_batch=args.batch).start())
-    try:
-        rows["llmctl fused (default)"] = (
-            rate(lambda: list(generate_ids(ours, prompt, greedy)), args.new_tokens),
-            rate(lambda: engine_generate(engine, prompts, greedy), batch_tokens),
-        )
-    finally:
-        engine.stop()
+    rows["llmctl fused (default)"] = alone_and_served(ours, engine, prompt, greedy, args)
     rows["transformers generate"] = (
         rate(lambda: hf(1), args.new_tokens),
         rate(lambda: hf(args.batch), batch_tokens),
