@@ -235,7 +235,8 @@ def main() -> None:
         server.wait(timeout=60)
     print(
         f"machine: {machine()}; model 16.8M parameters (d384 x 6, vocab 8000), fp32, max_tokens {args.max_tokens}, "
-        f"decode step {'compiled' if args.compile else 'eager'}, shared prefix {args.shared_prefix} words, "
+        f"decode step: the fused one for up to 16 rows, else {'compiled' if args.compile else 'eager'}; "
+        f"shared prefix {args.shared_prefix} words, "
         f"prefix cache {args.prefix_cache_tokens} tokens; uvicorn's {server_stack()}"
     )
     print(f"{'clients':>8}{'tokens/s':>12}{'p50 TTFT ms':>14}{'p99 TTFT ms':>14}{'failed':>8}")
