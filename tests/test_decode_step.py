@@ -34,6 +34,8 @@ SHAPES = {
     "yarn RoPE, no GQA": dict(
         n_kv_head=4, rope_scaling="yarn", rope_factor=4.0, rope_original_max_seq_len=16
     ),
+    # the usual head width of 64, whose attention runs in vector registers (others in scalar loops)
+    "head width 64": dict(d_model=128, n_head=2, n_kv_head=1),
 }
 
 

@@ -86,26 +86,15 @@ void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
   }
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#ifdef LLMCTL_AVX2
-  Lanes::T sums = Lanes::zero();
-  for (; i + Lanes::kWidth <= n; i += Lanes::kWidth)
-    sums = Lanes::fma(Lanes::load(a + i), Lanes::load(b + i), sums);
-  total = Lanes::sum(sums);
-#endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-// One query head of one row against its cached keys 0..position: softmax(q.k / sqrt(dim)) @ v into out.
+// One query head against its cached keys 0..position: softmax(q.k / sqrt(dim)) @ v into out.
 void attend(const float* q, const float* keys, const float* values, int64_t position, int64_t dim, float* scores,
             float* out) {
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
   float largest = -INFINITY;
   for (int64_t s = 0; s <= position; ++s) {
-    scores[s] = dot(q, keys + s * dim, dim) * scale;
+    float score = 0.f;
+    for (int64_t i = 0; i < dim; ++i) score += q[i] * keys[s * dim + i];
+    scores[s] = score * scale;
     largest = std::max(largest, scores[s]);
   }
   float total = 0.f;
@@ -117,32 +106,79 @@ void attend(const float* q, const float* keys, const float* values, int64_t posi
   }
 }
 
+#ifdef LLMCTL_AVX2
+// `attend` for a head of V vectors, the query and the output held in registers over every position (at long
+// contexts attention is a third of a step, and the scalar loop's loads and stores of `out` dominate it).
+template <int V>
+void attend_in_registers(const float* q, const float* keys, const float* values, int64_t position,
+                         float* scores, float* out) {
+  constexpr int64_t dim = V * Lanes::kWidth;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  Lanes::T query[V], sums[V];
+  for (int v = 0; v < V; ++v) query[v] = Lanes::load(q + v * Lanes::kWidth);
+  float largest = -INFINITY;
+  for (int64_t s = 0; s <= position; ++s) {
+    const float* key = keys + s * dim;
+    Lanes::T score = Lanes::mul(query[0], Lanes::load(key));
+    for (int v = 1; v < V; ++v) score = Lanes::fma(query[v], Lanes::load(key + v * Lanes::kWidth), score);
+    scores[s] = Lanes::sum(score) * scale;
+    largest = std::max(largest, scores[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s <= position; ++s) total += scores[s] = std::exp(scores[s] - largest);
+  for (int v = 0; v < V; ++v) sums[v] = Lanes::zero();
+  for (int64_t s = 0; s <= position; ++s) {
+    const Lanes::T p = Lanes::all(scores[s]);
+    const float* value = values + s * dim;
+    for (int v = 0; v < V; ++v) sums[v] = Lanes::fma(p, Lanes::load(value + v * Lanes::kWidth), sums[v]);
+  }
+  const Lanes::T inverse = Lanes::all(1.f / total);
+  for (int v = 0; v < V; ++v) Lanes::store(out + v * Lanes::kWidth, Lanes::mul(sums[v], inverse));
+}
+#endif
+
+// `attend` in registers where the head's width is a common one, else in scalar loops.
+void attend_head(const float* q, const float* keys, const float* values, int64_t position, int64_t dim,
+                 float* scores, float* out) {
+#ifdef LLMCTL_AVX2
+  switch (dim == Lanes::kWidth * (dim / Lanes::kWidth) ? dim / Lanes::kWidth : 0) {
+    case 2: return attend_in_registers<2>(q, keys, values, position, scores, out);
+    case 4: return attend_in_registers<4>(q, keys, values, position, scores, out);
+    case 8: return attend_in_registers<8>(q, keys, values, position, scores, out);
+    case 16: return attend_in_registers<16>(q, keys, values, position, scores, out);
+  }
+#endif
+  attend(q, keys, values, position, dim, scores, out);
+}
+
 // Kv head g of row r: its new keys (after their norm and RoPE) and values written into the cache at their
-// positions, then attention for each of its group's query heads of each new token, which sees the row's cache
-// up to its own position. Nothing else reads or writes those cache entries, so no other thread is waited for.
-void attention_unit(const Shape& s, const Layer& layer, float* qkv, const int64_t* positions, const float* cos,
-                    const float* sin, int64_t r, int64_t g, float* scores, float* out) {
-  const int64_t dim = s.head_dim, group = s.heads / s.kv_heads;
-  const int64_t cached = (r * s.kv_heads + g) * s.max_len * dim;
+// positions, before any query reads them.
+void store_keys(const Shape& s, const Layer& layer, float* qkv, const int64_t* positions, const float* cos,
+                const float* sin, int64_t r, int64_t g) {
+  const int64_t dim = s.head_dim, cached = (r * s.kv_heads + g) * s.max_len * dim;
   for (int64_t j = 0; j < s.width; ++j) {
     const int64_t position = positions[r] + j;
-    float* token = qkv + (r * s.width + j) * s.qkv_width();
-    float* key = token + s.q_width() + g * dim;
+    float* key = qkv + (r * s.width + j) * s.qkv_width() + s.q_width() + g * dim;
     if (layer.k_norm) rms_norm(key, 1, dim, layer.k_norm, s.eps, key);
     rotate(key, cos + position * dim, sin + position * dim, dim);
     std::memcpy(layer.keys + cached + position * dim, key, dim * sizeof(float));
     std::memcpy(layer.values + cached + position * dim, key + s.kv_width(), dim * sizeof(float));
   }
+}
+
+// Query head h of row r, for each new token: its norm and RoPE, then attention over the row's cache up to the
+// token's own position.
+void attend_query(const Shape& s, const Layer& layer, float* qkv, const int64_t* positions, const float* cos,
+                  const float* sin, int64_t r, int64_t h, float* scores, float* out) {
+  const int64_t dim = s.head_dim, g = h / (s.heads / s.kv_heads);
+  const int64_t cached = (r * s.kv_heads + g) * s.max_len * dim;
   for (int64_t j = 0; j < s.width; ++j) {
-    const int64_t position = positions[r] + j;
-    float* token = qkv + (r * s.width + j) * s.qkv_width();
-    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-      float* query = token + h * dim;
-      if (layer.q_norm) rms_norm(query, 1, dim, layer.q_norm, s.eps, query);
-      rotate(query, cos + position * dim, sin + position * dim, dim);
-      attend(query, layer.keys + cached, layer.values + cached, position, dim, scores,
-             out + (r * s.width + j) * s.q_width() + h * dim);
-    }
+    const int64_t position = positions[r] + j, token = r * s.width + j;
+    float* query = qkv + token * s.qkv_width() + h * dim;
+    if (layer.q_norm) rms_norm(query, 1, dim, layer.q_norm, s.eps, query);
+    rotate(query, cos + position * dim, sin + position * dim, dim);
+    attend_head(query, layer.keys + cached, layer.values + cached, position, dim, scores,
+                out + token * s.q_width() + h * dim);
   }
 }
 
@@ -179,8 +215,14 @@ void layer_step(const Shape& s, const Layer& layer, const Scratch& w, std::atomi
   });
 #pragma omp barrier
   for (int64_t unit = t; unit < s.rows * s.kv_heads; unit += n)
-    attention_unit(s, layer, w.qkv, positions, cos, sin, unit / s.kv_heads, unit % s.kv_heads,
-                   w.scores + t * s.max_len, w.attention);
+    store_keys(s, layer, w.qkv, positions, cos, sin, unit / s.kv_heads, unit % s.kv_heads);
+#pragma omp barrier
+  // by query head, so that 9 heads over 3 kv heads split 5:4, each thread's in one run: the heads of a group
+  // follow each other and read its keys and values from the core's cache after the first
+  const int64_t units = s.rows * s.heads;
+  for (int64_t unit = t; unit < units; unit += n)
+    attend_query(s, layer, w.qkv, positions, cos, sin, unit / s.heads, unit % s.heads, w.scores + t * s.max_len,
+                 w.attention);
 #pragma omp barrier
   take_blocks(next[1], d, n, [&](int64_t begin, int64_t end) {
     project(w.attention, rows, s.q_width(), layer.o, begin, end, w.projected, d);

@@ -58,6 +58,9 @@ struct Lanes {
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
+  static T all(float x) { return _mm512_set1_ps(x); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
 };
 #elif defined(LLMCTL_AVX2)
 struct Lanes {
@@ -67,6 +70,9 @@ struct Lanes {
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(T v) { return horizontal_sum(v); }
+  static T all(float x) { return _mm256_set1_ps(x); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
 };
 #endif
 
