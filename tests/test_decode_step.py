@@ -155,3 +155,13 @@ def test_chat_and_serve_load_the_fused_step_and_compile_nothing_it_serves(tiny_c
     assert fused_step_for(loaded, 1, 1) is not None
     # chat's one row, serve's default 16; more rows compile (tests/test_background_compile.py)
     assert compile_in_background(loaded, MAX_ROWS) is None
+
+
+def test_an_explicit_compile_skips_what_the_fused_step_serves():
+    from llmctl.infer import decode
+    from llmctl.infer.engine import Engine
+
+    model = jittered()
+    use_fused_step(model)
+    Engine(model, max_batch=4, compile=True)  # `serve --compile`: every step of 4 rows is the fused one
+    assert model not in decode._compiled_steps

@@ -27,6 +27,7 @@ from llmctl.infer.decode import (
     open_chat,
     warm_up_decode,
 )
+from llmctl.infer.fused_step import fused_serves_all
 from llmctl.infer.generate import generate_ids
 from llmctl.infer.prefix_cache import PrefixCache
 from llmctl.infer.sampling import SamplingParams
@@ -190,7 +191,7 @@ class ChatOptions:
         model, tokenizer = load_for_inference(self.path, self.adapter, force_base=self.force)
         limit_context(model, self.context)
         chat_format = open_chat(self.path, tokenizer, self.adapter, self.chat_template)
-        if self.compile:
+        if self.compile and not fused_serves_all(model, 1):  # the fused step needs no compiling
             report("compiling the decode step (once per start; tens of seconds)...")
             compile_decode(model)
             warm_up_decode(model, model.new_kv_cache(1, max_len=8, slots=True))

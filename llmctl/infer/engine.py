@@ -29,6 +29,7 @@ from llmctl.infer.decode import (
     prefill_rows,
     warm_up_decode,
 )
+from llmctl.infer.fused_step import fused_serves_all
 from llmctl.infer.logprobs import prompt_logprobs, token_logprobs
 from llmctl.infer.prefix_cache import PrefixCache, PrefixEntry
 from llmctl.infer.request import Request, TokenCallback
@@ -91,7 +92,7 @@ class Engine:
             self.seconds["draft"] = 0.0
             if compile:
                 self.speculation.compile(self.cache)
-        elif compile:
+        elif compile and not fused_serves_all(self.model, max_batch):  # nothing left to compile otherwise
             compile_decode(self.model)
             warm_up_decode(self.model, self.cache)
 
