@@ -20,7 +20,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -29,8 +28,6 @@
 namespace {
 
 using namespace llmctl;
-
-constexpr int64_t kMaxRows = 16;
 
 struct Layer {
   const float *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;

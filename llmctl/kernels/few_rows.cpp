@@ -23,8 +23,6 @@ namespace {
 
 using namespace llmctl;
 
-constexpr int64_t kMaxRows = 16;
-
 // Activations are rounded to int16 per row (scale = the row's largest magnitude / 32767: an error of
 // 1/65534 of that value, far below the weights' own) so that one vpmaddwd multiplies 16 weights at once.
 constexpr int64_t kFlushColumns = 1024;  // int32 lanes hold 64 vpmaddwd sums (< 2^31) before going to fp32

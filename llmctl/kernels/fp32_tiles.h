@@ -13,6 +13,8 @@
 
 namespace llmctl {
 
+constexpr int64_t kMaxRows = 16;  // rows a few-row kernel takes (MAX_ROWS in llmctl/kernels/__init__.py)
+
 #ifdef LLMCTL_AVX2
 inline float horizontal_sum(__m256 v) {
   __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
