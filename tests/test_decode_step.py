@@ -88,7 +88,16 @@ def _greedy(tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=tokens, temperature=0.0)
 
 
-def test_a_short_prefill_is_one_fused_call_and_a_long_one_a_forward():
+def test_a_short_prefill_is_one_fused_call_and_a_long_one_a_forward(monkeypatch):
+    from llmctl.infer import decode
+
+    forwards: list[int] = []
+    forward = decode.prefill
+    monkeypatch.setattr(
+        decode,
+        "prefill",
+        lambda model, ids, cache: forwards.append(ids.shape[1]) or forward(model, ids, cache),
+    )
     model = jittered()
     use_fused_step(model)
     with torch.inference_mode():
@@ -99,6 +108,7 @@ def test_a_short_prefill_is_one_fused_call_and_a_long_one_a_forward():
             expected = model(torch.tensor([prompt]))[:, -1]
             torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
             assert int(cache.lengths[0]) == length
+    assert forwards == [MAX_ROWS + 1]  # the 16-token prompt never reached the model's forward
     assert fused_step_for(model, 1, MAX_ROWS) is not None and fused_step_for(model, 1, MAX_ROWS + 1) is None
     assert (
         fused_step_for(model, MAX_ROWS, 1) is not None and fused_step_for(model, 2, MAX_ROWS // 2 + 1) is None

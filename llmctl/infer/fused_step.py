@@ -67,22 +67,24 @@ class FusedStep:
         return logits.view(batch, 1 if last_only else width, -1)
 
 
+def _projections(block: nn.Module) -> list[nn.Module]:
+    """A block's seven projections in decode_step.cpp's order: q, k, v, o, then gate, up, down."""
+    attention, mlp = block.self_attn, block.mlp
+    return [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
+            mlp.down_proj]  # fmt: skip
+
+
 def layer_weights(model: Transformer) -> list[torch.Tensor]:
-    """Each layer's tensors in decode_step.cpp's order: the norms and the seven projections, then the q/k/v
-    biases, the output bias and the q/k norms where the config has them."""
+    """Each layer's tensors in decode_step.cpp's order: its input norm, the attention's projections, its
+    post-attention norm, the MLP's, then the q/k/v biases, the output bias and the q/k norms where the config
+    has them."""
     config = model.config
     weights = []
     for block in model.model.layers:
-        attention, mlp = block.self_attn, block.mlp
-        weights += [
-            block.input_layernorm.weight,
-            *(
-                linear.weight
-                for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-            ),
-            block.post_attention_layernorm.weight,
-            *(linear.weight for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
-        ]
+        attention = block.self_attn
+        projections = [linear.weight for linear in _projections(block)]
+        weights += [block.input_layernorm.weight, *projections[:4]]
+        weights += [block.post_attention_layernorm.weight, *projections[4:]]
         if config.attention_bias:
             weights += [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]
         if config.output_bias:
@@ -98,11 +100,9 @@ def _plain(model: Transformer) -> bool:
     linears = [model.lm_head]
     norms = [model.model.norm]
     for block in model.model.layers:
-        attention, mlp = block.self_attn, block.mlp
-        linears += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        linears += _projections(block)
         norms += [block.input_layernorm, block.post_attention_layernorm]
-        norms += [attention.q_norm, attention.k_norm] if model.config.qk_norm else []
+        norms += [block.self_attn.q_norm, block.self_attn.k_norm] if model.config.qk_norm else []
     if any(type(linear) not in (nn.Linear, DecodeLinear) for linear in linears):
         return False
     if type(model.model.embed_tokens) is not nn.Embedding or any(type(norm) is not RMSNorm for norm in norms):
